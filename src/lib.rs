@@ -1,5 +1,77 @@
 //! HeadCNI: Kubernetes pod networking over a Tailscale tailnet coordinated by Headscale.
 //!
-//! One multi-call binary carries every role; `main.rs` only picks the role.
+//! One multi-call binary carries every role; [`Role::detect`] picks it before any argument
+//! parsing, and `main.rs` does nothing else.
+//!
+//! - [`cni`]: the CNI protocol (no Linux networking)
+//! - [`plugin`]: the `headcni` CNI plugin (routed veth pairs)
+//! - [`ipam`]: the `headcni-ipam` IPAM plugin and its store
+//! - [`netlink`]: the only code that talks to the kernel's network configuration
+//! - [`nodefile`], [`events`]: what the agent and the plugins share on a node
+//! - [`cli`]: the command line (`version`, and the node tools)
+
+#![forbid(unsafe_code)]
+#![deny(clippy::print_stdout, clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod cli;
+pub mod cni;
+pub mod events;
+pub mod fsutil;
+pub mod ipam;
+pub mod logging;
+pub mod netlink;
+pub mod nodefile;
+pub mod plugin;
+
+use std::ffi::OsStr;
+use std::path::Path;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What this process is, decided from how it was invoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Invoked as `headcni-ipam`: the IPAM plugin.
+    Ipam,
+    /// Invoked as `headcni` with CNI_COMMAND set: the CNI plugin.
+    Plugin,
+    /// Anything else: the command line.
+    Cli,
+}
+
+impl Role {
+    pub fn detect(argv0: Option<&OsStr>, cni_command_set: bool) -> Role {
+        let name = argv0.and_then(|a| Path::new(a).file_name()).and_then(OsStr::to_str).unwrap_or("");
+        if name == ipam::PLUGIN_NAME {
+            Role::Ipam
+        } else if cni_command_set {
+            Role::Plugin
+        } else {
+            Role::Cli
+        }
+    }
+}
+
+/// Runs the role and returns the process exit code.
+pub fn run(role: Role) -> i32 {
+    match role {
+        Role::Ipam => ipam::main(),
+        Role::Plugin => plugin::main(),
+        Role::Cli => cli::main(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_follows_argv0_then_cni_command() {
+        assert_eq!(Role::detect(Some(OsStr::new("/opt/cni/bin/headcni-ipam")), true), Role::Ipam);
+        assert_eq!(Role::detect(Some(OsStr::new("headcni-ipam")), false), Role::Ipam);
+        assert_eq!(Role::detect(Some(OsStr::new("/opt/cni/bin/headcni")), true), Role::Plugin);
+        assert_eq!(Role::detect(Some(OsStr::new("headcni")), false), Role::Cli);
+        assert_eq!(Role::detect(None, false), Role::Cli);
+    }
+}

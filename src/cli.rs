@@ -1,0 +1,41 @@
+//! The command line of the `headcni` binary when it is not acting as a CNI plugin.
+
+use clap::{Parser, Subcommand};
+use std::io::Write;
+
+#[derive(Debug, Parser)]
+#[command(name = "headcni", version, about = "Kubernetes pod networking over a Headscale tailnet")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Print the version and the CNI spec versions the plugins support.
+    Version {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn version(json: bool) -> i32 {
+    let mut out = std::io::stdout().lock();
+    let supported: Vec<&str> = crate::cni::CniVersion::ALL.iter().map(|v| v.as_str()).collect();
+    let written = if json {
+        let value = serde_json::json!({"version": crate::VERSION, "cniVersions": supported});
+        writeln!(out, "{value}")
+    } else {
+        writeln!(out, "headcni {} (CNI {})", crate::VERSION, supported.join(", "))
+    };
+    i32::from(written.is_err())
+}
+
+/// Entry point of the CLI role.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Version { json } => version(json),
+    }
+}

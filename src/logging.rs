@@ -1,0 +1,69 @@
+//! Logging setup for each role. In CNI mode stdout carries the result, so records go to a log
+//! file and to stderr; the long-running agent and the CLI log to stderr only.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Default log file of the CNI plugins.
+pub const DEFAULT_LOG_FILE: &str = "/var/log/headcni/headcni.log";
+/// Environment variable holding the log level (`error`, `warn`, `info`, `debug`, `trace`, or
+/// env_logger filter syntax).
+pub const LEVEL_ENV: &str = "HEADCNI_LOG_LEVEL";
+
+/// Copies every formatted record to the log file and to stderr.
+struct Tee {
+    file: Option<std::fs::File>,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(file) = &mut self.file {
+            // A full or read-only log disk must never fail a CNI operation.
+            let _ = file.write_all(buf);
+        }
+        let _ = io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn builder(level: Option<&str>, default: &str) -> env_logger::Builder {
+    let mut b = env_logger::Builder::new();
+    let filter = std::env::var(LEVEL_ENV).ok().filter(|s| !s.is_empty());
+    b.parse_filters(filter.as_deref().or(level).unwrap_or(default));
+    b
+}
+
+/// CNI mode: append to `log_file` (default [`DEFAULT_LOG_FILE`]) and copy to stderr.
+/// `level` comes from the config; HEADCNI_LOG_LEVEL overrides it.
+pub fn init_cni(role: &'static str, log_file: Option<&Path>, level: Option<&str>) {
+    let path = log_file.unwrap_or(Path::new(DEFAULT_LOG_FILE));
+    let file = open_log(path);
+    let pid = std::process::id();
+    let mut b = builder(level, "info");
+    b.format(move |out, record| {
+        writeln!(out, "{} {:<5} {role}[{pid}] {}", out.timestamp_millis(), record.level(), record.args())
+    });
+    b.target(env_logger::Target::Pipe(Box::new(Tee { file })));
+    let _ = b.try_init();
+}
+
+/// Agent and CLI: stderr only.
+pub fn init_stderr(default: &str) {
+    let mut b = builder(None, default);
+    b.format_timestamp_millis();
+    b.target(env_logger::Target::Stderr);
+    let _ = b.try_init();
+}
+
+fn open_log(path: &Path) -> Option<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        let _ = DirBuilder::new().recursive(true).mode(0o750).create(dir);
+    }
+    OpenOptions::new().create(true).append(true).mode(0o640).open(path).ok()
+}

@@ -1,0 +1,478 @@
+//! The kernel's network configuration: the only module that talks rtnetlink (links, addresses,
+//! routes, policy rules), nf_tables, network namespaces and net sysctls.
+//!
+//! Callers that configure a namespace receive a [`Netlink`] handle already bound to it
+//! ([`Netlink::connect_in`]) and never switch namespaces themselves.
+
+pub mod netns;
+pub mod sysctl;
+
+pub use netns::Netns;
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The main routing table.
+pub const TABLE_MAIN: u32 = 254;
+
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const EEXIST: i32 = 17;
+const ENODEV: i32 = 19;
+const EADDRNOTAVAIL: i32 = 99;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("network namespace {path}: {source}")]
+    Netns { path: String, source: io::Error },
+    #[error("opening a netlink socket: {0}")]
+    Connect(io::Error),
+    #[error("{op}: {source}")]
+    Request { op: String, source: rtnetlink::Error },
+    #[error("{op}: {source}")]
+    Io { op: String, source: io::Error },
+}
+
+impl NetlinkError {
+    /// The errno the kernel answered with, if any.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Request { source: rtnetlink::Error::NetlinkError(msg), .. } => msg.code.map(|c| -c.get()),
+            Self::Io { source, .. } | Self::Netns { source, .. } | Self::Connect(source) => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// The object was already gone: what best-effort teardown treats as success.
+    pub fn is_gone(&self) -> bool {
+        matches!(self.errno(), Some(ENODEV | ESRCH | EADDRNOTAVAIL | ENOENT))
+    }
+
+    pub fn is_exists(&self) -> bool {
+        self.errno() == Some(EEXIST)
+    }
+}
+
+type Result<T> = std::result::Result<T, NetlinkError>;
+
+fn req_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let op = op.into();
+    move |source| NetlinkError::Request { op, source }
+}
+
+/// A network interface as seen in one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Option<String>,
+    pub up: bool,
+    pub kind: Option<String>,
+    /// For a veth, the peer's index (in the peer's namespace).
+    pub peer_index: Option<u32>,
+    pub alias: Option<String>,
+}
+
+impl Link {
+    fn from_message(msg: &rtnetlink::packet_route::link::LinkMessage) -> Self {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            mtu: 0,
+            mac: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            kind: None,
+            peer_index: None,
+            alias: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Address(a) if a.len() == 6 => link.mac = Some(format_mac(a)),
+                LinkAttribute::Link(i) => link.peer_index = Some(*i),
+                LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        if let LinkInfo::Kind(kind) = info {
+                            link.kind = Some(kind.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+fn format_mac(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Flags for an address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AddressOptions {
+    /// Skip duplicate address detection (IPv6): the address is usable at once.
+    pub nodad: bool,
+    /// Do not create the connected-subnet route for the prefix.
+    pub noprefixroute: bool,
+}
+
+/// The scope of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    #[default]
+    Universe,
+    Link,
+    Host,
+}
+
+/// A route to install or delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub dst: IpNetwork,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+    pub scope: Scope,
+    pub onlink: bool,
+    pub src: Option<IpAddr>,
+    pub table: u32,
+    pub mtu: Option<u32>,
+}
+
+impl RouteSpec {
+    pub fn new(dst: IpNetwork) -> Self {
+        Self {
+            dst,
+            gateway: None,
+            oif: None,
+            scope: Scope::Universe,
+            onlink: false,
+            src: None,
+            table: TABLE_MAIN,
+            mtu: None,
+        }
+    }
+}
+
+/// A route found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub dst: IpNetwork,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+    pub table: u32,
+    pub scope: Scope,
+}
+
+/// A policy routing rule "to <dst> lookup <table> priority <priority>".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub dst: IpNetwork,
+    pub table: u32,
+    pub priority: u32,
+}
+
+/// An rtnetlink connection bound to one network namespace.
+pub struct Netlink {
+    handle: Handle,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl Netlink {
+    /// Connects in the calling thread's namespace. Must run inside a tokio runtime.
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        Ok(Self { handle, connection: tokio::spawn(conn) })
+    }
+
+    /// Connects in `ns`: the socket is created on a helper thread inside `ns` and then serves
+    /// that namespace from any thread. Must run inside a tokio runtime.
+    pub fn connect_in(ns: &Netns) -> Result<Self> {
+        let runtime = tokio::runtime::Handle::current();
+        let conn = ns
+            .run(move || {
+                let _guard = runtime.enter();
+                rtnetlink::new_connection()
+            })
+            .map_err(|source| NetlinkError::Netns { path: ns.path().display().to_string(), source })?
+            .map_err(NetlinkError::Connect)?;
+        let (conn, handle, _) = conn;
+        Ok(Self { handle, connection: tokio::spawn(conn) })
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<Link>> {
+        let mut stream = self.handle.link().get().match_name(name).execute();
+        match stream.try_next().await {
+            Ok(msg) => Ok(msg.map(|m| Link::from_message(&m))),
+            Err(e) => {
+                let err = req_err(format!("looking up link {name}"))(e);
+                if err.is_gone() { Ok(None) } else { Err(err) }
+            }
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
+        let mut stream = self.handle.link().get().match_index(index).execute();
+        match stream.try_next().await {
+            Ok(msg) => Ok(msg.map(|m| Link::from_message(&m))),
+            Err(e) => {
+                let err = req_err(format!("looking up link {index}"))(e);
+                if err.is_gone() { Ok(None) } else { Err(err) }
+            }
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let msgs: Vec<_> = self.handle.link().get().execute().try_collect().await.map_err(req_err("listing links"))?;
+        Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
+    /// Creates a veth pair from this namespace: `name` stays here and `peer_name` is created
+    /// directly in `peer_ns`, so neither end ever appears in the wrong namespace.
+    pub async fn create_veth(
+        &self,
+        name: &str,
+        peer_name: &str,
+        mtu: u32,
+        peer_ns: &Netns,
+        peer_alias: Option<&str>,
+    ) -> Result<()> {
+        let mut peer = LinkUnspec::new_with_name(peer_name).mtu(mtu).setns_by_fd(peer_ns.raw_fd());
+        if let Some(alias) = peer_alias {
+            peer = peer.alias(alias);
+        }
+        let msg = LinkMessageBuilder::<rtnetlink::LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name)
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+            .build();
+        self.handle.link().add(msg).execute().await.map_err(req_err(format!("creating veth {name}/{peer_name}")))
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.handle.link().set(msg).execute().await.map_err(req_err(format!("setting link {index} up")))
+    }
+
+    /// Deletes a link; answers whether it existed.
+    pub async fn delete_link(&self, index: u32) -> Result<bool> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let err = req_err(format!("deleting link {index}"))(e);
+                if err.is_gone() { Ok(false) } else { Err(err) }
+            }
+        }
+    }
+
+    /// Adds (or replaces) an address.
+    pub async fn add_address(&self, index: u32, addr: IpNetwork, opts: AddressOptions) -> Result<()> {
+        let mut req = self.handle.address().add(index, addr.ip(), addr.prefix()).replace();
+        let mut flags = AddressFlags::empty();
+        if opts.nodad {
+            flags |= AddressFlags::Nodad;
+        }
+        if opts.noprefixroute {
+            flags |= AddressFlags::Noprefixroute;
+        }
+        if !flags.is_empty() {
+            req.message_mut().attributes.push(AddressAttribute::Flags(flags));
+        }
+        req.execute().await.map_err(req_err(format!("adding address {addr} to link {index}")))
+    }
+
+    /// The addresses on a link (both families).
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req_err(format!("listing addresses of link {index}")))?;
+        let mut out = Vec::new();
+        for msg in msgs {
+            let prefix = msg.header.prefix_len;
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = addr.and_then(|ip| IpNetwork::new(ip, prefix).ok()) {
+                out.push(ip);
+            }
+        }
+        Ok(out)
+    }
+
+    fn route_message(spec: &RouteSpec) -> RouteMessage {
+        let mut msg = match (spec.dst, spec.gateway, spec.src) {
+            (IpNetwork::V4(dst), gw, src) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst.ip(), dst.prefix());
+                if let Some(IpAddr::V4(gw)) = gw {
+                    b = b.gateway(gw);
+                }
+                if let Some(IpAddr::V4(src)) = src {
+                    b = b.pref_source(src);
+                }
+                finish_route(b, spec)
+            }
+            (IpNetwork::V6(dst), gw, src) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(dst.ip(), dst.prefix());
+                if let Some(IpAddr::V6(gw)) = gw {
+                    b = b.gateway(gw);
+                }
+                if let Some(IpAddr::V6(src)) = src {
+                    b = b.pref_source(src);
+                }
+                finish_route(b, spec)
+            }
+        };
+        if let Some(mtu) = spec.mtu {
+            msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        }
+        msg
+    }
+
+    /// Adds a route, replacing one with the same destination.
+    pub async fn add_route(&self, spec: &RouteSpec) -> Result<()> {
+        let msg = Self::route_message(spec);
+        self.handle.route().add(msg).replace().execute().await.map_err(req_err(format!("adding route to {}", spec.dst)))
+    }
+
+    /// Deletes a route; answers whether it existed.
+    pub async fn delete_route(&self, spec: &RouteSpec) -> Result<bool> {
+        let msg = Self::route_message(spec);
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let err = req_err(format!("deleting route to {}", spec.dst))(e);
+                if err.is_gone() { Ok(false) } else { Err(err) }
+            }
+        }
+    }
+
+    /// Every route of one family, in every table.
+    pub async fn routes(&self, ipv6: bool) -> Result<Vec<RouteInfo>> {
+        let query = if ipv6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        let msgs: Vec<_> =
+            self.handle.route().get(query).execute().try_collect().await.map_err(req_err("listing routes"))?;
+        Ok(msgs.iter().filter_map(route_info).collect())
+    }
+
+    /// Policy rules of one family.
+    pub async fn rules(&self, ipv6: bool) -> Result<Vec<(RuleSpec, RuleMessage)>> {
+        let version = if ipv6 { IpVersion::V6 } else { IpVersion::V4 };
+        let msgs: Vec<_> =
+            self.handle.rule().get(version).execute().try_collect().await.map_err(req_err("listing rules"))?;
+        Ok(msgs.into_iter().filter_map(|m| rule_spec(&m).map(|s| (s, m))).collect())
+    }
+
+    /// Adds "to <dst> lookup <table> priority <priority>".
+    pub async fn add_rule(&self, rule: &RuleSpec) -> Result<()> {
+        let req = self.handle.rule().add().table_id(rule.table).priority(rule.priority).action(RuleAction::ToTable);
+        let result = match rule.dst {
+            IpNetwork::V4(d) => req.v4().destination_prefix(d.ip(), d.prefix()).execute().await,
+            IpNetwork::V6(d) => req.v6().destination_prefix(d.ip(), d.prefix()).execute().await,
+        };
+        result.map_err(req_err(format!("adding rule to {} lookup {}", rule.dst, rule.table)))
+    }
+
+    /// Deletes a rule found by [`Netlink::rules`]; answers whether it existed.
+    pub async fn delete_rule(&self, msg: RuleMessage) -> Result<bool> {
+        match self.handle.rule().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let err = req_err("deleting rule")(e);
+                if err.is_gone() { Ok(false) } else { Err(err) }
+            }
+        }
+    }
+}
+
+fn finish_route<T>(b: RouteMessageBuilder<T>, spec: &RouteSpec) -> RouteMessage {
+    let mut b = b.table_id(spec.table).protocol(RouteProtocol::Static).scope(match spec.scope {
+        Scope::Universe => RouteScope::Universe,
+        Scope::Link => RouteScope::Link,
+        Scope::Host => RouteScope::Host,
+    });
+    if let Some(oif) = spec.oif {
+        b = b.output_interface(oif);
+    }
+    if spec.onlink {
+        b = b.onlink();
+    }
+    b.build()
+}
+
+fn ip_of(addr: &RouteAddress) -> Option<IpAddr> {
+    match addr {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+fn route_info(msg: &RouteMessage) -> Option<RouteInfo> {
+    let ipv6 = msg.header.address_family == AddressFamily::Inet6;
+    let mut dst_ip = None;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut table = u32::from(msg.header.table);
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(a) => dst_ip = ip_of(a),
+            RouteAttribute::Gateway(a) => gateway = ip_of(a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Table(t) => table = *t,
+            _ => {}
+        }
+    }
+    let unspecified = if ipv6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+    let dst = IpNetwork::new(dst_ip.unwrap_or(unspecified), msg.header.destination_prefix_length).ok()?;
+    let scope = match msg.header.scope {
+        RouteScope::Link => Scope::Link,
+        RouteScope::Host => Scope::Host,
+        _ => Scope::Universe,
+    };
+    Some(RouteInfo { dst, gateway, oif, table, scope })
+}
+
+fn rule_spec(msg: &RuleMessage) -> Option<RuleSpec> {
+    let mut dst = None;
+    let mut table = u32::from(msg.header.table);
+    let mut priority = 0;
+    for attr in &msg.attributes {
+        match attr {
+            RuleAttribute::Destination(ip) => dst = IpNetwork::new(*ip, msg.header.dst_len).ok(),
+            RuleAttribute::Table(t) => table = *t,
+            RuleAttribute::Priority(p) => priority = *p,
+            _ => {}
+        }
+    }
+    Some(RuleSpec { dst: dst?, table, priority })
+}
