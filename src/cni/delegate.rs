@@ -2,7 +2,7 @@
 //! environment and configuration, and reading back its result or error.
 
 use super::error::{CniError, code, parse_reply};
-use super::{Command, Request, is_safe_name};
+use super::{CniVersion, Command, Request, is_safe_name};
 use serde_json::Value;
 use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
@@ -56,6 +56,44 @@ pub fn exec(req: &Request, kind: &str, command: Command) -> Result<Option<Value>
     Err(parse_reply(&output.stdout).unwrap_or_else(|| {
         CniError::internal(format!("plugin \"{kind}\" failed ({}) without an error on stdout", output.status))
     }))
+}
+
+/// The spec versions a plugin reports for VERSION.
+pub fn versions(req: &Request, kind: &str) -> Result<Vec<CniVersion>, CniError> {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        #[serde(rename = "supportedVersions", default)]
+        supported: Vec<String>,
+    }
+    let probe = Request {
+        config: serde_json::Map::from_iter([("cniVersion".into(), Value::from(req.version.as_str()))]),
+        ..req.clone()
+    };
+    let out = exec(&probe, kind, Command::Version)?.unwrap_or(Value::Null);
+    let reply: Reply = serde_json::from_value(out)
+        .map_err(|e| CniError::new(code::DECODE_FAILURE, format!("plugin \"{kind}\" answered VERSION with {e}")))?;
+    Ok(reply.supported.iter().filter_map(|v| CniVersion::parse(v)).collect())
+}
+
+/// Runs `kind` like [`exec`]; when the plugin rejects the config's spec version (a plugin
+/// built before that version), retries once with the newest version it supports that still
+/// defines `command`. The result comes back in that version's layout, which
+/// [`crate::cni::CniResult::from_value`] reads like any other.
+pub fn exec_negotiated(req: &Request, kind: &str, command: Command) -> Result<Option<Value>, CniError> {
+    match exec(req, kind, command) {
+        Err(e) if e.code == code::INCOMPATIBLE_VERSION => {
+            let best = versions(req, kind)?
+                .into_iter()
+                .filter(|v| *v <= req.version && *v >= command.minimum_version())
+                .max()
+                .ok_or(e)?;
+            log::debug!("plugin {kind} does not speak {}; using {best}", req.version);
+            let mut config = req.config.clone();
+            config.insert("cniVersion".into(), Value::from(best.as_str()));
+            exec(&Request { version: best, ..req.with_config(config) }, kind, command)
+        }
+        other => other,
+    }
 }
 
 fn spawn(req: &Request, exe: &PathBuf, command: Command, stdin: &[u8]) -> std::io::Result<std::process::Output> {

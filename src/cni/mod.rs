@@ -54,7 +54,7 @@ impl Command {
     }
 
     /// The oldest config version under which the spec defines this verb.
-    fn minimum_version(self) -> CniVersion {
+    pub fn minimum_version(self) -> CniVersion {
         match self {
             Self::Check => CniVersion::V0_4_0,
             Self::Status | Self::Gc => CniVersion::V1_1_0,

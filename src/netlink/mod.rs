@@ -248,18 +248,8 @@ impl Netlink {
 
     /// Creates a veth pair from this namespace: `name` stays here and `peer_name` is created
     /// directly in `peer_ns`, so neither end ever appears in the wrong namespace.
-    pub async fn create_veth(
-        &self,
-        name: &str,
-        peer_name: &str,
-        mtu: u32,
-        peer_ns: &Netns,
-        peer_alias: Option<&str>,
-    ) -> Result<()> {
-        let mut peer = LinkUnspec::new_with_name(peer_name).mtu(mtu).setns_by_fd(peer_ns.raw_fd());
-        if let Some(alias) = peer_alias {
-            peer = peer.alias(alias);
-        }
+    pub async fn create_veth(&self, name: &str, peer_name: &str, mtu: u32, peer_ns: &Netns) -> Result<()> {
+        let peer = LinkUnspec::new_with_name(peer_name).mtu(mtu).setns_by_fd(peer_ns.raw_fd());
         let msg = LinkMessageBuilder::<rtnetlink::LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(name)
             .mtu(mtu)
@@ -268,9 +258,13 @@ impl Netlink {
         self.handle.link().add(msg).execute().await.map_err(req_err(format!("creating veth {name}/{peer_name}")))
     }
 
-    pub async fn set_up(&self, index: u32) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).up().build();
-        self.handle.link().set(msg).execute().await.map_err(req_err(format!("setting link {index} up")))
+    /// Sets a link up, and its alias (IFLA_IFALIAS) when given.
+    pub async fn set_up(&self, index: u32, alias: Option<&str>) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(index).up();
+        if let Some(alias) = alias {
+            msg = msg.alias(alias);
+        }
+        self.handle.link().set(msg.build()).execute().await.map_err(req_err(format!("setting link {index} up")))
     }
 
     /// Deletes a link; answers whether it existed.

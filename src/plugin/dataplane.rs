@@ -158,9 +158,10 @@ pub async fn attach(
     host: &Netlink,
     pod: &Netlink,
     host_ns: &Netns,
+    pod_ns: &Netns,
     att: &Attachment,
 ) -> Result<Attached, DataplaneError> {
-    pod.create_veth(&att.ifname, &att.host_name, att.mtu, host_ns, Some(&att.alias)).await?;
+    pod.create_veth(&att.ifname, &att.host_name, att.mtu, host_ns).await?;
     let pod_link = pod.link(&att.ifname).await?.ok_or_else(|| DataplaneError::Vanished(att.ifname.clone()))?;
     let host_link = host.link(&att.host_name).await?.ok_or_else(|| DataplaneError::Vanished(att.host_name.clone()))?;
 
@@ -169,8 +170,19 @@ pub async fn attach(
         pod.add_address(pod_link.index, a.address, AddressOptions { nodad: v6, noprefixroute: true }).await?;
         host.add_address(host_link.index, a.gateway_host(), AddressOptions { nodad: v6, noprefixroute: true }).await?;
     }
-    pod.set_up(pod_link.index).await?;
-    host.set_up(host_link.index).await?;
+    if att.addresses.iter().any(|a| a.address.is_ipv6()) {
+        // Duplicate address detection on the link-local addresses would hold IPv6 traffic
+        // for about a second after ADD; on a point-to-point veth there is nothing to detect.
+        let host_key = format!("ipv6/conf/{}/accept_dad", att.host_name);
+        sysctl::ensure(&host_key, "0").map_err(|source| DataplaneError::Sysctl { key: host_key, source })?;
+        let pod_key = format!("ipv6/conf/{}/accept_dad", att.ifname);
+        pod_ns
+            .run(|| sysctl::ensure(&pod_key, "0"))
+            .and_then(|r| r)
+            .map_err(|source| DataplaneError::Sysctl { key: pod_key.clone(), source })?;
+    }
+    pod.set_up(pod_link.index, None).await?;
+    host.set_up(host_link.index, Some(&att.alias)).await?;
 
     for a in &att.addresses {
         // The gateway is reachable on the link; everything else goes through it.

@@ -45,8 +45,9 @@ fn open_netns(req: &Request) -> Result<Netns, CniError> {
     Netns::open(path).map_err(|e| CniError::invalid_env(format!("CNI_NETNS {}: {e}", path.display())))
 }
 
-/// Runs the IPAM delegate named in the config: `headcni-ipam` in this very process, anything
-/// else through CNI_PATH as the spec describes.
+/// Runs the IPAM delegate named in the config through CNI_PATH, as the spec describes. A
+/// delegate built before spec 1.1 gets its newest version for ADD/DEL/CHECK, and is skipped
+/// for STATUS and GC, which it does not know.
 fn ipam(
     req: &Request,
     ipam_config: Map<String, Value>,
@@ -54,13 +55,13 @@ fn ipam(
     command: Command,
 ) -> Result<Option<Value>, CniError> {
     let sub = Request { command, ..req.with_config(ipam_config) };
-    delegate::exec(&sub, kind, command)
-}
-
-/// Whether an IPAM delegate predates this verb (plugins before spec 1.1 reject GC and STATUS
-/// as an unknown command): the verb is then a no-op for it rather than a failure.
-fn predates_verb(err: &CniError, command: Command) -> bool {
-    err.code == code::INVALID_ENV && err.msg.contains(command.as_str()) || err.code == code::INCOMPATIBLE_VERSION
+    if matches!(command, Command::Status | Command::Gc)
+        && !delegate::versions(&sub, kind)?.contains(&cni::CniVersion::V1_1_0)
+    {
+        log::debug!("IPAM plugin {kind} predates {command}; nothing to forward");
+        return Ok(None);
+    }
+    delegate::exec_negotiated(&sub, kind, command)
 }
 
 fn record(cfg: &PluginConfig, events: &[Event]) {
@@ -112,7 +113,7 @@ impl HeadCni {
                 let addresses = ipam_result.ips.iter().map(PodAddress::from_ipam).collect::<Result<Vec<_>, _>>()?;
                 let att = Self::attachment(req, &net, addresses, &ipam_result.routes);
                 dataplane::enable_forwarding(&att.addresses)?;
-                let attached = dataplane::attach(&host, &pod, &host_ns, &att).await?;
+                let attached = dataplane::attach(&host, &pod, &host_ns, &pod_ns, &att).await?;
                 Ok(Self::result(req, &net, cfg, &att, &attached, &ipam_result))
             }
             .await;
@@ -313,10 +314,7 @@ impl cni::Plugin for HeadCni {
         let net = cfg
             .resolve(req, &[])
             .map_err(|e| if e.code == code::TRY_AGAIN_LATER { CniError::new(code::NOT_AVAILABLE, e.msg) } else { e })?;
-        match ipam(req, net.ipam_config, &cfg.ipam.kind, Command::Status) {
-            Err(e) if predates_verb(&e, Command::Status) => Ok(()),
-            other => other.map(|_| ()),
-        }
+        ipam(req, net.ipam_config, &cfg.ipam.kind, Command::Status).map(|_| ())
     }
 
     /// Removes this network's veth pairs whose attachment is no longer valid, then forwards GC
@@ -354,10 +352,8 @@ impl cni::Plugin for HeadCni {
         }
 
         let ipam_config = cfg.resolve(req, &[]).map(|n| n.ipam_config).unwrap_or_else(|_| req.config.clone());
-        match ipam(req, ipam_config, &cfg.ipam.kind, Command::Gc) {
-            Err(e) if predates_verb(&e, Command::Gc) => {}
-            Err(e) => failures.push(e.to_string()),
-            Ok(_) => {}
+        if let Err(e) = ipam(req, ipam_config, &cfg.ipam.kind, Command::Gc) {
+            failures.push(e.to_string());
         }
         if failures.is_empty() {
             Ok(())

@@ -1,0 +1,205 @@
+//! Helpers for the root-only tests: named network namespaces removed on drop, and the built
+//! binary run as a CNI plugin inside a "host" namespace of the test's own (never the real one).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Skips the calling test (with a note) unless running as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !common::is_root() {
+            eprintln!("skipped: needs root (network namespaces)");
+            return;
+        }
+    };
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn unique(tag: &str) -> String {
+    format!("hct{}x{}{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst), tag)
+}
+
+pub fn sh(args: &[&str]) -> Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"))
+}
+
+pub fn sh_ok(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop with everything in it.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        sh_ok(&["ip", "netns", "add", &name]);
+        sh_ok(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(
+            out.status.success(),
+            "{args:?} in {} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn ping(&self, addr: &str) -> bool {
+        self.exec(&["ping", "-c", "1", "-W", "2", addr]).status.success()
+    }
+
+    /// Names of the links in the namespace.
+    pub fn links(&self) -> Vec<String> {
+        let out = self.exec_ok(&["ip", "-o", "link", "show"]);
+        out.lines().filter_map(|l| l.split(": ").nth(1)).map(|n| n.split('@').next().unwrap_or(n).to_string()).collect()
+    }
+
+    pub fn routes(&self, v6: bool) -> String {
+        self.exec_ok(&["ip", if v6 { "-6" } else { "-4" }, "route", "show", "table", "all"])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A bin directory holding `headcni` and its `headcni-ipam` symlink, with the system's
+/// reference plugins after it on CNI_PATH.
+pub struct Bin {
+    pub dir: tempfile::TempDir,
+}
+
+impl Bin {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = Path::new(env!("CARGO_BIN_EXE_headcni"));
+        std::os::unix::fs::symlink(exe, dir.path().join("headcni")).unwrap();
+        std::os::unix::fs::symlink(exe, dir.path().join("headcni-ipam")).unwrap();
+        Bin { dir }
+    }
+
+    pub fn cni_path(&self) -> String {
+        format!("{}:/usr/lib/cni", self.dir.path().display())
+    }
+
+    pub fn plugin(&self, kind: &str) -> PathBuf {
+        let ours = self.dir.path().join(kind);
+        if ours.exists() { ours } else { Path::new("/usr/lib/cni").join(kind) }
+    }
+}
+
+/// The outcome of one plugin invocation.
+#[derive(Debug)]
+pub struct Reply {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {:?}", self.stdout))
+    }
+
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "plugin failed: stdout={} stderr={}", self.stdout, self.stderr);
+        self
+    }
+
+    /// Asserts a CNI error with `code` whose message mentions `needle`.
+    pub fn error(&self, code: u64, needle: &str) {
+        assert_ne!(self.code, 0, "expected a failure, got {}", self.stdout);
+        let v = self.json();
+        assert_eq!(v["code"], code, "{v}");
+        let msg = format!("{} {}", v["msg"].as_str().unwrap_or(""), v["details"].as_str().unwrap_or(""));
+        assert!(msg.contains(needle), "error {msg:?} should mention {needle:?}");
+    }
+}
+
+/// Environment of one invocation.
+#[derive(Clone, Default)]
+pub struct Env {
+    pub vars: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn new(command: &str, cni_path: &str) -> Self {
+        Env { vars: vec![("CNI_COMMAND".into(), command.into()), ("CNI_PATH".into(), cni_path.into())] }
+    }
+
+    pub fn container(mut self, cid: &str, ifname: &str, netns: Option<&Path>) -> Self {
+        self.vars.push(("CNI_CONTAINERID".into(), cid.into()));
+        self.vars.push(("CNI_IFNAME".into(), ifname.into()));
+        if let Some(ns) = netns {
+            self.vars.push(("CNI_NETNS".into(), ns.display().to_string()));
+        }
+        self
+    }
+
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// Runs a plugin executable, inside `host` when given, with a clean CNI environment.
+pub fn invoke(exe: &Path, host: Option<&Netns>, env: &Env, stdin: &str) -> Reply {
+    let mut cmd = match host {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    for key in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"] {
+        cmd.env_remove(key);
+    }
+    cmd.env("HEADCNI_LOG_LEVEL", "warn");
+    for (k, v) in &env.vars {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    Reply {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
