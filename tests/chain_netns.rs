@@ -23,10 +23,10 @@ impl Chain<'_> {
         if let Some(caps) = plugin.get("capabilities").and_then(Value::as_object) {
             let mut rc = serde_json::Map::new();
             for (cap, enabled) in caps {
-                if enabled == &json!(true) {
-                    if let Some(v) = self.runtime_config.get(cap) {
-                        rc.insert(cap.clone(), v.clone());
-                    }
+                if enabled == &json!(true)
+                    && let Some(v) = self.runtime_config.get(cap)
+                {
+                    rc.insert(cap.clone(), v.clone());
                 }
             }
             conf.as_object_mut().unwrap().remove("capabilities");
