@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Benchmark of the headcni plugin against the reference ptp + host-local and the kernel's floor,
+# interleaved in one run, all inside network namespaces created (and removed) here.
+#
+#   sudo bench/plugin.sh [iterations]        (default 200; HEADCNI_IPAM=host-local to compare
+#                                             the data plane with the same IPAM)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ITER=${1:-200}
+
+if [[ ! -x /usr/lib/cni/ptp ]]; then
+    apt-get install -y -q containernetworking-plugins >/dev/null
+fi
+cargo build --release --quiet --bin headcni --example veth_floor
+
+prefix="hcb$$"
+scratch=$(mktemp -d)
+cleanup() {
+    for ns in "${prefix}h" "${prefix}a" "${prefix}b" "${prefix}c"; do
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    rm -rf "$scratch"
+}
+trap cleanup EXIT INT TERM
+
+for ns in h a b c; do ip netns add "${prefix}${ns}"; done
+mkdir -p "$scratch/bin" "$scratch/run"
+cp target/release/headcni "$scratch/bin/headcni"
+gcc -O2 -o "$scratch/spawn" bench/spawn.c
+ln -s headcni "$scratch/bin/headcni-ipam"
+
+ip netns exec "${prefix}h" env \
+    ITER="$ITER" HEADCNI_BIN="$scratch/bin" FLOOR_BIN="$PWD/target/release/examples/veth_floor" \
+    SCRATCH="$scratch" SPAWN_BIN="$scratch/spawn" HEADCNI_IPAM="${HEADCNI_IPAM:-headcni-ipam}" \
+    PODS="/run/netns/${prefix}a,/run/netns/${prefix}b,/run/netns/${prefix}c" \
+    python3 bench/plugin_bench.py
