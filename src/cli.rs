@@ -18,6 +18,8 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Install the binary, the headcni-ipam link and the conflist on this node.
+    Install(crate::install::InstallArgs),
 }
 
 fn version(json: bool) -> i32 {
@@ -35,7 +37,16 @@ fn version(json: bool) -> i32 {
 /// Entry point of the CLI role.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    match cli.command {
-        Cmd::Version { json } => version(json),
+    crate::logging::init_stderr("info");
+    let outcome = match &cli.command {
+        Cmd::Version { json } => return version(*json),
+        Cmd::Install(args) => crate::install::main(args),
+    };
+    match outcome {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("{e:#}");
+            1
+        }
     }
 }

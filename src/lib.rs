@@ -8,6 +8,7 @@
 //! - [`ipam`]: the `headcni-ipam` IPAM plugin and its store
 //! - [`netlink`]: the only code that talks to the kernel's network configuration
 //! - [`nodefile`], [`events`]: what the agent and the plugins share on a node
+//! - [`install`]: `headcni install`, putting HeadCNI on a node
 //! - [`cli`]: the command line (`version`, and the node tools)
 
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod cni;
 pub mod events;
 pub mod fsutil;
+pub mod install;
 pub mod ipam;
 pub mod logging;
 pub mod netlink;

@@ -1,0 +1,489 @@
+//! `headcni install`: puts HeadCNI on a node. Copies the running binary into the CNI bin
+//! directory (atomically, so runtimes executing the old one are unaffected), links
+//! `headcni-ipam` to it, and writes the conflist, last, because a runtime treats the conflist's
+//! appearance as "network ready". Idempotent; `--uninstall` removes exactly these three files
+//! and nothing that belongs to anyone else.
+
+use crate::cni::{CniVersion, is_safe_name};
+use crate::fsutil::{self, Durability};
+use crate::nodefile::{MAX_MTU, MIN_MTU};
+use crate::plugin::PLUGIN_NAME;
+use crate::plugin::config::PluginConfig;
+use serde_json::{Map, Value, json};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+    #[error("{path} is not HeadCNI's; leaving it alone ({why})")]
+    Foreign { path: PathBuf, why: String },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> InstallError {
+    let path = path.to_path_buf();
+    move |source| InstallError::Io { what, path, source }
+}
+
+/// The IPAM plugin the conflist delegates to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IpamKind {
+    #[value(name = "headcni-ipam")]
+    HeadcniIpam,
+    #[value(name = "host-local")]
+    HostLocal,
+}
+
+/// Allocation strategy of headcni-ipam.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    Sequential,
+    Random,
+    Dense,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct InstallArgs {
+    /// Directory of the CNI plugin binaries.
+    #[arg(long, env = "HEADCNI_INSTALL_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// Directory of the CNI network configurations.
+    #[arg(long, env = "HEADCNI_INSTALL_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// File name of the conflist in --conf-dir.
+    #[arg(long, env = "HEADCNI_INSTALL_CONFLIST_NAME", default_value = "10-headcni.conflist")]
+    pub conflist_name: String,
+    /// Network name in the conflist.
+    #[arg(long, env = "HEADCNI_INSTALL_NETWORK_NAME", default_value = "headcni")]
+    pub network_name: String,
+    /// IPAM plugin.
+    #[arg(long, env = "HEADCNI_INSTALL_IPAM", value_enum, default_value = "headcni-ipam")]
+    pub ipam: IpamKind,
+    /// Allocation strategy (headcni-ipam only).
+    #[arg(long, env = "HEADCNI_INSTALL_STRATEGY", value_enum, default_value = "sequential")]
+    pub strategy: Strategy,
+    /// Pod MTU: "auto" (from the agent's node file, i.e. tailscale0's MTU) or a number.
+    #[arg(long, env = "HEADCNI_INSTALL_MTU", default_value = "auto")]
+    pub mtu: String,
+    /// Give pods IPv6 addresses from the node's IPv6 pod CIDR.
+    #[arg(long, env = "HEADCNI_INSTALL_ENABLE_IPV6", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enable_ipv6: bool,
+    /// DNS nameserver in the CNI result (repeatable).
+    #[arg(long = "dns-nameserver", env = "HEADCNI_INSTALL_DNS_NAMESERVERS", value_delimiter = ',')]
+    pub dns_nameservers: Vec<String>,
+    /// DNS search domain in the CNI result (repeatable).
+    #[arg(long = "dns-search", env = "HEADCNI_INSTALL_DNS_SEARCH", value_delimiter = ',')]
+    pub dns_search: Vec<String>,
+    /// DNS option in the CNI result (repeatable).
+    #[arg(long = "dns-option", env = "HEADCNI_INSTALL_DNS_OPTIONS", value_delimiter = ',')]
+    pub dns_options: Vec<String>,
+    /// Chain the standard portmap plugin (hostPort support).
+    #[arg(long, env = "HEADCNI_INSTALL_PORTMAP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub portmap: bool,
+    /// Chain the standard bandwidth plugin (traffic shaping annotations).
+    #[arg(long, env = "HEADCNI_INSTALL_BANDWIDTH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bandwidth: bool,
+    /// Run directory shared with the agent (node file, metrics events).
+    #[arg(long, env = "HEADCNI_RUN_DIR", default_value = crate::nodefile::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// IPAM data directory (headcni-ipam: default /var/lib/headcni/ipam).
+    #[arg(long, env = "HEADCNI_INSTALL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Plugin log file.
+    #[arg(long, env = "HEADCNI_INSTALL_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Plugin log level (error, warn, info, debug).
+    #[arg(long, env = "HEADCNI_INSTALL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Print the conflist instead of installing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove what install put in place, and nothing else.
+    #[arg(long)]
+    pub uninstall: bool,
+}
+
+/// What changed on disk.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub changed: Vec<PathBuf>,
+    pub unchanged: Vec<PathBuf>,
+}
+
+fn check_path(flag: &str, path: &Path) -> Result<(), InstallError> {
+    if path.is_absolute() && !path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        Ok(())
+    } else {
+        Err(InstallError::Invalid(format!("--{flag} {} must be an absolute path without \"..\"", path.display())))
+    }
+}
+
+impl InstallArgs {
+    fn validate(&self) -> Result<(), InstallError> {
+        check_path("bin-dir", &self.bin_dir)?;
+        check_path("conf-dir", &self.conf_dir)?;
+        check_path("run-dir", &self.run_dir)?;
+        if let Some(p) = &self.data_dir {
+            check_path("data-dir", p)?;
+        }
+        if let Some(p) = &self.log_file {
+            check_path("log-file", p)?;
+        }
+        let name_ok = is_safe_name(&self.conflist_name)
+            && (self.conflist_name.ends_with(".conflist") || self.conflist_name.ends_with(".conf"));
+        if !name_ok {
+            return Err(InstallError::Invalid(format!(
+                "--conflist-name {:?} must be a plain file name ending in .conflist",
+                self.conflist_name
+            )));
+        }
+        if !is_safe_name(&self.network_name) {
+            return Err(InstallError::Invalid(format!(
+                "--network-name {:?}: use letters, digits, '_', '.', '-'",
+                self.network_name
+            )));
+        }
+        Ok(())
+    }
+
+    fn mtu(&self) -> Result<Option<u32>, InstallError> {
+        if self.mtu == "auto" {
+            return Ok(None);
+        }
+        match self.mtu.parse::<u32>() {
+            Ok(n) if (MIN_MTU..=MAX_MTU).contains(&n) => Ok(Some(n)),
+            _ => Err(InstallError::Invalid(format!(
+                "--mtu {:?} must be \"auto\" or a number in {MIN_MTU}..{MAX_MTU}",
+                self.mtu
+            ))),
+        }
+    }
+
+    /// The plugins chained after headcni.
+    fn chained(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        if self.portmap {
+            out.push(json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}));
+        }
+        if self.bandwidth {
+            out.push(json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
+        }
+        out
+    }
+
+    /// The headcni plugin object of the conflist.
+    fn plugin_object(&self) -> Result<Map<String, Value>, InstallError> {
+        let mut ipam = Map::new();
+        match self.ipam {
+            IpamKind::HeadcniIpam => {
+                ipam.insert("type".into(), json!("headcni-ipam"));
+                let strategy = match self.strategy {
+                    Strategy::Sequential => "sequential",
+                    Strategy::Random => "random",
+                    Strategy::Dense => "dense",
+                };
+                ipam.insert("allocation_strategy".into(), json!(strategy));
+            }
+            IpamKind::HostLocal => {
+                ipam.insert("type".into(), json!("host-local"));
+            }
+        }
+        if let Some(dir) = &self.data_dir {
+            ipam.insert("dataDir".into(), json!(dir));
+        }
+        let mut plugin = Map::new();
+        plugin.insert("type".into(), json!(PLUGIN_NAME));
+        if let Some(mtu) = self.mtu()? {
+            plugin.insert("mtu".into(), json!(mtu));
+        }
+        if self.enable_ipv6 {
+            plugin.insert("enable_ipv6".into(), json!(true));
+        }
+        plugin.insert("run_dir".into(), json!(self.run_dir));
+        if let Some(f) = &self.log_file {
+            plugin.insert("log_file".into(), json!(f));
+        }
+        if let Some(l) = &self.log_level {
+            plugin.insert("log_level".into(), json!(l));
+        }
+        if !(self.dns_nameservers.is_empty() && self.dns_search.is_empty() && self.dns_options.is_empty()) {
+            let mut dns = Map::new();
+            for (key, list) in
+                [("nameservers", &self.dns_nameservers), ("search", &self.dns_search), ("options", &self.dns_options)]
+            {
+                if !list.is_empty() {
+                    dns.insert(key.into(), json!(list));
+                }
+            }
+            plugin.insert("dns".into(), Value::Object(dns));
+        }
+        plugin.insert("ipam".into(), Value::Object(ipam));
+        Ok(plugin)
+    }
+
+    /// Renders the conflist for spec `version` and checks it with the plugin's own parser.
+    pub fn render(&self, versions: &[CniVersion]) -> Result<String, InstallError> {
+        self.validate()?;
+        let newest = versions.iter().max().copied().unwrap_or(CniVersion::V1_0_0);
+        // Runtimes that predate cniVersions read cniVersion; give them 1.0.0 when possible.
+        let base = if versions.contains(&CniVersion::V1_0_0) { CniVersion::V1_0_0 } else { newest };
+        let plugin = self.plugin_object()?;
+        let mut as_request = plugin.clone();
+        as_request.insert("cniVersion".into(), json!(base.as_str()));
+        as_request.insert("name".into(), json!(self.network_name));
+        PluginConfig::parse(&as_request)
+            .map_err(|e| InstallError::Invalid(format!("rendered config rejected: {e}")))?;
+
+        let mut plugins = vec![Value::Object(plugin)];
+        plugins.extend(self.chained());
+        let mut sorted: Vec<&str> = versions.iter().map(|v| v.as_str()).collect();
+        sorted.sort();
+        let conflist = json!({
+            "cniVersion": base.as_str(),
+            "cniVersions": sorted,
+            "name": self.network_name,
+            "plugins": plugins,
+        });
+        let mut text = serde_json::to_string_pretty(&conflist)
+            .map_err(|e| InstallError::Invalid(format!("encoding the conflist: {e}")))?;
+        text.push('\n');
+        Ok(text)
+    }
+
+    fn conflist_path(&self) -> PathBuf {
+        self.conf_dir.join(&self.conflist_name)
+    }
+}
+
+/// The spec versions every chained plugin in `bin_dir` speaks, together with headcni's.
+fn common_versions(args: &InstallArgs) -> Result<Vec<CniVersion>, InstallError> {
+    let mut common: Vec<CniVersion> = CniVersion::ALL.to_vec();
+    for plugin in args.chained() {
+        let kind = plugin["type"].as_str().unwrap_or_default().to_string();
+        let exe = args.bin_dir.join(&kind);
+        if !exe.is_file() {
+            return Err(InstallError::Invalid(format!(
+                "{} is missing: install the standard CNI plugins there, or pass --{kind}=false",
+                exe.display()
+            )));
+        }
+        let supported = plugin_versions(&exe).map_err(io_err("asking VERSION of", &exe))?;
+        common.retain(|v| supported.contains(v));
+    }
+    if common.is_empty() {
+        return Err(InstallError::Invalid("the chained plugins share no CNI version with headcni".into()));
+    }
+    Ok(common)
+}
+
+fn plugin_versions(exe: &Path) -> io::Result<Vec<CniVersion>> {
+    let mut child = Command::new(exe)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        let _ = stdin.write_all(br#"{"cniVersion":"1.1.0"}"#);
+    }
+    let out = child.wait_with_output()?;
+    let reply: Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
+    Ok(reply["supportedVersions"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|v| v.as_str().and_then(CniVersion::parse)).collect())
+        .unwrap_or_default())
+}
+
+fn same_content(path: &Path, data: &[u8]) -> bool {
+    fs::read(path).map(|old| old == data).unwrap_or(false)
+}
+
+fn install_binary(source: &Path, bin_dir: &Path, out: &mut Outcome) -> Result<(), InstallError> {
+    let target = bin_dir.join(PLUGIN_NAME);
+    let data = fs::read(source).map_err(io_err("reading", source))?;
+    if same_content(&target, &data) {
+        out.unchanged.push(target);
+        return Ok(());
+    }
+    // Rename over the old file: a runtime executing the old binary keeps its inode.
+    fsutil::write_atomic(&target, &data, 0o755, Durability::PowerLoss).map_err(io_err("writing", &target))?;
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", &target))?;
+    out.changed.push(target);
+    Ok(())
+}
+
+fn install_symlink(bin_dir: &Path, out: &mut Outcome) -> Result<(), InstallError> {
+    let link = bin_dir.join(crate::ipam::PLUGIN_NAME);
+    match fs::read_link(&link) {
+        Ok(target) if target == Path::new(PLUGIN_NAME) => {
+            out.unchanged.push(link);
+            return Ok(());
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(_) => {
+            return Err(InstallError::Foreign { path: link, why: "it exists and is not a symlink".into() });
+        }
+    }
+    let tmp = bin_dir.join(format!(".{}.tmp.{}", crate::ipam::PLUGIN_NAME, std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(PLUGIN_NAME, &tmp).map_err(io_err("creating symlink", &tmp))?;
+    fs::rename(&tmp, &link).map_err(io_err("renaming symlink to", &link))?;
+    out.changed.push(link);
+    Ok(())
+}
+
+fn install_conflist(path: &Path, text: &str, out: &mut Outcome) -> Result<(), InstallError> {
+    match fs::read_to_string(path) {
+        Ok(old) if old == text => {
+            out.unchanged.push(path.to_path_buf());
+            return Ok(());
+        }
+        Ok(old) if !is_ours(&old) => {
+            return Err(InstallError::Foreign {
+                path: path.to_path_buf(),
+                why: "its first plugin is not headcni".into(),
+            });
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("reading", path)(e)),
+    }
+    fsutil::write_atomic(path, text.as_bytes(), 0o644, Durability::PowerLoss).map_err(io_err("writing", path))?;
+    out.changed.push(path.to_path_buf());
+    Ok(())
+}
+
+/// A conflist is HeadCNI's when its first plugin is headcni.
+fn is_ours(conflist: &str) -> bool {
+    serde_json::from_str::<Value>(conflist).map(|v| v["plugins"][0]["type"] == PLUGIN_NAME).unwrap_or(false)
+}
+
+/// Installs (or, with --uninstall, removes) HeadCNI on this node.
+pub fn run(args: &InstallArgs, source: &Path) -> Result<Outcome, InstallError> {
+    if args.uninstall {
+        args.validate()?;
+        return uninstall(args);
+    }
+    let text = args.render(&common_versions(args)?)?;
+    let mut out = Outcome::default();
+    for dir in [&args.bin_dir, &args.conf_dir] {
+        fsutil::ensure_dir(dir, 0o755).map_err(io_err("creating", dir))?;
+    }
+    install_binary(source, &args.bin_dir, &mut out)?;
+    install_symlink(&args.bin_dir, &mut out)?;
+    install_conflist(&args.conflist_path(), &text, &mut out)?;
+    Ok(out)
+}
+
+fn uninstall(args: &InstallArgs) -> Result<Outcome, InstallError> {
+    let mut out = Outcome::default();
+    let conflist = args.conflist_path();
+    if let Ok(text) = fs::read_to_string(&conflist) {
+        if is_ours(&text) {
+            fs::remove_file(&conflist).map_err(io_err("removing", &conflist))?;
+            out.changed.push(conflist);
+        } else {
+            log::warn!("{} is not HeadCNI's conflist; left in place", conflist.display());
+        }
+    }
+    let link = args.bin_dir.join(crate::ipam::PLUGIN_NAME);
+    if fs::read_link(&link).map(|t| t == Path::new(PLUGIN_NAME)).unwrap_or(false) {
+        fs::remove_file(&link).map_err(io_err("removing", &link))?;
+        out.changed.push(link);
+    }
+    let bin = args.bin_dir.join(PLUGIN_NAME);
+    if bin.is_file() {
+        fs::remove_file(&bin).map_err(io_err("removing", &bin))?;
+        out.changed.push(bin);
+    }
+    Ok(out)
+}
+
+/// Entry point of `headcni install`.
+pub fn main(args: &InstallArgs) -> anyhow::Result<()> {
+    let source = std::env::current_exe()?;
+    if args.dry_run {
+        // Without the node's bin dir at hand, assume chained plugins that speak every version.
+        let versions = if args.bin_dir.exists() { common_versions(args)? } else { CniVersion::ALL.to_vec() };
+        let text = args.render(&versions)?;
+        use std::io::Write;
+        std::io::stdout().lock().write_all(text.as_bytes())?;
+        return Ok(());
+    }
+    let out = run(args, &source)?;
+    for p in &out.changed {
+        log::info!("{} {}", if args.uninstall { "removed" } else { "installed" }, p.display());
+    }
+    for p in &out.unchanged {
+        log::info!("unchanged {}", p.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: InstallArgs,
+    }
+
+    fn args(extra: &[&str]) -> InstallArgs {
+        let mut argv = vec!["install", "--bin-dir", "/opt/cni/bin", "--conf-dir", "/etc/cni/net.d"];
+        argv.extend_from_slice(extra);
+        Wrapper::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn renders_a_conflist_the_plugin_accepts() {
+        let text = args(&["--mtu", "1280", "--dns-nameserver", "10.96.0.10", "--strategy", "dense"])
+            .render(&CniVersion::ALL)
+            .unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert_eq!(v["cniVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+        assert_eq!(v["plugins"][0]["type"], "headcni");
+        assert_eq!(v["plugins"][0]["mtu"], 1280);
+        assert_eq!(v["plugins"][0]["ipam"]["allocation_strategy"], "dense");
+        assert_eq!(v["plugins"][0]["dns"]["nameservers"], json!(["10.96.0.10"]));
+        assert_eq!(v["plugins"][1]["type"], "portmap");
+        assert_eq!(v["plugins"][2]["type"], "bandwidth");
+    }
+
+    #[test]
+    fn auto_mtu_and_host_local_leave_keys_to_the_node_file() {
+        let text = args(&["--ipam", "host-local", "--portmap", "false", "--bandwidth", "false"])
+            .render(&[CniVersion::V1_0_0])
+            .unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(v["plugins"][0].get("mtu").is_none());
+        assert_eq!(v["plugins"][0]["ipam"], json!({"type": "host-local"}));
+        assert_eq!(v["plugins"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_flags_by_name() {
+        for (extra, needle) in [
+            (vec!["--mtu", "100"], "--mtu"),
+            (vec!["--mtu", "fast"], "--mtu"),
+            (vec!["--network-name", "a/b"], "--network-name"),
+            (vec!["--conflist-name", "../x.conflist"], "--conflist-name"),
+            (vec!["--run-dir", "relative"], "--run-dir"),
+            (vec!["--dns-nameserver", "not-an-ip"], "dns.nameservers"),
+        ] {
+            let err = args(&extra).render(&CniVersion::ALL).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `headcni install` against scratch CNI directories: idempotent, never touching other
+//! plugins' files, and `--uninstall` removing exactly what it installed.
+
+use serde_json::Value;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+struct Dirs {
+    root: tempfile::TempDir,
+}
+
+impl Dirs {
+    fn new() -> Self {
+        let d = Dirs { root: tempfile::tempdir().unwrap() };
+        fs::create_dir_all(d.bin()).unwrap();
+        fs::create_dir_all(d.conf()).unwrap();
+        // The node's own plugins and configs, which install must leave alone.
+        for p in ["portmap", "bandwidth", "host-local"] {
+            let src = Path::new("/usr/lib/cni").join(p);
+            if src.exists() {
+                fs::copy(&src, d.bin().join(p)).unwrap();
+            }
+        }
+        fs::write(d.bin().join("flannel"), b"#!/bin/sh\n").unwrap();
+        fs::write(d.conf().join("05-other.conflist"), b"{\"name\":\"other\",\"plugins\":[{\"type\":\"flannel\"}]}").unwrap();
+        d
+    }
+    fn bin(&self) -> std::path::PathBuf {
+        self.root.path().join("bin")
+    }
+    fn conf(&self) -> std::path::PathBuf {
+        self.root.path().join("net.d")
+    }
+    fn install(&self, extra: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_headcni"))
+            .arg("install")
+            .arg("--bin-dir")
+            .arg(self.bin())
+            .arg("--conf-dir")
+            .arg(self.conf())
+            .args(extra)
+            .env_remove("CNI_COMMAND")
+            .output()
+            .unwrap()
+    }
+    fn mtime(&self, p: &Path) -> std::time::SystemTime {
+        fs::symlink_metadata(p).unwrap().modified().unwrap()
+    }
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(out.status.success(), "install failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn installs_idempotently_and_uninstalls_exactly_its_files() {
+    if !Path::new("/usr/lib/cni/portmap").exists() {
+        eprintln!("skipped: needs the standard plugins in /usr/lib/cni (containernetworking-plugins)");
+        return;
+    }
+    let d = Dirs::new();
+    ok(d.install(&["--strategy", "random"]));
+    let bin = d.bin().join("headcni");
+    assert_eq!(fs::read(&bin).unwrap(), fs::read(env!("CARGO_BIN_EXE_headcni")).unwrap());
+    assert_eq!(fs::read_link(d.bin().join("headcni-ipam")).unwrap(), Path::new("headcni"));
+    let conflist = d.conf().join("10-headcni.conflist");
+    let v: Value = serde_json::from_str(&fs::read_to_string(&conflist).unwrap()).unwrap();
+    assert_eq!(v["plugins"][0]["ipam"]["allocation_strategy"], "random");
+    // Debian's portmap/bandwidth 1.1.1 stop at spec 1.0.0, so the conflist must too.
+    assert!(!v["cniVersions"].as_array().unwrap().contains(&Value::from("1.1.0")), "{v}");
+
+    let before = [d.mtime(&bin), d.mtime(&conflist), d.mtime(&d.bin().join("headcni-ipam"))];
+    let log = ok(d.install(&["--strategy", "random"]));
+    assert!(log.contains("unchanged"), "{log}");
+    let after = [d.mtime(&bin), d.mtime(&conflist), d.mtime(&d.bin().join("headcni-ipam"))];
+    assert_eq!(before, after, "an unchanged install must not rewrite anything");
+
+    ok(d.install(&["--strategy", "dense"]));
+    let v: Value = serde_json::from_str(&fs::read_to_string(&conflist).unwrap()).unwrap();
+    assert_eq!(v["plugins"][0]["ipam"]["allocation_strategy"], "dense");
+
+    ok(d.install(&["--uninstall"]));
+    assert!(!bin.exists() && !conflist.exists() && fs::symlink_metadata(d.bin().join("headcni-ipam")).is_err());
+    assert!(d.bin().join("flannel").exists() && d.bin().join("portmap").exists());
+    assert!(d.conf().join("05-other.conflist").exists());
+    // Uninstalling twice is fine.
+    ok(d.install(&["--uninstall"]));
+}
+
+#[test]
+fn refuses_to_overwrite_a_foreign_conflist_and_bad_flags() {
+    let d = Dirs::new();
+    let foreign = d.conf().join("10-headcni.conflist");
+    fs::write(&foreign, b"{\"name\":\"x\",\"plugins\":[{\"type\":\"bridge\"}]}").unwrap();
+    let out = d.install(&["--portmap", "false", "--bandwidth", "false"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not HeadCNI's"));
+    assert!(fs::read_to_string(&foreign).unwrap().contains("bridge"));
+
+    ok(d.install(&["--uninstall"]));
+    assert!(foreign.exists(), "uninstall must not remove a conflist that is not ours");
+
+    let out = d.install(&["--mtu", "100", "--portmap", "false", "--bandwidth", "false"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mtu"));
+}
+
+#[test]
+fn missing_chained_plugin_is_reported() {
+    let d = Dirs::new();
+    let _ = fs::remove_file(d.bin().join("bandwidth"));
+    let out = d.install(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bandwidth") && err.contains("--bandwidth=false"), "{err}");
+    assert!(!d.conf().join("10-headcni.conflist").exists());
+}
+
+#[test]
+fn dry_run_prints_and_touches_nothing() {
+    let d = Dirs::new();
+    let out = d.install(&["--dry-run", "--portmap", "false", "--bandwidth", "false", "--ipam", "host-local"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plugins"][0]["ipam"]["type"], "host-local");
+    assert!(!d.bin().join("headcni").exists());
+    assert!(!d.conf().join("10-headcni.conflist").exists());
+}
