@@ -19,7 +19,7 @@ pub enum Cmd {
         json: bool,
     },
     /// Install the binary, the headcni-ipam link and the conflist on this node.
-    Install(crate::install::InstallArgs),
+    Install(Box<crate::install::InstallArgs>),
 }
 
 fn version(json: bool) -> i32 {
