@@ -218,8 +218,9 @@ read_key_file() { # file ('-' = stdin) -> stdout-free: sets REPLY
         [[ ! -t 0 ]] || note "reading a key from stdin (end with Ctrl-D)"
         IFS= read -r -d '' data || true
     else
-        [[ -f $src && -r $src ]] || die "key file '$src' is not a readable file"
-        if [[ -n $(find "$src" -maxdepth 0 -perm -o=r 2>/dev/null) ]]; then
+        # A regular file, or a pipe such as -K <(pass show headscale/key).
+        [[ -e $src && -r $src && ! -d $src ]] || die "key file '$src' is not a readable file"
+        if [[ -f $src && -n $(find "$src" -maxdepth 0 -perm -o=r 2>/dev/null) ]]; then
             note "warning: key file '$src' is readable by every user; chmod 600 it"
         fi
         IFS= read -r -d '' data <"$src" || true
