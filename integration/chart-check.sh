@@ -359,7 +359,7 @@ expect_in() { # set, description, fixed string
 expect_not_in() {
     if grep -qF -- "$3" "$WORK/render-$1-$NEWEST_K8S.yaml"; then bad "$2 ($1): '$3' rendered"; else ok "$2 ($1)"; fi
 }
-expect_in defaults "no key: no key file flag, no Secret" "--tailscale-socket=/var/run/tailscale/tailscaled.sock"
+expect_in defaults "host mode uses the host tailscaled socket" "--tailscale-socket=/var/run/tailscale/tailscaled.sock"
 expect_not_in defaults "no key: no Secret rendered" "kind: Secret"
 expect_not_in defaults "no key: no key file flag" "--auth-key-file"
 expect_in keys "auth key passed as a file" "--auth-key-file=/etc/headcni/keys/auth-key"
@@ -400,6 +400,47 @@ expect_in custom-resources "CA file" "--headscale-ca-file=/etc/headcni/ca/ca.crt
 expect_in custom-resources "extra toleration kept" "example.com/dedicated"
 expect_not_in custom-resources "teardown disabled" "helm.sh/hook"
 expect_not_in custom-resources "privileged agent needs no /proc/sys mount" "--proc-sys-dir"
+
+say "--- the binary accepts every flag the chart passes (subcommands that exist)"
+BIN=${HEADCNI_BIN:-$ROOT/target/x86_64-unknown-linux-musl/release/headcni}
+[[ -x $BIN ]] || BIN=$ROOT/target/release/headcni
+"$KV_NEW_DIR/bin/python" - "$WORK"/render-*-"$NEWEST_K8S".yaml >"$WORK/chart-flags" <<'PY'
+import sys, yaml
+seen = set()
+for path in sys.argv[1:]:
+    for d in yaml.safe_load_all(open(path)):
+        if not d or d["kind"] not in ("DaemonSet", "Job"):
+            continue
+        spec = d["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            args = c.get("args", [])
+            if c.get("command") or not args:
+                continue  # not the headcni image (tailscaled)
+            for a in args[1:]:
+                if a.startswith("--"):
+                    seen.add((args[0], a.split("=", 1)[0]))
+for sub, flag in sorted(seen):
+    print(sub, flag)
+PY
+if [[ ! -x $BIN ]]; then
+    say "skip: no headcni binary built ($BIN)"
+else
+    mapfile -t subs < <(cut -d' ' -f1 "$WORK/chart-flags" | sort -u)
+    for sub in "${subs[@]}"; do
+        help=$("$BIN" "$sub" --help 2>&1 || true)
+        if ! grep -q -- "--help" <<<"$help"; then
+            say "skip: headcni $sub has no --help yet"
+            continue
+        fi
+        missing=""
+        while read -r s flag; do
+            [[ $s == "$sub" ]] || continue
+            grep -qE -- "(^|[^-[:alnum:]])${flag}([^-[:alnum:]]|$)" <<<"$help" || missing+=" $flag"
+        done <"$WORK/chart-flags"
+        [[ -z $missing ]] && ok "headcni $sub knows every flag the chart passes" ||
+            bad "headcni $sub lacks flags the chart passes:$missing"
+    done
+fi
 
 say "--- the validator itself catches faults"
 mutate() { # description, python expression applied to the DaemonSet document d
