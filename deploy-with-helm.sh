@@ -57,7 +57,10 @@ Helm and Kubernetes:
                               contact no cluster.
   -h, --help                  Show this help.
 
-Anything after '--' is passed to helm unchanged (never put a key there).
+Each run sets the whole configuration, as 'helm upgrade' does: repeat the
+options (or keep them in a values file). Keys not given again are kept from
+the Secret of the previous run. Anything after '--' is passed to helm
+unchanged (never put a key there).
 
 Examples:
   $PROG -u https://headscale.example -k "\$AUTH_KEY"
@@ -324,7 +327,19 @@ if ! $DRY_RUN; then
         fi
     fi
 else
-    for k in authKey apiKey; do [[ ! -f $TMP/$k ]] || SECRET_KEYS+=("$k"); done
+    for k in authKey apiKey; do
+        if [[ -f $TMP/$k ]]; then
+            base64 <"$TMP/$k" | tr -d '\n' >"$TMP/$k.b64"
+            SECRET_KEYS+=("$k")
+        fi
+    done
+fi
+# A digest of the keys for a pod annotation, so that changed keys roll the
+# agents (they read the key files at start). Only the digest leaves this script.
+KEYS_DIGEST=""
+if [[ ${#SECRET_KEYS[@]} -gt 0 ]]; then
+    KEYS_DIGEST=$(for k in "${SECRET_KEYS[@]}"; do printf '%s=' "$k"; cat "$TMP/$k.b64"; printf '\n'; done |
+        sha256sum | cut -d' ' -f1)
 fi
 rm -f -- "$TMP"/authKey "$TMP"/apiKey "$TMP"/*.b64 "$TMP"/secret.yaml
 
@@ -347,6 +362,9 @@ json_list() { # comma list -> ["a","b"]
 }
 {
     printf '# Written by %s; holds no secret.\n' "$PROG"
+    if [[ -n $KEYS_DIGEST ]]; then
+        printf 'podAnnotations:\n  checksum/headscale-keys: "%s"\n' "$KEYS_DIGEST"
+    fi
     printf 'config:\n  headscale:\n    url: "%s"\n' "$URL"
     if [[ ${#SECRET_KEYS[@]} -gt 0 ]]; then
         printf '    existingSecret: "%s"\n    existingSecretKeys:\n' "$SECRET_NAME"

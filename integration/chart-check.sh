@@ -676,14 +676,26 @@ if printf '%s\n' "$API_KEY" | full_run -u https://headscale.example -K "$WORK/au
 else
     bad "full run failed"; sed 's/^/    /' "$WORK/deploy.err"
 fi
+digest() { sed -n 's/^ *checksum\/headscale-keys: *//p' "$WORK/full-render.yaml" | tr -d '"'; }
+digest1=$(digest)
+[[ $digest1 =~ ^[0-9a-f]{64}$ ]] && ok "pod annotation carries a digest of the keys" || bad "no keys digest annotation"
 # Second run without keys: the existing Secret is reused, both keys kept.
 if full_run -u https://headscale.example -n kube-system -r net -m 1280; then
     [[ $(tail -n1 "$WORK/secret-ops") == replaced ]] &&
         grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
         grep -q -- "--api-key-file=" "$WORK/full-render.yaml" &&
         ok "a re-run without keys keeps the Secret's keys" || bad "re-run lost the keys"
+    [[ $(digest) == "$digest1" ]] && ok "unchanged keys: same digest, no restart" || bad "digest changed without a key change"
 else
     bad "re-run failed"; sed 's/^/    /' "$WORK/deploy.err"
+fi
+# Third run with a new pre-auth key: the digest changes, so the agents restart.
+if printf '%s\n' "${AUTH_KEY}2" | full_run -u https://headscale.example -K - -n kube-system -r net; then
+    [[ $(digest) != "$digest1" ]] &&
+        grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
+        ok "a new key changes the digest and keeps the other key" || bad "new key: digest unchanged or API key lost"
+else
+    bad "third run failed"; sed 's/^/    /' "$WORK/deploy.err"
 fi
 if grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$WORK/helm-argv.log" "$WORK/kubectl-argv.log" "$WORK"/helm-file.* "$WORK/deploy.out" "$WORK/deploy.err"; then
     bad "a key reached an argument list, a values file or the output"
