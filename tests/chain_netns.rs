@@ -4,69 +4,8 @@
 
 mod common;
 
-use common::{Bin, Env, Netns, invoke};
+use common::{Bin, Chain, Netns};
 use serde_json::{Value, json};
-
-struct Chain<'a> {
-    bin: &'a Bin,
-    host: &'a Netns,
-    plugins: Vec<Value>,
-    runtime_config: Value,
-}
-
-impl Chain<'_> {
-    fn conf_for(&self, plugin: &Value, prev: Option<&Value>) -> Value {
-        let mut conf = plugin.clone();
-        conf["cniVersion"] = json!("1.0.0");
-        conf["name"] = json!("chainnet");
-        // Like libcni: runtimeConfig carries only the capabilities the plugin declares.
-        if let Some(caps) = plugin.get("capabilities").and_then(Value::as_object) {
-            let mut rc = serde_json::Map::new();
-            for (cap, enabled) in caps {
-                if enabled == &json!(true)
-                    && let Some(v) = self.runtime_config.get(cap)
-                {
-                    rc.insert(cap.clone(), v.clone());
-                }
-            }
-            conf.as_object_mut().unwrap().remove("capabilities");
-            conf["runtimeConfig"] = Value::Object(rc);
-        }
-        if let Some(prev) = prev {
-            conf["prevResult"] = prev.clone();
-        }
-        conf
-    }
-
-    fn run(&self, command: &str, pod: &Netns, plugin: &Value, prev: Option<&Value>) -> common::Reply {
-        let env = Env::new(command, &self.bin.cni_path()).container(&pod.name, "eth0", Some(&pod.path()));
-        let exe = self.bin.plugin(plugin["type"].as_str().unwrap());
-        invoke(&exe, Some(self.host), &env, &self.conf_for(plugin, prev).to_string())
-    }
-
-    fn add(&self, pod: &Netns) -> Value {
-        let mut prev: Option<Value> = None;
-        for plugin in &self.plugins {
-            let out = self.run("ADD", pod, plugin, prev.as_ref()).ok().json();
-            prev = Some(out);
-        }
-        prev.unwrap()
-    }
-
-    fn check(&self, pod: &Netns, result: &Value) {
-        // Debian's portmap 1.1.1 fails its own CHECK on IPv4-only pods (it insists on an IPv6
-        // DNAT chain); the other plugins, headcni first, are checked as libcni would.
-        for plugin in self.plugins.iter().filter(|p| p["type"] != "portmap") {
-            self.run("CHECK", pod, plugin, Some(result)).ok();
-        }
-    }
-
-    fn del(&self, pod: &Netns, result: &Value) {
-        for plugin in self.plugins.iter().rev() {
-            self.run("DEL", pod, plugin, Some(result)).ok();
-        }
-    }
-}
 
 fn plugins(scratch: &std::path::Path) -> Vec<Value> {
     vec![
@@ -89,6 +28,8 @@ fn chained_with_portmap_tuning_and_bandwidth() {
     let full = Chain {
         bin: &bin,
         host: &host,
+        name: "chainnet".into(),
+        version: "1.0.0".into(),
         plugins: plugins(scratch.path()),
         runtime_config: json!({
             "portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}],
@@ -97,10 +38,17 @@ fn chained_with_portmap_tuning_and_bandwidth() {
         }),
     };
     let alone =
-        Chain { bin: &bin, host: &host, plugins: plugins(scratch.path())[..1].to_vec(), runtime_config: json!({}) };
+        Chain {
+            bin: &bin,
+            host: &host,
+            name: "chainnet".into(),
+            version: "1.0.0".into(),
+            plugins: plugins(scratch.path())[..1].to_vec(),
+            runtime_config: json!({}),
+        };
     let (a, b) = (Netns::new("a"), Netns::new("b"));
-    let result = full.add(&a);
-    let result_b = alone.add(&b);
+    let result = full.add(&a.name, &a);
+    let result_b = alone.add(&b.name, &b);
 
     // tuning ran in the pod.
     assert_eq!(a.exec_ok(&["sysctl", "-n", "net.core.somaxconn"]).trim(), "512");
@@ -123,10 +71,10 @@ fn chained_with_portmap_tuning_and_bandwidth() {
     let _ = server.wait();
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "via-portmap", "{}", String::from_utf8_lossy(&got.stderr));
 
-    full.check(&a, &result);
-    full.del(&a, &result);
-    full.del(&a, &result);
-    alone.del(&b, &result_b);
+    full.check(&a.name, &a, &result);
+    full.del(&a.name, &a, &result);
+    full.del(&a.name, &a, &result);
+    alone.del(&b.name, &b, &result_b);
 
     let links = host.links();
     assert!(links.iter().all(|l| !l.starts_with("hc") && !l.starts_with("bwp")), "links left: {links:?}");
