@@ -71,7 +71,8 @@ hc_state_init() {
 
 # hc_record KIND ARGS... : append one undo entry. Kinds (see hc_undo_entry):
 #   pid PID STARTTIME LABEL   mntns INODE   netns NAME   umount PATH
-#   rmdir PATH   rm PATH   rmtree PATH   cmd SHELL-WORDS...
+#   rmdir PATH   rm PATH   rmtree PATH   nscmd HOLDERPID STARTTIME CMD...
+#   cgroup NAME (a cgroup we made under every hierarchy: kill its procs, rmdir)
 hc_record() {
 	[[ -f "$HC_JOURNAL" ]] || hc_die "state not initialised (hc_state_init)"
 	local IFS=$'\t'
@@ -104,20 +105,20 @@ hc_pid_alive() {
 
 # hc_spawn LABEL LOGFILE CMD... : start CMD in the background in a session of
 # its own (so a Ctrl-C of the harness reaches the harness, which then stops it
-# in order), record its PID, and print the PID.
+# in order) and record its PID. Sets HC_SPAWNED_PID. Call it directly, never
+# in $(...): the harness shell must stay the parent (it reaps the children).
 hc_spawn() {
 	local label=$1 logfile=$2
 	shift 2
 	setsid "$@" </dev/null >>"$logfile" 2>&1 &
-	local pid=$!
+	HC_SPAWNED_PID=$!
 	local st
-	st=$(hc_pid_starttime "$pid") || {
-		wait "$pid" 2>/dev/null || true
+	st=$(hc_pid_starttime "$HC_SPAWNED_PID") || {
+		wait "$HC_SPAWNED_PID" 2>/dev/null || true
 		hc_die "$label exited at once; see $logfile"
 	}
-	hc_record pid "$pid" "$st" "$label"
-	printf '%s\n' "$pid" >"$HC_STATE_DIR/$label.pid"
-	printf '%s\n' "$pid"
+	hc_record pid "$HC_SPAWNED_PID" "$st" "$label"
+	printf '%s\n' "$HC_SPAWNED_PID" >"$HC_STATE_DIR/$label.pid"
 }
 
 # hc_kill_pid PID STARTTIME LABEL [GRACE_S]: TERM, wait, then KILL.
@@ -199,10 +200,40 @@ hc_undo_entry() {
 		*) hc_warn "refusing to remove $1 (outside $HC_STATE_ROOT)" ;;
 		esac
 		;;
-	cmd) (eval "$*") >/dev/null 2>&1 || true ;;
+	nscmd)
+		# nscmd HOLDERPID STARTTIME CMD... : run CMD in the holder's network and
+		# mount namespaces, only if that very holder still lives.
+		local hp=$1 hst=$2
+		shift 2
+		if hc_pid_alive "$hp" "$hst"; then
+			timeout 60 nsenter -t "$hp" -n -m -- "$@" >/dev/null 2>&1 || true
+		fi
+		;;
+	cgroup) hc_cgroup_purge "$1" ;;
 	*) hc_warn "unknown journal entry: $kind $*" ;;
 	esac
 	return 0
+}
+
+# hc_cgroup_purge NAME : kill every process in cgroup NAME (in any hierarchy,
+# recursively; the cgroup is ours by construction), then remove the cgroups.
+hc_cgroup_purge() {
+	local name=$1 d
+	[[ "$name" =~ ^[a-z0-9][a-z0-9_.-]*$ ]] || return 0
+	local -a dirs=()
+	for d in /sys/fs/cgroup/*/"$name" /sys/fs/cgroup/"$name"; do
+		[[ -d "$d" ]] && dirs+=("$d")
+	done
+	((${#dirs[@]})) || return 0
+	for _ in 1 2 3; do
+		local -a pids=()
+		mapfile -t pids < <(find "${dirs[@]}" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
+		((${#pids[@]})) || break
+		hc_kill_pids "cgroup $name" "${pids[@]}"
+	done
+	for d in "${dirs[@]}"; do
+		find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+	done
 }
 
 # hc_teardown : undo everything in the journal, newest first. Idempotent.
