@@ -11,6 +11,8 @@
 
 [[ -n "${_HC_COMMON_SH:-}" ]] && return 0
 _HC_COMMON_SH=1
+# errexit also inside $(...), so a failing helper fails its caller
+shopt -s inherit_errexit
 
 # HC_PREFIX names every namespace of a run; two runs with different prefixes
 # do not collide. Short, because it ends up in interface and namespace names.
@@ -180,7 +182,7 @@ hc_undo_entry() {
 		hc_kill_pids "mntns" $(hc_pids_in_mntns "$1")
 		;;
 	netns)
-		if ip netns list | awk '{print $1}' | grep -qx -- "$1"; then
+		if ip netns list | awk '{print $1}' | grep -x -- "$1" >/dev/null; then
 			# shellcheck disable=SC2046
 			hc_kill_pids "netns $1" $(ip netns pids "$1" 2>/dev/null)
 			ip netns delete "$1" 2>/dev/null || hc_warn "could not delete netns $1"

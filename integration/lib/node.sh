@@ -90,7 +90,7 @@ node_ts_has_peer_route() {
 
 # node_route_in_table52 I CIDR : the kernel route is in place on node I.
 node_route_in_table52() {
-	ip -n "$(node_ns "$1")" route show table 52 | awk '{print $1}' | grep -qx -- "$2"
+	ip -n "$(node_ns "$1")" route show table 52 | awk '{print $1}' | grep -x -- "$2" >/dev/null
 }
 
 # node_netfilter_summary I : what tailscaled installed in the node netns.

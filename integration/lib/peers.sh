@@ -45,7 +45,7 @@ HC_APT_PACKAGES=(
 peers_missing_apt() {
 	local p
 	for p in "${HC_APT_PACKAGES[@]}"; do
-		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' ||
+		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep '^install ok installed$' >/dev/null ||
 			printf '%s\n' "$p"
 	done
 }

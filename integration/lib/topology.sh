@@ -17,7 +17,8 @@
 # per-node directories are bind-mounted over the well-known paths
 # (/etc/cni/net.d, /opt/cni/bin, /var/lib/cni, /run/tailscale,
 # /var/lib/tailscale, /run/headcni, /var/lib/headcni, /var/log/headcni,
-# /run/containerd, /etc/resolv.conf). Every per-node
+# /run/containerd, /run/netns, /etc/resolv.conf). /run/netns is per node so
+# that the sandboxes a runtime makes (cni-*) never show up in the root namespace. Every per-node
 # command (tailscaled, runtimes, later the agent) runs via `node_exec I ...`
 # (nsenter into both namespaces), so default paths are per node and nothing a
 # node writes to those paths reaches the root file system. Mount propagation
@@ -38,7 +39,7 @@ HC_INET_ADDR=$HC_INET_NET.2
 
 # Paths bind-mounted per node (created as empty mount points in the root file
 # system only when missing, and removed again by teardown if still empty).
-HC_NODE_BIND_DIRS=${HC_NODE_BIND_DIRS:-/etc/cni/net.d /opt/cni/bin /var/lib/cni /run/tailscale /var/lib/tailscale /run/headcni /var/lib/headcni /var/log/headcni /run/containerd}
+HC_NODE_BIND_DIRS=${HC_NODE_BIND_DIRS:-/etc/cni/net.d /opt/cni/bin /var/lib/cni /run/tailscale /var/lib/tailscale /run/headcni /var/lib/headcni /var/log/headcni /run/containerd /run/netns}
 
 node_ns() { printf '%s-n%s\n' "$HC_PREFIX" "$1"; }
 node_addr() { printf '%s.%s\n' "$HC_UL_NET" "$((10 + $1))"; }
@@ -106,16 +107,18 @@ topo_node_add() {
 	_topo_node_ctx "$i"
 }
 
-# The holder of node I's mount namespace: `ip netns exec` enters the netns
-# (and a fresh mount ns with /sys for that netns), unshare makes another mount
-# namespace that we keep, with slave propagation.
+# The holder of node I's mount namespace: nsenter enters the netns, unshare
+# makes a mount namespace that we keep, with slave propagation. Not `ip netns
+# exec`: it remounts all of /sys, which hides the cgroup mounts (runc then
+# fails with "no cgroup mount found in mountinfo"). Instead only the net parts
+# of sysfs are replaced by a sysfs mounted inside the netns.
 _topo_node_ctx() {
 	local i=$1 ns dir pid ino myino d
 	ns=$(node_ns "$i")
 	dir=$(node_dir "$i")
 	mkdir -p "$dir/mnt" "$HC_STATE_DIR/logs"
 	hc_spawn "ctx-n$i" "$HC_STATE_DIR/logs/ctx-n$i.log" \
-		ip netns exec "$ns" unshare --mount --propagation slave -- sleep infinity
+		nsenter --net="/run/netns/$ns" -- unshare --mount --propagation slave -- sleep infinity
 	pid=$HC_SPAWNED_PID
 	myino=$(stat -L -c %i /proc/self/ns/mnt)
 	hc_wait_for 10 "node $i context" _ctx_ready "$pid" "$myino" || hc_die "node $i context did not start"
@@ -123,11 +126,19 @@ _topo_node_ctx() {
 	hc_record mntns "$ino"
 	printf '%s\n' "$pid" >"$dir/ctx.pid"
 
+	mkdir -p "$dir/sysfs"
+	node_exec "$i" mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$dir/sysfs"
+	node_exec "$i" mount --bind "$dir/sysfs/class/net" /sys/class/net
+	node_exec "$i" mount --bind "$dir/sysfs/devices/virtual/net" /sys/devices/virtual/net
+
 	for d in $HC_NODE_BIND_DIRS; do
 		mkdir -p "$dir/mnt$d"
 		_topo_mountpoint_dir "$d"
 		node_exec "$i" mount --bind "$dir/mnt$d" "$d"
 	done
+	# A private /dev/shm: podman keeps its lock table in /dev/shm/libpod_lock,
+	# which must not be shared with any other podman on the machine.
+	node_exec "$i" mount -t tmpfs -o nosuid,nodev,size=64m,mode=1777 shm /dev/shm
 	# tailscaled (and anything else) may rewrite resolv.conf: give it a copy.
 	cp /etc/resolv.conf "$dir/mnt/resolv.conf" 2>/dev/null || : >"$dir/mnt/resolv.conf"
 	node_exec "$i" mount --bind "$dir/mnt/resolv.conf" /etc/resolv.conf
