@@ -262,7 +262,11 @@ hc_teardown() {
 }
 
 # hc_install_traps : teardown on any exit, including errors and signals.
+# The signal traps may fire while a command with redirected output runs (its
+# redirections then apply to the trap too): keep the original stdout/stderr
+# and restore them for the teardown.
 hc_install_traps() {
+	exec {HC_ORIG_STDOUT}>&1 {HC_ORIG_STDERR}>&2
 	trap '_hc_on_exit $?' EXIT
 	trap 'hc_warn "interrupted (SIGINT)"; exit 130' INT
 	trap 'hc_warn "terminated (SIGTERM)"; exit 143' TERM
@@ -273,6 +277,7 @@ _hc_on_exit() {
 	local rc=$1
 	trap - EXIT INT TERM HUP
 	set +e
+	exec 1>&"$HC_ORIG_STDOUT" 2>&"$HC_ORIG_STDERR"
 	if [[ "${HC_KEEP:-0}" == 1 && $rc -eq 0 ]]; then
 		hc_log "HC_KEEP=1: leaving everything running; tear down with: $HC_LIB_DIR/../teardown.sh $HC_PREFIX"
 	else
