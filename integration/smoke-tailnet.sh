@@ -55,7 +55,7 @@ hc_require_root
 ((HC_NODES >= 2)) || hc_die "--nodes must be at least 2"
 
 declare -a REPORT=()
-report() { REPORT+=("$(printf '%-44s %s' "$1" "$2")"); }
+report() { REPORT+=("$(printf '%-52s %s' "$1" "$2")"); }
 step() { hc_log "== $*"; }
 
 T_START=$(hc_now)
@@ -114,19 +114,44 @@ done
 step "tailscaled on every node"
 for ((i = 1; i <= HC_NODES; i++)); do node_tailscaled_start "$i"; done
 
-step "join with the CLI, routes auto-approved"
+step "join with the CLI; node-2 approved through the REST API, the others by autoApprovers"
+_approved_by_api() { # I CIDR : join with autoApprovers off, then approve by REST
+	local i=$1 cidr=$2
+	hs_set_autoapprove 0
+	node_ts_up "$i" "$HC_STATE_DIR/authkey" >>"$HC_STATE_DIR/logs/join-n$i.log" 2>&1 ||
+		hc_die "node $i failed to join (see $HC_STATE_DIR/logs/join-n$i.log)"
+	t_join=$(hc_since "$t")
+	hc_wait_for 10 "node-$i advertises $cidr" hs_node_available "node-$i" "$cidr" ||
+		hc_die "node-$i does not advertise $cidr"
+	sleep 1
+	! hs_route_approved "node-$i" "$cidr" || hc_die "$cidr approved without autoApprovers or API"
+	before=$(hs_node_field node-1 '.approved_routes')
+	t_api=$(hc_now)
+	hs_approve_routes "$HC_STATE_DIR/apikey" "node-$i" "$cidr" >"$HC_STATE_DIR/approve-n$i.json"
+	hc_wait_for 10 "route $cidr of node-$i approved" hs_route_serving "node-$i" "$cidr" ||
+		hc_die "route $cidr of node-$i not approved by the API call"
+	[[ "$(hs_node_field node-1 '.approved_routes')" == "$before" ]] ||
+		hc_die "approving node-$i changed node-1's routes"
+	report "node-$i approve_routes call -> serving" "$(hc_since "$t_api") s"
+	hs_set_autoapprove 1
+}
 for ((i = 1; i <= HC_NODES; i++)); do
 	cidr=$(node_pod_cidr "$i")
 	t=$(hc_now)
-	node_ts_up "$i" "$HC_STATE_DIR/authkey" >>"$HC_STATE_DIR/logs/join-n$i.log" 2>&1 ||
-		hc_die "node $i failed to join (see $HC_STATE_DIR/logs/join-n$i.log)"
+	if ((i == 2)); then
+		_approved_by_api "$i" "$cidr"
+		how="API"
+	else
+		node_ts_up "$i" "$HC_STATE_DIR/authkey" >>"$HC_STATE_DIR/logs/join-n$i.log" 2>&1 ||
+			hc_die "node $i failed to join (see $HC_STATE_DIR/logs/join-n$i.log)"
+		t_join=$(hc_since "$t")
+		hc_wait_for 30 "route $cidr of node-$i approved" hs_route_approved "node-$i" "$cidr" ||
+			hc_die "route $cidr of node-$i was not auto-approved"
+		how="autoApprovers"
+	fi
 	[[ "$(node_ts_backend_state "$i")" == Running ]] || hc_die "node $i is not Running"
-	t_join=$(hc_since "$t")
-	hc_wait_for 30 "route $cidr of node-$i approved" hs_route_approved "node-$i" "$cidr" ||
-		hc_die "route $cidr of node-$i was not auto-approved"
-	t_appr=$(hc_since "$t")
 	report "node-$i join (tailscale up -> Running)" "$t_join s"
-	report "node-$i $cidr approved (from up)" "$t_appr s"
+	report "node-$i $cidr approved ($how), from up" "$(hc_since "$t") s"
 done
 # every node accepts every other node's route
 t=$(hc_now)
@@ -242,6 +267,8 @@ printf '\n%s\n\n' "$table"
 printf '%s\n' "${REPORT[@]}"
 printf '\nnode JSON (CLI):  %s\nnode JSON (REST): %s\n' \
 	"$(jq -c . "$HC_STATE_DIR/node-1.cli.json")" "$(jq -c . "$HC_STATE_DIR/node-1.rest.json")"
+printf 'approve_routes response (node-2): %s\n' \
+	"$(jq -c '.node | {id, givenName, approvedRoutes, availableRoutes, subnetRoutes}' "$HC_STATE_DIR/approve-n2.json")"
 printf 'netfilter in n1:  %s\n' "$(tr '\n' ';' <"$HC_STATE_DIR/netfilter-n1.txt")"
 
 if [[ "${HC_KEEP:-0}" == 1 ]]; then

@@ -217,6 +217,13 @@ hs_route_approved() {
 		 | (.approved_routes // .approvedRoutes // []) | index($r) != null' >/dev/null
 }
 
+# hs_node_available HOSTNAME CIDR : the node advertises CIDR (approved or not).
+hs_node_available() {
+	hs_nodes_json | jq -e --arg h "$1" --arg r "$2" \
+		'.[] | select((.given_name // .givenName)==$h or .name==$h)
+		 | (.available_routes // .availableRoutes // []) | index($r) != null' >/dev/null
+}
+
 # hs_route_serving HOSTNAME CIDR : approved and primary (subnet_routes).
 hs_route_serving() {
 	hs_nodes_json | jq -e --arg h "$1" --arg r "$2" \
