@@ -85,6 +85,8 @@ mine_in_root() {
 		ls -d /sys/fs/cgroup/*/"$HC_PREFIX"-n* 2>/dev/null || true
 		echo "# mount points"
 		for d in $HC_NODE_BIND_DIRS; do [[ -e "$d" ]] && echo "$d"; done
+		echo "# resolver"
+		md5sum /etc/resolv.conf
 		echo "# sysctls"
 		sysctl -n net.ipv4.ip_forward net.ipv4.conf.all.rp_filter 2>/dev/null
 	} 2>/dev/null
@@ -103,7 +105,7 @@ step "headscale"
 t=$(hc_now)
 hs_write_config
 hs_start
-uid=$(hs_create_user)
+uid=$(hs_create_user "$HC_HS_USER")
 hs_create_authkey "$HC_STATE_DIR/authkey"
 hs_create_apikey "$HC_STATE_DIR/apikey"
 report "headscale up, user id $uid, keys made" "$(hc_since "$t") s"
@@ -255,6 +257,11 @@ t=$(hc_now)
 hs_restart
 ping_ok "$(node_ns 1)-p1" "${POD[2]}" 3 || hc_die "pod traffic broke across a headscale restart"
 report "headscale restart, pods still talk" "$(hc_since "$t") s"
+# the nodes' map polls reconnect (their first retry tries TLS on the same
+# port and times out): wait, so the next step measures only tailscaled
+hc_wait_for 60 "all nodes online in headscale again" hs_all_online "$HC_NODES" ||
+	hc_die "nodes did not reconnect to headscale after its restart"
+report "headscale restart -> all nodes online again" "$(hc_since "$t") s"
 t=$(hc_now)
 node_tailscaled_restart 1
 _running() { [[ "$(node_ts_backend_state "$1")" == Running ]]; }

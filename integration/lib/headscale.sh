@@ -224,6 +224,12 @@ hs_node_available() {
 		 | (.available_routes // .availableRoutes // []) | index($r) != null' >/dev/null
 }
 
+# hs_all_online N : Headscale knows N nodes and sees every one of them online
+# (their map poll is connected).
+hs_all_online() {
+	hs_nodes_json | jq -e --argjson n "$1" 'length == $n and all(.[]; .online == true)' >/dev/null
+}
+
 # hs_route_serving HOSTNAME CIDR : approved and primary (subnet_routes).
 hs_route_serving() {
 	hs_nodes_json | jq -e --arg h "$1" --arg r "$2" \

@@ -47,8 +47,7 @@ node_tailscaled_start() {
 	local i=$1 t0
 	t0=$(hc_now)
 	# shellcheck disable=SC2086
-	hc_spawn "tailscaled-n$i" "$HC_STATE_DIR/logs/tailscaled-n$i.log" \
-		nsenter -t "$(node_ctx_pid "$i")" -n -m -- \
+	node_spawn "$i" "tailscaled-n$i" \
 		env TS_DEBUG_USE_DERP_HTTP=1 $HC_TS_ENV \
 		"$TAILSCALED_BIN" --statedir=/var/lib/tailscale \
 		--socket=/run/tailscale/tailscaled.sock --tun=tailscale0 \

@@ -78,6 +78,13 @@ rt_ref_conflist() {
 EOF
 }
 
+# rt_ref_remove I : take the reference network away again (do this before
+# installing headcni: containerd uses only the first conflist by name, and
+# "10-hcref" sorts before "10-headcni").
+rt_ref_remove() {
+	rm -f "$(node_dir "$1")/mnt/etc/cni/net.d/10-$HC_CNI_NET.conflist"
+}
+
 # --- containerd + crictl ------------------------------------------------------
 
 ctd_dir() { printf '%s/containerd\n' "$(node_dir "$1")"; }
@@ -164,8 +171,7 @@ ctd_start() {
 	d=$(ctd_dir "$i")
 	[[ -f "$d/config.toml" ]] || ctd_write_config "$i"
 	_rt_cgroup_record "$i"
-	hc_spawn "containerd-n$i" "$HC_STATE_DIR/logs/containerd-n$i.log" \
-		nsenter -t "$(node_ctx_pid "$i")" -n -m -- containerd --config "$d/config.toml"
+	node_spawn "$i" "containerd-n$i" containerd --config "$d/config.toml"
 	# Before containerd is stopped, remove every pod it runs (recorded after
 	# the process, so teardown replays it first).
 	holder=$(node_ctx_pid "$i")

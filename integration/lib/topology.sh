@@ -131,9 +131,26 @@ _topo_node_ctx() {
 	node_exec "$i" mount --bind "$dir/sysfs/class/net" /sys/class/net
 	node_exec "$i" mount --bind "$dir/sysfs/devices/virtual/net" /sys/devices/virtual/net
 
+	# Pass 1: make every missing mount point exist, in the node's view only.
+	local -A overlaid=()
+	local a
 	for d in $HC_NODE_BIND_DIRS; do
 		mkdir -p "$dir/mnt$d"
-		_topo_mountpoint_dir "$d"
+		node_exec "$i" test -e "$d" && continue
+		a=$(_topo_existing_ancestor "$i" "$d")
+		if [[ -z "${overlaid[$a]:-}" ]]; then
+			if _topo_overlay_ok "$i" "$a"; then
+				_topo_overlay "$i" "$a"
+			else
+				_topo_mountpoint_dir "$d"
+				continue
+			fi
+			overlaid[$a]=1
+		fi
+		node_exec "$i" mkdir -p "$d"
+	done
+	# Pass 2: the per-node directories over them.
+	for d in $HC_NODE_BIND_DIRS; do
 		node_exec "$i" mount --bind "$dir/mnt$d" "$d"
 	done
 	# A private /dev/shm: podman keeps its lock table in /dev/shm/libpod_lock,
@@ -150,8 +167,45 @@ _ctx_ready() {
 		[[ "$(stat -L -c %i "/proc/$1/ns/mnt" 2>/dev/null)" != "$2" ]]
 }
 
-# Create a missing mount point in the root file system (recorded: removed if
-# still empty at teardown). Parents created too, each recorded.
+# The deepest ancestor of $2 that exists in node $1's view.
+_topo_existing_ancestor() {
+	local p
+	p=$(dirname "$2")
+	until node_exec "$1" test -d "$p"; do p=$(dirname "$p"); done
+	printf '%s\n' "$p"
+}
+
+# A directory may get an overlay in the node when it is not / and nothing
+# is mounted below it except what the node context replaces anyway
+# (/run/netns). An overlay hides the mounts below its lower dir.
+_topo_overlay_ok() {
+	local i=$1 a=$2 m
+	[[ "$a" != / ]] || return 1
+	while read -r m; do
+		case "$m" in
+		"$a"/*)
+			[[ "$m" == /run/netns || "$m" == /run/netns/* ]] || return 1
+			;;
+		esac
+	done < <(node_exec "$i" findmnt -rn -o TARGET)
+	return 0
+}
+
+# _topo_overlay I DIR : overlayfs over DIR in node I's mount namespace, with
+# DIR itself as the lower layer and an upper layer in the node's state dir.
+# Directories the node needs (e.g. /opt/cni/bin) are then made in the upper
+# layer: the root file system is never written.
+_topo_overlay() {
+	local i=$1 a=$2 o
+	o="$(node_dir "$i")/overlay/$(tr '/' '_' <<<"$a")"
+	mkdir -p "$o/upper" "$o/work"
+	node_exec "$i" mount -t overlay overlay \
+		-o "lowerdir=$a,upperdir=$o/upper,workdir=$o/work" "$a"
+}
+
+# Fallback when no overlay is possible: create a missing mount point in the
+# root file system (recorded: removed at teardown if still empty). Parents
+# created too, each recorded.
 _topo_mountpoint_dir() {
 	local d=$1 missing=() p
 	p=$d
@@ -173,6 +227,16 @@ node_exec() {
 	local i=$1
 	shift
 	nsenter -t "$(node_ctx_pid "$i")" -n -m -- "$@"
+}
+
+# node_spawn I LABEL CMD... : start a daemon on node I (in its context),
+# logging to logs/LABEL.log, recorded for teardown; stop it with
+# hc_stop_label LABEL. Sets HC_SPAWNED_PID. (The HeadCNI agent starts so.)
+node_spawn() {
+	local i=$1 label=$2
+	shift 2
+	hc_spawn "$label" "$HC_STATE_DIR/logs/$label.log" \
+		nsenter -t "$(node_ctx_pid "$i")" -n -m -- "$@"
 }
 
 # pod_netns_add I K : a bare "pod" network namespace on node I with a veth to
