@@ -55,6 +55,36 @@ hc_wait_for() {
 	done
 }
 
+# hc_label_alive LABEL : the process started by hc_spawn as LABEL still runs.
+hc_label_alive() {
+	local pidfile="$HC_STATE_DIR/$1.pid" pid st
+	[[ -f "$pidfile" ]] || return 1
+	pid=$(<"$pidfile")
+	st=$(awk -F'\t' -v p="$pid" '$1=="pid" && $2==p {s=$3} END{print s}' "$HC_JOURNAL")
+	[[ -n "$st" ]] && hc_pid_alive "$pid" "$st"
+}
+
+# hc_wait_daemon TIMEOUT_S LABEL DESCRIPTION CMD... : like hc_wait_for, but
+# gives up at once (showing the log) when the daemon LABEL has exited.
+hc_wait_daemon() {
+	local timeout=$1 label=$2 what=$3
+	shift 3
+	local deadline
+	deadline=$(($(date +%s%N) + timeout * 1000000000))
+	until "$@" >/dev/null 2>&1; do
+		if ! hc_label_alive "$label"; then
+			hc_warn "$label exited while waiting for: $what"
+			tail -n 15 "$HC_STATE_DIR/logs/$label.log" >&2 2>/dev/null || true
+			return 1
+		fi
+		if (($(date +%s%N) > deadline)); then
+			hc_warn "timed out after ${timeout}s waiting for: $what"
+			return 1
+		fi
+		sleep 0.2
+	done
+}
+
 # --- state dir and journal -------------------------------------------------
 
 hc_state_init() {

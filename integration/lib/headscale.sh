@@ -147,7 +147,7 @@ hs_start() {
 	[[ -f "$HC_HS_CONFIG" ]] || hs_write_config
 	hc_spawn headscale "$HC_STATE_DIR/logs/headscale.log" \
 		ip netns exec "$HC_NS_HS" "$HEADSCALE_BIN" -c "$HC_HS_CONFIG" serve
-	hc_wait_for 30 "headscale /health" hs_healthy || hc_die "headscale did not become healthy"
+	hc_wait_daemon 30 headscale "headscale /health" hs_healthy || hc_die "headscale did not become healthy"
 	hc_wait_for 10 "headscale unix socket" test -S "$HC_HS_DIR/run/headscale.sock" ||
 		hc_die "headscale socket missing"
 	hc_log "headscale up at $HC_HS_URL ($(hc_since "$t0")s)"

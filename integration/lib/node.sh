@@ -52,9 +52,9 @@ node_tailscaled_start() {
 		"$TAILSCALED_BIN" --statedir=/var/lib/tailscale \
 		--socket=/run/tailscale/tailscaled.sock --tun=tailscale0 \
 		--port="$HC_TS_PORT" --no-logs-no-support
-	hc_wait_for 20 "tailscaled n$i socket" test -S "$(node_ts_socket "$i")" ||
+	hc_wait_daemon 20 "tailscaled-n$i" "tailscaled n$i socket" test -S "$(node_ts_socket "$i")" ||
 		hc_die "tailscaled on node $i did not create its socket"
-	hc_wait_for 20 "tailscaled n$i LocalAPI" _node_ts_socket_ok "$i" ||
+	hc_wait_daemon 20 "tailscaled-n$i" "tailscaled n$i LocalAPI" _node_ts_socket_ok "$i" ||
 		hc_die "tailscaled on node $i does not answer"
 	hc_log "tailscaled n$i up ($(hc_since "$t0")s)"
 }

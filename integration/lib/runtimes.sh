@@ -177,7 +177,8 @@ ctd_start() {
 	holder=$(node_ctx_pid "$i")
 	hst=$(hc_pid_starttime "$holder")
 	hc_record nscmd "$holder" "$hst" "$CRICTL_BIN" --config "$d/crictl.yaml" rmp -fa
-	hc_wait_for 30 "containerd n$i CRI" _ctd_ready "$i" || hc_die "containerd on node $i is not ready"
+	hc_wait_daemon 30 "containerd-n$i" "containerd n$i CRI" _ctd_ready "$i" ||
+		hc_die "containerd on node $i is not ready"
 	if ! node_ctr "$i" images ls -q | grep -x "$HC_IMAGE_REF" >/dev/null; then
 		node_ctr "$i" images import --snapshotter native "$HC_IMAGE_ARCHIVE" >/dev/null
 	fi
