@@ -283,7 +283,7 @@ if [[ "${HC_KEEP:-0}" == 1 ]]; then
 
 Left running (--keep). Look around:
   ip netns list | grep '^$HC_PREFIX-'
-  HC_PREFIX=$HC_PREFIX; source $here/lib/node.sh; node_ts 1 status
+  export HC_PREFIX=$HC_PREFIX; source $here/lib/peers.sh; source $here/lib/node.sh; node_ts 1 status
   nsenter -t \$(cat $(node_dir 1)/ctx.pid) -n -m -- bash     # a shell "on" node 1
 Tear down:
   $here/teardown.sh $HC_PREFIX
