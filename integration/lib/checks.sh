@@ -1,0 +1,78 @@
+# shellcheck shell=bash
+# integration/lib/checks.sh: small probes used by the smoke run and the tests.
+# All traffic stays inside the harness's namespaces.
+
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+# ping_ok NS DST [COUNT] : ICMP from namespace NS (ip netns name) to DST.
+ping_ok() {
+	ip netns exec "$1" ping -n -q -c "${3:-2}" -i 0.2 -W 2 "$2" >/dev/null 2>&1
+}
+
+# ping_rtt NS DST : average RTT in ms of 3 pings, or "-" when unreachable.
+ping_rtt() {
+	local out
+	if out=$(ip netns exec "$1" ping -n -q -c 3 -i 0.2 -W 2 "$2" 2>/dev/null); then
+		awk -F'/' '/^rtt|^round-trip/ {print $5; found=1} END {if (!found) print "-"}' <<<"$out"
+	else
+		echo "-"
+	fi
+}
+
+# df_probe NS DST SIZE : one DF ping with SIZE bytes of payload; prints
+# "ok", "frag-needed (mtu N)" or "lost".
+df_probe() {
+	local out
+	out=$(ip netns exec "$1" ping -n -c 1 -W 2 -M "do" -s "$3" "$2" 2>&1 || true)
+	if grep -q ' 0% packet loss' <<<"$out"; then
+		echo ok
+	elif grep -qi 'frag needed\|message too long' <<<"$out"; then
+		echo "frag-needed ($(grep -o 'mtu = [0-9]*' <<<"$out" | head -n1))"
+	else
+		echo lost
+	fi
+}
+
+# tcp_seen_source SRC_NS DST_NS DST_ADDR PORT : open a TCP connection from
+# SRC_NS to DST_ADDR:PORT served in DST_NS; the server answers with the peer
+# address it sees. Prints that address (empty on failure).
+tcp_seen_source() {
+	local src=$1 dst=$2 addr=$3 port=$4 srv seen
+	# shellcheck disable=SC2016 # expanded by the shell socat starts
+	ip netns exec "$dst" timeout 10 socat -T 5 \
+		"TCP-LISTEN:$port,bind=$addr,reuseaddr" \
+		SYSTEM:'echo "$SOCAT_PEERADDR"' >/dev/null 2>&1 &
+	srv=$!
+	# wait for the listener
+	local k
+	for ((k = 0; k < 50; k++)); do
+		[[ -n "$(ip netns exec "$dst" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && break
+		sleep 0.1
+	done
+	seen=$(ip netns exec "$src" timeout 5 socat -T 5 - "TCP:$addr:$port,connect-timeout=3" </dev/null 2>/dev/null || true)
+	wait "$srv" 2>/dev/null || true
+	printf '%s\n' "$seen"
+}
+
+# tcp_bulk SRC_NS DST_NS DST_ADDR PORT MIB : send MIB MiB over TCP; true if
+# all of it arrived (a path MTU black hole makes this hang and fail).
+tcp_bulk() {
+	local src=$1 dst=$2 addr=$3 port=$4 mib=$5 srv got
+	local out
+	out=$(mktemp)
+	ip netns exec "$dst" timeout 30 socat -u "TCP-LISTEN:$port,bind=$addr,reuseaddr" \
+		SYSTEM:"wc -c >$out" >/dev/null 2>&1 &
+	srv=$!
+	local k
+	for ((k = 0; k < 50; k++)); do
+		[[ -n "$(ip netns exec "$dst" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && break
+		sleep 0.1
+	done
+	head -c "$((mib * 1048576))" /dev/zero |
+		ip netns exec "$src" timeout 25 socat -u - "TCP:$addr:$port,connect-timeout=3" >/dev/null 2>&1 || true
+	wait "$srv" 2>/dev/null || true
+	got=$(tr -d '[:space:]' <"$out" 2>/dev/null)
+	rm -f "$out"
+	[[ "$got" == "$((mib * 1048576))" ]]
+}
