@@ -11,6 +11,8 @@ pub const DEFAULT_LOG_FILE: &str = "/var/log/headcni/headcni.log";
 /// Environment variable holding the log level (`error`, `warn`, `info`, `debug`, `trace`, or
 /// env_logger filter syntax).
 pub const LEVEL_ENV: &str = "HEADCNI_LOG_LEVEL";
+/// Environment variable naming the plugins' log file; overrides the config's `log_file`.
+pub const FILE_ENV: &str = "HEADCNI_LOG_FILE";
 
 /// Copies every formatted record to the log file and to stderr.
 struct Tee {
@@ -40,9 +42,10 @@ fn builder(level: Option<&str>, default: &str) -> env_logger::Builder {
 }
 
 /// CNI mode: append to `log_file` (default [`DEFAULT_LOG_FILE`]) and copy to stderr.
-/// `level` comes from the config; HEADCNI_LOG_LEVEL overrides it.
+/// `level` comes from the config; HEADCNI_LOG_LEVEL and HEADCNI_LOG_FILE override.
 pub fn init_cni(role: &'static str, log_file: Option<&Path>, level: Option<&str>) {
-    let path = log_file.unwrap_or(Path::new(DEFAULT_LOG_FILE));
+    let from_env = std::env::var_os(FILE_ENV).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let path = from_env.as_deref().or(log_file).unwrap_or(Path::new(DEFAULT_LOG_FILE));
     let file = open_log(path);
     let pid = std::process::id();
     let mut b = builder(level, "info");
