@@ -5,6 +5,7 @@
 //! ([`Netlink::connect_in`]) and never switch namespaces themselves.
 
 pub mod netns;
+pub mod nft;
 pub mod sysctl;
 
 pub use netns::Netns;
@@ -177,12 +178,14 @@ pub struct RouteInfo {
     pub scope: Scope,
 }
 
-/// A policy routing rule "to <dst> lookup <table> priority <priority>".
+/// A policy routing rule "to <dst> lookup <table> priority <priority> [protocol <protocol>]".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
     pub dst: IpNetwork,
     pub table: u32,
     pub priority: u32,
+    /// The rule's originator (FRA_PROTOCOL, Linux 4.17+): lets an owner find its own rules.
+    pub protocol: Option<u8>,
 }
 
 /// An rtnetlink connection bound to one network namespace.
@@ -392,9 +395,12 @@ impl Netlink {
         Ok(msgs.into_iter().filter_map(|m| rule_spec(&m).map(|s| (s, m))).collect())
     }
 
-    /// Adds "to <dst> lookup <table> priority <priority>".
+    /// Adds "to <dst> lookup <table> priority <priority> [protocol <protocol>]".
     pub async fn add_rule(&self, rule: &RuleSpec) -> Result<()> {
-        let req = self.handle.rule().add().table_id(rule.table).priority(rule.priority).action(RuleAction::ToTable);
+        let mut req = self.handle.rule().add().table_id(rule.table).priority(rule.priority).action(RuleAction::ToTable);
+        if let Some(proto) = rule.protocol {
+            req.message_mut().attributes.push(RuleAttribute::Protocol(RouteProtocol::from(proto)));
+        }
         let result = match rule.dst {
             IpNetwork::V4(d) => req.v4().destination_prefix(d.ip(), d.prefix()).execute().await,
             IpNetwork::V6(d) => req.v6().destination_prefix(d.ip(), d.prefix()).execute().await,
@@ -466,13 +472,15 @@ fn rule_spec(msg: &RuleMessage) -> Option<RuleSpec> {
     let mut dst = None;
     let mut table = u32::from(msg.header.table);
     let mut priority = 0;
+    let mut protocol = None;
     for attr in &msg.attributes {
         match attr {
             RuleAttribute::Destination(ip) => dst = IpNetwork::new(*ip, msg.header.dst_len).ok(),
             RuleAttribute::Table(t) => table = *t,
             RuleAttribute::Priority(p) => priority = *p,
+            RuleAttribute::Protocol(p) => protocol = Some(u8::from(*p)),
             _ => {}
         }
     }
-    Some(RuleSpec { dst: dst?, table, priority })
+    Some(RuleSpec { dst: dst?, table, priority, protocol })
 }
