@@ -18,6 +18,11 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run the node agent: join the tailnet, advertise and approve this node's pod CIDRs, keep
+    /// the node's data plane, write the node file, serve metrics.
+    Agent(Box<crate::agent::config::AgentArgs>),
+    /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
+    Status(crate::agent::status::StatusArgs),
 }
 
 fn version(json: bool) -> i32 {
@@ -37,5 +42,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Version { json } => version(json),
+        Cmd::Agent(args) => crate::agent::main(*args),
+        Cmd::Status(args) => crate::agent::status::main(args),
     }
 }

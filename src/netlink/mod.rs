@@ -328,6 +328,24 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every address in the namespace with the index of its link (both families).
+    pub async fn all_addresses(&self) -> Result<Vec<(u32, IpNetwork)>> {
+        let msgs: Vec<_> =
+            self.handle.address().get().execute().try_collect().await.map_err(req_err("listing addresses"))?;
+        let mut out = Vec::new();
+        for msg in msgs {
+            let prefix = msg.header.prefix_len;
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = addr.and_then(|ip| IpNetwork::new(ip, prefix).ok()) {
+                out.push((msg.header.index, ip));
+            }
+        }
+        Ok(out)
+    }
+
     fn route_message(spec: &RouteSpec) -> RouteMessage {
         let mut msg = match (spec.dst, spec.gateway, spec.src) {
             (IpNetwork::V4(dst), gw, src) => {
