@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Pause between passes while everything is as it should be.
-pub const STEADY_INTERVAL: Duration = Duration::from_secs(10);
+pub const STEADY_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest pause while something is wrong.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a join may take before it counts as failed.
@@ -71,7 +71,8 @@ pub struct Reconciler<K, T, H, D> {
     pod_cidrs: Option<Vec<IpNetwork>>,
     pod_cidrs_at: Option<Instant>,
     join: Join,
-    approval_confirmed: Option<(BTreeSet<IpNetwork>, Instant)>,
+    /// (routes, node key, when) Headscale last confirmed as approved.
+    approval_confirmed: Option<(BTreeSet<IpNetwork>, String, Instant)>,
     headscale_checked: bool,
     pub(crate) joined_in: Option<Duration>,
     pub(crate) approved_in: Option<Duration>,
@@ -646,8 +647,10 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
             }
             return Some(approved);
         }
-        if let Some((confirmed, at)) = &self.approval_confirmed
+        let key = status.node_key().unwrap_or_default().to_string();
+        if let Some((confirmed, confirmed_key, at)) = &self.approval_confirmed
             && confirmed == desired
+            && *confirmed_key == key
             && at.elapsed() < APPROVAL_RECHECK
         {
             return Some(desired.clone());
@@ -656,7 +659,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
             Ok(approved) => {
                 let pending: BTreeSet<IpNetwork> = desired.difference(&approved).copied().collect();
                 if pending.is_empty() {
-                    self.approval_confirmed = Some((desired.clone(), Instant::now()));
+                    self.approval_confirmed = Some((desired.clone(), key, Instant::now()));
                     self.note_approved();
                 } else {
                     self.wait(
@@ -722,8 +725,15 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
             let Some(st) = self.state() else { return Ok(approved.intersection(desired).copied().collect()) };
             if st.approved_node_id.as_deref() != Some(node_id.as_str()) {
                 // A new registration: approvals recorded for an older node id are not this node's.
+                if let Some(old) = st.approved_node_id.replace(node_id.clone())
+                    && !st.approved_routes.is_empty()
+                {
+                    log::info!(
+                        "this node registered again in Headscale (node id {old} -> {node_id}); the old registration \
+                         keeps its approvals: remove it with `headscale nodes delete --identifier {old}`"
+                    );
+                }
                 st.approved_routes.clear();
-                st.approved_node_id = Some(node_id);
             }
             st.approved_routes.clone()
         };

@@ -41,6 +41,8 @@ struct Ts {
     logins: u32,
     /// What a start does: the state it leads to.
     start_leads_to: Option<String>,
+    /// Overrides the node key.
+    self_key: Option<String>,
 }
 
 #[derive(Clone, Default)]
@@ -110,7 +112,11 @@ impl LocalApi for FakeTs {
             have_node_key: s.have_node_key,
             tailscale_ips: ips.clone(),
             self_: NodeStatus {
-                public_key: if s.have_node_key { KEY.into() } else { format!("nodekey:{}", "0".repeat(64)) },
+                public_key: match (&s.self_key, s.have_node_key) {
+                    (Some(k), _) => k.clone(),
+                    (None, true) => KEY.into(),
+                    (None, false) => format!("nodekey:{}", "0".repeat(64)),
+                },
                 host_name: "node-1".into(),
                 tailscale_ips: ips,
                 primary_routes: s.self_routes.clone(),
@@ -524,6 +530,19 @@ async fn approves_exactly_its_own_advertised_routes_and_never_others() {
     r.reconcile().await;
     let last = hs.lock().approvals.last().cloned().unwrap();
     assert_eq!(last, ("1".to_string(), vec![net("10.244.5.0/24"), net("192.168.7.0/24")]));
+    assert_eq!(state(&w).approved_routes, nets(&["10.244.5.0/24"]));
+
+    // tailscaled lost its state and registered again: a new node, approved again at once.
+    {
+        let mut h = hs.lock();
+        let mut fresh = hs_node("3", "nodekey:fresh", &["10.244.5.0/24"], &[]);
+        fresh.name = "node-1-1".into();
+        h.nodes.push(fresh);
+    }
+    ts.lock().self_key = Some("nodekey:fresh".into());
+    r.reconcile().await;
+    assert_eq!(hs.lock().approvals.last().cloned().unwrap(), ("3".to_string(), vec![net("10.244.5.0/24")]));
+    assert_eq!(state(&w).approved_node_id.as_deref(), Some("3"));
     assert_eq!(state(&w).approved_routes, nets(&["10.244.5.0/24"]));
 }
 
