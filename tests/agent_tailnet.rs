@@ -512,6 +512,12 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
         joined.as_secs_f64(),
         approved.as_secs_f64()
     ));
+    for i in 1..=2 {
+        let text = std::fs::read_to_string(c.dir.path().join(format!("logs/agent-n{i}.log"))).unwrap();
+        if let Some(line) = text.lines().find(|l| l.contains("] ready: ")) {
+            log(&format!("agent n{i}: {}", line.split("] ").nth(1).unwrap_or(line)));
+        }
+    }
 
     // Headscale: each node has exactly its pod CIDR approved; the bystander nothing.
     let hs = c.hs_nodes();
@@ -539,6 +545,11 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     assert_eq!(seen.as_deref(), Some(pod1.as_str()), "the pod source address survives the tailnet");
     // Leaving the cluster: masqueraded to the node's underlay address.
     let seen = source_seen(&c.nodes[0].pods[0].path(), &c.inet.path(), INET_ADDR, 40002);
+    if seen.as_deref() != Some(c.nodes[0].address().as_str()) {
+        for cmd in [&["nft", "list", "ruleset"][..], &["ip", "rule"], &["ip", "route", "show", "table", "all"]] {
+            eprintln!("node 1: {}\n{}", cmd.join(" "), c.nodes[0].ns.exec(cmd));
+        }
+    }
     assert_eq!(seen.as_deref(), Some(c.nodes[0].address().as_str()), "masqueraded towards the outside");
 
     // Metrics count the ADD that happened on node 1.
