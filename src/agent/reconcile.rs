@@ -640,7 +640,8 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
                     format!("route {} pending approval in Headscale", list(&pending)),
                     Some(&format!(
                         "the policy's autoApprovers must cover it for this node's tag or user, or approve it: \
-                         headscale nodes approve-routes --identifier <id> --routes {}",
+                         headscale nodes approve-routes --identifier <id> --routes {} (a node learns of an approval \
+                         made by hand only when it next reconnects to Headscale; other nodes route at once)",
                         list(&pending)
                     )),
                 );
