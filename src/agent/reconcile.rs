@@ -786,7 +786,12 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
         let specs = if self.cfg.masquerade {
             let mut exempt: Vec<IpNetwork> = self.cfg.cluster_cidrs.clone();
             exempt.extend(self.cfg.service_cidrs.iter().copied());
-            if let Some(st) = status {
+            // Without a cluster CIDR, the other nodes' pod CIDRs are known only as their routes.
+            // (With one, routes of non-cluster subnet routers stay masqueraded: they do not
+            // know the pod CIDRs.)
+            if self.cfg.cluster_cidrs.is_empty()
+                && let Some(st) = status
+            {
                 for p in st.peer.values() {
                     exempt.extend(p.served_routes());
                 }

@@ -652,7 +652,7 @@ async fn bad_or_missing_pod_cidrs_change_nothing() {
 }
 
 #[tokio::test]
-async fn masquerade_exempts_cluster_services_tailnet_and_peer_routes() {
+async fn masquerade_exempts_cluster_services_tailnet_and_peer_pod_cidrs() {
     let w = world(|_| {});
     let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
     let ts = FakeTs::running(&[]);
@@ -667,8 +667,17 @@ async fn masquerade_exempts_cluster_services_tailnet_and_peer_routes() {
     let specs = dp.lock().masq.last().cloned().unwrap();
     assert_eq!(specs.len(), 1);
     let exempt: BTreeSet<IpNetwork> = specs[0].exempt_destinations.iter().copied().collect();
-    assert_eq!(exempt, nets(&["10.244.0.0/16", "10.96.0.0/12", "100.64.0.0/10", "10.50.0.0/24"]));
+    // The peer's route is outside the cluster CIDR: a subnet router that does not know pods.
+    assert_eq!(exempt, nets(&["10.244.0.0/16", "10.96.0.0/12", "100.64.0.0/10"]));
     assert_eq!(specs[0].sources, vec![net("10.244.1.0/24")]);
+
+    // Without a cluster CIDR, the peers' routes are the only hint of the other pod CIDRs.
+    let w0 = world(|c| c.cluster_cidrs.clear());
+    let mut r = reconciler(&w0, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    let specs = dp.lock().masq.last().cloned().unwrap();
+    let exempt: BTreeSet<IpNetwork> = specs[0].exempt_destinations.iter().copied().collect();
+    assert_eq!(exempt, nets(&["10.244.1.0/24", "10.96.0.0/12", "100.64.0.0/10", "10.50.0.0/24"]));
 
     let w2 = world(|c| c.masquerade = false);
     let mut r = reconciler(&w2, &cidrs, &ts, None, &dp);
