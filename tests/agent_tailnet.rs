@@ -5,9 +5,10 @@
 //! towards the outside, the metrics of the plugin's ADDs, survival of agent, tailscaled and
 //! Headscale restarts, and `--cleanup`.
 //!
-//! Needs `HEADCNI_TEST_PEERS=<dir>` with `headscale`, `tailscaled` and `tailscale` (e.g.
-//! Headscale v0.29.2 and Tailscale v1.102.3), and runs as root; otherwise it is skipped. The CNI
-//! part also needs host-local (`HEADCNI_TEST_CNI_PATH`, default /usr/lib/cni).
+//! Needs `HEADCNI_TEST_PEERS=<dir>` with `headscale`, `tailscaled` and `tailscale` (or the
+//! harness's `HEADSCALE_BIN`, `TAILSCALED_BIN`, `TAILSCALE_BIN`; e.g. Headscale v0.29.2 and
+//! Tailscale v1.102.3), `ip`, `curl`, `nft` and `ping`, and runs as root; otherwise it is
+//! skipped. The CNI part also needs host-local (`HEADCNI_TEST_CNI_PATH`, default /usr/lib/cni).
 //!
 //!     HEADCNI_TEST_PEERS=/path/to/bin cargo test --test agent_tailnet -- --nocapture
 
@@ -39,12 +40,17 @@ struct Peers {
     tailscale: PathBuf,
 }
 
+/// The binaries: `HEADCNI_TEST_PEERS=<dir>` holding all three, or each one by the variables the
+/// integration harness exports (`HEADSCALE_BIN`, `TAILSCALED_BIN`, `TAILSCALE_BIN`).
 fn peers() -> Option<Peers> {
-    let dir = PathBuf::from(std::env::var_os("HEADCNI_TEST_PEERS")?);
+    let dir = std::env::var_os("HEADCNI_TEST_PEERS").map(PathBuf::from);
+    let pick = |var: &str, name: &str| -> Option<PathBuf> {
+        std::env::var_os(var).map(PathBuf::from).or_else(|| dir.as_ref().map(|d| d.join(name)))
+    };
     let p = Peers {
-        headscale: dir.join("headscale"),
-        tailscaled: dir.join("tailscaled"),
-        tailscale: dir.join("tailscale"),
+        headscale: pick("HEADSCALE_BIN", "headscale")?,
+        tailscaled: pick("TAILSCALED_BIN", "tailscaled")?,
+        tailscale: pick("TAILSCALE_BIN", "tailscale")?,
     };
     [&p.headscale, &p.tailscaled, &p.tailscale].iter().all(|b| b.is_file()).then_some(p)
 }
