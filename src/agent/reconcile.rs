@@ -169,8 +169,9 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
         &self.report
     }
 
+    /// A join was started and has not yet finished or timed out (the loop then polls quickly).
     pub fn joining(&self) -> bool {
-        self.join.issued_at.is_some()
+        self.join.issued_at.is_some_and(|t| t.elapsed() < JOIN_TIMEOUT)
     }
 
     fn fail(&mut self, id: &str, msg: impl Into<String>, hint: Option<&str>) {
