@@ -671,6 +671,14 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     assert!(!tables.contains("headcni"), "{tables}");
     assert!(!headcni::nodefile::path_in(&c.nodes[0].run_dir()).exists());
     root_untouched();
+    // The secrets never reached a log.
+    let secrets = [std::fs::read_to_string(&auth).unwrap(), std::fs::read_to_string(&api).unwrap()];
+    for i in 1..=2 {
+        let text = std::fs::read_to_string(c.dir.path().join(format!("logs/agent-n{i}.log"))).unwrap();
+        for secret in &secrets {
+            assert!(!text.contains(secret.trim()), "a key in agent-n{i}.log");
+        }
+    }
     log(&format!("scenario done in {:.1}s", t_all.elapsed().as_secs_f64()));
 }
 
