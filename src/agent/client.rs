@@ -369,6 +369,34 @@ pub(crate) mod testserver {
         Server { seen, task }
     }
 
+    /// A TLS server with the given certificate chain and key (PEM); answers its port.
+    pub async fn tls(handler: Handler, chain_pem: &[u8], key_pem: &[u8]) -> (Server, u16) {
+        let chain = parse_certificates(chain_pem, "chain").unwrap();
+        let key = parse_private_key(key_pem, "key").unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, handler, s) = (acceptor.clone(), handler.clone(), s.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        serve_conn(tls, handler, s).await;
+                    }
+                });
+            }
+        });
+        (Server { seen, task }, port)
+    }
+
     pub async fn tcp(handler: Handler) -> (Server, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

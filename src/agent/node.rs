@@ -498,6 +498,108 @@ users:
         assert!(matches!(c.pod_cidrs().await.unwrap_err(), NodeError::NotFound { .. }));
     }
 
+    /// A CA and a server certificate for 127.0.0.1 made with the openssl tool (None without it).
+    fn make_pki(dir: &Path, cn: &str) -> Option<()> {
+        let ok = |args: &[&str]| {
+            std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let subj = format!("/CN={cn}");
+        (ok(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            &subj,
+        ]) && ok(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=kubernetes",
+        ]) && std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1,DNS:kubernetes\n").is_ok()
+            && ok(&[
+                "x509",
+                "-req",
+                "-in",
+                "srv.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "srv.crt",
+                "-days",
+                "1",
+                "-extfile",
+                "ext",
+            ]))
+        .then_some(())
+    }
+
+    #[tokio::test]
+    async fn in_cluster_over_tls_trusts_only_the_service_account_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pki, other) = (dir.path().join("pki"), dir.path().join("other"));
+        std::fs::create_dir_all(&pki).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        if make_pki(&pki, "cluster-ca").is_none() || make_pki(&other, "other-ca").is_none() {
+            eprintln!("test skipped: no openssl tool to make certificates");
+            return;
+        }
+        let node = fixture("node-ipv4.json");
+        let handler: testserver::Handler = Arc::new(move |s| match (s.path.as_str(), s.headers.get("authorization")) {
+            ("/api/v1/nodes/node-1", Some(a)) if a.as_bytes() == b"Bearer sa-token" => {
+                (200, String::from_utf8(node.clone()).unwrap())
+            }
+            _ => (401, r#"{"message":"Unauthorized"}"#.into()),
+        });
+        let chain = std::fs::read(pki.join("srv.crt")).unwrap();
+        let key = std::fs::read(pki.join("srv.key")).unwrap();
+        let (_server, port) = testserver::tls(handler, &chain, &key).await;
+        let sa = dir.path().join("sa");
+        std::fs::create_dir_all(&sa).unwrap();
+        std::fs::copy(pki.join("ca.crt"), sa.join("ca.crt")).unwrap();
+        std::fs::write(sa.join("token"), "sa-token\n").unwrap();
+        let env = |k: &str| match k {
+            "KUBERNETES_SERVICE_HOST" => Some("127.0.0.1".to_string()),
+            "KUBERNETES_SERVICE_PORT" => Some(port.to_string()),
+            _ => None,
+        };
+        let c = NodeCidrs::in_cluster_at("node-1", &sa, env).unwrap();
+        assert_eq!(c.pod_cidrs().await.unwrap(), Some(nets(&["10.244.1.0/24"])));
+        // The token is read at every request: a rotated token is used at once.
+        std::fs::write(sa.join("token"), "rotated").unwrap();
+        assert!(matches!(c.pod_cidrs().await.unwrap_err(), NodeError::Denied { .. }));
+        // A server the service account's CA did not sign is refused.
+        std::fs::copy(other.join("ca.crt"), sa.join("ca.crt")).unwrap();
+        let c = NodeCidrs::in_cluster_at("node-1", &sa, env).unwrap();
+        let err = c.pod_cidrs().await.unwrap_err().to_string();
+        assert!(err.contains("TLS handshake"), "{err}");
+    }
+
     #[test]
     fn in_cluster_needs_the_environment() {
         let dir = tempfile::tempdir().unwrap();
