@@ -20,6 +20,11 @@ pub enum Cmd {
     },
     /// Install the binary, the headcni-ipam link and the conflist on this node.
     Install(Box<crate::install::InstallArgs>),
+    /// Run the node agent: join the tailnet, advertise and approve this node's pod CIDRs, keep
+    /// the node's data plane, write the node file, serve metrics.
+    Agent(Box<crate::agent::config::AgentArgs>),
+    /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
+    Status(crate::agent::status::StatusArgs),
 }
 
 fn version(json: bool) -> i32 {
@@ -37,16 +42,19 @@ fn version(json: bool) -> i32 {
 /// Entry point of the CLI role.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    crate::logging::init_stderr("info");
-    let outcome = match &cli.command {
-        Cmd::Version { json } => return version(*json),
-        Cmd::Install(args) => crate::install::main(args),
-    };
-    match outcome {
-        Ok(()) => 0,
-        Err(e) => {
-            log::error!("{e:#}");
-            1
+    match cli.command {
+        Cmd::Version { json } => version(json),
+        Cmd::Install(args) => {
+            crate::logging::init_stderr("info");
+            match crate::install::main(&args) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    1
+                }
+            }
         }
+        Cmd::Agent(args) => crate::agent::main(*args),
+        Cmd::Status(args) => crate::agent::status::main(args),
     }
 }

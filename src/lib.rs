@@ -9,12 +9,14 @@
 //! - [`netlink`]: the only code that talks to the kernel's network configuration
 //! - [`nodefile`], [`events`]: what the agent and the plugins share on a node
 //! - [`install`]: `headcni install`, putting HeadCNI on a node
+//! - [`agent`]: the node agent (`headcni agent`) and `headcni status`
 //! - [`cli`]: the command line (`version`, and the node tools)
 
 #![forbid(unsafe_code)]
 #![deny(clippy::print_stdout, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod agent;
 pub mod cli;
 pub mod cni;
 pub mod events;

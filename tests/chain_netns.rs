@@ -37,15 +37,14 @@ fn chained_with_portmap_tuning_and_bandwidth() {
                           "egressRate": 100_000_000, "egressBurst": 1_000_000}
         }),
     };
-    let alone =
-        Chain {
-            bin: &bin,
-            host: &host,
-            name: "chainnet".into(),
-            version: "1.0.0".into(),
-            plugins: plugins(scratch.path())[..1].to_vec(),
-            runtime_config: json!({}),
-        };
+    let alone = Chain {
+        bin: &bin,
+        host: &host,
+        name: "chainnet".into(),
+        version: "1.0.0".into(),
+        plugins: plugins(scratch.path())[..1].to_vec(),
+        runtime_config: json!({}),
+    };
     let (a, b) = (Netns::new("a"), Netns::new("b"));
     let result = full.add(&a.name, &a);
     let result_b = alone.add(&b.name, &b);

@@ -23,7 +23,8 @@ impl Dirs {
             }
         }
         fs::write(d.bin().join("flannel"), b"#!/bin/sh\n").unwrap();
-        fs::write(d.conf().join("05-other.conflist"), b"{\"name\":\"other\",\"plugins\":[{\"type\":\"flannel\"}]}").unwrap();
+        fs::write(d.conf().join("05-other.conflist"), b"{\"name\":\"other\",\"plugins\":[{\"type\":\"flannel\"}]}")
+            .unwrap();
         d
     }
     fn bin(&self) -> std::path::PathBuf {

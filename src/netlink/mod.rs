@@ -5,6 +5,7 @@
 //! ([`Netlink::connect_in`]) and never switch namespaces themselves.
 
 pub mod netns;
+pub mod nft;
 pub mod sysctl;
 
 pub use netns::Netns;
@@ -177,12 +178,14 @@ pub struct RouteInfo {
     pub scope: Scope,
 }
 
-/// A policy routing rule "to <dst> lookup <table> priority <priority>".
+/// A policy routing rule "to <dst> lookup <table> priority <priority> [protocol <protocol>]".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
     pub dst: IpNetwork,
     pub table: u32,
     pub priority: u32,
+    /// The rule's originator (FRA_PROTOCOL, Linux 4.17+): lets an owner find its own rules.
+    pub protocol: Option<u8>,
 }
 
 /// An rtnetlink connection bound to one network namespace.
@@ -319,6 +322,24 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every address in the namespace with the index of its link (both families).
+    pub async fn all_addresses(&self) -> Result<Vec<(u32, IpNetwork)>> {
+        let msgs: Vec<_> =
+            self.handle.address().get().execute().try_collect().await.map_err(req_err("listing addresses"))?;
+        let mut out = Vec::new();
+        for msg in msgs {
+            let prefix = msg.header.prefix_len;
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = addr.and_then(|ip| IpNetwork::new(ip, prefix).ok()) {
+                out.push((msg.header.index, ip));
+            }
+        }
+        Ok(out)
+    }
+
     fn route_message(spec: &RouteSpec) -> RouteMessage {
         let mut msg = match (spec.dst, spec.gateway, spec.src) {
             (IpNetwork::V4(dst), gw, src) => {
@@ -386,9 +407,12 @@ impl Netlink {
         Ok(msgs.into_iter().filter_map(|m| rule_spec(&m).map(|s| (s, m))).collect())
     }
 
-    /// Adds "to <dst> lookup <table> priority <priority>".
+    /// Adds "to <dst> lookup <table> priority <priority> [protocol <protocol>]".
     pub async fn add_rule(&self, rule: &RuleSpec) -> Result<()> {
-        let req = self.handle.rule().add().table_id(rule.table).priority(rule.priority).action(RuleAction::ToTable);
+        let mut req = self.handle.rule().add().table_id(rule.table).priority(rule.priority).action(RuleAction::ToTable);
+        if let Some(proto) = rule.protocol {
+            req.message_mut().attributes.push(RuleAttribute::Protocol(RouteProtocol::from(proto)));
+        }
         let result = match rule.dst {
             IpNetwork::V4(d) => req.v4().destination_prefix(d.ip(), d.prefix()).execute().await,
             IpNetwork::V6(d) => req.v6().destination_prefix(d.ip(), d.prefix()).execute().await,
@@ -460,13 +484,15 @@ fn rule_spec(msg: &RuleMessage) -> Option<RuleSpec> {
     let mut dst = None;
     let mut table = u32::from(msg.header.table);
     let mut priority = 0;
+    let mut protocol = None;
     for attr in &msg.attributes {
         match attr {
             RuleAttribute::Destination(ip) => dst = IpNetwork::new(*ip, msg.header.dst_len).ok(),
             RuleAttribute::Table(t) => table = *t,
             RuleAttribute::Priority(p) => priority = *p,
+            RuleAttribute::Protocol(p) => protocol = Some(u8::from(*p)),
             _ => {}
         }
     }
-    Some(RuleSpec { dst: dst?, table, priority })
+    Some(RuleSpec { dst: dst?, table, priority, protocol })
 }

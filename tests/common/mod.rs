@@ -16,7 +16,7 @@ pub fn is_root() -> bool {
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !common::is_root() {
+        if !$crate::common::is_root() {
             eprintln!("skipped: needs root (network namespaces)");
             return;
         }
@@ -31,6 +31,19 @@ pub fn unique(tag: &str) -> String {
 
 pub fn sh(args: &[&str]) -> Output {
     Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"))
+}
+
+/// Runs `cmd args...`, panicking with its output unless it succeeds.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 pub fn sh_ok(args: &[&str]) -> String {
@@ -88,10 +101,25 @@ impl Netns {
     pub fn routes(&self, v6: bool) -> String {
         self.exec_ok(&["ip", if v6 { "-6" } else { "-4" }, "route", "show", "table", "all"])
     }
+
+    /// `ip -n <ns> ...`, which must succeed.
+    pub fn ip(&self, args: &str) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend(args.split_whitespace());
+        run("ip", &all);
+    }
 }
 
 impl Drop for Netns {
+    /// Kills what still runs inside (daemons of a failed test), then deletes the namespace.
     fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Some(pid) = pid.parse::<i32>().ok().and_then(rustix::process::Pid::from_raw) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }

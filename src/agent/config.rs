@@ -1,0 +1,404 @@
+//! `headcni agent` flags (each also read from its environment variable) and their validation
+//! into an [`AgentConfig`].
+
+use super::dataplane::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE, overlaps};
+use super::node::{validate_node_name, validate_pod_cidrs};
+use super::secret::{Secret, SecretSource};
+use super::state::DEFAULT_STATE_DIR;
+use super::tailscale::DEFAULT_SOCKET;
+use crate::nodefile::{DEFAULT_RUN_DIR, MAX_MTU, MIN_MTU};
+use clap::Args;
+use ipnetwork::IpNetwork;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+/// The environment variable that may carry the pre-auth key (from a Kubernetes Secret).
+pub const AUTH_KEY_ENV: &str = "HEADCNI_AUTH_KEY";
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// Node whose Node.spec.podCIDR(s) to use; also the default tailnet hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// kubeconfig for the Kubernetes API (default: the in-cluster service account).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's pod CIDR (repeatable, one per family); overrides the Node's podCIDRs.
+    #[arg(long = "pod-cidr", env = "HEADCNI_POD_CIDRS", value_delimiter = ',')]
+    pub pod_cidrs: Vec<String>,
+    /// The cluster's pod network (repeatable); traffic to it is never masqueraded.
+    #[arg(long = "cluster-cidr", env = "HEADCNI_CLUSTER_CIDRS", value_delimiter = ',')]
+    pub cluster_cidrs: Vec<String>,
+    /// The cluster's service network (repeatable).
+    #[arg(long = "service-cidr", env = "HEADCNI_SERVICE_CIDRS", value_delimiter = ',')]
+    pub service_cidrs: Vec<String>,
+    /// tailscaled's LocalAPI socket.
+    #[arg(long, env = "HEADCNI_TAILSCALE_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub tailscale_socket: PathBuf,
+    /// Headscale's URL: the control server for the join, and its REST API for approvals.
+    #[arg(long, env = "HEADCNI_HEADSCALE_URL")]
+    pub headscale_url: Option<String>,
+    /// File holding the pre-auth key for the join (or set HEADCNI_AUTH_KEY from a Secret).
+    #[arg(long, env = "HEADCNI_AUTH_KEY_FILE")]
+    pub auth_key_file: Option<PathBuf>,
+    /// File holding a Headscale API key: approve this node's pod CIDRs (else rely on autoApprovers).
+    #[arg(long, env = "HEADCNI_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) for an https Headscale with a private certificate.
+    #[arg(long, env = "HEADCNI_HEADSCALE_CA_FILE")]
+    pub headscale_ca_file: Option<PathBuf>,
+    /// Tailnet hostname (default: the node name).
+    #[arg(long, env = "HEADCNI_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// Tags to request at the join (comma list). Leave empty with a tagged pre-auth key.
+    #[arg(long, env = "HEADCNI_ADVERTISE_TAGS", value_delimiter = ',')]
+    pub advertise_tags: Vec<String>,
+    /// Pod MTU: auto (the tailnet interface's MTU) or a number.
+    #[arg(long, env = "HEADCNI_MTU", default_value = "auto")]
+    pub mtu: String,
+    /// Masquerade pod traffic that leaves the cluster.
+    #[arg(long, env = "HEADCNI_MASQUERADE", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub masquerade: bool,
+    /// Directory of the node file and the event spool.
+    #[arg(long, env = "HEADCNI_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// Directory of the agent's persistent state (the routes it added and approved).
+    #[arg(long, env = "HEADCNI_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Priority of the "to <pod CIDR> lookup main" rules (before Tailscale's at 5210).
+    #[arg(long, env = "HEADCNI_RULE_PRIORITY", default_value_t = DEFAULT_RULE_PRIORITY)]
+    pub rule_priority: u32,
+    /// Port of the metrics and health server.
+    #[arg(long, env = "HEADCNI_METRICS_PORT", default_value_t = 8080)]
+    pub metrics_port: u16,
+    /// Path of the metrics.
+    #[arg(long, env = "HEADCNI_METRICS_PATH", default_value = "/metrics")]
+    pub metrics_path: String,
+    /// Address of the metrics and health server.
+    #[arg(long, env = "HEADCNI_METRICS_BIND", default_value = "0.0.0.0")]
+    pub metrics_bind: IpAddr,
+    /// Withdraw the routes HeadCNI advertised and approved, remove its rules and nft tables, and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+/// Where the pod CIDRs come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CidrSource {
+    Static(Vec<IpNetwork>),
+    InCluster,
+    Kubeconfig(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: Option<String>,
+    pub cidr_source: CidrSource,
+    pub cluster_cidrs: Vec<IpNetwork>,
+    pub service_cidrs: Vec<IpNetwork>,
+    pub tailscale_socket: PathBuf,
+    pub headscale_url: Option<String>,
+    pub headscale_ca_file: Option<PathBuf>,
+    pub auth_key: Option<SecretSource>,
+    pub api_key: Option<SecretSource>,
+    pub hostname: String,
+    pub advertise_tags: Vec<String>,
+    pub mtu: Option<u32>,
+    pub masquerade: bool,
+    pub run_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub rule_priority: u32,
+    pub metrics_addr: SocketAddr,
+    pub metrics_path: String,
+    pub cleanup: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn cidrs(flag: &str, list: &[String]) -> Result<Vec<IpNetwork>, ConfigError> {
+    list.iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let net: IpNetwork = s.parse().map_err(|_| ConfigError(format!("{flag} {s:?} is not a CIDR")))?;
+            if net.network() != net.ip() {
+                return Err(ConfigError(format!(
+                    "{flag} {s} has host bits set (did you mean {}/{}?)",
+                    net.network(),
+                    net.prefix()
+                )));
+            }
+            Ok(net)
+        })
+        .collect()
+}
+
+/// Problems that make pod CIDRs unusable: overlap with the tailnet or the service network.
+/// (Also applied to CIDRs that come from the Node at run time.)
+pub fn check_pod_cidrs(pods: &[IpNetwork], service: &[IpNetwork]) -> Result<(), String> {
+    for pod in pods {
+        for tailnet in dataplane::tailnet_ranges() {
+            if overlaps(pod, &tailnet) {
+                return Err(format!(
+                    "pod CIDR {pod} overlaps Tailscale's range {tailnet}: pods there would be unreachable; \
+                     choose another cluster CIDR"
+                ));
+            }
+        }
+        for svc in service {
+            if overlaps(pod, svc) {
+                return Err(format!(
+                    "pod CIDR {pod} overlaps the service CIDR {svc}: fix the cluster's pod or service network"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pod CIDRs outside every cluster CIDR (a warning: such traffic would be masqueraded).
+pub fn outside_cluster(pods: &[IpNetwork], cluster: &[IpNetwork]) -> Vec<IpNetwork> {
+    if cluster.is_empty() {
+        return Vec::new();
+    }
+    pods.iter().filter(|p| !cluster.iter().any(|c| dataplane::covers(c, p))).copied().collect()
+}
+
+fn validate_tag(tag: &str) -> Result<(), ConfigError> {
+    let name = tag.strip_prefix("tag:").unwrap_or("");
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphabetic();
+    if ok { Ok(()) } else { Err(ConfigError(format!("--advertise-tags: {tag:?} is not a tag (tag:<lowercase name>)"))) }
+}
+
+fn validate_hostname(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(format!("tailnet hostname {name:?} must be one DNS label (letters, digits, '-'; up to 63)")))
+    }
+}
+
+impl AgentConfig {
+    /// Validates the flags. `env` reads the environment (HEADCNI_AUTH_KEY); `system_hostname`
+    /// is the fallback name when there is neither --hostname nor --node-name.
+    pub fn from_args(
+        args: &AgentArgs,
+        env: impl Fn(&str) -> Option<String>,
+        system_hostname: impl FnOnce() -> String,
+    ) -> Result<Self, ConfigError> {
+        let node_name = args.node_name.as_ref().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        if let Some(n) = &node_name {
+            validate_node_name(n).map_err(|e| ConfigError(format!("--node-name: {e}")))?;
+        }
+        let statics: Vec<String> =
+            args.pod_cidrs.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let cluster_cidrs = cidrs("--cluster-cidr", &args.cluster_cidrs)?;
+        let service_cidrs = cidrs("--service-cidr", &args.service_cidrs)?;
+        let cidr_source = if !statics.is_empty() {
+            let pods = validate_pod_cidrs(&statics).map_err(|e| ConfigError(format!("--pod-cidr: {e}")))?;
+            check_pod_cidrs(&pods, &service_cidrs).map_err(ConfigError)?;
+            CidrSource::Static(pods)
+        } else if args.cleanup {
+            CidrSource::Static(Vec::new())
+        } else {
+            if node_name.is_none() {
+                return Err(ConfigError(
+                    "no pod CIDR: give --node-name (NODE_NAME) to read the Node's podCIDRs, or --pod-cidr".into(),
+                ));
+            }
+            match &args.kubeconfig {
+                Some(p) if !p.as_os_str().is_empty() => CidrSource::Kubeconfig(p.clone()),
+                _ => CidrSource::InCluster,
+            }
+        };
+
+        let headscale_url = args.headscale_url.as_ref().map(|u| u.trim().trim_end_matches('/').to_string());
+        let headscale_url = headscale_url.filter(|u| !u.is_empty());
+        if let Some(url) = &headscale_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError(format!("--headscale-url {url:?} must start with http:// or https://")));
+        }
+        let auth_key = match (&args.auth_key_file, env(AUTH_KEY_ENV).map(|k| k.trim().to_string())) {
+            (Some(f), _) if !f.as_os_str().is_empty() => Some(SecretSource::File(f.clone())),
+            (_, Some(k)) if !k.is_empty() => Some(SecretSource::Value(Secret::new(k))),
+            _ => None,
+        };
+        if auth_key.is_some() && headscale_url.is_none() {
+            return Err(ConfigError("an auth key needs --headscale-url (the server to join)".into()));
+        }
+        let api_key = args.api_key_file.clone().filter(|p| !p.as_os_str().is_empty()).map(SecretSource::File);
+        if api_key.is_some() && headscale_url.is_none() {
+            return Err(ConfigError("--api-key-file needs --headscale-url".into()));
+        }
+
+        let hostname = match (&args.hostname, &node_name) {
+            (Some(h), _) if !h.trim().is_empty() => h.trim().to_string(),
+            (_, Some(n)) => n.split('.').next().unwrap_or(n).to_string(),
+            _ => system_hostname(),
+        };
+        validate_hostname(&hostname)?;
+        let advertise_tags: Vec<String> =
+            args.advertise_tags.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        for t in &advertise_tags {
+            validate_tag(t)?;
+        }
+        let mtu = match args.mtu.trim() {
+            "" | "auto" => None,
+            n => {
+                let v: u32 = n.parse().map_err(|_| ConfigError(format!("--mtu {n:?}: expected auto or a number")))?;
+                if !(MIN_MTU..=MAX_MTU).contains(&v) {
+                    return Err(ConfigError(format!("--mtu {v} is outside {MIN_MTU}..{MAX_MTU}")));
+                }
+                Some(v)
+            }
+        };
+        if !args.metrics_path.starts_with('/') || ["/healthz", "/readyz"].contains(&args.metrics_path.as_str()) {
+            return Err(ConfigError(format!(
+                "--metrics-path {:?} must start with / and not be a probe path",
+                args.metrics_path
+            )));
+        }
+        if args.rule_priority == 0 || args.rule_priority >= 32766 {
+            return Err(ConfigError(format!("--rule-priority {} must be within 1..32765", args.rule_priority)));
+        }
+        if args.rule_priority >= TAILSCALE_FIRST_RULE {
+            log::warn!(
+                "--rule-priority {} is not ahead of Tailscale's rules (5210-5270): an accepted route covering this \
+                 node's pod CIDR would capture traffic to local pods",
+                args.rule_priority
+            );
+        }
+        Ok(Self {
+            node_name,
+            cidr_source,
+            cluster_cidrs,
+            service_cidrs,
+            tailscale_socket: args.tailscale_socket.clone(),
+            headscale_url,
+            headscale_ca_file: args.headscale_ca_file.clone().filter(|p| !p.as_os_str().is_empty()),
+            auth_key,
+            api_key,
+            hostname,
+            advertise_tags,
+            mtu,
+            masquerade: args.masquerade,
+            run_dir: args.run_dir.clone(),
+            state_dir: args.state_dir.clone(),
+            rule_priority: args.rule_priority,
+            metrics_addr: SocketAddr::new(args.metrics_bind, args.metrics_port),
+            metrics_path: args.metrics_path.clone(),
+            cleanup: args.cleanup,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: AgentArgs,
+    }
+
+    fn parse(args: &[&str]) -> AgentArgs {
+        let mut all = vec!["t"];
+        all.extend_from_slice(args);
+        T::try_parse_from(all).unwrap().a
+    }
+
+    fn cfg(args: &[&str]) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_args(&parse(args), |_| None, || "host".into())
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let a = parse(&[]);
+        assert_eq!(a.tailscale_socket, PathBuf::from("/var/run/tailscale/tailscaled.sock"));
+        assert_eq!(a.metrics_port, 8080);
+        assert_eq!(a.metrics_path, "/metrics");
+        assert!(a.masquerade);
+        assert_eq!(a.run_dir, PathBuf::from("/run/headcni"));
+        let c = cfg(&["--node-name", "node-1.example"]).unwrap();
+        assert_eq!(c.cidr_source, CidrSource::InCluster);
+        assert_eq!(c.hostname, "node-1");
+        assert_eq!(c.mtu, None);
+        assert_eq!(c.metrics_addr, "0.0.0.0:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn pod_cidrs_from_flags() {
+        let c =
+            cfg(&["--pod-cidr", "10.244.1.0/24", "--pod-cidr", "fd00:10:244:1::/64", "--masquerade", "false"]).unwrap();
+        assert_eq!(
+            c.cidr_source,
+            CidrSource::Static(vec!["10.244.1.0/24".parse().unwrap(), "fd00:10:244:1::/64".parse().unwrap()])
+        );
+        assert!(!c.masquerade);
+        assert_eq!(c.hostname, "host");
+        for (args, needle) in [
+            (vec!["--pod-cidr", "10.244.1.1/24"], "host bits"),
+            (vec!["--pod-cidr", "100.64.1.0/24"], "Tailscale's range"),
+            (vec!["--pod-cidr", "10.96.0.0/24", "--service-cidr", "10.96.0.0/12"], "service CIDR"),
+            (vec!["--pod-cidr", "10.1.0.0/24,10.2.0.0/24"], "same family"),
+            (vec![], "no pod CIDR"),
+        ] {
+            let err = cfg(&args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_come_from_flag_values() {
+        let err = T::try_parse_from(["t", "--auth-key", "hskey-auth-x"]);
+        assert!(err.is_err(), "there is no --auth-key flag");
+        let a = parse(&["--node-name", "n", "--headscale-url", "http://hs:8080/"]);
+        let c = AgentConfig::from_args(&a, |k| (k == AUTH_KEY_ENV).then(|| "hskey-auth-x\n".into()), || "h".into())
+            .unwrap();
+        assert_eq!(c.auth_key.unwrap().load("k").unwrap().expose(), "hskey-auth-x");
+        assert_eq!(c.headscale_url.as_deref(), Some("http://hs:8080"));
+        let err = cfg(&["--node-name", "n", "--auth-key-file", "/k"]).unwrap_err().to_string();
+        assert!(err.contains("--headscale-url"), "{err}");
+        let err = cfg(&["--node-name", "n", "--api-key-file", "/k"]).unwrap_err().to_string();
+        assert!(err.contains("--headscale-url"), "{err}");
+    }
+
+    #[test]
+    fn other_checks() {
+        for (args, needle) in [
+            (vec!["--node-name", "n", "--mtu", "70000"], "outside"),
+            (vec!["--node-name", "n", "--mtu", "big"], "auto or a number"),
+            (vec!["--node-name", "n", "--advertise-tags", "headcni"], "not a tag"),
+            (vec!["--node-name", "n", "--metrics-path", "/readyz"], "probe path"),
+            (vec!["--node-name", "N_1"], "node name"),
+            (vec!["--node-name", "n", "--headscale-url", "hs:8080"], "http://"),
+            (vec!["--node-name", "n", "--rule-priority", "0"], "1..32765"),
+        ] {
+            let err = cfg(&args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        let c = cfg(&["--node-name", "n", "--advertise-tags", "tag:headcni,tag:k8s", "--mtu", "1230"]).unwrap();
+        assert_eq!(c.advertise_tags, vec!["tag:headcni", "tag:k8s"]);
+        assert_eq!(c.mtu, Some(1230));
+        assert!(cfg(&["--cleanup"]).is_ok(), "cleanup needs no pod CIDR");
+    }
+
+    #[test]
+    fn cluster_membership() {
+        let pods: Vec<IpNetwork> = vec!["10.244.1.0/24".parse().unwrap(), "10.9.0.0/24".parse().unwrap()];
+        let cluster: Vec<IpNetwork> = vec!["10.244.0.0/16".parse().unwrap()];
+        assert_eq!(outside_cluster(&pods, &cluster), vec!["10.9.0.0/24".parse::<IpNetwork>().unwrap()]);
+        assert!(outside_cluster(&pods, &[]).is_empty());
+    }
+}

@@ -1,0 +1,329 @@
+//! `headcni agent`: the node agent (a DaemonSet pod on the host network) that makes the tailnet
+//! the pod network of its node, and `headcni status`, which shows what it did.
+//!
+//! - [`node`]: the node's pod CIDRs (flag, or the Kubernetes Node)
+//! - [`tailscale`]: tailscaled's LocalAPI (status, prefs, the zero-config join)
+//! - [`headscale`]: Headscale's REST API (approving this node's own routes)
+//! - [`dataplane`]: forwarding, policy rules, masquerade tables, the tailnet MTU
+//! - [`reconcile`]: the loop that keeps all of it as wanted
+//! - [`metrics`], [`http`]: Prometheus metrics and the health probes
+//! - [`state`]: what HeadCNI added (so that it withdraws only that)
+//! - [`report`], [`status`]: the published status and `headcni status`
+//! - [`client`], [`secret`], [`config`]: plumbing
+//!
+//! SIGTERM stops the agent and leaves the node as it is: pods keep working while the agent is
+//! restarted or upgraded. `--cleanup` (chart uninstall) undoes HeadCNI's changes and exits.
+
+pub mod client;
+pub mod config;
+pub mod dataplane;
+pub mod headscale;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod reconcile;
+pub mod report;
+pub mod secret;
+pub mod state;
+pub mod status;
+pub mod tailscale;
+
+use config::{AgentArgs, AgentConfig, CidrSource};
+use dataplane::{Dataplane, HostDataplane};
+use headscale::{HeadscaleApi, RestHeadscale};
+use ipnetwork::IpNetwork;
+use node::{NodeCidrs, NodeError, PodCidrSource, StaticCidrs};
+use reconcile::{PassOutcome, Reconciler, next_delay};
+use state::AgentState;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tailscale::{LocalApi, PrefsEdit, SocketLocalApi};
+
+/// The pod CIDR source picked by the configuration.
+pub enum CidrSourceImpl {
+    Static(StaticCidrs),
+    Node(NodeCidrs),
+}
+
+impl PodCidrSource for CidrSourceImpl {
+    async fn pod_cidrs(&self) -> Result<Option<Vec<IpNetwork>>, NodeError> {
+        match self {
+            Self::Static(s) => s.pod_cidrs().await,
+            Self::Node(n) => n.pod_cidrs().await,
+        }
+    }
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Static(s) => s.kind(),
+            Self::Node(n) => n.kind(),
+        }
+    }
+    fn refresh_interval(&self) -> Duration {
+        match self {
+            Self::Static(s) => s.refresh_interval(),
+            Self::Node(n) => n.refresh_interval(),
+        }
+    }
+}
+
+fn system_hostname() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().to_lowercase();
+    name.split('.').next().unwrap_or("node").to_string()
+}
+
+/// The Headscale client for the configuration (`None` without an API key).
+pub fn headscale_client(cfg: &AgentConfig) -> anyhow::Result<Option<RestHeadscale>> {
+    let (Some(url), Some(key)) = (&cfg.headscale_url, &cfg.api_key) else { return Ok(None) };
+    let tls = if url.starts_with("https://") {
+        let cas = match &cfg.headscale_ca_file {
+            Some(p) => {
+                let pem = std::fs::read(p)
+                    .map_err(|e| anyhow::anyhow!("reading --headscale-ca-file {}: {e}", p.display()))?;
+                client::parse_certificates(&pem, "--headscale-ca-file")?
+            }
+            None => Vec::new(),
+        };
+        Some(client::tls_config(cas, true, None)?)
+    } else {
+        None
+    };
+    let endpoint = client::Endpoint::from_url(url, tls)?;
+    Ok(Some(RestHeadscale::new(endpoint, key.clone())))
+}
+
+fn cidr_source(cfg: &AgentConfig) -> anyhow::Result<CidrSourceImpl> {
+    let name = cfg.node_name.clone().unwrap_or_default();
+    Ok(match &cfg.cidr_source {
+        CidrSource::Static(c) => CidrSourceImpl::Static(StaticCidrs(c.clone())),
+        CidrSource::InCluster => CidrSourceImpl::Node(NodeCidrs::in_cluster(&name)?),
+        CidrSource::Kubeconfig(p) => CidrSourceImpl::Node(NodeCidrs::from_kubeconfig(&name, p)?),
+    })
+}
+
+/// Entry point of `headcni agent`.
+pub fn main(args: AgentArgs) -> i32 {
+    crate::logging::init_stderr("info");
+    let cfg = match AgentConfig::from_args(&args, |k| std::env::var(k).ok(), system_hostname) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("invalid configuration: {e}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("starting the runtime: {e}");
+            return 1;
+        }
+    };
+    let result =
+        rt.block_on(async { if cfg.cleanup { cleanup(Arc::new(cfg)).await } else { run(Arc::new(cfg)).await } });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            log::error!("{e:#}");
+            1
+        }
+    }
+}
+
+async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
+    log::info!(
+        "headcni agent {} starting: node {}, tailnet hostname {}, tailscaled at {}, Headscale {}, approval by {}",
+        crate::VERSION,
+        cfg.node_name.as_deref().unwrap_or("-"),
+        cfg.hostname,
+        cfg.tailscale_socket.display(),
+        cfg.headscale_url.as_deref().unwrap_or("(not set)"),
+        if cfg.api_key.is_some() { "API key" } else { "policy (autoApprovers)" },
+    );
+    crate::fsutil::ensure_dir(&cfg.run_dir, 0o755)
+        .map_err(|e| anyhow::anyhow!("creating --run-dir {}: {e}", cfg.run_dir.display()))?;
+    let metrics = Arc::new(metrics::Metrics::new(&cfg.run_dir));
+    let health = Arc::new(http::Health::default());
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {} for metrics: {e}", cfg.metrics_addr))?;
+    log::info!("metrics on http://{}{}, probes /healthz and /readyz", cfg.metrics_addr, cfg.metrics_path);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server =
+        tokio::spawn(http::serve(listener, cfg.metrics_path.clone(), metrics.clone(), health.clone(), stop_rx.clone()));
+    let collector = {
+        let metrics = metrics.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+                    _ = stop.changed() => return,
+                }
+                let m = metrics.clone();
+                let _ = tokio::task::spawn_blocking(move || m.collect_events()).await;
+            }
+        })
+    };
+
+    let mut rec = Reconciler::new(
+        cfg.clone(),
+        cidr_source(&cfg)?,
+        SocketLocalApi::new(&cfg.tailscale_socket),
+        headscale_client(&cfg)?,
+        HostDataplane::current()?,
+        metrics.clone(),
+        health,
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut streak = 0u32;
+    let mut was_ready = false;
+    let signal = loop {
+        let outcome = tokio::select! {
+            o = rec.reconcile() => o,
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+        };
+        let ready = rec.report().ready;
+        if ready && !was_ready {
+            log::info!(
+                "ready: pod CIDRs {} advertised, node file written{}{}",
+                dataplane::join(&rec.report().pod_cidrs),
+                rec.joined_in.map(|d| format!(", joined in {:.1}s", d.as_secs_f64())).unwrap_or_default(),
+                rec.approved_in
+                    .map(|d| format!(", approved {:.1}s after advertising", d.as_secs_f64()))
+                    .unwrap_or_default(),
+            );
+        }
+        was_ready = ready;
+        streak = if outcome == PassOutcome::Converged { 0 } else { streak.saturating_add(1) };
+        let delay = next_delay(outcome, streak, rec.joining());
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+        }
+    };
+    log::info!("{signal}: stopping; the node's network stays as it is, pods keep working");
+    let _ = stop_tx.send(true);
+    metrics.collect_events();
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    collector.abort();
+    Ok(0)
+}
+
+/// `--cleanup`: withdraws what HeadCNI added (advertised routes, its approvals), removes its
+/// rules, nft tables, node file and status file. Every step runs; all failures are reported.
+pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
+    let ts = SocketLocalApi::new(&cfg.tailscale_socket);
+    let hs = headscale_client(&cfg)?;
+    let dp = HostDataplane::current()?;
+    let errors = cleanup_with(&cfg, &ts, hs.as_ref(), &dp).await;
+    if errors.is_empty() {
+        log::info!("cleanup done");
+        Ok(0)
+    } else {
+        for e in &errors {
+            log::error!("cleanup: {e}");
+        }
+        Ok(1)
+    }
+}
+
+/// The cleanup over the seams; answers the failures.
+pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: Dataplane>(
+    cfg: &AgentConfig,
+    ts: &T,
+    hs: Option<&H>,
+    dp: &D,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let state_path = state::path_in(&cfg.state_dir);
+    let mut st = match AgentState::load(&state_path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            errors.push(e.to_string());
+            None
+        }
+    };
+    if let Some(st) = st.as_mut() {
+        // Routes.
+        if !st.advertised_routes.is_empty() {
+            match ts.prefs().await {
+                Ok(prefs) => {
+                    let (routes, _, removed) =
+                        reconcile::merge_routes(&prefs.advertise_routes, &BTreeSet::new(), &st.advertised_routes);
+                    let edit = PrefsEdit { advertise_routes: Some(routes), ..Default::default() };
+                    if removed.is_empty() {
+                        st.advertised_routes.clear();
+                    } else {
+                        match ts.edit_prefs(&edit).await {
+                            Ok(_) => {
+                                log::info!(
+                                    "withdrew {}",
+                                    dataplane::join(&removed.iter().copied().collect::<Vec<_>>())
+                                );
+                                st.advertised_routes.clear();
+                            }
+                            Err(e) => errors.push(format!("withdrawing routes: {e}")),
+                        }
+                    }
+                }
+                Err(e) => errors.push(format!("withdrawing routes: {e}")),
+            }
+        }
+        // Approvals.
+        if let (Some(hs), false) = (hs, st.approved_routes.is_empty()) {
+            let result = async {
+                let status = ts.status().await.map_err(|e| e.to_string())?;
+                let key = status.node_key().ok_or("tailscaled has no node key")?.to_string();
+                let nodes = hs.nodes().await.map_err(|e| e.to_string())?;
+                let Some(node) = nodes.into_iter().find(|n| n.node_key == key) else { return Ok(()) };
+                if st.approved_node_id.as_deref() != Some(node.id.as_str()) {
+                    return Ok(());
+                }
+                let keep: Vec<IpNetwork> =
+                    node.approved().into_iter().filter(|r| !st.approved_routes.contains(r)).collect();
+                if keep.len() != node.approved().len() {
+                    hs.approve_routes(&node.id, &keep).await.map_err(|e| e.to_string())?;
+                    log::info!(
+                        "withdrew the approval of {} in Headscale",
+                        dataplane::join(&st.approved_routes.iter().copied().collect::<Vec<_>>())
+                    );
+                }
+                Ok::<_, String>(())
+            }
+            .await;
+            match result {
+                Ok(()) => st.approved_routes.clear(),
+                Err(e) => errors.push(format!("withdrawing approvals: {e}")),
+            }
+        }
+        if st.advertised_routes.is_empty() && st.approved_routes.is_empty() {
+            if let Err(e) = AgentState::remove(&state_path) {
+                errors.push(e.to_string());
+            }
+        } else if let Err(e) = st.store(&state_path) {
+            errors.push(e.to_string());
+        }
+    }
+    match dp.remove_rules().await {
+        Ok(n) if n > 0 => log::info!("removed {n} policy rules"),
+        Ok(_) => {}
+        Err(e) => errors.push(format!("removing policy rules: {e}")),
+    }
+    match dp.remove_masquerade().await {
+        Ok(n) if n > 0 => log::info!("removed {n} nft tables"),
+        Ok(_) => {}
+        Err(e) => errors.push(format!("removing nft tables: {e}")),
+    }
+    for path in [crate::nodefile::path_in(&cfg.run_dir), report::path_in(&cfg.run_dir)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::info!("removed {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("removing {}: {e}", path.display())),
+        }
+    }
+    errors
+}

@@ -1,0 +1,811 @@
+//! The reconcile logic against fakes of its four seams (no root, no daemons). The same
+//! behaviour is proven against real tailscaled and Headscale by `tests/agent_tailnet.rs`.
+
+use super::*;
+use crate::agent::config::CidrSource;
+use crate::agent::dataplane::{Changes, DataplaneError};
+use crate::agent::headscale::HsNode;
+use crate::agent::node::NodeError;
+use crate::agent::secret::{Secret, SecretSource};
+use crate::agent::tailscale::{NodeStatus, TailscaleError};
+use crate::netlink::nft::MasqueradeSpec;
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+fn net(s: &str) -> IpNetwork {
+    s.parse().unwrap()
+}
+
+fn nets(list: &[&str]) -> BTreeSet<IpNetwork> {
+    list.iter().map(|s| net(s)).collect()
+}
+
+const KEY: &str = "nodekey:cb43ecce6ee4ab78a628756fedfa4ced83c599aa6748fba67064226075906950";
+
+// ---- fakes -------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Ts {
+    reachable: bool,
+    state: String,
+    have_node_key: bool,
+    prefs: Map<String, Value>,
+    self_routes: Vec<String>,
+    peers: Vec<NodeStatus>,
+    health: Vec<String>,
+    edits: Vec<PrefsEdit>,
+    starts: Vec<(String, Value)>,
+    logins: u32,
+    /// What a start does: the state it leads to.
+    start_leads_to: Option<String>,
+    /// Overrides the node key.
+    self_key: Option<String>,
+}
+
+#[derive(Clone, Default)]
+struct FakeTs(Arc<Mutex<Ts>>);
+
+impl FakeTs {
+    fn running(routes: &[&str]) -> Self {
+        let t = FakeTs::default();
+        {
+            let mut s = t.0.lock().unwrap();
+            s.reachable = true;
+            s.state = "Running".into();
+            s.have_node_key = true;
+            s.prefs = json!({"ControlURL": "http://hs:8080", "RouteAll": false, "NoSNAT": false, "CorpDNS": true,
+                             "WantRunning": true, "LoggedOut": false, "NetfilterMode": 2, "AdvertiseRoutes": routes})
+            .as_object()
+            .unwrap()
+            .clone();
+        }
+        t
+    }
+
+    fn fresh() -> Self {
+        let t = FakeTs::default();
+        {
+            let mut s = t.0.lock().unwrap();
+            s.reachable = true;
+            s.state = "NeedsLogin".into();
+            let text = std::fs::read_to_string(format!(
+                "{}/tests/fixtures/tailscale/prefs-default.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap();
+            s.prefs = serde_json::from_str(&text).unwrap();
+            s.start_leads_to = Some("Running".into());
+        }
+        t
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ts> {
+        self.0.lock().unwrap()
+    }
+
+    fn routes(&self) -> Vec<String> {
+        Prefs::from_json(self.lock().prefs.clone()).advertise_routes
+    }
+}
+
+fn unreachable() -> TailscaleError {
+    TailscaleError::Unreachable {
+        socket: "/nope".into(),
+        source: crate::agent::client::ClientError::Timeout { target: "x".into(), timeout: Duration::from_secs(1) },
+    }
+}
+
+impl LocalApi for FakeTs {
+    async fn status(&self) -> Result<Status, TailscaleError> {
+        let s = self.lock();
+        if !s.reachable {
+            return Err(unreachable());
+        }
+        let ips: Vec<IpAddr> = if s.state == "Running" { vec!["100.64.0.1".parse().unwrap()] } else { vec![] };
+        let peer: BTreeMap<String, NodeStatus> =
+            s.peers.iter().enumerate().map(|(i, p)| (format!("nodekey:{i:064x}"), p.clone())).collect();
+        Ok(Status {
+            backend_state: s.state.clone(),
+            have_node_key: s.have_node_key,
+            tailscale_ips: ips.clone(),
+            self_: NodeStatus {
+                public_key: match (&s.self_key, s.have_node_key) {
+                    (Some(k), _) => k.clone(),
+                    (None, true) => KEY.into(),
+                    (None, false) => format!("nodekey:{}", "0".repeat(64)),
+                },
+                host_name: "node-1".into(),
+                tailscale_ips: ips,
+                primary_routes: s.self_routes.clone(),
+                ..Default::default()
+            },
+            peer,
+            health: s.health.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn prefs(&self) -> Result<Prefs, TailscaleError> {
+        let s = self.lock();
+        if !s.reachable {
+            return Err(unreachable());
+        }
+        Ok(Prefs::from_json(s.prefs.clone()))
+    }
+
+    async fn edit_prefs(&self, edit: &PrefsEdit) -> Result<Prefs, TailscaleError> {
+        let mut s = self.lock();
+        if !s.reachable {
+            return Err(unreachable());
+        }
+        s.edits.push(edit.clone());
+        if let Value::Object(m) = edit.to_json() {
+            for (k, v) in m {
+                if !k.ends_with("Set") {
+                    s.prefs.insert(k, v);
+                }
+            }
+        }
+        Ok(Prefs::from_json(s.prefs.clone()))
+    }
+
+    async fn start(&self, auth_key: &Secret, prefs: Value) -> Result<(), TailscaleError> {
+        let mut s = self.lock();
+        s.starts.push((auth_key.expose().to_string(), prefs.clone()));
+        s.prefs = prefs.as_object().unwrap().clone();
+        Ok(())
+    }
+
+    async fn login(&self) -> Result<(), TailscaleError> {
+        let mut s = self.lock();
+        s.logins += 1;
+        if let Some(next) = s.start_leads_to.clone() {
+            s.state = next;
+            s.have_node_key = true;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Hs {
+    nodes: Vec<HsNode>,
+    approvals: Vec<(String, Vec<IpNetwork>)>,
+    error: Option<fn() -> HeadscaleError>,
+    version: Option<String>,
+}
+
+#[derive(Clone, Default)]
+struct FakeHs(Arc<Mutex<Hs>>);
+
+impl FakeHs {
+    fn with(nodes: Vec<HsNode>) -> Self {
+        let h = FakeHs::default();
+        h.0.lock().unwrap().nodes = nodes;
+        h
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Hs> {
+        self.0.lock().unwrap()
+    }
+}
+
+fn hs_node(id: &str, key: &str, available: &[&str], approved: &[&str]) -> HsNode {
+    HsNode {
+        id: id.into(),
+        node_key: key.into(),
+        name: format!("node-{id}"),
+        approved_routes: Some(approved.iter().map(|s| s.to_string()).collect()),
+        available_routes: Some(available.iter().map(|s| s.to_string()).collect()),
+        ..Default::default()
+    }
+}
+
+impl HeadscaleApi for FakeHs {
+    async fn version(&self) -> Result<Option<String>, HeadscaleError> {
+        Ok(self.lock().version.clone())
+    }
+    async fn nodes(&self) -> Result<Vec<HsNode>, HeadscaleError> {
+        let s = self.lock();
+        if let Some(e) = s.error {
+            return Err(e());
+        }
+        Ok(s.nodes.clone())
+    }
+    async fn approve_routes(&self, node_id: &str, routes: &[IpNetwork]) -> Result<HsNode, HeadscaleError> {
+        let mut s = self.lock();
+        s.approvals.push((node_id.to_string(), routes.to_vec()));
+        let node = s.nodes.iter_mut().find(|n| n.id == node_id).unwrap();
+        node.approved_routes = Some(routes.iter().map(ToString::to_string).collect());
+        Ok(node.clone())
+    }
+}
+
+#[derive(Default)]
+struct Dp {
+    forwarding: Vec<(bool, bool)>,
+    rules: Vec<(Vec<IpNetwork>, u32)>,
+    masq: Vec<Vec<MasqueradeSpec>>,
+    removed_rules: u32,
+    removed_tables: u32,
+    link: Option<(String, u32)>,
+    fail_masq: bool,
+}
+
+#[derive(Clone, Default)]
+struct FakeDp(Arc<Mutex<Dp>>);
+
+impl FakeDp {
+    fn with_link(mtu: u32) -> Self {
+        let d = FakeDp::default();
+        d.0.lock().unwrap().link = Some(("tailscale0".into(), mtu));
+        d
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Dp> {
+        self.0.lock().unwrap()
+    }
+}
+
+impl Dataplane for FakeDp {
+    async fn ensure_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<Changes, DataplaneError> {
+        self.lock().forwarding.push((ipv4, ipv6));
+        Ok(Changes::default())
+    }
+    async fn ensure_rules(&self, pod_cidrs: &[IpNetwork], priority: u32) -> Result<Changes, DataplaneError> {
+        self.lock().rules.push((pod_cidrs.to_vec(), priority));
+        Ok(Changes::default())
+    }
+    async fn remove_rules(&self) -> Result<usize, DataplaneError> {
+        self.lock().removed_rules += 1;
+        Ok(1)
+    }
+    async fn ensure_masquerade(&self, specs: &[MasqueradeSpec]) -> Result<Changes, DataplaneError> {
+        let mut s = self.lock();
+        if s.fail_masq {
+            return Err(DataplaneError::Nft(crate::netlink::nft::NftError::Kernel {
+                op: "adding table".into(),
+                errno: 1,
+            }));
+        }
+        s.masq.push(specs.to_vec());
+        Ok(Changes::default())
+    }
+    async fn remove_masquerade(&self) -> Result<usize, DataplaneError> {
+        self.lock().removed_tables += 1;
+        Ok(1)
+    }
+    async fn tailnet_link(&self, _ips: &[IpAddr]) -> Result<Option<(String, u32)>, DataplaneError> {
+        Ok(self.lock().link.clone())
+    }
+}
+
+#[derive(Clone)]
+struct FakeCidrs(Arc<Mutex<Result<Option<Vec<IpNetwork>>, String>>>);
+
+impl FakeCidrs {
+    fn some(list: &[&str]) -> Self {
+        FakeCidrs(Arc::new(Mutex::new(Ok(Some(list.iter().map(|s| net(s)).collect())))))
+    }
+    fn set(&self, v: Result<Option<Vec<IpNetwork>>, String>) {
+        *self.0.lock().unwrap() = v;
+    }
+}
+
+impl PodCidrSource for FakeCidrs {
+    async fn pod_cidrs(&self) -> Result<Option<Vec<IpNetwork>>, NodeError> {
+        self.0.lock().unwrap().clone().map_err(NodeError::Setup)
+    }
+    fn kind(&self) -> &'static str {
+        "node"
+    }
+    fn refresh_interval(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    cfg: Arc<AgentConfig>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = AgentConfig {
+        node_name: Some("node-1".into()),
+        cidr_source: CidrSource::InCluster,
+        cluster_cidrs: vec![net("10.244.0.0/16")],
+        service_cidrs: vec![net("10.96.0.0/12")],
+        tailscale_socket: dir.path().join("ts.sock"),
+        headscale_url: Some("http://hs:8080".into()),
+        headscale_ca_file: None,
+        auth_key: None,
+        api_key: None,
+        hostname: "node-1".into(),
+        advertise_tags: vec![],
+        mtu: None,
+        masquerade: true,
+        run_dir: dir.path().join("run"),
+        state_dir: dir.path().join("state"),
+        rule_priority: 5200,
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_path: "/metrics".into(),
+        cleanup: false,
+    };
+    tweak(&mut cfg);
+    let metrics = Arc::new(Metrics::new(&cfg.run_dir));
+    World { dir, cfg: Arc::new(cfg), metrics, health: Arc::new(Health::default()) }
+}
+
+type Rec = Reconciler<FakeCidrs, FakeTs, FakeHs, FakeDp>;
+
+fn reconciler(w: &World, cidrs: &FakeCidrs, ts: &FakeTs, hs: Option<&FakeHs>, dp: &FakeDp) -> Rec {
+    Reconciler::new(
+        w.cfg.clone(),
+        cidrs.clone(),
+        ts.clone(),
+        hs.cloned(),
+        dp.clone(),
+        w.metrics.clone(),
+        w.health.clone(),
+    )
+}
+
+fn state(w: &World) -> AgentState {
+    AgentState::load(&state::path_in(&w.cfg.state_dir)).unwrap()
+}
+
+// ---- tests -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn zero_config_join_advertises_and_keeps_the_prefs_true() {
+    let w = world(|c| c.auth_key = Some(SecretSource::Value(Secret::new("hskey-auth-test".into()))));
+    let (cidrs, ts, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::fresh(), FakeDp::with_link(1280));
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting, "joining");
+    assert!(r.joining());
+    {
+        let s = ts.lock();
+        assert_eq!(s.starts.len(), 1);
+        let (key, prefs) = &s.starts[0];
+        assert_eq!(key, "hskey-auth-test");
+        assert_eq!(prefs["ControlURL"], "http://hs:8080");
+        assert_eq!(prefs["Hostname"], "node-1");
+        assert_eq!(prefs["AdvertiseRoutes"], json!(["10.244.1.0/24"]));
+        assert_eq!(prefs["RouteAll"], true);
+        assert_eq!(prefs["NoSNAT"], true);
+        assert_eq!(prefs["WantRunning"], true);
+        assert_eq!(prefs["CorpDNS"], false);
+        assert!(prefs.get("AdvertiseTags").is_none_or(Value::is_null));
+        assert_eq!(s.logins, 1, "a fresh node has no node key: login follows start");
+    }
+    assert_eq!(state(&w).advertised_routes, nets(&["10.244.1.0/24"]), "recorded before the join");
+
+    // Headscale auto-approved (the policy): the node is running and sees its route.
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    assert_eq!(r.reconcile().await, PassOutcome::Converged, "{:?}", r.report().problems);
+    assert!(r.joined_in.is_some());
+    assert!(r.report().ready);
+    assert!(w.health.is_ready());
+    assert!(ts.lock().edits.is_empty(), "the join already set everything");
+    let nf = NodeFile::load(&nodefile::path_in(&w.cfg.run_dir)).unwrap().unwrap();
+    assert_eq!(nf.pod_cidrs, vec![net("10.244.1.0/24")]);
+    assert_eq!(nf.mtu, Some(1280));
+    assert_eq!(nf.service_cidrs, vec![net("10.96.0.0/12")]);
+    let text = w.metrics.encode();
+    assert!(text.contains("headcni_routes_advertised 1"), "{text}");
+    assert!(text.contains("headcni_routes_approved 1"), "{text}");
+    assert!(text.contains("headcni_tailnet_backend_state{state=\"Running\"} 1"), "{text}");
+    assert!(text.contains("headcni_ready 1"), "{text}");
+    assert!(text.contains("headcni_pod_mtu 1280"), "{text}");
+    let report = crate::agent::report::AgentReport::load(&w.cfg.run_dir).unwrap();
+    assert!(report.ready);
+}
+
+#[tokio::test]
+async fn a_join_refused_for_tags_says_so_and_backs_off() {
+    let w = world(|c| {
+        c.auth_key = Some(SecretSource::Value(Secret::new("k".into())));
+        c.advertise_tags = vec!["tag:headcni".into()];
+    });
+    let (cidrs, ts, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::fresh(), FakeDp::with_link(1280));
+    ts.lock().start_leads_to = None;
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    assert_eq!(ts.lock().starts[0].1["AdvertiseTags"], json!(["tag:headcni"]));
+    ts.lock().health = vec![
+        "You are logged out. The last login error was: requested tags [tag:headcni] are invalid or not permitted"
+            .into(),
+    ];
+    r.join.issued_at = Some(Instant::now() - JOIN_TIMEOUT);
+    assert_eq!(r.reconcile().await, PassOutcome::Failed);
+    let p = &r.report().problems[0];
+    assert!(p.message.contains("requested tags"), "{p:?}");
+    assert!(p.hint.as_deref().unwrap().contains("leave --advertise-tags empty"), "{p:?}");
+    // Backoff: the next pass does not start another join.
+    r.reconcile().await;
+    assert_eq!(ts.lock().starts.len(), 1);
+}
+
+#[tokio::test]
+async fn without_a_key_a_logged_out_node_is_reported_not_touched() {
+    let w = world(|_| {});
+    let (cidrs, ts, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::fresh(), FakeDp::with_link(1280));
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Failed);
+    assert!(ts.lock().starts.is_empty());
+    assert!(r.report().problems[0].message.contains("not logged in"));
+    assert!(!r.report().ready);
+}
+
+#[tokio::test]
+async fn others_routes_survive_and_only_headcni_routes_are_withdrawn() {
+    let w = world(|_| {});
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    // An exit node, an operator's subnet, and a route someone else advertised that equals a
+    // future pod CIDR of ours.
+    let ts = FakeTs::running(&["0.0.0.0/0", "::/0", "192.168.7.0/24", "10.244.9.0/24"]);
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    assert_eq!(ts.routes(), vec!["0.0.0.0/0", "::/0", "192.168.7.0/24", "10.244.9.0/24", "10.244.1.0/24"]);
+    let edit = ts.lock().edits[0].clone();
+    assert_eq!(edit.route_all, Some(true));
+    assert_eq!(edit.no_snat, Some(true));
+    assert_eq!(state(&w).advertised_routes, nets(&["10.244.1.0/24"]));
+
+    // The node's pod CIDR changes (node recreated under the same name): ours moves, the
+    // operator's 10.244.9.0/24 (never ours) stays even though it is not a pod CIDR either.
+    cidrs.set(Ok(Some(vec![net("10.244.2.0/24")])));
+    r.reconcile().await;
+    assert_eq!(ts.routes(), vec!["0.0.0.0/0", "::/0", "192.168.7.0/24", "10.244.9.0/24", "10.244.2.0/24"]);
+    assert_eq!(state(&w).advertised_routes, nets(&["10.244.2.0/24"]));
+
+    // Someone else removed our route by hand: it comes back.
+    ts.lock().prefs.insert("AdvertiseRoutes".into(), json!(["0.0.0.0/0", "::/0"]));
+    r.reconcile().await;
+    assert_eq!(ts.routes(), vec!["0.0.0.0/0", "::/0", "10.244.2.0/24"]);
+
+    // Nothing to do: no edit at all.
+    let edits = ts.lock().edits.len();
+    r.reconcile().await;
+    assert_eq!(ts.lock().edits.len(), edits);
+}
+
+#[tokio::test]
+async fn a_restarted_agent_still_knows_its_routes() {
+    let w = world(|_| {});
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&["192.168.7.0/24"]);
+    reconciler(&w, &cidrs, &ts, None, &dp).reconcile().await;
+    // A new agent process (same state dir), and the node's CIDR changed meanwhile.
+    cidrs.set(Ok(Some(vec![net("10.244.3.0/24")])));
+    let mut r2 = reconciler(&w, &cidrs, &ts, None, &dp);
+    r2.reconcile().await;
+    assert_eq!(ts.routes(), vec!["192.168.7.0/24", "10.244.3.0/24"]);
+}
+
+#[tokio::test]
+async fn approves_exactly_its_own_advertised_routes_and_never_others() {
+    let w = world(|c| c.api_key = Some(SecretSource::Value(Secret::new("api".into()))));
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&["192.168.7.0/24"]);
+    let hs = FakeHs::with(vec![
+        // Another node advertising its pod CIDR and a LAN route, neither approved.
+        hs_node("2", "nodekey:other", &["10.244.2.0/24", "192.168.50.0/24"], &[]),
+        // This node: its own LAN route was approved by an admin; the pod CIDR not yet seen.
+        hs_node("1", KEY, &["192.168.7.0/24"], &["192.168.7.0/24"]),
+    ]);
+    hs.lock().version = Some("v0.29.2".into());
+    let mut r = reconciler(&w, &cidrs, &ts, Some(&hs), &dp);
+
+    // Headscale has not seen the advertisement yet: nothing is approved blindly.
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting);
+    assert!(hs.lock().approvals.is_empty());
+    assert!(r.report().problems.iter().any(|p| p.message.contains("has not seen it advertised")));
+
+    hs.lock().nodes[1].available_routes = Some(vec!["192.168.7.0/24".into(), "10.244.1.0/24".into()]);
+    assert_eq!(r.reconcile().await, PassOutcome::Converged, "{:?}", r.report().problems);
+    {
+        let h = hs.lock();
+        assert_eq!(h.approvals, vec![("1".to_string(), vec![net("10.244.1.0/24"), net("192.168.7.0/24")])]);
+        assert_eq!(h.nodes[0].approved_routes, Some(vec![]), "the other node is untouched");
+    }
+    assert_eq!(state(&w).approved_routes, nets(&["10.244.1.0/24"]));
+    assert_eq!(state(&w).approved_node_id.as_deref(), Some("1"));
+    assert_eq!(r.report().routes[0].approved, Some(true));
+    assert!(r.approved_in.is_some());
+
+    // Confirmed: Headscale is not asked again on every pass.
+    r.reconcile().await;
+    assert_eq!(hs.lock().approvals.len(), 1);
+
+    // The pod CIDR changes: the new one is approved, the old approval (ours) withdrawn, the
+    // admin's LAN approval kept.
+    cidrs.set(Ok(Some(vec![net("10.244.5.0/24")])));
+    hs.lock().nodes[1].available_routes = Some(vec!["192.168.7.0/24".into(), "10.244.5.0/24".into()]);
+    r.reconcile().await;
+    let last = hs.lock().approvals.last().cloned().unwrap();
+    assert_eq!(last, ("1".to_string(), vec![net("10.244.5.0/24"), net("192.168.7.0/24")]));
+    assert_eq!(state(&w).approved_routes, nets(&["10.244.5.0/24"]));
+
+    // tailscaled lost its state and registered again: a new node, approved again at once.
+    {
+        let mut h = hs.lock();
+        let mut fresh = hs_node("3", "nodekey:fresh", &["10.244.5.0/24"], &[]);
+        fresh.name = "node-1-1".into();
+        h.nodes.push(fresh);
+    }
+    ts.lock().self_key = Some("nodekey:fresh".into());
+    r.reconcile().await;
+    assert_eq!(hs.lock().approvals.last().cloned().unwrap(), ("3".to_string(), vec![net("10.244.5.0/24")]));
+    assert_eq!(state(&w).approved_node_id.as_deref(), Some("3"));
+    assert_eq!(state(&w).approved_routes, nets(&["10.244.5.0/24"]));
+}
+
+#[tokio::test]
+async fn headscale_faults_are_reported_and_pods_keep_working() {
+    let w = world(|c| c.api_key = Some(SecretSource::Value(Secret::new("api".into()))));
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&[]);
+    let hs = FakeHs::with(vec![hs_node("1", KEY, &["10.244.1.0/24"], &[])]);
+    hs.lock().error = Some(|| HeadscaleError::Unauthorized { status: hyper::StatusCode::UNAUTHORIZED });
+    let mut r = reconciler(&w, &cidrs, &ts, Some(&hs), &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Failed);
+    assert!(r.report().problems[0].message.contains("rejected the API key"));
+    // Everything else was done: routes advertised, node file written, data plane kept.
+    assert!(r.report().ready);
+    assert!(nodefile::path_in(&w.cfg.run_dir).exists());
+    assert_eq!(dp.lock().rules.len(), 1);
+    assert!(w.metrics.encode().contains("headcni_reconcile_errors{step=\"approval\"} 1"));
+
+    hs.lock().error = None;
+    hs.lock().version = Some("v0.25.1".into());
+    let mut r = reconciler(&w, &cidrs, &ts, Some(&hs), &dp);
+    r.reconcile().await;
+    assert!(r.report().problems[0].message.contains("older than 0.26"), "{:?}", r.report().problems);
+    assert!(hs.lock().approvals.is_empty());
+
+    hs.lock().version = None;
+    hs.lock().nodes[0].approved_routes = None;
+    hs.lock().nodes[0].available_routes = None;
+    let mut r = reconciler(&w, &cidrs, &ts, Some(&hs), &dp);
+    r.reconcile().await;
+    assert!(r.report().problems[0].message.contains("older than 0.26"), "{:?}", r.report().problems);
+
+    let other = FakeHs::with(vec![hs_node("7", "nodekey:someone-else", &[], &[])]);
+    let mut r = reconciler(&w, &cidrs, &ts, Some(&other), &dp);
+    r.reconcile().await;
+    assert!(r.report().problems[0].message.contains("no node with this node's key"));
+}
+
+#[tokio::test]
+async fn without_an_api_key_pending_approval_is_reported() {
+    let w = world(|_| {});
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&["10.244.1.0/24"]);
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting);
+    let p = &r.report().problems[0];
+    assert_eq!(p.message, "route 10.244.1.0/24 pending approval in Headscale");
+    assert!(p.hint.as_deref().unwrap().contains("autoApprovers"));
+    assert_eq!(r.report().routes[0].approved, Some(false));
+    assert!(r.report().ready, "readiness does not wait for the approval");
+    let text = w.metrics.encode();
+    assert!(text.contains("headcni_routes_pending_approval 1"), "{text}");
+    assert!(text.contains("headcni_routes_approved 0"), "{text}");
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    assert_eq!(r.reconcile().await, PassOutcome::Converged);
+    assert!(w.metrics.encode().contains("headcni_routes_pending_approval 0"));
+}
+
+#[tokio::test]
+async fn tailscaled_down_keeps_the_node_file_and_data_plane() {
+    let w = world(|c| c.mtu = Some(1280));
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::default());
+    let ts = FakeTs::running(&[]);
+    ts.lock().reachable = false;
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Failed);
+    assert!(r.report().problems[0].message.contains("not reachable"));
+    assert!(nodefile::path_in(&w.cfg.run_dir).exists(), "local pods can still be set up");
+    assert_eq!(dp.lock().rules.len(), 1);
+    assert!(!r.report().ready);
+    assert!(w.metrics.encode().contains("headcni_tailnet_backend_state{state=\"Unreachable\"} 1"));
+    // tailscaled comes back (its prefs survived): the agent re-applies what is missing.
+    ts.lock().reachable = true;
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting, "pending approval");
+    assert_eq!(ts.routes(), vec!["10.244.1.0/24"]);
+    assert!(r.report().ready);
+}
+
+#[tokio::test]
+async fn bad_or_missing_pod_cidrs_change_nothing() {
+    let w = world(|_| {});
+    let (dp, ts) = (FakeDp::with_link(1280), FakeTs::running(&[]));
+    let cidrs = FakeCidrs::some(&["10.96.1.0/24"]);
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Failed);
+    assert!(r.report().problems.iter().any(|p| p.message.contains("overlaps the service CIDR")));
+    assert!(ts.routes().is_empty());
+    assert!(!nodefile::path_in(&w.cfg.run_dir).exists());
+    assert!(dp.lock().rules.is_empty());
+
+    cidrs.set(Ok(None));
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting);
+    assert!(r.report().problems.iter().any(|p| p.message.contains("has no podCIDR yet")));
+
+    cidrs.set(Ok(Some(vec![net("100.100.0.0/24")])));
+    r.reconcile().await;
+    assert!(r.report().problems.iter().any(|p| p.message.contains("Tailscale's range")));
+
+    // A good CIDR once, then the API fails: the known CIDR stays in use.
+    cidrs.set(Ok(Some(vec![net("10.244.1.0/24")])));
+    r.reconcile().await;
+    cidrs.set(Err("the Kubernetes API is not reachable".into()));
+    r.reconcile().await;
+    assert_eq!(ts.routes(), vec!["10.244.1.0/24"]);
+    assert!(r.report().problems.iter().any(|p| p.hint.as_deref() == Some("keeping the pod CIDRs read before")));
+}
+
+#[tokio::test]
+async fn masquerade_exempts_cluster_services_tailnet_and_peer_pod_cidrs() {
+    let w = world(|_| {});
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&[]);
+    ts.lock().peers = vec![NodeStatus {
+        host_name: "other-cluster-node".into(),
+        tailscale_ips: vec!["100.64.0.9".parse().unwrap()],
+        primary_routes: vec!["10.50.0.0/24".into()],
+        ..Default::default()
+    }];
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    let specs = dp.lock().masq.last().cloned().unwrap();
+    assert_eq!(specs.len(), 1);
+    let exempt: BTreeSet<IpNetwork> = specs[0].exempt_destinations.iter().copied().collect();
+    // The peer's route is outside the cluster CIDR: a subnet router that does not know pods.
+    assert_eq!(exempt, nets(&["10.244.0.0/16", "10.96.0.0/12", "100.64.0.0/10"]));
+    assert_eq!(specs[0].sources, vec![net("10.244.1.0/24")]);
+
+    // Without a cluster CIDR, the peers' routes are the only hint of the other pod CIDRs.
+    let w0 = world(|c| c.cluster_cidrs.clear());
+    let mut r = reconciler(&w0, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    let specs = dp.lock().masq.last().cloned().unwrap();
+    let exempt: BTreeSet<IpNetwork> = specs[0].exempt_destinations.iter().copied().collect();
+    assert_eq!(exempt, nets(&["10.244.1.0/24", "10.96.0.0/12", "100.64.0.0/10", "10.50.0.0/24"]));
+
+    let w2 = world(|c| c.masquerade = false);
+    let mut r = reconciler(&w2, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    assert!(dp.lock().masq.last().unwrap().is_empty(), "disabled: the tables are removed");
+
+    dp.lock().fail_masq = true;
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Failed);
+    assert!(r.report().problems.iter().any(|p| p.id == "dataplane/masquerade"));
+    assert!(nodefile::path_in(&w.cfg.run_dir).exists());
+}
+
+#[tokio::test]
+async fn mtu_follows_the_tailnet_unless_set() {
+    let w = world(|_| {});
+    let (cidrs, ts) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&[]));
+    let dp = FakeDp::default();
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    assert!(r.report().problems.iter().any(|p| p.id == "dataplane/mtu"), "no interface yet: waiting");
+    assert!(!nodefile::path_in(&w.cfg.run_dir).exists());
+    dp.lock().link = Some(("tailscale0".into(), 1230));
+    r.reconcile().await;
+    assert_eq!(NodeFile::load(&nodefile::path_in(&w.cfg.run_dir)).unwrap().unwrap().mtu, Some(1230));
+
+    let w2 = world(|c| c.mtu = Some(1400));
+    let mut r = reconciler(&w2, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    let p = r.report().problems.iter().find(|p| p.id == "dataplane/mtu").unwrap();
+    assert_eq!(p.severity, Severity::Warning);
+    assert!(p.message.contains("larger than tailscale0's MTU 1230"));
+}
+
+#[tokio::test]
+async fn cleanup_undoes_only_what_headcni_did() {
+    let w = world(|c| c.api_key = Some(SecretSource::Value(Secret::new("api".into()))));
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&["192.168.7.0/24"]);
+    let hs = FakeHs::with(vec![
+        hs_node("2", "nodekey:other", &["10.244.2.0/24"], &["10.244.2.0/24"]),
+        hs_node("1", KEY, &["192.168.7.0/24", "10.244.1.0/24"], &["192.168.7.0/24"]),
+    ]);
+    reconciler(&w, &cidrs, &ts, Some(&hs), &dp).reconcile().await;
+    assert_eq!(ts.routes(), vec!["192.168.7.0/24", "10.244.1.0/24"]);
+
+    let errors = crate::agent::cleanup_with(&w.cfg, &ts, Some(&hs), &dp).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(ts.routes(), vec!["192.168.7.0/24"], "the operator's route stays");
+    {
+        let h = hs.lock();
+        assert_eq!(h.nodes[1].approved_routes, Some(vec!["192.168.7.0/24".to_string()]));
+        assert_eq!(h.nodes[0].approved_routes, Some(vec!["10.244.2.0/24".to_string()]), "other node untouched");
+    }
+    assert_eq!(dp.lock().removed_rules, 1);
+    assert_eq!(dp.lock().removed_tables, 1);
+    assert!(!nodefile::path_in(&w.cfg.run_dir).exists());
+    assert!(!state::path_in(&w.cfg.state_dir).exists());
+    // Twice is fine.
+    assert!(crate::agent::cleanup_with(&w.cfg, &ts, Some(&hs), &dp).await.is_empty());
+
+    // tailscaled unreachable: the failure is reported and the record kept for a retry.
+    let w = world(|_| {});
+    let ts = FakeTs::running(&[]);
+    reconciler(&w, &cidrs, &ts, None, &dp).reconcile().await;
+    ts.lock().reachable = false;
+    let errors = crate::agent::cleanup_with(&w.cfg, &ts, None::<&FakeHs>, &dp).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(state(&w).advertised_routes, nets(&["10.244.1.0/24"]));
+    let _ = &w.dir;
+}
+
+#[test]
+fn delays_are_bounded() {
+    assert_eq!(next_delay(PassOutcome::Converged, 0, false), STEADY_INTERVAL);
+    assert_eq!(next_delay(PassOutcome::Failed, 3, true), Duration::from_millis(250));
+    for streak in 0..100 {
+        let d = next_delay(PassOutcome::Failed, streak, false);
+        assert!(d >= Duration::from_millis(500) && d <= MAX_BACKOFF + MAX_BACKOFF / 10, "{d:?}");
+        assert!(next_delay(PassOutcome::Waiting, streak, false) <= Duration::from_secs(33));
+    }
+    assert!(next_delay(PassOutcome::Failed, 10, false) >= Duration::from_secs(54));
+}
+
+fn arb_net() -> impl Strategy<Value = IpNetwork> {
+    (0u8..4, 20u8..=26).prop_map(|(third, p)| {
+        let n = ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::new(10, 244, third * 64, 0), p).unwrap();
+        IpNetwork::V4(ipnetwork::Ipv4Network::new(n.network(), p).unwrap())
+    })
+}
+
+proptest! {
+    /// Routes HeadCNI did not add are never dropped; desired routes are always present.
+    #[test]
+    fn route_merge_never_drops_foreign_routes(
+        current in proptest::collection::vec(arb_net(), 0..6),
+        desired in proptest::collection::btree_set(arb_net(), 0..3),
+        ours in proptest::collection::btree_set(arb_net(), 0..4),
+    ) {
+        let cur: Vec<String> = current.iter().map(ToString::to_string).collect();
+        let (out, added, removed) = merge_routes(&cur, &desired, &ours);
+        let out_set: BTreeSet<IpNetwork> = out.iter().map(|s| s.parse().unwrap()).collect();
+        for c in &current {
+            if !ours.contains(c) || desired.contains(c) {
+                prop_assert!(out_set.contains(c), "{} dropped", c);
+            }
+        }
+        prop_assert!(desired.is_subset(&out_set));
+        for r in &removed {
+            prop_assert!(ours.contains(r) && !desired.contains(r));
+        }
+        prop_assert!(added.is_disjoint(&current.iter().copied().collect()));
+    }
+
+    /// Never approves what the node does not advertise; keeps approvals HeadCNI did not make.
+    #[test]
+    fn approval_merge_is_conservative(
+        approved in proptest::collection::btree_set(arb_net(), 0..4),
+        available in proptest::collection::btree_set(arb_net(), 0..4),
+        desired in proptest::collection::btree_set(arb_net(), 0..3),
+        ours in proptest::collection::btree_set(arb_net(), 0..4),
+    ) {
+        let next = merge_approvals(&approved, &available, &desired, &ours);
+        for r in next.difference(&approved) {
+            prop_assert!(available.contains(r) && desired.contains(r));
+        }
+        for r in approved.difference(&next) {
+            prop_assert!(ours.contains(r) && !desired.contains(r));
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! What the agent saw and did in its last pass, published as `<run_dir>/agent-status.json` for
+//! `headcni status` (no secrets in it), plus the problem list with de-duplicated logging.
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const FILE_NAME: &str = "agent-status.json";
+
+pub fn path_in(run_dir: &Path) -> PathBuf {
+    run_dir.join(FILE_NAME)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Something the agent is waiting for (a podCIDR, an approval, tailscaled starting).
+    Waiting,
+    /// Works, but not as it should (e.g. an MTU larger than the tailnet's).
+    Warning,
+    /// A step failed.
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProblemReport {
+    pub id: String,
+    pub severity: Severity,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TailnetReport {
+    pub backend_state: String,
+    pub control_url: String,
+    pub tailscale_ips: Vec<std::net::IpAddr>,
+    pub node_key: String,
+    pub route_all: bool,
+    pub no_snat: bool,
+    pub health: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteReport {
+    pub cidr: IpNetwork,
+    pub advertised: bool,
+    /// `None`: unknown (tailscaled unreachable, or not asked yet).
+    pub approved: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerReport {
+    pub hostname: String,
+    pub tailscale_ips: Vec<std::net::IpAddr>,
+    pub routes: Vec<IpNetwork>,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkReport {
+    pub name: String,
+    pub mtu: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AgentReport {
+    pub version: String,
+    /// Unix seconds of the pass.
+    pub updated_at: u64,
+    pub node_name: Option<String>,
+    pub hostname: String,
+    pub pod_cidrs: Vec<IpNetwork>,
+    /// "flag" or "node".
+    pub pod_cidr_source: String,
+    pub cluster_cidrs: Vec<IpNetwork>,
+    pub service_cidrs: Vec<IpNetwork>,
+    pub tailnet: TailnetReport,
+    pub routes: Vec<RouteReport>,
+    /// "api" (the agent approves with an API key) or "policy" (autoApprovers).
+    pub approval: String,
+    pub peers: Vec<PeerReport>,
+    pub mtu: Option<u32>,
+    pub tailnet_link: Option<LinkReport>,
+    pub masquerade: bool,
+    pub rule_priority: u32,
+    pub node_file_written: bool,
+    pub ready: bool,
+    pub problems: Vec<ProblemReport>,
+}
+
+impl AgentReport {
+    pub fn load(run_dir: &Path) -> Option<Self> {
+        let bytes = std::fs::read(path_in(run_dir)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn store(&self, run_dir: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::fsutil::write_atomic(&path_in(run_dir), &text, 0o644, crate::fsutil::Durability::ProcessCrash)
+    }
+}
+
+struct Tracked {
+    report: ProblemReport,
+    last_logged: Instant,
+}
+
+/// The current problems, keyed by id ("step" or "step/detail"). Each is logged when it appears
+/// or changes, reminded at most every [`Problems::REMIND`], and its end is logged once.
+#[derive(Default)]
+pub struct Problems {
+    current: BTreeMap<String, Tracked>,
+    seen: Vec<String>,
+}
+
+impl Problems {
+    pub const REMIND: Duration = Duration::from_secs(600);
+
+    /// Starts a pass: problems not reported again before [`Problems::end_pass`] are resolved.
+    pub fn begin_pass(&mut self) {
+        self.seen.clear();
+    }
+
+    pub fn report(&mut self, id: &str, severity: Severity, message: impl Into<String>, hint: Option<String>) {
+        let message = message.into();
+        self.seen.push(id.to_string());
+        let now = Instant::now();
+        let log_it = |p: &ProblemReport, again: bool| {
+            let prefix = if again { "still: " } else { "" };
+            let hint = p.hint.as_deref().map(|h| format!(" ({h})")).unwrap_or_default();
+            match p.severity {
+                Severity::Error => log::error!("{prefix}{}{hint}", p.message),
+                Severity::Warning => log::warn!("{prefix}{}{hint}", p.message),
+                Severity::Waiting => log::info!("{prefix}{}{hint}", p.message),
+            }
+        };
+        match self.current.get_mut(id) {
+            Some(t) if t.report.message == message && t.report.severity == severity => {
+                if now.duration_since(t.last_logged) >= Self::REMIND {
+                    log_it(&t.report, true);
+                    t.last_logged = now;
+                } else {
+                    log::debug!("still: {message}");
+                }
+            }
+            _ => {
+                let report = ProblemReport { id: id.to_string(), severity, message, hint };
+                log_it(&report, false);
+                self.current.insert(id.to_string(), Tracked { report, last_logged: now });
+            }
+        }
+    }
+
+    /// Ends a pass; answers the ids that were resolved.
+    pub fn end_pass(&mut self) -> Vec<String> {
+        let gone: Vec<String> = self.current.keys().filter(|k| !self.seen.contains(k)).cloned().collect();
+        for id in &gone {
+            if let Some(t) = self.current.remove(id) {
+                log::info!("resolved: {}", t.report.message);
+            }
+        }
+        gone
+    }
+
+    pub fn list(&self) -> Vec<ProblemReport> {
+        let mut v: Vec<ProblemReport> = self.current.values().map(|t| t.report.clone()).collect();
+        v.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    pub fn has(&self, id_prefix: &str) -> bool {
+        self.current.keys().any(|k| k == id_prefix || k.starts_with(&format!("{id_prefix}/")))
+    }
+
+    pub fn worst(&self) -> Option<Severity> {
+        self.current.values().map(|t| t.report.severity).max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_come_and_go() {
+        let mut p = Problems::default();
+        p.begin_pass();
+        p.report("approval", Severity::Waiting, "route pending", None);
+        p.report("dataplane/nft", Severity::Error, "nft failed", Some("check CAP_NET_ADMIN".into()));
+        assert!(p.end_pass().is_empty());
+        assert!(p.has("dataplane") && p.has("approval") && !p.has("tailscale"));
+        assert_eq!(p.worst(), Some(Severity::Error));
+        assert_eq!(p.list()[0].id, "dataplane/nft");
+        p.begin_pass();
+        p.report("approval", Severity::Waiting, "route pending", None);
+        assert_eq!(p.end_pass(), vec!["dataplane/nft".to_string()]);
+        p.begin_pass();
+        assert_eq!(p.end_pass(), vec!["approval".to_string()]);
+        assert_eq!(p.worst(), None);
+    }
+
+    #[test]
+    fn report_file_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = AgentReport {
+            hostname: "n".into(),
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        r.store(dir.path()).unwrap();
+        assert_eq!(AgentReport::load(dir.path()).unwrap(), r);
+    }
+}

@@ -1,0 +1,435 @@
+//! tailscaled's LocalAPI over its unix socket: status, prefs (read and masked edit), and the
+//! zero-config join (start with an auth key, then login).
+//!
+//! Requests carry `Host: local-tailscaled.sock` and never an Origin or Referer (tailscaled
+//! refuses those). The `Sec-Tailscale: localapi` header is only checked by the loopback TCP form
+//! of the LocalAPI (tsnet), not on the unix socket, so it is not sent. Writes need root or
+//! tailscaled's operator user; tailscaled answers 403 otherwise.
+
+use super::client::{ClientError, Endpoint, Request};
+use super::secret::Secret;
+use hyper::{Method, StatusCode};
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The Host header tailscaled expects on its socket.
+pub const LOCALAPI_HOST: &str = "local-tailscaled.sock";
+pub const DEFAULT_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TailscaleError {
+    #[error("tailscaled is not reachable at {socket}: {source}")]
+    Unreachable { socket: PathBuf, source: ClientError },
+    #[error("tailscaled refused {what} (403 {msg}): the agent must run as root or as tailscaled's operator")]
+    Forbidden { what: String, msg: String },
+    #[error("tailscaled answered {what} with {status}: {msg}")]
+    Status { what: String, status: StatusCode, msg: String },
+    #[error("tailscaled: {0}")]
+    Client(ClientError),
+    #[error("tailscaled sent an unexpected answer to {what}: {source}")]
+    Decode { what: String, source: serde_json::Error },
+}
+
+impl TailscaleError {
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Unreachable { .. })
+    }
+}
+
+/// The backend states tailscaled reports.
+pub const BACKEND_STATES: &[&str] = &["NoState", "NeedsLogin", "NeedsMachineAuth", "Stopped", "Starting", "Running"];
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// One node as `/localapi/v0/status` describes it (self or a peer).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct NodeStatus {
+    pub public_key: String,
+    pub host_name: String,
+    #[serde(rename = "DNSName")]
+    pub dns_name: String,
+    #[serde(rename = "TailscaleIPs", deserialize_with = "null_as_default")]
+    pub tailscale_ips: Vec<IpAddr>,
+    #[serde(rename = "AllowedIPs", deserialize_with = "null_as_default")]
+    pub allowed_ips: Vec<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub primary_routes: Vec<String>,
+    pub online: bool,
+}
+
+impl NodeStatus {
+    /// Subnet routes this node serves: its primary routes and the non-host entries of its
+    /// allowed IPs (Headscale sends the latter only for routes it approved).
+    pub fn served_routes(&self) -> Vec<IpNetwork> {
+        let mut out: Vec<IpNetwork> = Vec::new();
+        for s in self.primary_routes.iter().chain(&self.allowed_ips) {
+            let Ok(net) = s.parse::<IpNetwork>() else { continue };
+            let host = if net.is_ipv4() { 32 } else { 128 };
+            if net.prefix() == host && self.tailscale_ips.contains(&net.ip()) {
+                continue;
+            }
+            if !out.contains(&net) {
+                out.push(net);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Tailnet {
+    pub name: String,
+}
+
+/// `/localapi/v0/status`, the parts HeadCNI uses.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Status {
+    pub version: String,
+    pub backend_state: String,
+    #[serde(rename = "AuthURL")]
+    pub auth_url: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub have_node_key: bool,
+    #[serde(rename = "TailscaleIPs", deserialize_with = "null_as_default")]
+    pub tailscale_ips: Vec<IpAddr>,
+    #[serde(rename = "Self", deserialize_with = "null_as_default")]
+    pub self_: NodeStatus,
+    #[serde(deserialize_with = "null_as_default")]
+    pub peer: BTreeMap<String, NodeStatus>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub health: Vec<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub current_tailnet: Tailnet,
+}
+
+impl Status {
+    pub fn is_running(&self) -> bool {
+        self.backend_state == "Running"
+    }
+
+    /// The node key, unless tailscaled has none yet (it reports all zeros then).
+    pub fn node_key(&self) -> Option<&str> {
+        let key = self.self_.public_key.as_str();
+        let hex = key.strip_prefix("nodekey:")?;
+        (!hex.is_empty() && hex.bytes().any(|b| b != b'0')).then_some(key)
+    }
+}
+
+/// `/localapi/v0/prefs`: typed views of the fields HeadCNI reads, plus the whole document
+/// (the join starts from it, so that prefs HeadCNI does not know survive).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prefs {
+    pub control_url: String,
+    pub route_all: bool,
+    pub no_snat: bool,
+    pub want_running: bool,
+    pub logged_out: bool,
+    pub corp_dns: bool,
+    pub hostname: String,
+    /// Kept as text: routes someone else advertised are passed back exactly as they were.
+    pub advertise_routes: Vec<String>,
+    pub advertise_tags: Vec<String>,
+    pub raw: Map<String, Value>,
+}
+
+impl Prefs {
+    pub fn from_json(raw: Map<String, Value>) -> Self {
+        let b = |k: &str| raw.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let s = |k: &str| raw.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let list = |k: &str| -> Vec<String> {
+            raw.get(k)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .unwrap_or_default()
+        };
+        Self {
+            control_url: s("ControlURL"),
+            route_all: b("RouteAll"),
+            no_snat: b("NoSNAT"),
+            want_running: b("WantRunning"),
+            logged_out: b("LoggedOut"),
+            corp_dns: b("CorpDNS"),
+            hostname: s("Hostname"),
+            advertise_routes: list("AdvertiseRoutes"),
+            advertise_tags: list("AdvertiseTags"),
+            raw: raw.clone(),
+        }
+    }
+
+    /// Whether `net` is among the advertised routes.
+    pub fn advertises(&self, net: &IpNetwork) -> bool {
+        self.advertise_routes.iter().any(|r| r.parse::<IpNetwork>().is_ok_and(|p| p == *net))
+    }
+}
+
+/// A masked prefs edit: only the fields set here change.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PrefsEdit {
+    pub advertise_routes: Option<Vec<String>>,
+    pub route_all: Option<bool>,
+    pub no_snat: Option<bool>,
+}
+
+impl PrefsEdit {
+    pub fn is_empty(&self) -> bool {
+        self.advertise_routes.is_none() && self.route_all.is_none() && self.no_snat.is_none()
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        if let Some(routes) = &self.advertise_routes {
+            m.insert("AdvertiseRoutes".into(), json!(routes));
+            m.insert("AdvertiseRoutesSet".into(), json!(true));
+        }
+        if let Some(v) = self.route_all {
+            m.insert("RouteAll".into(), json!(v));
+            m.insert("RouteAllSet".into(), json!(true));
+        }
+        if let Some(v) = self.no_snat {
+            m.insert("NoSNAT".into(), json!(v));
+            m.insert("NoSNATSet".into(), json!(true));
+        }
+        Value::Object(m)
+    }
+}
+
+/// What a join asks for, on top of the node's current prefs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinPrefs {
+    pub control_url: String,
+    pub hostname: String,
+    pub advertise_routes: Vec<String>,
+    pub advertise_tags: Vec<String>,
+}
+
+impl JoinPrefs {
+    /// The full prefs for `/localapi/v0/start` (which replaces all prefs but the persisted
+    /// login state): the current prefs with the join's changes. DNS is left to the node
+    /// (CorpDNS off): pods get their DNS from Kubernetes, and the node keeps its resolver.
+    pub fn update_prefs(&self, current: &Prefs) -> Value {
+        let mut p = current.raw.clone();
+        p.remove("Config"); // the persisted login state; tailscaled keeps its own
+        p.insert("ControlURL".into(), json!(self.control_url));
+        p.insert("WantRunning".into(), json!(true));
+        p.insert("LoggedOut".into(), json!(false));
+        p.insert("Hostname".into(), json!(self.hostname));
+        p.insert("AdvertiseRoutes".into(), json!(self.advertise_routes));
+        p.insert("RouteAll".into(), json!(true));
+        p.insert("NoSNAT".into(), json!(true));
+        p.insert("CorpDNS".into(), json!(false));
+        if !self.advertise_tags.is_empty() {
+            p.insert("AdvertiseTags".into(), json!(self.advertise_tags));
+        }
+        Value::Object(p)
+    }
+}
+
+/// The LocalAPI calls the agent makes: the seam that lets the reconcile logic run against a
+/// fake in unit tests.
+pub trait LocalApi: Send + Sync {
+    fn status(&self) -> impl Future<Output = Result<Status, TailscaleError>> + Send;
+    fn prefs(&self) -> impl Future<Output = Result<Prefs, TailscaleError>> + Send;
+    fn edit_prefs(&self, edit: &PrefsEdit) -> impl Future<Output = Result<Prefs, TailscaleError>> + Send;
+    /// `/localapi/v0/start` with an auth key and full prefs.
+    fn start(&self, auth_key: &Secret, prefs: Value) -> impl Future<Output = Result<(), TailscaleError>> + Send;
+    /// `/localapi/v0/login-interactive`: with an auth key given to start, no browser is involved.
+    fn login(&self) -> impl Future<Output = Result<(), TailscaleError>> + Send;
+}
+
+/// The LocalAPI on a unix socket.
+#[derive(Debug, Clone)]
+pub struct SocketLocalApi {
+    socket: PathBuf,
+    endpoint: Endpoint,
+}
+
+impl SocketLocalApi {
+    pub fn new(socket: &Path) -> Self {
+        Self { socket: socket.to_path_buf(), endpoint: Endpoint::unix(socket, LOCALAPI_HOST) }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn call(&self, what: &str, req: Request) -> Result<hyper::body::Bytes, TailscaleError> {
+        let resp = self.endpoint.send(req).await.map_err(|e| {
+            if e.is_unreachable() {
+                TailscaleError::Unreachable { socket: self.socket.clone(), source: e }
+            } else {
+                TailscaleError::Client(e)
+            }
+        })?;
+        if resp.status.is_success() {
+            return Ok(resp.body);
+        }
+        // Errors come as {"Error": "..."} or as text.
+        let msg = serde_json::from_slice::<Value>(&resp.body)
+            .ok()
+            .and_then(|v| v.get("Error").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| resp.snippet());
+        if resp.status == StatusCode::FORBIDDEN {
+            return Err(TailscaleError::Forbidden { what: what.to_string(), msg });
+        }
+        Err(TailscaleError::Status { what: what.to_string(), status: resp.status, msg })
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, TailscaleError> {
+        serde_json::from_slice(body).map_err(|source| TailscaleError::Decode { what: what.to_string(), source })
+    }
+}
+
+impl LocalApi for SocketLocalApi {
+    async fn status(&self) -> Result<Status, TailscaleError> {
+        let what = "GET /localapi/v0/status";
+        let body = self.call(what, Request::new(Method::GET, "/localapi/v0/status").limit(64 << 20)).await?;
+        Self::decode(what, &body)
+    }
+
+    async fn prefs(&self) -> Result<Prefs, TailscaleError> {
+        let what = "GET /localapi/v0/prefs";
+        let body = self.call(what, Request::new(Method::GET, "/localapi/v0/prefs")).await?;
+        Ok(Prefs::from_json(Self::decode(what, &body)?))
+    }
+
+    async fn edit_prefs(&self, edit: &PrefsEdit) -> Result<Prefs, TailscaleError> {
+        let what = "PATCH /localapi/v0/prefs";
+        let body = self.call(what, Request::new(Method::PATCH, "/localapi/v0/prefs").json(&edit.to_json())).await?;
+        Ok(Prefs::from_json(Self::decode(what, &body)?))
+    }
+
+    async fn start(&self, auth_key: &Secret, prefs: Value) -> Result<(), TailscaleError> {
+        let what = "POST /localapi/v0/start";
+        let body = json!({"AuthKey": auth_key.expose(), "UpdatePrefs": prefs});
+        let req = Request::new(Method::POST, "/localapi/v0/start").json(&body).timeout(Duration::from_secs(30));
+        self.call(what, req).await.map(|_| ())
+    }
+
+    async fn login(&self) -> Result<(), TailscaleError> {
+        let what = "POST /localapi/v0/login-interactive";
+        let req = Request::new(Method::POST, "/localapi/v0/login-interactive").timeout(Duration::from_secs(30));
+        self.call(what, req).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::client::testserver;
+    use std::sync::Arc;
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!("{}/tests/fixtures/tailscale/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    #[test]
+    fn parses_recorded_status() {
+        let st: Status = serde_json::from_str(&fixture("status-needslogin.json")).unwrap();
+        assert_eq!(st.backend_state, "NeedsLogin");
+        assert_eq!(st.node_key(), None, "all-zero key means none");
+        assert!(st.peer.is_empty());
+
+        let st: Status = serde_json::from_str(&fixture("status-running-approved.json")).unwrap();
+        assert!(st.is_running());
+        assert!(st.node_key().unwrap().starts_with("nodekey:"));
+        assert_eq!(st.self_.served_routes(), vec!["10.244.1.0/24".parse::<IpNetwork>().unwrap()]);
+
+        let st: Status = serde_json::from_str(&fixture("status-peer-approved.json")).unwrap();
+        let peer = st.peer.values().next().unwrap();
+        assert_eq!(peer.host_name, "node-1");
+        assert_eq!(peer.served_routes(), vec!["10.244.1.0/24".parse::<IpNetwork>().unwrap()]);
+        // Right after approval Headscale 0.29 has not told the node itself yet.
+        let st: Status = serde_json::from_str(&fixture("status-running-pending.json")).unwrap();
+        assert!(st.self_.served_routes().is_empty());
+
+        let st: Status = serde_json::from_str(&fixture("status-login-error.json")).unwrap();
+        assert!(st.health.iter().any(|h| h.contains("requested tags")));
+    }
+
+    #[test]
+    fn parses_recorded_prefs_and_builds_join_prefs() {
+        let p = Prefs::from_json(serde_json::from_str(&fixture("prefs-default.json")).unwrap());
+        assert!(p.logged_out && !p.route_all && p.corp_dns);
+        let join = JoinPrefs {
+            control_url: "http://hs:8080".into(),
+            hostname: "node-1".into(),
+            advertise_routes: vec!["10.244.1.0/24".into()],
+            advertise_tags: vec![],
+        };
+        let v = join.update_prefs(&p);
+        assert_eq!(v["RouteAll"], true);
+        assert_eq!(v["NoSNAT"], true);
+        assert_eq!(v["CorpDNS"], false);
+        assert_eq!(v["LoggedOut"], false);
+        assert_eq!(v["NetfilterMode"], 2, "unknown prefs are carried over");
+        assert_eq!(v["AdvertiseTags"], Value::Null, "no tags unless asked: a tagged key refuses them");
+        assert!(v.get("Config").is_none());
+
+        let p = Prefs::from_json(serde_json::from_str(&fixture("prefs-joined.json")).unwrap());
+        assert!(p.advertises(&"10.244.1.0/24".parse().unwrap()));
+        assert!(p.route_all && p.no_snat && !p.corp_dns);
+    }
+
+    #[test]
+    fn masked_edit_sets_only_what_it_changes() {
+        let e = PrefsEdit { route_all: Some(true), ..Default::default() };
+        assert_eq!(e.to_json(), json!({"RouteAll": true, "RouteAllSet": true}));
+        let e = PrefsEdit { advertise_routes: Some(vec![]), ..Default::default() };
+        assert_eq!(e.to_json(), json!({"AdvertiseRoutes": [], "AdvertiseRoutesSet": true}));
+        assert!(PrefsEdit::default().is_empty());
+    }
+
+    #[tokio::test]
+    async fn talks_http_over_the_socket_like_tailscaled_wants() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ts.sock");
+        let status = fixture("status-running-approved.json");
+        let handler: testserver::Handler = Arc::new(move |s| {
+            // tailscaled's own checks.
+            if s.headers.get("host").map(|h| h.as_bytes()) != Some(LOCALAPI_HOST.as_bytes())
+                || s.headers.contains_key("origin")
+                || s.headers.contains_key("referer")
+            {
+                return (403, "invalid localapi request\n".into());
+            }
+            match (s.method.as_str(), s.path.as_str()) {
+                ("GET", "/localapi/v0/status") => (200, status.clone()),
+                ("PATCH", "/localapi/v0/prefs") => {
+                    (400, r#"{"Error":"route 10.244.1.5/24 has non-address bits set"}"#.into())
+                }
+                ("POST", "/localapi/v0/start") => (204, String::new()),
+                ("POST", "/localapi/v0/login-interactive") => (403, "login access denied\n".into()),
+                _ => (404, "not found".into()),
+            }
+        });
+        let server = testserver::unix(&sock, handler);
+        let api = SocketLocalApi::new(&sock);
+        assert!(api.status().await.unwrap().is_running());
+        let err = api.edit_prefs(&PrefsEdit { route_all: Some(true), ..Default::default() }).await.unwrap_err();
+        assert!(err.to_string().contains("non-address bits"), "{err}");
+        api.start(&Secret::new("hskey-auth-x".into()), json!({})).await.unwrap();
+        let err = api.login().await.unwrap_err();
+        assert!(matches!(err, TailscaleError::Forbidden { .. }), "{err}");
+        let start = server.seen.lock().unwrap().iter().find(|s| s.path == "/localapi/v0/start").cloned().unwrap();
+        let body: Value = serde_json::from_slice(&start.body).unwrap();
+        assert_eq!(body["AuthKey"], "hskey-auth-x");
+
+        let gone = SocketLocalApi::new(&dir.path().join("absent.sock"));
+        assert!(gone.status().await.unwrap_err().is_unreachable());
+    }
+}

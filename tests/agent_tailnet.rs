@@ -1,0 +1,761 @@
+//! Root-only, real daemons: Headscale and one tailscaled per node, each in a network namespace
+//! this test creates, with `headcni agent` on every node and pods set up by the real `headcni`
+//! CNI plugin. Proves the zero-config join, route advertisement and approval (only the node's
+//! own routes), pod-to-pod traffic across the tailnet with pod source addresses, masquerading
+//! towards the outside, the metrics of the plugin's ADDs, survival of agent, tailscaled and
+//! Headscale restarts, and `--cleanup`.
+//!
+//! Needs `HEADCNI_TEST_PEERS=<dir>` with `headscale`, `tailscaled` and `tailscale` (or the
+//! harness's `HEADSCALE_BIN`, `TAILSCALED_BIN`, `TAILSCALE_BIN`; e.g. Headscale v0.29.2 and
+//! Tailscale v1.102.3), `ip`, `curl`, `nft` and `ping`, and runs as root; otherwise it is
+//! skipped. The CNI part also needs host-local (`HEADCNI_TEST_CNI_PATH`, default /usr/lib/cni).
+//!
+//!     HEADCNI_TEST_PEERS=/path/to/bin cargo test --test agent_tailnet -- --nocapture
+
+mod common;
+
+use common::{Netns, run};
+use headcni::agent::report::AgentReport;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The two scenarios share the machine's two cores: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const HS_ADDR: &str = "172.31.98.2";
+const HS_URL: &str = "http://172.31.98.2:8080";
+const INET_ADDR: &str = "172.31.99.2";
+const TAG: &str = "tag:headcni";
+const METRICS_PORT: u16 = 9100;
+
+struct Peers {
+    headscale: PathBuf,
+    tailscaled: PathBuf,
+    tailscale: PathBuf,
+}
+
+/// The binaries: `HEADCNI_TEST_PEERS=<dir>` holding all three, or each one by the variables the
+/// integration harness exports (`HEADSCALE_BIN`, `TAILSCALED_BIN`, `TAILSCALE_BIN`).
+fn peers() -> Option<Peers> {
+    let dir = std::env::var_os("HEADCNI_TEST_PEERS").map(PathBuf::from);
+    let pick = |var: &str, name: &str| -> Option<PathBuf> {
+        std::env::var_os(var).map(PathBuf::from).or_else(|| dir.as_ref().map(|d| d.join(name)))
+    };
+    let p = Peers {
+        headscale: pick("HEADSCALE_BIN", "headscale")?,
+        tailscaled: pick("TAILSCALED_BIN", "tailscaled")?,
+        tailscale: pick("TAILSCALE_BIN", "tailscale")?,
+    };
+    [&p.headscale, &p.tailscaled, &p.tailscale].iter().all(|b| b.is_file()).then_some(p)
+}
+
+fn headcni() -> &'static str {
+    env!("CARGO_BIN_EXE_headcni")
+}
+
+fn log(msg: &str) {
+    eprintln!("[agent_tailnet] {msg}");
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// A daemon: SIGTERM on drop, SIGKILL if it lingers.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap_or_else(|e| panic!("{name}: {e}"));
+        Proc { name: name.into(), child }
+    }
+
+    fn pid(&self) -> rustix::process::Pid {
+        rustix::process::Pid::from_raw(self.child.id() as i32).unwrap()
+    }
+
+    /// SIGTERM and wait; answers the exit code and how long it took.
+    fn stop(&mut self, grace: Duration) -> (Option<i32>, Duration) {
+        let t0 = Instant::now();
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return (st.code(), Duration::ZERO);
+        }
+        let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::TERM);
+        while t0.elapsed() < grace {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return (st.code(), t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} ignored SIGTERM; killing", self.name);
+        let _ = self.child.kill();
+        let st = self.child.wait().ok();
+        (st.and_then(|s| s.code()), t0.elapsed())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+struct Node {
+    i: u8,
+    ns: Netns,
+    dir: PathBuf,
+    pod_cidr: String,
+    tailscaled: Option<Proc>,
+    agent: Option<Proc>,
+    pods: Vec<Netns>,
+}
+
+impl Node {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("tailscaled.sock")
+    }
+    fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    fn report(&self) -> Option<AgentReport> {
+        AgentReport::load(&self.run_dir())
+    }
+    fn address(&self) -> String {
+        format!("172.31.98.{}", 10 + self.i)
+    }
+    fn tailscale(&self, peers: &Peers, args: &[&str]) -> String {
+        let out = Command::new(&peers.tailscale).arg("--socket").arg(self.socket()).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn prefs_routes(&self, peers: &Peers) -> Vec<String> {
+        let v: Value = serde_json::from_str(&self.tailscale(peers, &["debug", "prefs"])).unwrap_or(Value::Null);
+        v["AdvertiseRoutes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+}
+
+struct Cluster {
+    peers: Peers,
+    dir: tempfile::TempDir,
+    // Drop order: processes (fields below nodes are dropped after), then namespaces.
+    headscale: Option<Proc>,
+    nodes: Vec<Node>,
+    hs_ns: Netns,
+    inet: Netns,
+    ul: Netns,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.agent.take();
+            n.tailscaled.take();
+        }
+        self.headscale.take();
+        if std::thread::panicking() {
+            for f in std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten() {
+                let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!("===== {} (tail)", f.path().display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+fn write_secret(path: &Path, value: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path).unwrap();
+    f.write_all(value.as_bytes()).unwrap();
+}
+
+impl Cluster {
+    /// The underlay (172.31.98.0/24, outside every cluster and service CIDR of the test): a bridge
+    /// in `ul` joining Headscale, the nodes and a router to `inet` (172.31.99.0/24).
+    fn new(peers: Peers, nodes: u8, auto_approve: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let ul = Netns::new("ul");
+        ul.ip("link add br0 type bridge");
+        ul.ip("addr add 172.31.98.1/24 dev br0");
+        ul.ip("link set br0 up");
+        ul.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let attach = |ns: &Netns, name: &str, addr: &str| {
+            ul.ip(&format!("link add {name} type veth peer name eth0 netns {}", ns.name));
+            ul.ip(&format!("link set {name} master br0 up"));
+            ns.ip(&format!("addr add {addr}/24 dev eth0"));
+            ns.ip("link set eth0 up");
+        };
+        let hs_ns = Netns::new("hs");
+        attach(&hs_ns, "vhs", HS_ADDR);
+        let inet = Netns::new("inet");
+        ul.ip(&format!("link add vinet type veth peer name eth0 netns {}", inet.name));
+        ul.ip("addr add 172.31.99.1/24 dev vinet");
+        ul.ip("link set vinet up");
+        inet.ip(&format!("addr add {INET_ADDR}/24 dev eth0"));
+        inet.ip("link set eth0 up");
+        inet.ip("route add 172.31.98.0/24 via 172.31.99.1");
+
+        let mut cluster = Cluster { peers, dir, headscale: None, nodes: Vec::new(), hs_ns, inet, ul };
+        cluster.write_headscale_config(auto_approve);
+        cluster.start_headscale();
+        for i in 1..=nodes {
+            let ns = Netns::new(&format!("n{i}"));
+            cluster.ul.ip(&format!("link add vn{i} type veth peer name eth0 netns {}", ns.name));
+            cluster.ul.ip(&format!("link set vn{i} master br0 up"));
+            ns.ip(&format!("addr add 172.31.98.{}/24 dev eth0", 10 + i));
+            ns.ip("link set eth0 up");
+            ns.ip("route add default via 172.31.98.1");
+            let ndir = cluster.dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&ndir).unwrap();
+            std::fs::write(ndir.join("resolv.conf"), "nameserver 127.0.0.53\n").unwrap();
+            let mut node = Node {
+                i,
+                ns,
+                dir: ndir,
+                pod_cidr: format!("10.244.{i}.0/24"),
+                tailscaled: None,
+                agent: None,
+                pods: Vec::new(),
+            };
+            start_tailscaled(&cluster.peers, cluster.dir.path(), &mut node);
+            cluster.nodes.push(node);
+        }
+        cluster
+    }
+
+    fn hs_dir(&self) -> PathBuf {
+        self.dir.path().join("headscale")
+    }
+
+    fn write_headscale_config(&self, auto_approve: &[&str]) {
+        let d = self.hs_dir();
+        std::fs::create_dir_all(d.join("lib")).unwrap();
+        let cfg = format!(
+            "server_url: {HS_URL}\nlisten_addr: {HS_ADDR}:8080\nmetrics_listen_addr: 127.0.0.1:9090\n\
+             grpc_listen_addr: 127.0.0.1:50443\nnoise:\n  private_key_path: {d}/lib/noise.key\n\
+             prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n  allocation: sequential\n\
+             derp:\n  server:\n    enabled: true\n    region_id: 999\n    region_code: headcni\n    region_name: headcni\n\
+             \x20   stun_listen_addr: {HS_ADDR}:3478\n    private_key_path: {d}/lib/derp.key\n\
+             \x20   automatically_add_embedded_derp_region: true\n    ipv4: {HS_ADDR}\n  urls: []\n  paths: []\n\
+             \x20 auto_update_enabled: false\ndisable_check_updates: true\n\
+             database:\n  type: sqlite\n  sqlite:\n    path: {d}/lib/db.sqlite\n\
+             log:\n  level: info\npolicy:\n  mode: file\n  path: {d}/policy.hujson\n\
+             dns:\n  magic_dns: false\n  base_domain: headcni.invalid\n  override_local_dns: false\n  nameservers:\n    global: []\n\
+             unix_socket: {d}/headscale.sock\nunix_socket_permission: \"0770\"\nlogtail:\n  enabled: false\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("config.yaml"), cfg).unwrap();
+        let approvers: serde_json::Map<String, Value> =
+            auto_approve.iter().map(|r| (r.to_string(), json!([TAG]))).collect();
+        let policy = json!({
+            "tagOwners": {TAG: ["headcni@"]},
+            "autoApprovers": {"routes": approvers},
+            "acls": [{"action": "accept", "src": [TAG, "10.244.0.0/16"], "dst": [format!("{TAG}:*"), "10.244.0.0/16:*"]}],
+        });
+        std::fs::write(d.join("policy.hujson"), serde_json::to_string_pretty(&policy).unwrap()).unwrap();
+    }
+
+    fn hs_cli(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.peers.headscale)
+            .arg("-c")
+            .arg(self.hs_dir().join("config.yaml"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "headscale {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn start_headscale(&mut self) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.hs_ns.name])
+            .arg(&self.peers.headscale)
+            .arg("-c")
+            .arg(self.hs_dir().join("config.yaml"))
+            .arg("serve");
+        self.headscale = Some(Proc::spawn("headscale", cmd, &self.dir.path().join("logs/headscale.log")));
+        let ul = self.ul.name.clone();
+        wait_until("Headscale /health", Duration::from_secs(30), || {
+            Command::new("ip")
+                .args(["netns", "exec", &ul, "curl", "-fsS", "--max-time", "1", &format!("{HS_URL}/health")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        let sock = self.hs_dir().join("headscale.sock");
+        wait_until("Headscale socket", Duration::from_secs(10), || sock.exists());
+    }
+
+    fn keys(&self) -> (PathBuf, PathBuf) {
+        let auth = self.dir.path().join("authkey");
+        let api = self.dir.path().join("apikey");
+        if !auth.exists() {
+            self.hs_cli(&["users", "create", "headcni"]);
+            let out = self.hs_cli(&[
+                "preauthkeys",
+                "create",
+                "--reusable",
+                "--expiration",
+                "24h",
+                "--tags",
+                TAG,
+                "-o",
+                "json",
+            ]);
+            let key: Value = serde_json::from_str(&out).unwrap();
+            write_secret(&auth, key["key"].as_str().unwrap());
+            let api_key = self.hs_cli(&["apikeys", "create", "--expiration", "24h"]);
+            write_secret(&api, api_key.trim());
+            write_secret(
+                &self.dir.path().join("apikey.header"),
+                &format!("Authorization: Bearer {}\n", api_key.trim()),
+            );
+        }
+        (auth, api)
+    }
+
+    fn start_agent(&mut self, i: usize, api_key: bool) {
+        let (auth, api) = self.keys();
+        let node = &mut self.nodes[i];
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &node.ns.name]).arg(headcni()).arg("agent");
+        cmd.args(["--node-name", &format!("node-{}", node.i), "--pod-cidr", &node.pod_cidr]);
+        cmd.args(["--cluster-cidr", "10.244.0.0/16", "--service-cidr", "10.96.0.0/12", "--headscale-url", HS_URL]);
+        cmd.arg("--tailscale-socket").arg(node.socket());
+        cmd.arg("--run-dir").arg(node.run_dir()).arg("--state-dir").arg(node.dir.join("state"));
+        cmd.args(["--metrics-bind", "127.0.0.1", "--metrics-port", &METRICS_PORT.to_string()]);
+        cmd.arg("--auth-key-file").arg(&auth);
+        if api_key {
+            cmd.arg("--api-key-file").arg(&api);
+        }
+        cmd.env("HEADCNI_LOG_LEVEL", "info");
+        node.agent = Some(Proc::spawn(
+            &format!("agent-n{}", node.i),
+            cmd,
+            &self.dir.path().join(format!("logs/agent-n{}.log", node.i)),
+        ));
+    }
+
+    /// Headscale's nodes by name ("node-1", ...): (id, available, approved).
+    fn hs_nodes(&self) -> Vec<(String, String, Vec<String>, Vec<String>)> {
+        let header = self.dir.path().join("apikey.header");
+        let out = self.ul.exec_ok(&[
+            "curl",
+            "-fsS",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("@{}", header.display()),
+            &format!("{HS_URL}/api/v1/node"),
+        ]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let list = |n: &Value, k: &str| -> Vec<String> {
+            n[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default()
+        };
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap_or("").to_string(),
+                    n["givenName"].as_str().unwrap_or("").to_string(),
+                    list(n, "availableRoutes"),
+                    list(n, "approvedRoutes"),
+                )
+            })
+            .collect()
+    }
+
+    fn metrics(&self, i: usize) -> String {
+        self.nodes[i].ns.exec_ok(&[
+            "curl",
+            "-fsS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{METRICS_PORT}/metrics"),
+        ])
+    }
+
+    /// A pod on node `i`, set up by the real CNI plugin (ADD) as a runtime would.
+    fn add_pod(&mut self, i: usize, k: u8) -> String {
+        let cni_path = std::env::var("HEADCNI_TEST_CNI_PATH").unwrap_or_else(|_| "/usr/lib/cni".into());
+        let pod = Netns::new(&format!("n{}p{k}", self.nodes[i].i));
+        let node = &self.nodes[i];
+        let conf = json!({
+            "cniVersion": "1.0.0", "name": "headcni", "type": "headcni",
+            "run_dir": node.run_dir(), "log_file": node.dir.join("cni.log"),
+            "ipam": {"type": "host-local", "dataDir": node.dir.join("ipam")},
+        });
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.ns.name, headcni()])
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", format!("pod{}x{k}", node.i))
+            .env("CNI_NETNS", pod.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &cni_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "CNI ADD: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ip = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+        self.nodes[i].pods.push(pod);
+        ip
+    }
+}
+
+/// Sends one datagram from `from` (a namespace) to `to` and answers the source `to` saw.
+fn source_seen(from: &Path, to_ns: &Path, to: &str, port: u16) -> Option<String> {
+    let dst: std::net::SocketAddr = format!("{to}:{port}").parse().unwrap();
+    let server = headcni::netlink::Netns::open(to_ns).unwrap().run(move || UdpSocket::bind(dst)).unwrap().unwrap();
+    server.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let client = headcni::netlink::Netns::open(from).unwrap().run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    for _ in 0..6 {
+        let _ = client.send_to(b"headcni", dst);
+        let mut buf = [0u8; 16];
+        if let Ok((_, src)) = server.recv_from(&mut buf) {
+            return Some(src.ip().to_string());
+        }
+    }
+    None
+}
+
+fn ping(from: &Netns, to: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", &from.name, "ping", "-c", "1", "-W", "1", to])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn root_untouched() {
+    let rules = String::from_utf8_lossy(&run("ip", &["rule"]).stdout).into_owned();
+    assert!(!rules.contains("proto 104"), "a HeadCNI rule in the root namespace:\n{rules}");
+    if let Ok(out) = Command::new("nft").args(["list", "tables"]).output() {
+        let tables = String::from_utf8_lossy(&out.stdout);
+        assert!(!tables.contains("headcni"), "a HeadCNI table in the root namespace:\n{tables}");
+    }
+}
+
+macro_rules! require_peers {
+    () => {{
+        require_root!();
+        match peers() {
+            Some(p) => p,
+            None => {
+                eprintln!(
+                    "test skipped: set HEADCNI_TEST_PEERS to a directory with headscale, tailscaled and tailscale"
+                );
+                return;
+            }
+        }
+    }};
+}
+
+#[test]
+fn tailnet_with_api_key_approval_restarts_and_cleanup() {
+    let peers = require_peers!();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let t_all = Instant::now();
+    let mut c = Cluster::new(peers, 3, &[]);
+    // Node 3 is a bystander without an agent: joined by hand, advertising a route of its own.
+    let (auth, _) = c.keys();
+    let out = c.nodes[2].tailscale(
+        &c.peers,
+        &[
+            "up",
+            "--login-server",
+            HS_URL,
+            "--auth-key",
+            &format!("file:{}", auth.display()),
+            "--hostname",
+            "bystander",
+            "--advertise-routes",
+            "10.77.0.0/24",
+            "--accept-dns=false",
+            "--timeout",
+            "60s",
+        ],
+    );
+    assert!(out.is_empty() || !out.contains("error"), "{out}");
+    // Both agents start at once: the zero-config join.
+    c.start_agent(0, true);
+    c.start_agent(1, true);
+    let joined = wait_until("both nodes ready", Duration::from_secs(60), || {
+        c.nodes[..2].iter().all(|n| n.report().is_some_and(|r| r.ready))
+    });
+    let approved = wait_until("both routes approved", Duration::from_secs(60), || {
+        c.nodes[..2].iter().all(|n| n.report().is_some_and(|r| r.routes.iter().all(|x| x.approved == Some(true))))
+    }) + joined;
+    log(&format!(
+        "join: both agents ready {:.2}s after start; routes approved after {:.2}s",
+        joined.as_secs_f64(),
+        approved.as_secs_f64()
+    ));
+    for i in 1..=2 {
+        let text = std::fs::read_to_string(c.dir.path().join(format!("logs/agent-n{i}.log"))).unwrap();
+        if let Some(line) = text.lines().find(|l| l.contains("] ready: ")) {
+            log(&format!("agent n{i}: {}", line.split("] ").nth(1).unwrap_or(line)));
+        }
+    }
+
+    // Headscale: each node has exactly its pod CIDR approved; the bystander nothing.
+    let hs = c.hs_nodes();
+    let by_name = |n: &str| hs.iter().find(|x| x.1 == n).cloned().unwrap_or_else(|| panic!("{n} not in {hs:?}"));
+    assert_eq!(by_name("node-1").3, vec!["10.244.1.0/24"]);
+    assert_eq!(by_name("node-2").3, vec!["10.244.2.0/24"]);
+    let by = by_name("bystander");
+    assert_eq!(by.2, vec!["10.77.0.0/24"], "the bystander advertises");
+    assert!(by.3.is_empty(), "and the agents never approve it: {by:?}");
+
+    // Prefs: routes, accept-routes, no SNAT.
+    let prefs: Value = serde_json::from_str(&c.nodes[0].tailscale(&c.peers, &["debug", "prefs"])).unwrap();
+    assert_eq!(prefs["AdvertiseRoutes"], json!(["10.244.1.0/24"]));
+    assert_eq!(prefs["RouteAll"], true);
+    assert_eq!(prefs["NoSNAT"], true);
+    assert_eq!(prefs["CorpDNS"], false);
+
+    // Pods by the real plugin; traffic across the tailnet keeps the pod source address.
+    let pod1 = c.add_pod(0, 1);
+    let pod2 = c.add_pod(1, 1);
+    let ping_ok = wait_until("pod1 -> pod2 ping", Duration::from_secs(30), || ping(&c.nodes[0].pods[0], &pod2));
+    log(&format!("pods {pod1} and {pod2}: first ping across the tailnet after {:.2}s", ping_ok.as_secs_f64()));
+    assert!(ping(&c.nodes[1].pods[0], &pod1));
+    let seen = source_seen(&c.nodes[0].pods[0].path(), &c.nodes[1].pods[0].path(), &pod2, 40001);
+    assert_eq!(seen.as_deref(), Some(pod1.as_str()), "the pod source address survives the tailnet");
+    // Leaving the cluster: masqueraded to the node's underlay address.
+    let seen = source_seen(&c.nodes[0].pods[0].path(), &c.inet.path(), INET_ADDR, 40002);
+    if seen.as_deref() != Some(c.nodes[0].address().as_str()) {
+        for cmd in [&["nft", "list", "ruleset"][..], &["ip", "rule"], &["ip", "route", "show", "table", "all"]] {
+            eprintln!("node 1: {}\n{}", cmd.join(" "), c.nodes[0].ns.exec_ok(cmd));
+        }
+    }
+    assert_eq!(seen.as_deref(), Some(c.nodes[0].address().as_str()), "masqueraded towards the outside");
+
+    // Metrics count the ADD that happened on node 1.
+    let m = c.metrics(0);
+    assert!(m.contains("headcni_ip_allocations_total{family=\"ipv4\"} 1"), "{m}");
+    assert!(m.contains("headcni_pod_network_setup_duration_seconds_count 1"), "{m}");
+    assert!(m.contains("headcni_routes_advertised 1") && m.contains("headcni_routes_approved 1"), "{m}");
+    // The gauges follow the agent's passes (every 10 s when all is well).
+    wait_until("node-2's route counted as accepted", Duration::from_secs(15), || {
+        c.metrics(0).contains("headcni_routes_accepted_from_peers 1")
+    });
+    assert!(m.contains("headcni_tailnet_backend_state{state=\"Running\"} 1"), "{m}");
+    let ready = c.nodes[0].ns.exec_ok(&["curl", "-fsS", &format!("http://127.0.0.1:{METRICS_PORT}/readyz")]);
+    assert_eq!(ready.trim(), "ok");
+
+    // headcni status on node 1.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &c.nodes[0].ns.name, headcni(), "status", "--json"])
+        .arg("--tailscale-socket")
+        .arg(c.nodes[0].socket())
+        .arg("--run-dir")
+        .arg(c.nodes[0].run_dir())
+        .arg("--conf-dir")
+        .arg(c.dir.path())
+        .output()
+        .unwrap();
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["routes"][0]["approved"], true, "{st}");
+    assert_eq!(st["masqueradeTables"][0].as_str().unwrap().split(' ').next(), Some("ip"), "{st}");
+    let problems: Vec<String> = st["problems"].as_array().unwrap().iter().map(|p| p["message"].to_string()).collect();
+    assert!(
+        problems.iter().all(|p| p.contains("no CNI configuration")),
+        "only the conflist is missing here: {problems:?}"
+    );
+    assert!(st["peers"].as_array().unwrap().iter().any(|p| p["routes"] == json!(["10.244.2.0/24"])), "{st}");
+
+    // 1. The agent restarts: SIGTERM leaves the pods working; the new agent changes nothing.
+    let (code, took) = c.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    log(&format!("agent SIGTERM: exited in {:.2}s", took.as_secs_f64()));
+    assert!(ping(&c.nodes[0].pods[0], &pod2), "pods keep working without the agent");
+    assert!(headcni::nodefile::path_in(&c.nodes[0].run_dir()).exists());
+    let before = c.hs_nodes();
+    c.start_agent(0, true);
+    wait_until("agent 1 ready again", Duration::from_secs(30), || {
+        c.nodes[0].report().is_some_and(|r| {
+            r.ready
+                && r.routes[0].approved == Some(true)
+                && r.updated_at >= headcni::agent::http::now().saturating_sub(1)
+        })
+    });
+    assert_eq!(c.hs_nodes(), before, "nothing to change after a restart");
+
+    // 2. tailscaled restarts on node 1.
+    let t = Instant::now();
+    c.nodes[0].tailscaled.take();
+    start_tailscaled(&c.peers, c.dir.path(), &mut c.nodes[0]);
+    wait_until("pods talk again after a tailscaled restart", Duration::from_secs(60), || {
+        ping(&c.nodes[0].pods[0], &pod2)
+    });
+    log(&format!("tailscaled restart: pod traffic back {:.2}s after the restart", t.elapsed().as_secs_f64()));
+
+    // 3. Headscale restarts: pod traffic does not stop; the agents carry on.
+    c.headscale.take();
+    assert!(ping(&c.nodes[0].pods[0], &pod2), "the data plane does not need Headscale");
+    c.start_headscale();
+    assert!(ping(&c.nodes[0].pods[0], &pod2));
+
+    // 4. tailscaled on node 2 loses its state: the agent joins again as a new node and
+    //    approves its route for it.
+    c.nodes[1].tailscaled.take();
+    std::fs::remove_dir_all(c.nodes[1].dir.join("ts-state")).unwrap();
+    let t = Instant::now();
+    start_tailscaled(&c.peers, c.dir.path(), &mut c.nodes[1]);
+    wait_until("pods talk again after node 2 re-registered", Duration::from_secs(90), || {
+        ping(&c.nodes[0].pods[0], &pod2)
+    });
+    log(&format!(
+        "node 2 lost its tailscaled state: pod traffic back after {:.2}s (rejoin + approval)",
+        t.elapsed().as_secs_f64()
+    ));
+    let hs = c.hs_nodes();
+    let fresh: Vec<_> = hs.iter().filter(|n| n.1.starts_with("node-2")).collect();
+    assert_eq!(fresh.len(), 2, "{hs:?}");
+    assert!(
+        fresh.iter().any(|n| n.3 == vec!["10.244.2.0/24"] && n.0 != before.iter().find(|b| b.1 == "node-2").unwrap().0)
+    );
+
+    // 5. Cleanup on node 1 (the chart's uninstall).
+    c.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(10));
+    let (_, api) = c.keys();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &c.nodes[0].ns.name, headcni(), "agent", "--cleanup", "--headscale-url", HS_URL])
+        .arg("--api-key-file")
+        .arg(&api)
+        .arg("--tailscale-socket")
+        .arg(c.nodes[0].socket())
+        .arg("--run-dir")
+        .arg(c.nodes[0].run_dir())
+        .arg("--state-dir")
+        .arg(c.nodes[0].dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(c.nodes[0].prefs_routes(&c.peers).is_empty());
+    let hs = c.hs_nodes();
+    let n1 = hs.iter().find(|n| n.1 == "node-1").unwrap();
+    assert!(n1.3.is_empty(), "approval withdrawn: {n1:?}");
+    assert_eq!(hs.iter().find(|n| n.1 == "bystander").unwrap().3, Vec::<String>::new());
+    let rules = c.nodes[0].ns.exec_ok(&["ip", "rule"]);
+    assert!(!rules.contains("proto 104"), "{rules}");
+    let tables = c.nodes[0].ns.exec_ok(&["nft", "list", "tables"]);
+    assert!(!tables.contains("headcni"), "{tables}");
+    assert!(!headcni::nodefile::path_in(&c.nodes[0].run_dir()).exists());
+    root_untouched();
+    // The secrets never reached a log.
+    let secrets = [std::fs::read_to_string(&auth).unwrap(), std::fs::read_to_string(&api).unwrap()];
+    for i in 1..=2 {
+        let text = std::fs::read_to_string(c.dir.path().join(format!("logs/agent-n{i}.log"))).unwrap();
+        for secret in &secrets {
+            assert!(!text.contains(secret.trim()), "a key in agent-n{i}.log");
+        }
+    }
+    log(&format!("scenario done in {:.1}s", t_all.elapsed().as_secs_f64()));
+}
+
+/// tailscaled in the node's namespace (with a private copy of /etc/resolv.conf); waits for its
+/// LocalAPI.
+fn start_tailscaled(peers: &Peers, dir: &Path, node: &mut Node) {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &node.ns.name, "sh", "-ec"])
+        .arg("mount --bind \"$1\" /etc/resolv.conf; shift; exec \"$@\"")
+        .arg("sh")
+        .arg(node.dir.join("resolv.conf"))
+        .arg(&peers.tailscaled)
+        .arg(format!("--statedir={}", node.dir.join("ts-state").display()))
+        .arg(format!("--socket={}", node.socket().display()))
+        .args(["--tun=tailscale0", "--port=41641", "--no-logs-no-support"])
+        .env("TS_DEBUG_USE_DERP_HTTP", "1");
+    let _ = std::fs::remove_file(node.socket());
+    node.tailscaled = Some(Proc::spawn(
+        &format!("tailscaled-n{}", node.i),
+        cmd,
+        &dir.join(format!("logs/tailscaled-n{}.log", node.i)),
+    ));
+    let sock = node.socket();
+    wait_until("tailscaled LocalAPI", Duration::from_secs(20), || {
+        sock.exists()
+            && Command::new(&peers.tailscale)
+                .arg("--socket")
+                .arg(&sock)
+                .args(["status", "--json"])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty())
+    });
+}
+
+#[test]
+fn tailnet_with_policy_approval_reports_pending_routes() {
+    let peers = require_peers!();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // autoApprovers cover node 1's pod CIDR only.
+    let mut c = Cluster::new(peers, 2, &["10.244.1.0/24"]);
+    c.start_agent(0, false);
+    c.start_agent(1, false);
+    let t = wait_until("node 1 approved by policy", Duration::from_secs(60), || {
+        c.nodes[0].report().is_some_and(|r| r.ready && r.routes.iter().all(|x| x.approved == Some(true)))
+    });
+    log(&format!("policy approval: node 1 ready and approved {:.2}s after the agent started", t.as_secs_f64()));
+    wait_until("node 2 reports its route pending", Duration::from_secs(60), || {
+        c.nodes[1].report().is_some_and(|r| {
+            r.ready
+                && r.routes[0].approved == Some(false)
+                && r.problems.iter().any(|p| p.message == "route 10.244.2.0/24 pending approval in Headscale")
+        })
+    });
+    let m = c.metrics(1);
+    assert!(m.contains("headcni_routes_pending_approval 1"), "{m}");
+    assert!(m.contains("headcni_routes_approved 0"), "{m}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &c.nodes[1].ns.name, headcni(), "status"])
+        .arg("--tailscale-socket")
+        .arg(c.nodes[1].socket())
+        .arg("--run-dir")
+        .arg(c.nodes[1].run_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("route 10.244.2.0/24 is not approved in Headscale"), "{text}");
+    assert!(text.contains("autoApprovers"), "{text}");
+    // Nothing was approved through the API (there is no key): node 2 stays unapproved.
+    let _ = c.keys();
+    let hs = c.hs_nodes();
+    assert_eq!(hs.iter().find(|n| n.1 == "node-2").unwrap().3, Vec::<String>::new());
+    assert_eq!(hs.iter().find(|n| n.1 == "node-1").unwrap().3, vec!["10.244.1.0/24"]);
+    root_untouched();
+}

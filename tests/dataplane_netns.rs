@@ -1,0 +1,73 @@
+//! Root-only: the agent's data plane against the kernel, in a namespace this test creates:
+//! forwarding, HeadCNI's tagged policy rules (and nobody else's), both masquerade tables, and
+//! the tailnet interface's MTU.
+
+mod common;
+
+use common::Netns;
+use headcni::agent::dataplane::{Dataplane, HostDataplane, RULE_PROTOCOL, masquerade_specs};
+use headcni::netlink::nft::Family;
+use ipnetwork::IpNetwork;
+
+fn nets(list: &[&str]) -> Vec<IpNetwork> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn rules_tables_forwarding_and_mtu() {
+    require_root!();
+    let ns = Netns::new("dp");
+    // Someone else's rule at the same priority must survive everything.
+    ns.ip("rule add to 10.9.0.0/16 lookup main pref 5200");
+    ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"]);
+    let dp = HostDataplane::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap()).unwrap();
+
+    let changes = dp.ensure_forwarding(true, true).await.unwrap();
+    assert_eq!(changes.items.len(), 2, "{changes:?}");
+    assert_eq!(dp.read_sysctl("ipv4/ip_forward").unwrap(), "1");
+    assert_eq!(dp.read_sysctl("ipv6/conf/all/forwarding").unwrap(), "1");
+    assert!(dp.ensure_forwarding(true, true).await.unwrap().items.is_empty());
+
+    let pods = nets(&["10.244.1.0/24", "fd00:10:244:1::/64"]);
+    assert_eq!(dp.ensure_rules(&pods, 5200).await.unwrap().items.len(), 2);
+    assert!(dp.ensure_rules(&pods, 5200).await.unwrap().items.is_empty(), "idempotent");
+    let v4 = ns.exec_ok(&["ip", "rule"]);
+    assert!(v4.contains(&format!("5200:\tfrom all to 10.244.1.0/24 lookup main proto {RULE_PROTOCOL}")), "{v4}");
+    let v6 = ns.exec_ok(&["ip", "-6", "rule"]);
+    assert!(v6.contains("from all to fd00:10:244:1::/64 lookup main proto 104"), "{v6}");
+
+    // The pod CIDR and the priority change: the old rules go, the foreign one stays.
+    let moved = nets(&["10.244.7.0/24"]);
+    dp.ensure_rules(&moved, 5190).await.unwrap();
+    let v4 = ns.exec_ok(&["ip", "rule"]);
+    assert!(v4.contains("5190:\tfrom all to 10.244.7.0/24 lookup main proto 104"), "{v4}");
+    assert!(!v4.contains("10.244.1.0/24"), "{v4}");
+    assert!(v4.contains("to 10.9.0.0/16 lookup main"), "{v4}");
+    assert!(!ns.exec_ok(&["ip", "-6", "rule"]).contains("proto 104"));
+
+    let specs = masquerade_specs(&pods, &nets(&["10.244.0.0/16", "fd00:10:244::/48"]));
+    assert_eq!(dp.ensure_masquerade(&specs).await.unwrap().items.len(), 2);
+    assert!(dp.ensure_masquerade(&specs).await.unwrap().items.is_empty(), "unchanged: not rewritten");
+    assert_eq!(dp.masquerade_table(Family::Ipv4).unwrap(), Some(3), "two exemptions, one masquerade");
+    assert_eq!(dp.masquerade_table(Family::Ipv6).unwrap(), Some(3));
+    // Someone flushed the ruleset: the next pass puts the tables back.
+    ns.exec_ok(&["nft", "flush", "ruleset"]);
+    assert_eq!(dp.ensure_masquerade(&specs).await.unwrap().items.len(), 2);
+    // IPv4 only now: the ip6 table goes.
+    let v4only = masquerade_specs(&nets(&["10.244.1.0/24"]), &[]);
+    let c = dp.ensure_masquerade(&v4only).await.unwrap();
+    assert!(c.items.iter().any(|i| i.contains("removed nft table ip6 headcni")), "{c:?}");
+
+    assert_eq!(dp.tailnet_link(&[]).await.unwrap(), None);
+    ns.ip("link add tailscale0 mtu 1280 type veth peer name peer0");
+    ns.ip("addr add 100.64.0.7/32 dev tailscale0");
+    assert_eq!(dp.tailnet_link(&[]).await.unwrap(), Some(("tailscale0".into(), 1280)));
+    ns.ip("link set tailscale0 name ts-custom");
+    assert_eq!(dp.tailnet_link(&["100.64.0.7".parse().unwrap()]).await.unwrap(), Some(("ts-custom".into(), 1280)));
+
+    assert_eq!(dp.remove_rules().await.unwrap(), 1);
+    assert_eq!(dp.remove_masquerade().await.unwrap(), 1);
+    assert_eq!(dp.remove_masquerade().await.unwrap(), 0);
+    let v4 = ns.exec_ok(&["ip", "rule"]);
+    assert!(!v4.contains("proto 104") && v4.contains("to 10.9.0.0/16"), "{v4}");
+}
