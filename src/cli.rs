@@ -25,6 +25,8 @@ pub enum Cmd {
     Agent(Box<crate::agent::config::AgentArgs>),
     /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
     Status(crate::agent::status::StatusArgs),
+    /// Inspect and maintain the headcni-ipam store on this node.
+    Ipam(crate::ipam::cli::IpamArgs),
 }
 
 fn version(json: bool) -> i32 {
@@ -56,5 +58,6 @@ pub fn main() -> i32 {
         }
         Cmd::Agent(args) => crate::agent::main(*args),
         Cmd::Status(args) => crate::agent::status::main(args),
+        Cmd::Ipam(args) => crate::ipam::cli::run(&args),
     }
 }
