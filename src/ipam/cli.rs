@@ -85,6 +85,18 @@ fn stores(args: &IpamArgs) -> Result<Vec<Store>, StoreError> {
     names.iter().map(|n| Store::for_this_boot(&args.data_dir, n)).collect()
 }
 
+/// JSON output wrappers. Typed rather than `json!` because counts are u128 (an IPv6 /64 holds
+/// 2^64 addresses) and serde_json::Value cannot hold numbers beyond u64.
+#[derive(Debug, Serialize)]
+struct Networks<T> {
+    networks: Vec<T>,
+}
+
+#[derive(Debug, Serialize)]
+struct Allocations<'a> {
+    allocations: Vec<&'a Row>,
+}
+
 fn emit_json(value: &impl Serialize) -> Result<i32, CliError> {
     let mut out = io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value).map_err(io::Error::from)?;
@@ -192,7 +204,7 @@ fn stats(args: &IpamArgs, stores: &[Store]) -> Result<i32, CliError> {
         all.push(network_stats(store, &state));
     }
     if args.json {
-        return emit_json(&serde_json::json!({ "networks": all }));
+        return emit_json(&Networks { networks: all });
     }
     let mut out = io::stdout().lock();
     if all.is_empty() {
@@ -277,7 +289,7 @@ fn list(args: &IpamArgs, stores: &[Store]) -> Result<i32, CliError> {
     }
     if args.json {
         let rows: Vec<&Row> = rows.iter().map(|(r, _)| r).collect();
-        return emit_json(&serde_json::json!({ "allocations": rows }));
+        return emit_json(&Allocations { allocations: rows });
     }
     let mut out = io::stdout().lock();
     writeln!(
@@ -344,7 +356,7 @@ fn gc(args: &IpamArgs, stores: &[Store], dry_run: bool) -> Result<i32, CliError>
         });
     }
     if args.json {
-        return emit_json(&serde_json::json!({ "networks": reports }));
+        return emit_json(&Networks { networks: reports });
     }
     let mut out = io::stdout().lock();
     let verb = if dry_run { "would release" } else { "released" };
@@ -411,7 +423,7 @@ fn repair_one(store: &Store) -> Result<RepairReport, CliError> {
 fn repair(args: &IpamArgs, stores: &[Store]) -> Result<i32, CliError> {
     let reports = stores.iter().map(repair_one).collect::<Result<Vec<_>, _>>()?;
     if args.json {
-        return emit_json(&serde_json::json!({ "networks": reports }));
+        return emit_json(&Networks { networks: reports });
     }
     let mut out = io::stdout().lock();
     for r in &reports {

@@ -36,7 +36,7 @@ const FULL_CHECK_LIMIT: u64 = 1 << 20;
 /// How much of a large file STATUS reads to find the header.
 const HEADER_READ: usize = 64 << 10;
 /// Room STATUS wants on the file system beyond the current state's size.
-const SPARE_BYTES: u64 = 64 << 10;
+const SPARE_BYTES: u64 = 8 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
