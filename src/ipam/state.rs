@@ -504,7 +504,13 @@ impl<'a> State<'a> {
         if header.boot_id != boot_id {
             return Err(FormatError::at(2, format!("boot id {} does not match its file name", header.boot_id)));
         }
+        // The checksum vouches for the count; the cap only guards against a hand-made header.
+        let expected = header.records.min(data.len() / 16);
         let mut columns: [Column<'a>; 2] = Default::default();
+        for column in &mut columns {
+            column.offsets.reserve(expected);
+            column.lines.reserve(expected);
+        }
         let mut count = 0usize;
         let mut seen_v6 = false;
         for (i, line) in text[records_at..].split_terminator('\n').enumerate() {

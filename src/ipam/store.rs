@@ -21,10 +21,12 @@
 //! its name and is never parsed.
 
 use super::state::{self, FormatError, Header, State};
-use crate::fsutil::{self, Durability, LockFile};
+use crate::fsutil::{self, LockFile};
+use rustix::fs::{CWD, RenameFlags};
+use rustix::io::Errno;
 use std::fs::{self, File};
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -312,7 +314,7 @@ impl Locked<'_> {
     /// previous state stays as it was.
     pub fn write(&self, state: &State<'_>) -> Result<(), StoreError> {
         let path = self.store.state_path();
-        fsutil::write_atomic(&path, &state.encode(), 0o600, Durability::ProcessCrash).map_err(io_err("writing", &path))
+        replace(&path, &state.encode()).map_err(io_err("writing", &path))
     }
 
     /// Renames the current state file to `corrupt.<boot>.<unix time>` and returns the new path.
@@ -322,6 +324,47 @@ impl Locked<'_> {
         let to = self.store.dir.join(format!("{CORRUPT_PREFIX}{}.{now}", self.store.boot_id));
         fs::rename(&from, &to).map_err(io_err("setting aside", &from))?;
         Ok(to)
+    }
+}
+
+/// Atomically replaces `path` with `data` (no fsync, see the module docs).
+///
+/// The new content goes to a temporary file that is then swapped with the old one by
+/// `renameat2(RENAME_EXCHANGE)` and the old content unlinked. A plain rename over an existing
+/// file would do the same for readers, but ext4 (auto_da_alloc) turns every rename-over into a
+/// forced block allocation and writeback start of the new file: milliseconds per update for a
+/// large state, and disk writes on every ADD, to protect against exactly the power loss that
+/// the boot id in the file name already makes harmless. Where the file system cannot exchange
+/// (or on the first write), a plain rename does the job. A writer killed after the exchange
+/// leaves the old content under the temporary name, which the next writer removes.
+fn replace(path: &Path, data: &[u8]) -> io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| io::Error::other("state path has no name"))?;
+    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+    let written = (|| {
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        file.write_all(data)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    match rustix::fs::renameat_with(CWD, &tmp, CWD, path, RenameFlags::EXCHANGE) {
+        Ok(()) => {
+            if let Err(e) = fs::remove_file(&tmp) {
+                log::debug!("removing the previous state {}: {e}", tmp.display());
+            }
+            Ok(())
+        }
+        // No file to exchange with yet, or a file system without RENAME_EXCHANGE.
+        Err(Errno::NOENT | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+            fs::rename(&tmp, path).inspect_err(|_| {
+                let _ = fs::remove_file(&tmp);
+            })
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e.into())
+        }
     }
 }
 
