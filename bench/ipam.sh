@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # headcni-ipam against the reference host-local, side by side in one run. Not a test: it prints
-# figures for BENCHMARKS.md (## IPAM).
+# the figures recorded in BENCHMARKS.md (## IPAM).
 #
-#   sudo bench/ipam.sh                      # the full run recorded in BENCHMARKS.md
-#   sudo RUNS=10 ROUNDS=2 bench/ipam.sh     # quicker
+#   sudo bench/ipam.sh                        # the run recorded in BENCHMARKS.md
+#   sudo ITER=20 BURST_RUNS=3 bench/ipam.sh   # quicker
 #
-# Measures, with the release build and whole processes (fork + exec + the plugin's work):
-#   a) one IPAM ADD on a /16 already holding 60,000 allocations (each run's DEL, untimed,
-#      restores the state), in ROUNDS rounds alternating which plugin runs first;
-#   b) 200 parallel IPAM ADD processes into one empty range, wall time;
-#   c) ADD at 0, 1k and 10k allocations (scaling);
-#   d) headcni-ipam STATUS at 0, 110 and 60,000 allocations;
+# Every figure is whole processes (fork, exec, config on stdin, wait), as a runtime pays them:
+#   a) one IPAM ADD on a /16 already holding 60,000 allocations; an untimed DEL before each run
+#      restores the state. The plugins take turns within every iteration.
+#   b) 200 parallel IPAM ADD processes into one empty /24, wall time (hyperfine; the plugins
+#      take turns between runs).
+#   c) one IPAM ADD at 0, 1,000 and 10,000 allocations (scaling).
+#   d) headcni-ipam STATUS at 0, 110 and 60,000 allocations, and the bare process floor.
 #   e) what an fsync of file and directory would add to each state update on this disk.
-# Needs root (it installs hyperfine, jq and containernetworking-plugins when missing).
+# headcni-ipam runs as the static musl build that ships (Dockerfile) and, for comparison, as the
+# host's dynamically linked release build. Needs root; installs hyperfine, jq and
+# containernetworking-plugins (host-local) when they are missing.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RUNS=${RUNS:-30}
-ROUNDS=${ROUNDS:-4}
+ITER=${ITER:-60}
 BURST=${BURST:-200}
-BURST_RUNS=${BURST_RUNS:-3}
+BURST_RUNS=${BURST_RUNS:-10}
 HOST_LOCAL=${HOST_LOCAL:-/usr/lib/cni/host-local}
 BIG=60000
 
@@ -36,15 +38,28 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin headcni --example ipam-bench
-HEADCNI=$ROOT/target/release/headcni
+DYNAMIC=$ROOT/target/release/headcni
 TOOL=$ROOT/target/release/examples/ipam-bench
+MUSL=x86_64-unknown-linux-musl
+if [ -d "$(rustc --print sysroot)/lib/rustlib/$MUSL" ]; then
+    CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-gcc} \
+        cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin headcni --target $MUSL
+    STATIC=$ROOT/target/$MUSL/release/headcni
+else
+    echo "no $MUSL target installed: 'static' below is the dynamically linked build" >&2
+    STATIC=$DYNAMIC
+fi
 
 # On the node's disk (like /var/lib), not on a tmpfs.
 WORK=$(mktemp -d /var/tmp/headcni-ipam-bench.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-mkdir -p "$WORK/bin" "$WORK/run" "$WORK/results"
-ln -s "$HEADCNI" "$WORK/bin/headcni-ipam"
-ln -s "$HOST_LOCAL" "$WORK/bin/host-local"
+mkdir -p "$WORK/static" "$WORK/dynamic" "$WORK/run"
+ln -s "$STATIC" "$WORK/static/headcni-ipam"
+ln -s "$DYNAMIC" "$WORK/dynamic/headcni-ipam"
+ln -s "$HOST_LOCAL" "$WORK/static/host-local"
+OURS=$WORK/static/headcni-ipam
+OURS_DYN=$WORK/dynamic/headcni-ipam
+HL=$WORK/static/host-local
 
 # conf <file> <type> <dataDir> <subnet> [cniVersion]
 conf() {
@@ -52,13 +67,8 @@ conf() {
         "${5:-1.0.0}" "$WORK/run" "$WORK/ipam.log" "$2" "$4" "$3" >"$1"
 }
 
-# cni <verb> <plugin> <conf> <container>: the command line a runtime's exec amounts to.
-cni() {
-    echo "CNI_COMMAND=$1 CNI_CONTAINERID=$4 CNI_NETNS=/var/run/netns/$4 CNI_IFNAME=eth0 CNI_PATH=$WORK/bin $WORK/bin/$2 < $3"
-}
-
 # host-local's own layout, written directly: one file per address named by the address,
-# content "<container id>\r\n<ifname>", plus last_reserved_ip.0. Same addresses as ours:
+# content "<container id>\r\n<ifname>", plus last_reserved_ip.0. The same addresses as ours:
 # from 10.128.0.2 up (10.128.0.1 is the gateway).
 fill_host_local() {
     local dir=$1/bench count=$2 i n ip=""
@@ -75,12 +85,15 @@ fill_ours() {
     "$TOOL" fill "$1" bench 10.128.0.0/16 "$2" >/dev/null
 }
 
-# stats <name> <json files...>: median and p90 in ms of every timed run of <name>.
-stats() {
-    local name=$1
-    shift
-    jq -rs --arg n "$name" '[.[].results[] | select(.command == $n) | .times[]] | sort
-        | "\(.[(length / 2 | floor)] * 1000 | . * 1000 | round / 1000) \(.[((length - 1) * 0.9 | round)] * 1000 | . * 1000 | round / 1000) \(length)"' "$@"
+declare -A MED P90 RUNS
+# timed <iterations> <case args...>: runs ipam-bench time and keeps median and p90 per case.
+timed() {
+    local name med p90 n
+    while read -r name med p90 n; do
+        MED[$name]=$med
+        P90[$name]=$p90
+        RUNS[$name]=$n
+    done < <("$TOOL" time "$@")
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
@@ -92,122 +105,113 @@ conf "$WORK/ours.json" headcni-ipam "$WORK/ours" 10.128.0.0/16
 conf "$WORK/hl.json" host-local "$WORK/hl" 10.128.0.0/16
 fill_ours "$WORK/ours" $BIG
 fill_host_local "$WORK/hl" $BIG
-echo "state: ours $(stat -c %s "$WORK"/ours/bench/state.*) bytes in one file; host-local $(ls "$WORK/hl/bench" | wc -l) files"
-ours_add=$(cni ADD headcni-ipam "$WORK/ours.json" bench-add)
-ours_del=$(cni DEL headcni-ipam "$WORK/ours.json" bench-add)
-hl_add=$(cni ADD host-local "$WORK/hl.json" bench-add)
-hl_del=$(cni DEL host-local "$WORK/hl.json" bench-add)
-for ((round = 1; round <= ROUNDS; round++)); do
-    if ((round % 2)); then
-        set -- -n ours-60k --prepare "$ours_del" "$ours_add" -n host-local-60k --prepare "$hl_del" "$hl_add"
-    else
-        set -- -n host-local-60k --prepare "$hl_del" "$hl_add" -n ours-60k --prepare "$ours_del" "$ours_add"
-    fi
-    hyperfine --style basic --warmup 3 --runs "$RUNS" --export-json "$WORK/results/add60k-$round.json" "$@"
-done
-eval "$ours_del"
-eval "$hl_del"
-used=$("$HEADCNI" ipam stats --data-dir "$WORK/ours" --network bench --json | jq '.networks[0].used')
-[ "$used" = $BIG ] || { echo "ours holds $used allocations, expected $BIG" >&2; exit 1; }
-read -r ours_med ours_p90 ours_n <<<"$(stats ours-60k "$WORK"/results/add60k-*.json)"
-read -r hl_med hl_p90 hl_n <<<"$(stats host-local-60k "$WORK"/results/add60k-*.json)"
+echo "60k state: ours $(stat -c %s "$WORK"/ours/bench/state.*) bytes in one file; host-local $(find "$WORK/hl/bench" -type f | wc -l) files"
+timed "$ITER" \
+    --case ours-60k ADD DEL "$OURS" "$WORK/ours.json" bench-add \
+    --case ours-dynamic-60k ADD DEL "$OURS_DYN" "$WORK/ours.json" bench-add \
+    --case host-local-60k ADD DEL "$HL" "$WORK/hl.json" bench-add
+used=$("$STATIC" ipam stats --data-dir "$WORK/ours" --network bench --json | jq '.networks[0].used')
+[ "$used" = $((BIG + 1)) ] || { echo "ours holds $used allocations, expected $((BIG + 1))" >&2; exit 1; }
 
 # ---- b) 200 parallel ADD processes into one empty range -----------------------------------
 cat >"$WORK/burst.sh" <<'EOF'
 #!/bin/bash
-# burst.sh <plugin> <conf> <count> <bin dir>: <count> ADD processes at once, then wait.
+# burst.sh <plugin> <conf> <count>: <count> ADD processes at once, then wait for all.
 for ((i = 0; i < $3; i++)); do
     CNI_COMMAND=ADD CNI_CONTAINERID=burst$i CNI_NETNS=/var/run/netns/burst$i CNI_IFNAME=eth0 \
-        CNI_PATH=$4 "$4/$1" <"$2" >/dev/null 2>&1 &
+        CNI_PATH=$(dirname "$1") "$1" <"$2" >/dev/null 2>&1 &
 done
 wait
 EOF
 chmod +x "$WORK/burst.sh"
 conf "$WORK/ours-burst.json" headcni-ipam "$WORK/ours-burst" 10.129.0.0/24
 conf "$WORK/hl-burst.json" host-local "$WORK/hl-burst" 10.129.0.0/24
-ours_burst="$WORK/burst.sh headcni-ipam $WORK/ours-burst.json $BURST $WORK/bin"
-hl_burst="$WORK/burst.sh host-local $WORK/hl-burst.json $BURST $WORK/bin"
-for ((round = 1; round <= ROUNDS; round++)); do
-    if ((round % 2)); then
-        set -- -n ours-burst --prepare "rm -rf $WORK/ours-burst" "$ours_burst" -n host-local-burst --prepare "rm -rf $WORK/hl-burst" "$hl_burst"
-    else
-        set -- -n host-local-burst --prepare "rm -rf $WORK/hl-burst" "$hl_burst" -n ours-burst --prepare "rm -rf $WORK/ours-burst" "$ours_burst"
-    fi
-    hyperfine --style basic --runs "$BURST_RUNS" --export-json "$WORK/results/burst-$round.json" "$@"
-    # Each run must have handed out BURST distinct addresses.
-    got_ours=$("$HEADCNI" ipam list --data-dir "$WORK/ours-burst" --network bench --json | jq '[.allocations[].address] | unique | length')
+for ((run = 1; run <= BURST_RUNS; run++)); do
+    hyperfine --style basic --runs 1 --export-json "$WORK/burst-$run.json" \
+        -n ours-burst --prepare "rm -rf $WORK/ours-burst" "$WORK/burst.sh $OURS $WORK/ours-burst.json $BURST" \
+        -n ours-dynamic-burst --prepare "rm -rf $WORK/ours-burst" "$WORK/burst.sh $OURS_DYN $WORK/ours-burst.json $BURST" \
+        -n host-local-burst --prepare "rm -rf $WORK/hl-burst" "$WORK/burst.sh $HL $WORK/hl-burst.json $BURST" >/dev/null
+    # Every run hands out BURST distinct addresses (the last one's state is still there).
+    got_ours=$("$STATIC" ipam list --data-dir "$WORK/ours-burst" --network bench --json | jq '[.allocations[].address] | unique | length')
     got_hl=$(find "$WORK/hl-burst/bench" -name '10.*' | wc -l)
     if [ "$got_ours" != "$BURST" ] || [ "$got_hl" != "$BURST" ]; then
         echo "burst: ours $got_ours, host-local $got_hl distinct addresses, expected $BURST" >&2
         exit 1
     fi
 done
-read -r ob_med ob_p90 ob_n <<<"$(stats ours-burst "$WORK"/results/burst-*.json)"
-read -r hb_med hb_p90 hb_n <<<"$(stats host-local-burst "$WORK"/results/burst-*.json)"
+for name in ours-burst ours-dynamic-burst host-local-burst; do
+    read -r MED[$name] P90[$name] RUNS[$name] < <(jq -rs --arg n "$name" \
+        '[.[].results[] | select(.command == $n) | .mean * 1000] | sort
+         | "\(.[(length / 2 | floor)] | . * 10 | round / 10) \(.[((length - 1) * 0.9 | round)] | . * 10 | round / 10) \(length)"' \
+        "$WORK"/burst-*.json)
+done
 
 # ---- c) scaling ------------------------------------------------------------------------------
-scaling=()
 for count in 0 1000 10000; do
     rm -rf "$WORK/ours-s" "$WORK/hl-s"
     conf "$WORK/ours-s.json" headcni-ipam "$WORK/ours-s" 10.128.0.0/16
     conf "$WORK/hl-s.json" host-local "$WORK/hl-s" 10.128.0.0/16
-    fill_ours "$WORK/ours-s" $count
-    fill_host_local "$WORK/hl-s" $count
-    hyperfine --style basic --warmup 3 --runs "$RUNS" --export-json "$WORK/results/scale-$count.json" \
-        -n "ours-$count" --prepare "$(cni DEL headcni-ipam "$WORK/ours-s.json" bench-add)" "$(cni ADD headcni-ipam "$WORK/ours-s.json" bench-add)" \
-        -n "host-local-$count" --prepare "$(cni DEL host-local "$WORK/hl-s.json" bench-add)" "$(cni ADD host-local "$WORK/hl-s.json" bench-add)"
-    read -r om _ _ <<<"$(stats "ours-$count" "$WORK/results/scale-$count.json")"
-    read -r hm _ _ <<<"$(stats "host-local-$count" "$WORK/results/scale-$count.json")"
-    scaling+=("| $count | $om | $hm | $(ratio "$om" "$hm") |")
+    [ "$count" = 0 ] || fill_ours "$WORK/ours-s" "$count"
+    fill_host_local "$WORK/hl-s" "$count"
+    timed "$ITER" \
+        --case "ours-$count" ADD DEL "$OURS" "$WORK/ours-s.json" bench-add \
+        --case "host-local-$count" ADD DEL "$HL" "$WORK/hl-s.json" bench-add
 done
-scaling+=("| $BIG | $ours_med | $hl_med | $(ratio "$ours_med" "$hl_med") |")
 
 # ---- d) STATUS -------------------------------------------------------------------------------
-status_rows=()
 for count in 0 110 $BIG; do
-    rm -rf "$WORK/st"
-    conf "$WORK/st.json" headcni-ipam "$WORK/st" 10.128.0.0/16 1.1.0
-    [ "$count" = 0 ] || fill_ours "$WORK/st" $count
-    hyperfine --style basic --warmup 10 --runs $((RUNS * 3)) --export-json "$WORK/results/status-$count.json" \
-        -n "status-$count" "$(cni STATUS headcni-ipam "$WORK/st.json" unused)"
-    read -r sm sp _ <<<"$(stats "status-$count" "$WORK/results/status-$count.json")"
-    status_rows+=("| $count | $sm | $sp |")
+    rm -rf "$WORK/st-$count"
+    conf "$WORK/st-$count.json" headcni-ipam "$WORK/st-$count" 10.128.0.0/16 1.1.0
+    [ "$count" = 0 ] || fill_ours "$WORK/st-$count" "$count"
 done
-hyperfine --style basic --warmup 10 --runs $((RUNS * 3)) --export-json "$WORK/results/version.json" \
-    -n version "CNI_COMMAND=VERSION $WORK/bin/headcni-ipam < /dev/null"
-read -r vm vp _ <<<"$(stats version "$WORK/results/version.json")"
+timed $((ITER * 5)) \
+    --case status-0 STATUS - "$OURS" "$WORK/st-0.json" unused \
+    --case status-110 STATUS - "$OURS" "$WORK/st-110.json" unused \
+    --case status-$BIG STATUS - "$OURS" "$WORK/st-$BIG.json" unused \
+    --case version VERSION - "$OURS" "$WORK/st-0.json" unused \
+    --case version-dynamic VERSION - "$OURS_DYN" "$WORK/st-0.json" unused
 
 # ---- e) fsync --------------------------------------------------------------------------------
 fsync_small=$("$TOOL" fsync "$WORK" 110 300)
 fsync_big=$("$TOOL" fsync "$WORK" $BIG 20)
 
+row() { echo "| $1 | ${MED[$2]} | ${P90[$2]} | ${RUNS[$2]} |"; }
+
 cat <<EOF
 
-==== summary (milliseconds; median and p90 over all rounds) ====
-a) IPAM ADD, whole process, /16 holding $BIG allocations ($ROUNDS rounds x $RUNS runs, alternating)
+==== summary: milliseconds, median and p90 ====
+a) IPAM ADD, whole process, on a /16 holding $BIG allocations
 | plugin | median | p90 | runs |
 |---|---|---|---|
-| headcni-ipam | $ours_med | $ours_p90 | $ours_n |
-| host-local | $hl_med | $hl_p90 | $hl_n |
-ratio headcni-ipam / host-local (median): $(ratio "$ours_med" "$hl_med")  (goal <= 0.2)
+$(row "headcni-ipam (static, as shipped)" ours-60k)
+$(row "headcni-ipam (dynamically linked)" ours-dynamic-60k)
+$(row "host-local $(dpkg-query -W -f '${Version}' containernetworking-plugins 2>/dev/null)" host-local-60k)
+ratio to host-local (median): static $(ratio "${MED[ours-60k]}" "${MED[host-local-60k]}"), dynamic $(ratio "${MED[ours-dynamic-60k]}" "${MED[host-local-60k]}")  (goal <= 0.2)
 
-b) $BURST parallel IPAM ADD processes into one empty /24, wall time ($ROUNDS rounds x $BURST_RUNS runs)
+b) $BURST parallel IPAM ADD processes into one empty /24, wall time of the whole burst
 | plugin | median | p90 | runs |
 |---|---|---|---|
-| headcni-ipam | $ob_med | $ob_p90 | $ob_n |
-| host-local | $hb_med | $hb_p90 | $hb_n |
-ratio headcni-ipam / host-local (median): $(ratio "$ob_med" "$hb_med")  (goal <= 0.3)
+$(row "headcni-ipam (static, as shipped)" ours-burst)
+$(row "headcni-ipam (dynamically linked)" ours-dynamic-burst)
+$(row "host-local" host-local-burst)
+ratio to host-local (median): static $(ratio "${MED[ours-burst]}" "${MED[host-local-burst]}"), dynamic $(ratio "${MED[ours-dynamic-burst]}" "${MED[host-local-burst]}")  (goal <= 0.3)
 
-c) IPAM ADD by allocations already held (median)
+c) IPAM ADD by allocations already held (median; headcni-ipam static)
 | allocations | headcni-ipam | host-local | ratio |
 |---|---|---|---|
-$(printf '%s\n' "${scaling[@]}")
+| 0 | ${MED[ours-0]} | ${MED[host-local-0]} | $(ratio "${MED[ours-0]}" "${MED[host-local-0]}") |
+| 1000 | ${MED[ours-1000]} | ${MED[host-local-1000]} | $(ratio "${MED[ours-1000]}" "${MED[host-local-1000]}") |
+| 10000 | ${MED[ours-10000]} | ${MED[host-local-10000]} | $(ratio "${MED[ours-10000]}" "${MED[host-local-10000]}") |
+| $BIG | ${MED[ours-60k]} | ${MED[host-local-60k]} | $(ratio "${MED[ours-60k]}" "${MED[host-local-60k]}") |
 
-d) headcni-ipam STATUS, whole process
-| allocations | median | p90 |
-|---|---|---|
-$(printf '%s\n' "${status_rows[@]}")
-process floor (VERSION, no work): median $vm, p90 $vp
+d) headcni-ipam STATUS, whole process (static)
+| allocations | median | p90 | runs |
+|---|---|---|---|
+$(row 0 status-0)
+$(row 110 status-110)
+$(row $BIG status-$BIG)
+$(row "VERSION (the process floor: no work)" version)
+$(row "VERSION, dynamically linked" version-dynamic)
 
 e) atomic state replacement with and without fsync (file + directory), this disk
 $fsync_small

@@ -4,7 +4,13 @@
 //! ```text
 //! ipam-bench fill <data-dir> <network> <subnet> <count>
 //! ipam-bench fsync <dir> <records> <iterations>
+//! ipam-bench time <iterations> (--case <name> <verb> <prepare verb|-> <plugin> <conf> <container>)...
 //! ```
+//!
+//! `time` runs whole plugin processes the way a runtime does (fork, exec, config on stdin,
+//! wait) and times each one; the cases take turns within every iteration, so that a noisy
+//! neighbour affects them alike. A case's prepare verb (for example the DEL that undoes the
+//! timed ADD) runs untimed before each timed run.
 
 use headcni::fsutil::{self, Durability};
 use headcni::ipam::config::IpamConfig;
@@ -16,9 +22,78 @@ use std::time::Instant;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ipam-bench fill <data-dir> <network> <subnet> <count>\n       ipam-bench fsync <dir> <records> <iterations>"
+        "usage: ipam-bench fill <data-dir> <network> <subnet> <count>\n       ipam-bench fsync <dir> <records> <iterations>\n       ipam-bench time <iterations> (--case <name> <verb> <prepare verb|-> <plugin> <conf> <container>)..."
     );
     ExitCode::from(2)
+}
+
+struct Case<'a> {
+    name: &'a str,
+    verb: &'a str,
+    prepare: Option<&'a str>,
+    plugin: &'a str,
+    conf: &'a str,
+    container: &'a str,
+    times: Vec<f64>,
+}
+
+/// Runs `plugin` for `verb` like a runtime would; returns the wall time in ms.
+fn spawn_plugin(case: &Case<'_>, verb: &str) -> Result<f64, String> {
+    let stdin = std::fs::File::open(case.conf).map_err(|e| format!("{}: {e}", case.conf))?;
+    let dir = Path::new(case.plugin).parent().unwrap_or(Path::new("/"));
+    let start = Instant::now();
+    let status = std::process::Command::new(case.plugin)
+        .env("CNI_COMMAND", verb)
+        .env("CNI_CONTAINERID", case.container)
+        .env("CNI_NETNS", format!("/var/run/netns/{}", case.container))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", dir)
+        .stdin(stdin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("{}: {e}", case.plugin))?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if !status.success() {
+        return Err(format!("{} {verb} failed: {status}", case.name));
+    }
+    Ok(ms)
+}
+
+fn time(iterations: &str, specs: &[&str]) -> Result<(), String> {
+    let iterations: usize = iterations.parse().map_err(|e| format!("iterations: {e}"))?;
+    let mut cases = Vec::new();
+    let mut rest = specs;
+    while let ["--case", name, verb, prepare, plugin, conf, container, tail @ ..] = rest {
+        let prepare = Some(*prepare).filter(|p| *p != "-");
+        cases.push(Case { name, verb, prepare, plugin, conf, container, times: Vec::new() });
+        rest = tail;
+    }
+    if cases.is_empty() || !rest.is_empty() {
+        return Err("expected one or more --case <name> <verb> <prepare verb|-> <plugin> <conf> <container>".into());
+    }
+    let n = cases.len();
+    for i in 0..iterations {
+        for k in 0..n {
+            let case = &mut cases[(i + k) % n];
+            if let Some(prepare) = case.prepare {
+                spawn_plugin(case, prepare)?;
+            }
+            let ms = spawn_plugin(case, case.verb)?;
+            case.times.push(ms);
+        }
+    }
+    for case in &mut cases {
+        case.times.sort_by(f64::total_cmp);
+        println!(
+            "{} {:.3} {:.3} {}",
+            case.name,
+            percentile(&case.times, 0.5),
+            percentile(&case.times, 0.9),
+            case.times.len()
+        );
+    }
+    Ok(())
 }
 
 /// A state with `count` allocations that look like a kubelet's: 64-hex container ids,
@@ -103,6 +178,7 @@ fn main() -> ExitCode {
     let outcome = match args[..] {
         ["fill", data_dir, network, subnet, count] => fill(data_dir, network, subnet, count),
         ["fsync", dir, records, iterations] => fsync(dir, records, iterations),
+        ["time", iterations, ref specs @ ..] => time(iterations, specs),
         _ => return usage(),
     };
     match outcome {

@@ -2,16 +2,17 @@
 //!
 //! ```text
 //! lock                      flock target; never renamed, never removed
-//! state.<boot id>           the state (see `state.rs`), replaced atomically by rename
-//! .state.<boot id>.tmp.<pid> a writer's new state before its rename (removed if it died)
+//! state.<boot id>           the state (see `state.rs`), replaced atomically
+//! .state.<boot id>.tmp.<pid> a writer's new state before the swap, or the old one after it
+//!                           (removed by the next writer if its writer died)
 //! corrupt.<boot id>.<time>  a damaged state file kept by `headcni ipam repair`
 //! ```
 //!
-//! Every change takes the exclusive lock, reads the state, and writes a whole new file that is
-//! renamed over the old one: a writer killed at any instant leaves either the old state or the
-//! new, never a mix, and its temporary file is removed by the next writer. Readers (STATUS,
-//! CHECK, `headcni ipam list|stats`) take no lock: a rename is atomic, so they always see one
-//! complete state, and they never wait behind a queue of writers.
+//! Every change takes the exclusive lock, reads the state, and writes a whole new file that
+//! atomically takes the old one's place (see `replace`): a writer killed at any instant leaves
+//! either the old state or the new, never a mix, and its temporary file is removed by the next
+//! writer. Readers (STATUS, CHECK, `headcni ipam list|stats`) take no lock: the swap is atomic,
+//! so they always see one complete state, and they never wait behind a queue of writers.
 //!
 //! The boot id is part of the state file's name. Allocations die with the pods at a reboot, so
 //! the first writer of a new boot deletes the files of earlier boots without reading them, and
