@@ -130,7 +130,7 @@ fn synthetic(boot_id: &str, subnet: &str, count: usize) -> Result<State<'static>
 fn fill(data_dir: &str, network: &str, subnet: &str, count: &str) -> Result<(), String> {
     let count: usize = count.parse().map_err(|e| format!("count: {e}"))?;
     let store = Store::for_this_boot(Path::new(data_dir), network).map_err(|e| e.to_string())?;
-    let locked = store.lock(true).map_err(|e| e.to_string())?.ok_or("no store")?;
+    let locked = store.lock_creating().map_err(|e| e.to_string())?;
     let state = synthetic(store.boot_id(), subnet, count)?;
     locked.write(&state).map_err(|e| e.to_string())?;
     let size = std::fs::metadata(store.state_path()).map_err(|e| e.to_string())?.len();

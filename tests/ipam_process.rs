@@ -175,7 +175,7 @@ fn held(state: &State<'_>) -> HashMap<String, Vec<IpAddr>> {
 /// Writes `count` allocations (containers `pre0..`) straight through the store API.
 fn preload(ipam: &Ipam, count: u32) {
     let store = ipam.store();
-    let locked = store.lock(true).unwrap().unwrap();
+    let locked = store.lock_creating().unwrap();
     let mut state = State::new(store.boot_id());
     for i in 0..count {
         let a = Allocation {

@@ -339,7 +339,7 @@ struct GcReport {
 fn gc(args: &IpamArgs, stores: &[Store], dry_run: bool) -> Result<i32, CliError> {
     let mut reports = Vec::new();
     for store in stores {
-        let Some(locked) = store.lock(false)? else { continue };
+        let Some(locked) = store.lock_existing()? else { continue };
         let Some(bytes) = store.read()? else { continue };
         let mut state = store.parse(&bytes)?;
         let released = state.retain(|a| !netns_gone(&a.netns));
@@ -399,7 +399,7 @@ fn repair_one(store: &Store) -> Result<RepairReport, CliError> {
         dropped: Vec::new(),
         damaged_copy: None,
     };
-    let Some(locked) = store.lock(false)? else { return Ok(report) };
+    let Some(locked) = store.lock_existing()? else { return Ok(report) };
     let Some(bytes) = store.read()? else { return Ok(report) };
     match store.parse(&bytes) {
         Ok(state) => {

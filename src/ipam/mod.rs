@@ -197,7 +197,7 @@ fn add(req: &Request) -> Result<CniResult, IpamError> {
     }
     let wanted = requested_per_set(req, &conf)?;
     let store = Store::for_this_boot(&conf.data_dir, &req.network)?;
-    let locked = store.lock(true)?.ok_or_else(|| IpamError::Config("no store directory".into()))?;
+    let locked = store.lock_creating()?;
     let bytes = locked.store().read()?;
     let mut state = match &bytes {
         Some(b) => store.parse(b)?,
@@ -271,7 +271,7 @@ fn add(req: &Request) -> Result<CniResult, IpamError> {
 fn del(req: &Request) -> Result<(), IpamError> {
     let conf = IpamConfig::from_request(req)?;
     let store = Store::for_this_boot(&conf.data_dir, &req.network)?;
-    let Some(locked) = store.lock(false)? else { return Ok(()) };
+    let Some(locked) = store.lock_existing()? else { return Ok(()) };
     let Some(bytes) = locked.store().read()? else { return Ok(()) };
     let mut state = store.parse(&bytes)?;
     let released = state.release(&req.container_id, &req.ifname);
@@ -365,7 +365,7 @@ fn gc(req: &Request) -> Result<(), IpamError> {
         .map(|a| (a.container_id, a.ifname))
         .collect();
     let store = Store::for_this_boot(&conf.data_dir, &req.network)?;
-    let Some(locked) = store.lock(false)? else { return Ok(()) };
+    let Some(locked) = store.lock_existing()? else { return Ok(()) };
     let Some(bytes) = locked.store().read()? else { return Ok(()) };
     let mut state = store.parse(&bytes)?;
     let released = state.retain(|a| valid.contains(&(a.container_id.clone(), a.ifname.clone())));

@@ -130,19 +130,28 @@ impl Store {
         cmd
     }
 
-    /// Takes the exclusive lock, creating the directory when `create` is set, and tidies up
-    /// after writers that died and after earlier boots. `None`: no directory, nothing stored.
-    pub fn lock(&self, create: bool) -> Result<Option<Locked<'_>>, StoreError> {
-        if create {
-            fsutil::ensure_dir(&self.dir, 0o700).map_err(io_err("creating", &self.dir))?;
-        } else if !self.dir.is_dir() {
+    /// Takes the exclusive lock, creating the store's directory if needed (ADD), and tidies up
+    /// after writers that died and after earlier boots.
+    pub fn lock_creating(&self) -> Result<Locked<'_>, StoreError> {
+        fsutil::ensure_dir(&self.dir, 0o700).map_err(io_err("creating", &self.dir))?;
+        self.lock_dir()
+    }
+
+    /// Like [`lock_creating`](Self::lock_creating) for operations that only remove (DEL, GC,
+    /// repair): `None` when there is no directory, hence nothing stored, and none is created.
+    pub fn lock_existing(&self) -> Result<Option<Locked<'_>>, StoreError> {
+        if !self.dir.is_dir() {
             return Ok(None);
         }
+        self.lock_dir().map(Some)
+    }
+
+    fn lock_dir(&self) -> Result<Locked<'_>, StoreError> {
         let lock_path = self.dir.join(LOCK_NAME);
         let lock = LockFile::exclusive(&lock_path).map_err(io_err("locking", &lock_path))?;
         let locked = Locked { store: self, _lock: lock };
         locked.tidy()?;
-        Ok(Some(locked))
+        Ok(locked)
     }
 
     /// The current boot's state file, or `None` when there is none. Needs no lock.
@@ -434,9 +443,9 @@ mod tests {
     fn write_read_and_unlocked_reads_see_whole_states() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path(), "net", BOOT_A).unwrap();
-        assert!(store.lock(false).unwrap().is_none(), "no directory, nothing to lock");
+        assert!(store.lock_existing().unwrap().is_none(), "no directory, nothing to lock");
         assert!(store.read().unwrap().is_none());
-        let locked = store.lock(true).unwrap().unwrap();
+        let locked = store.lock_creating().unwrap();
         let mut state = State::new(BOOT_A);
         state.insert(&alloc("10.0.0.2", "a"));
         locked.write(&state).unwrap();
@@ -463,7 +472,7 @@ mod tests {
         assert!(new.read().unwrap().is_none());
         assert!(new.read_header().unwrap().is_none());
         // The first writer removes it.
-        let locked = new.lock(false).unwrap().unwrap();
+        let locked = new.lock_existing().unwrap().unwrap();
         assert_eq!(names(new.dir()), vec!["lock".to_string()]);
         locked.write(&State::new(BOOT_B)).unwrap();
         assert_eq!(names(new.dir()), vec!["lock".to_string(), format!("state.{BOOT_B}")]);
@@ -473,7 +482,7 @@ mod tests {
     fn leftover_temp_files_are_removed_by_the_next_writer_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path(), "net", BOOT_A).unwrap();
-        let locked = store.lock(true).unwrap().unwrap();
+        let locked = store.lock_creating().unwrap();
         locked.write(&State::new(BOOT_A)).unwrap();
         drop(locked);
         let temp = store.dir().join(format!(".state.{BOOT_A}.tmp.999999"));
@@ -481,7 +490,7 @@ mod tests {
         fs::write(store.dir().join(format!("corrupt.{BOOT_A}.5")), b"kept").unwrap();
         store.read_header().unwrap();
         assert!(temp.exists(), "readers leave it alone");
-        drop(store.lock(false).unwrap());
+        drop(store.lock_existing().unwrap());
         assert!(!temp.exists());
         assert!(store.dir().join(format!("corrupt.{BOOT_A}.5")).exists());
     }
@@ -490,7 +499,7 @@ mod tests {
     fn damage_is_reported_with_the_file_and_the_repair_command() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path(), "net", BOOT_A).unwrap();
-        let locked = store.lock(true).unwrap().unwrap();
+        let locked = store.lock_creating().unwrap();
         let mut state = State::new(BOOT_A);
         state.insert(&alloc("10.0.0.2", "a"));
         locked.write(&state).unwrap();
@@ -513,7 +522,7 @@ mod tests {
     fn large_files_are_checked_by_header_and_end_line() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path(), "net", BOOT_A).unwrap();
-        let locked = store.lock(true).unwrap().unwrap();
+        let locked = store.lock_creating().unwrap();
         let mut state = State::new(BOOT_A);
         for i in 0..12_000u32 {
             let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i + 2);
