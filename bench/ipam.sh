@@ -96,6 +96,13 @@ timed() {
     done < <("$TOOL" time "$@")
 }
 
+# Flushes what earlier steps left dirty, so that their writeback does not land in the next
+# measurement (it slows file creation and renames for every plugin alike, but unevenly).
+settle() {
+    sync
+    sleep 2
+}
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
 
 echo "== $(date -u +%FT%TZ) $(uname -r), $(nproc) cores, headcni $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), host-local $(dpkg-query -W -f '${Version}' containernetworking-plugins 2>/dev/null || echo '?')"
@@ -105,6 +112,7 @@ conf "$WORK/ours.json" headcni-ipam "$WORK/ours" 10.128.0.0/16
 conf "$WORK/hl.json" host-local "$WORK/hl" 10.128.0.0/16
 fill_ours "$WORK/ours" $BIG
 fill_host_local "$WORK/hl" $BIG
+settle
 echo "60k state: ours $(stat -c %s "$WORK"/ours/bench/state.*) bytes in one file; host-local $(find "$WORK/hl/bench" -type f | wc -l) files"
 timed "$ITER" \
     --case ours-60k ADD DEL "$OURS" "$WORK/ours.json" bench-add \
@@ -124,13 +132,14 @@ done
 wait
 EOF
 chmod +x "$WORK/burst.sh"
+settle
 conf "$WORK/ours-burst.json" headcni-ipam "$WORK/ours-burst" 10.129.0.0/24
 conf "$WORK/hl-burst.json" host-local "$WORK/hl-burst" 10.129.0.0/24
 for ((run = 1; run <= BURST_RUNS; run++)); do
     hyperfine --style basic --runs 1 --export-json "$WORK/burst-$run.json" \
-        -n ours-burst --prepare "rm -rf $WORK/ours-burst" "$WORK/burst.sh $OURS $WORK/ours-burst.json $BURST" \
-        -n ours-dynamic-burst --prepare "rm -rf $WORK/ours-burst" "$WORK/burst.sh $OURS_DYN $WORK/ours-burst.json $BURST" \
-        -n host-local-burst --prepare "rm -rf $WORK/hl-burst" "$WORK/burst.sh $HL $WORK/hl-burst.json $BURST" >/dev/null
+        -n ours-burst --prepare "rm -rf $WORK/ours-burst && sync" "$WORK/burst.sh $OURS $WORK/ours-burst.json $BURST" \
+        -n ours-dynamic-burst --prepare "rm -rf $WORK/ours-burst && sync" "$WORK/burst.sh $OURS_DYN $WORK/ours-burst.json $BURST" \
+        -n host-local-burst --prepare "rm -rf $WORK/hl-burst && sync" "$WORK/burst.sh $HL $WORK/hl-burst.json $BURST" >/dev/null
     # Every run hands out BURST distinct addresses (the last one's state is still there).
     got_ours=$("$STATIC" ipam list --data-dir "$WORK/ours-burst" --network bench --json | jq '[.allocations[].address] | unique | length')
     got_hl=$(find "$WORK/hl-burst/bench" -name '10.*' | wc -l)
@@ -153,6 +162,7 @@ for count in 0 1000 10000; do
     conf "$WORK/hl-s.json" host-local "$WORK/hl-s" 10.128.0.0/16
     [ "$count" = 0 ] || fill_ours "$WORK/ours-s" "$count"
     fill_host_local "$WORK/hl-s" "$count"
+    settle
     timed "$ITER" \
         --case "ours-$count" ADD DEL "$OURS" "$WORK/ours-s.json" bench-add \
         --case "host-local-$count" ADD DEL "$HL" "$WORK/hl-s.json" bench-add
@@ -164,6 +174,7 @@ for count in 0 110 $BIG; do
     conf "$WORK/st-$count.json" headcni-ipam "$WORK/st-$count" 10.128.0.0/16 1.1.0
     [ "$count" = 0 ] || fill_ours "$WORK/st-$count" "$count"
 done
+settle
 timed $((ITER * 5)) \
     --case status-0 STATUS - "$OURS" "$WORK/st-0.json" unused \
     --case status-110 STATUS - "$OURS" "$WORK/st-110.json" unused \
@@ -172,6 +183,7 @@ timed $((ITER * 5)) \
     --case version-dynamic VERSION - "$OURS_DYN" "$WORK/st-0.json" unused
 
 # ---- e) fsync --------------------------------------------------------------------------------
+settle
 fsync_small=$("$TOOL" fsync "$WORK" 110 300)
 fsync_big=$("$TOOL" fsync "$WORK" $BIG 20)
 
