@@ -314,18 +314,32 @@ fn list(args: &IpamArgs, stores: &[Store]) -> Result<i32, CliError> {
     Ok(0)
 }
 
-/// Whether the network namespace an allocation was made for is gone. Only a path that no
-/// longer exists counts: anything else (no path recorded, no permission, a file this process
-/// cannot judge) keeps the allocation, because releasing a live pod's address is worse than
-/// keeping a dead one's a little longer.
+/// The kernel's fixed inode number of the initial PID namespace (PROC_PID_INIT_INO).
+const INITIAL_PID_NAMESPACE: &str = "pid:[4026531836]";
+
+fn in_initial_pid_namespace() -> bool {
+    std::fs::read_link("/proc/self/ns/pid").is_ok_and(|link| link.as_os_str() == INITIAL_PID_NAMESPACE)
+}
+
+/// Whether the network namespace an allocation was made for is gone. Only a path that is
+/// missing where this process can judge counts: a process's namespace (`/proc/<pid>/ns/net`)
+/// only when this process is in the node's PID namespace, a bind-mounted one
+/// (`/var/run/netns/<name>`) only when its directory is visible here. Anything else (no path
+/// recorded, no permission, a directory this process does not see) keeps the allocation:
+/// releasing a live pod's address is far worse than keeping a dead one's a little longer.
 pub fn netns_gone(netns: &str) -> bool {
     if netns.is_empty() {
         return false;
     }
-    match std::fs::symlink_metadata(netns) {
-        Err(e) => matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory),
-        Ok(_) => false,
+    let path = std::path::Path::new(netns);
+    match std::fs::symlink_metadata(path) {
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {}
+        _ => return false,
     }
+    if netns.starts_with("/proc/") {
+        return in_initial_pid_namespace();
+    }
+    path.parent().is_some_and(|dir| dir.is_dir())
 }
 
 #[derive(Debug, Serialize)]
@@ -454,4 +468,23 @@ fn repair(args: &IpamArgs, stores: &[Store]) -> Result<i32, CliError> {
         writeln!(out, "no IPAM store under {}", args.data_dir.display())?;
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_namespaces_missing_where_they_can_be_seen_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let alive = dir.path().join("alive");
+        std::fs::write(&alive, b"").unwrap();
+        assert!(!netns_gone(""));
+        assert!(!netns_gone(&alive.display().to_string()));
+        assert!(netns_gone(&dir.path().join("dead").display().to_string()));
+        assert!(!netns_gone("/no-such-netns-dir-here/cni-1234"), "an invisible directory proves nothing");
+        // A process that cannot exist: gone, if this test sees the node's PID namespace.
+        assert_eq!(netns_gone("/proc/2147483647/ns/net"), in_initial_pid_namespace());
+        assert!(!netns_gone("/proc/self/ns/net"));
+    }
 }
