@@ -402,4 +402,52 @@ mod tests {
             Err(IpamError::Config(m)) if m.contains("ipam is required")
         ));
     }
+
+    use crate::ipam::allocator::Strategy as Pick;
+    use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
+
+    proptest! {
+        /// Whatever the subnet, gateway and exclusion, allocating until exhaustion hands out
+        /// every other address exactly once and never the network, broadcast or gateway address
+        /// or an excluded one, with every strategy.
+        #[test]
+        fn reserved_and_excluded_addresses_are_never_handed_out(
+            prefix in 26u8..=30, gw_pick in any::<u16>(), ex_pick in any::<u16>(), ex_len in 30u8..=32,
+            which in 0usize..3, seed in any::<u64>(),
+        ) {
+            let size = 1u32 << (32 - prefix);
+            let base = 0x0a00_0000u32;
+            let host = |pick: u16| std::net::Ipv4Addr::from(base + 1 + u32::from(pick) % (size - 2));
+            let gateway = host(gw_pick);
+            let excluded = ipnetwork::Ipv4Network::new(host(ex_pick), ex_len).unwrap();
+            let excluded = ipnetwork::Ipv4Network::new(excluded.network(), ex_len).unwrap();
+            let c = parse(json!({"subnet": format!("10.0.0.0/{prefix}"), "gateway": gateway.to_string(),
+                "exclude": [excluded.to_string()]})).unwrap();
+            let pool = c.sets[0].pool();
+            let strategy = [Pick::Sequential, Pick::Random, Pick::Dense][which];
+            let mut state = seed;
+            let mut random = |m: u128| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                u128::from(state >> 11) % m
+            };
+            let mut used: Vec<u128> = Vec::new();
+            let mut cursor = None;
+            while let Some(a) = pool.next(&used, strategy, cursor, &mut random) {
+                let ip = std::net::Ipv4Addr::from(u32::try_from(a).unwrap());
+                prop_assert!(ip != std::net::Ipv4Addr::from(base), "network address");
+                prop_assert!(ip != std::net::Ipv4Addr::from(base + size - 1), "broadcast address");
+                prop_assert!(ip != gateway, "gateway");
+                prop_assert!(!excluded.contains(ip), "excluded {}", ip);
+                let at = used.partition_point(|&u| u < a);
+                prop_assert!(used.get(at) != Some(&a), "{} twice", ip);
+                used.insert(at, a);
+                cursor = Some(a);
+            }
+            let reserved: std::collections::BTreeSet<std::net::Ipv4Addr> = (base + 1..base + size - 1)
+                .map(std::net::Ipv4Addr::from)
+                .filter(|ip| *ip == gateway || excluded.contains(*ip))
+                .collect();
+            prop_assert_eq!(used.len() as u32, size - 2 - reserved.len() as u32, "every other address, once");
+        }
+    }
 }
