@@ -86,6 +86,8 @@ stage_peers() {
 	if ! rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
 		rustup target add "$musl" || echo "warning: could not add the $musl target; the static build and the image are skipped" >&2
 	fi
+	# The justfile's runner, for the documented `just build`.
+	command -v just >/dev/null || cargo install --locked just
 }
 
 stage_lint() {
@@ -101,7 +103,7 @@ stage_build() {
 	set -e
 	cargo build --locked --release
 	if rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
-		cargo build --locked --release --target "$musl"
+		if command -v just >/dev/null; then just build; else cargo build --locked --release --target "$musl"; fi
 		# A static (PIE) executable has no program interpreter.
 		if readelf -l "target/$musl/release/headcni" | grep -q 'Requesting program interpreter'; then
 			echo "the musl build is not static" >&2
