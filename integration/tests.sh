@@ -214,7 +214,7 @@ cidr_has() {
 # (2) MTU: the pods get the tailnet's MTU, the largest DF packet passes, one
 # byte more fails with an error (not silence), TCP bulk completes both ways.
 t_mtu() {
-	local tsmtu podmtu filemtu r ok big
+	local tsmtu podmtu filemtu ok big
 	tsmtu=$(node_exec 1 cat /sys/class/net/tailscale0/mtu)
 	filemtu=$(sed -n 's/^HEADCNI_MTU=//p' "$(hcni_node_file 1)")
 	podmtu=$(pod_exec 1 p1 cat /sys/class/net/eth0/mtu)
@@ -339,11 +339,13 @@ t_metrics_status() {
 		js=$(hcni_status "$i" --json) || hc_die "headcni status --json failed on node $i"
 		printf '%s\n' "$js" >"$HC_STATE_DIR/tests/status-n$i.json"
 		hcni_status "$i" >"$HC_STATE_DIR/tests/status-n$i.txt" 2>&1 || true
-		j=$(jq -c '{backend_state, pod_cidrs, routes, peers: [.peers[] | {hostname, routes}]}' <<<"$js")
-		note "node $i status: $j"
-		jq -e '.backend_state == "Running"' <<<"$js" >/dev/null || hc_die "node $i status: backend not Running"
-		jq -e --arg c "$(node_pod_cidr "$i")" '.pod_cidrs == [$c]' <<<"$js" >/dev/null ||
-			hc_die "node $i status: pod_cidrs is not [$(node_pod_cidr "$i")]"
+		# status --json speaks camelCase (snake_case accepted too)
+		js=$(jq -c '{backendState: (.backendState // .backend_state), podCidrs: (.podCidrs // .pod_cidrs),
+			routes, peers: [.peers[] | {hostname, routes}], problems}' <<<"$js")
+		note "node $i status: $(jq -c 'del(.problems)' <<<"$js")"
+		jq -e '.backendState == "Running"' <<<"$js" >/dev/null || hc_die "node $i status: backend not Running"
+		jq -e --arg c "$(node_pod_cidr "$i")" '.podCidrs == [$c]' <<<"$js" >/dev/null ||
+			hc_die "node $i status: pod CIDRs are not [$(node_pod_cidr "$i")]"
 		jq -e --arg c "$(node_pod_cidr "$i")" \
 			'any(.routes[]; .cidr == $c and .advertised == true and .approved == true)' <<<"$js" >/dev/null ||
 			hc_die "node $i status: own route not shown advertised and approved"
@@ -352,6 +354,10 @@ t_metrics_status() {
 			hc_die "node $i status: peer $(node_hostname "$other") with route $(node_pod_cidr "$other") not shown"
 		jq -e --arg c "$(node_pod_cidr "$i")" '[.peers[] | select(.routes | index($c) != null)] | length == 0' \
 			<<<"$js" >/dev/null || hc_die "node $i status: a peer is shown with this node's own pod CIDR"
+		jq -e '(.problems // []) | length == 0' <<<"$js" >/dev/null ||
+			hc_die "node $i status reports problems on a healthy node: $(jq -c '.problems' <<<"$js")"
+		grep -q "peer *$(node_hostname "$other")" "$HC_STATE_DIR/tests/status-n$i.txt" ||
+			hc_die "node $i: the text of headcni status names no peer $(node_hostname "$other")"
 	done
 }
 

@@ -95,6 +95,12 @@ hc_state_init() {
 		hc_warn "a previous run with prefix '$HC_PREFIX' left a journal; tearing it down first"
 		hc_teardown
 	fi
+	# a state dir kept by HC_KEEP_STATE=1 (logs, Headscale's database): start afresh
+	if [[ -d "$HC_STATE_DIR" ]]; then
+		case "$HC_STATE_DIR" in
+		"$HC_STATE_ROOT"/?*) rm -rf --one-file-system -- "$HC_STATE_DIR" ;;
+		esac
+	fi
 	mkdir -p "$HC_STATE_DIR"
 	chmod 0700 "$HC_STATE_DIR"
 	: >"$HC_JOURNAL"
