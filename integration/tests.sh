@@ -205,12 +205,6 @@ t_pod_to_pod() {
 	note "same node n1/p2 -> n1/p1: TCP source seen $seen"
 }
 
-# cidr_has CIDR IP : IPv4 IP inside CIDR
-cidr_has() {
-	awk -v c="$1" -v ip="$2" 'function n(a,  p) { split(a, p, "."); return ((p[1]*256+p[2])*256+p[3])*256+p[4] }
-		BEGIN { split(c, q, "/"); m = 2^(32-q[2]); exit !(int(n(ip)/m) == int(n(q[1])/m)) }'
-}
-
 # (2) MTU: the pods get the tailnet's MTU, the largest DF packet passes, one
 # byte more fails with an error (not silence), TCP bulk completes both ways.
 t_mtu() {

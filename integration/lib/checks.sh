@@ -25,6 +25,12 @@ hc_in() {
 	esac
 }
 
+# cidr_has CIDR IP : the IPv4 address IP lies inside CIDR.
+cidr_has() {
+	awk -v c="$1" -v ip="$2" 'function n(a,  p) { split(a, p, "."); return ((p[1]*256+p[2])*256+p[3])*256+p[4] }
+		BEGIN { split(c, q, "/"); m = 2^(32-q[2]); exit !(int(n(ip)/m) == int(n(q[1])/m)) }'
+}
+
 # ping_ok NS DST [COUNT] : ICMP from namespace NS (ip netns name) to DST.
 ping_ok() {
 	hc_in "$1" ping -n -q -c "${3:-2}" -i 0.2 -W 2 "$2" >/dev/null 2>&1

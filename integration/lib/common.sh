@@ -148,7 +148,13 @@ hc_pid_alive() {
 hc_spawn() {
 	local label=$1 logfile=$2
 	shift 2
-	setsid "$@" </dev/null >>"$logfile" 2>&1 &
+	# The daemon gets none of the harness's other descriptors: not the saved
+	# stdout/stderr (a pipe to `| tee` would never close while it runs).
+	if [[ -n "${HC_ORIG_STDOUT:-}" ]]; then
+		setsid "$@" </dev/null >>"$logfile" 2>&1 {HC_ORIG_STDOUT}>&- {HC_ORIG_STDERR}>&- &
+	else
+		setsid "$@" </dev/null >>"$logfile" 2>&1 &
+	fi
 	HC_SPAWNED_PID=$!
 	local st
 	st=$(hc_pid_starttime "$HC_SPAWNED_PID") || {

@@ -120,14 +120,19 @@ hcni_pick_modes() {
 
 # --- install --------------------------------------------------------------------
 
-# hcni_install I [INSTALL FLAGS...] : HeadCNI into node I's bin and conf dirs,
-# with the standard plugins (host-local, portmap, bandwidth, ...) next to it.
+# hcni_install I [--ipam KIND] [INSTALL FLAGS...] : HeadCNI into node I's bin
+# and conf dirs, with the standard plugins (host-local, portmap, bandwidth,
+# ...) next to it. The IPAM is $HC_IPAM unless given.
 hcni_install() {
-	local i=$1
+	local i=$1 ipam=${HC_IPAM:-host-local}
 	shift
+	if [[ "${1:-}" == --ipam ]]; then
+		ipam=$2
+		shift 2
+	fi
 	rt_ref_plugins "$i"
 	rt_ref_remove "$i"
-	node_exec "$i" "$HC_BIN" install --ipam "${HC_IPAM:-host-local}" --run-dir "$HC_RUN_DIR" "$@" \
+	node_exec "$i" "$HC_BIN" install --ipam "$ipam" --run-dir "$HC_RUN_DIR" "$@" \
 		>>"$HC_STATE_DIR/logs/install-n$i.log" 2>&1 ||
 		{
 			tail -n 5 "$HC_STATE_DIR/logs/install-n$i.log" >&2
