@@ -62,6 +62,7 @@ for t in "${WANT[@]}"; do
 	}
 done
 
+export HC_PREFIX=${HC_PREFIX:-hct}
 export HC_NODES=2
 # shellcheck source=lib/peers.sh
 source "$here/lib/peers.sh"
