@@ -15,9 +15,11 @@
 #   route_lifecycle   node 3 joins (API key), leaves; node 4 joins (autoApprovers), leaves; times; no foreign approvals
 #   restarts          agent, tailscaled and headscale restarted under traffic; traffic returns, addresses stay
 #
-# usage: integration/tests.sh [--prefix P] [--keep] [--list] [TEST...]
+# usage: integration/tests.sh [--prefix P] [--keep] [--list] [--inject CODE] [TEST...]
 #   TEST...   run only these (setup always runs), e.g. `tests.sh mtu restarts`
 #   --keep    leave everything running at the end (integration/teardown.sh P)
+#   --inject  shell code run after the setup, before the tests: a fault, to
+#             see a test fail, e.g. --inject 'pod_exec 1 p1 ip link set eth0 mtu 1500'
 # env: HEADCNI_BIN (skip the build), HC_JOIN=agent|cli (cli: debug path without
 #      the agent), HC_IPAM=headcni-ipam|host-local, HC_KEEP_STATE=1 (keep logs)
 # Exits non-zero when any test fails; tears down on exit, error and Ctrl-C.
@@ -26,6 +28,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ALL_TESTS=(pod_to_pod mtu masquerade runtimes_across metrics_status route_lifecycle restarts)
 declare -a WANT=()
+INJECT=""
 while (($#)); do
 	case "$1" in
 	--prefix)
@@ -40,8 +43,12 @@ while (($#)); do
 		printf '%s\n' "${ALL_TESTS[@]}"
 		exit 0
 		;;
+	--inject)
+		INJECT=$2
+		shift 2
+		;;
 	-h | --help)
-		sed -n '2,26p' "$0"
+		sed -n '2,29p' "$0"
 		exit 0
 		;;
 	-*)
@@ -179,6 +186,10 @@ done
 pods_mesh 30 || hc_die "setup pods do not reach each other across the nodes"
 SETUP_S=$(hc_since "$t")
 hc_log "== setup done in ${SETUP_S}s (cluster part; whole run so far $(hc_elapsed)s)"
+if [[ -n "$INJECT" ]]; then
+	hc_warn "injecting a fault: $INJECT"
+	eval "$INJECT"
+fi
 
 # --- the tests ----------------------------------------------------------------------
 
