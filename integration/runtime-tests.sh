@@ -99,13 +99,7 @@ snapshot() {
 	} 2>/dev/null
 }
 
-# ipam_holds KIND IP : the IPAM store still has IP allocated.
-ipam_holds() {
-	case "$1" in
-	host-local) [[ -e "$(node_dir "$N")/mnt/var/lib/cni/networks/$HC_NET/$2" ]] ;;
-	headcni-ipam) hcni_ipam "$N" list --json 2>/dev/null | grep -q "\"$2\"" ;;
-	esac
-}
+ipam_holds() { hcni_ipam_holds "$N" "$2"; }
 
 # check_attached KIND IP MTU_SEEN : address in the pod CIDR, MTU, IPAM record.
 check_attached() {
@@ -194,6 +188,13 @@ _crictl() { # KIND
 	check_attached "$kind" "$ip" "$mtu"
 	ctd_exec "$N" "$pod" ping -c 2 -W 2 "$GW" >/dev/null || hc_die "the crictl pod cannot ping its gateway $GW"
 	note "crictl pod $name: $ip/$MTU, gateway $GW answers"
+	if [[ "$kind" == headcni-ipam ]]; then
+		# the CRI passes K8S_POD_NAMESPACE/K8S_POD_NAME: the record names the pod
+		hcni_ipam "$N" list --json | jq -e --arg ip "$ip" --arg n "$name" \
+			'any(.allocations[]; (.address | split("/")[0]) == $ip and .podName == $n and .podNamespace == "default")' \
+			>/dev/null || hc_die "headcni-ipam's record of $ip does not name the pod default/$name"
+		note "headcni-ipam's record of $ip names the pod default/$name"
+	fi
 	ctd_rm_pod "$N" "$pod"
 	check_clean "$kind" "$ip" "$before"
 }

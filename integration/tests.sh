@@ -308,11 +308,16 @@ t_metrics_status() {
 		E0[$i]=$(hcni_metric "$i" "$el")
 	done
 	# node 1: 3 ADDs, 2 DELs, 1 failed ADD; node 2: 1 ADD, 1 DEL
-	for k in 1 2 3; do pod_add 1 "m$k" >/dev/null || hc_die "ADD m$k on node 1 failed"; done
+	local -A mip
+	for k in 1 2 3; do mip[$k]=$(pod_add 1 "m$k") || hc_die "ADD m$k on node 1 failed"; done
 	pod_del 1 m1
 	pod_del 1 m2
 	pod_add 2 m1 >/dev/null || hc_die "ADD m1 on node 2 failed"
 	pod_del 2 m1
+	hcni_ipam_holds 1 "${mip[3]}" || hc_die "node 1's IPAM does not hold m3's ${mip[3]}"
+	for k in 1 2; do
+		! hcni_ipam_holds 1 "${mip[$k]}" || hc_die "node 1's IPAM still holds m$k's ${mip[$k]} after DEL"
+	done
 	# a failing ADD: the pod already has an eth0 (code 101)
 	node_exec 1 ip netns add pod-bad
 	node_exec 1 ip -n pod-bad link add eth0 type veth peer name eth1
@@ -508,7 +513,12 @@ t_restarts() {
 	pod_del 2 r1
 	after=$(for i in 1 2; do for p in p1 p2; do printf '%s/%s=%s ' "$i" "$p" "$(pod_addr_now "$i" "$p")"; done; done)
 	[[ "$before" == "$after" ]] || hc_die "pod addresses changed: before [$before] after [$after]"
-	note "pod addresses unchanged: $after"
+	for i in 1 2; do
+		for p in p1 p2; do
+			hcni_ipam_holds "$i" "$(pod_ip "$i" "$p")" || hc_die "$(hcni_ipam_kind "$i") lost the record of n$i/$p"
+		done
+	done
+	note "pod addresses unchanged and still held by $(hcni_ipam_kind 1): $after"
 }
 
 tr_run "${WANT[@]}"

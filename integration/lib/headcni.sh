@@ -257,6 +257,23 @@ hcni_ipam() {
 	node_exec "$i" "$HC_BIN" ipam "$@"
 }
 
+# hcni_ipam_kind I : the IPAM plugin of node I's conflist.
+hcni_ipam_kind() { hcni_conflist "$1" | jq -r '.plugins[0].ipam.type'; }
+
+# hcni_ipam_holds I IP : node I's IPAM store has IP allocated (host-local: its
+# file per address; headcni-ipam: `headcni ipam list --json`).
+hcni_ipam_holds() {
+	local i=$1 ip=$2
+	case "$(hcni_ipam_kind "$i")" in
+	host-local) [[ -e "$(node_dir "$i")/mnt/var/lib/cni/networks/$HC_NET/$ip" ]] ;;
+	headcni-ipam)
+		hcni_ipam "$i" list --json 2>/dev/null |
+			jq -e --arg ip "$ip" 'any(.allocations[]; (.address | split("/")[0]) == $ip)' >/dev/null
+		;;
+	*) return 2 ;;
+	esac
+}
+
 # --- pods: network namespaces attached through the real plugin -----------------
 
 pod_ns() { printf 'pod-%s\n' "$1"; }
