@@ -212,6 +212,7 @@ T_START=$(hc_now)
 hc_log "== setup"
 peers_ensure
 hcni_build
+ROOT_BEFORE=$(topo_root_view)
 hc_state_init
 hc_install_traps
 hcni_stage
@@ -234,6 +235,20 @@ tr_summary "runtime-tests.sh: prefix $HC_PREFIX, headcni-ipam $(hcni_has_ipam &&
 if [[ "${HC_KEEP:-0}" == 1 ]]; then
 	printf '\nLeft running (--keep). A shell on the node: nsenter -t %s -n -m -- bash\nTear down: %s/teardown.sh %s\n' \
 		"$(node_ctx_pid "$N")" "$here" "$HC_PREFIX"
+fi
+# teardown now and check that nothing is left (the exit trap's teardown then
+# finds no journal and does nothing; a Ctrl-C meanwhile still tears down)
+if [[ "${HC_KEEP:-0}" != 1 ]]; then
+	t=$(hc_now)
+	if ((rc != 0)) && [[ "${HC_DUMP_LOGS:-1}" == 1 ]]; then hc_dump_logs; fi
+	HC_DUMP_LOGS=0
+	hc_teardown
+	if topo_leak_check "$ROOT_BEFORE"; then
+		hc_log "teardown: nothing of the run is left in the root namespace ($(hc_since "$t") s)"
+	else
+		hc_warn "teardown left something behind"
+		rc=1
+	fi
 fi
 hc_log "runtime-tests.sh finished in $(hc_since "$T_START") s"
 exit "$rc"

@@ -44,6 +44,11 @@ _tr_one() {
 	(
 		set -eE
 		trap 'printf "line %s: %s (exit %s)\n" "$LINENO" "$BASH_COMMAND" "$?" >"$TR_REASON"' ERR
+		# stop at the next command on Ctrl-C/TERM (untrapped, bash would go on
+		# when the interrupted child exits normally, e.g. ping); the harness
+		# then tears down
+		trap 'exit 130' INT
+		trap 'exit 143' TERM HUP
 		hc_die() {
 			printf '%s\n' "$*" >"$TR_REASON"
 			trap - ERR
