@@ -15,6 +15,7 @@
 # usage: integration/runtime-tests.sh [--prefix P] [--keep] [--list] [TEST...]
 # env: HEADCNI_BIN (skip the build), HC_KEEP_STATE=1 (keep the logs)
 # Exits non-zero when any test fails; tears down on exit, error and Ctrl-C.
+# shellcheck disable=SC2317 # test functions and helpers are called by name (tr_run, hc_wait_for)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -23,6 +23,7 @@
 # env: HEADCNI_BIN (skip the build), HC_JOIN=agent|cli (cli: debug path without
 #      the agent), HC_IPAM=headcni-ipam|host-local, HC_KEEP_STATE=1 (keep logs)
 # Exits non-zero when any test fails; tears down on exit, error and Ctrl-C.
+# shellcheck disable=SC2317 # test functions and helpers are called by name (tr_run, hc_wait_for)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -49,6 +49,7 @@ _tr_one() {
 		# then tears down
 		trap 'exit 130' INT
 		trap 'exit 143' TERM HUP
+		# shellcheck disable=SC2317 # called by the test and the library
 		hc_die() {
 			printf '%s\n' "$*" >"$TR_REASON"
 			trap - ERR
