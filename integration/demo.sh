@@ -145,7 +145,7 @@ Left running (--keep). Look around (as root):
   nsenter -t $n1 -n -m -- ip route show table 52                # the other node's pod CIDR, via tailscale0
   nsenter -t $n1 -n -m -- $TAILSCALE_BIN status
   nsenter -t $n2 -n -m -- cat /etc/cni/net.d/10-headcni.conflist /run/headcni/subnet.env
-  ip netns exec $HC_NS_HS $HEADSCALE_BIN -c $HC_HS_CONFIG nodes list
+  ip netns exec $HC_NS_HS $HEADSCALE_BIN -c $HC_HS_CONFIG nodes list-routes   # approved / available / serving
   nsenter -t $n2 -n -m -- ip netns add pod-x                    # one more pod on node-2:
   nsenter -t $n2 -n -m -- env CNI_PATH=/opt/cni/bin NETCONFPATH=/etc/cni/net.d $CNITOOL_BIN add headcni /run/netns/pod-x
   ls $HC_STATE_DIR/logs/                                        # every daemon's log
