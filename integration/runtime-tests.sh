@@ -37,7 +37,7 @@ while (($#)); do
 		exit 0
 		;;
 	-h | --help)
-		sed -n '2,18p' "$0"
+		awk 'NR > 1 && /^#/ && !/shellcheck/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
 		exit 0
 		;;
 	-*)

@@ -49,7 +49,7 @@ while (($#)); do
 		shift 2
 		;;
 	-h | --help)
-		sed -n '2,29p' "$0"
+		awk 'NR > 1 && /^#/ && !/shellcheck/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
 		exit 0
 		;;
 	-*)
