@@ -123,7 +123,8 @@ impl Attachment {
         routes
     }
 
-    fn gateway_for(&self, route: &Route) -> Option<IpAddr> {
+    /// The gateway a route goes through: its own, or the gateway of its address family.
+    pub fn gateway_for(&self, route: &Route) -> Option<IpAddr> {
         route
             .gw
             .or_else(|| self.addresses.iter().find(|a| a.address.is_ipv4() == route.dst.is_ipv4()).map(|a| a.gateway))

@@ -90,7 +90,7 @@ impl HeadCni {
         let rt = runtime()?;
         let pod_ns = open_netns(req)?;
         let host_ns = Netns::current().map_err(|e| CniError::internal(format!("opening the host namespace: {e}")))?;
-        if pod_ns.id().ok() == host_ns.id().ok() {
+        if matches!((pod_ns.id(), host_ns.id()), (Ok(pod), Ok(host)) if pod == host) {
             return Err(CniError::invalid_env("CNI_NETNS is the plugin's own network namespace"));
         }
         let host_name = dataplane::host_veth_name(&req.container_id, &req.ifname);
@@ -162,16 +162,7 @@ impl HeadCni {
             .iter()
             .map(|a| IpConfig { address: a.address, gateway: Some(a.gateway), interface: Some(1) })
             .collect();
-        let routes = att
-            .routes
-            .iter()
-            .map(|r| cni::Route {
-                gw: r.gw.or_else(|| {
-                    att.addresses.iter().find(|a| a.address.is_ipv4() == r.dst.is_ipv4()).map(|a| a.gateway)
-                }),
-                ..r.clone()
-            })
-            .collect();
+        let routes = att.routes.iter().map(|r| cni::Route { gw: att.gateway_for(r), ..r.clone() }).collect();
         let dns = if cfg.dns.is_empty() { ipam_result.dns.clone() } else { cfg.dns.clone() };
         CniResult { interfaces, ips, routes, dns }
     }
