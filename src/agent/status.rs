@@ -6,6 +6,7 @@ use super::dataplane::{self, HostDataplane, RULE_PROTOCOL, SYSCTL_FORWARD_V4, SY
 use super::report::{AgentReport, Severity};
 use super::tailscale::{DEFAULT_SOCKET, LocalApi, Prefs, SocketLocalApi, Status};
 use crate::netlink::nft::Family;
+use crate::netlink::sysctl::{PROC_SYS, SysctlRoot};
 use crate::nodefile::{self, NodeFile};
 use clap::Args;
 use ipnetwork::IpNetwork;
@@ -33,6 +34,9 @@ pub struct StatusArgs {
     /// HeadCNI's conflist in the configuration directory.
     #[arg(long, env = "HEADCNI_CONFLIST_NAME", default_value = "10-headcni.conflist")]
     pub conflist_name: String,
+    /// The directory that stands for /proc/sys (forwarding is read under <DIR>/net).
+    #[arg(long, env = "HEADCNI_PROC_SYS_DIR", default_value = PROC_SYS)]
+    pub proc_sys_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -390,7 +394,8 @@ async fn gather(args: &StatusArgs, pods: &[IpNetwork]) -> Live {
     let api = SocketLocalApi::new(&args.tailscale_socket);
     live.status = Some(api.status().await.map_err(|e| e.to_string()));
     live.prefs = api.prefs().await.ok();
-    let read = |k: &str| crate::netlink::sysctl::read(k).ok().map(|v| v == "1");
+    let root = SysctlRoot::new(&args.proc_sys_dir).unwrap_or_default(); // checked in main
+    let read = |k: &str| root.read(k).ok().map(|v| v == "1");
     live.forwarding_v4 = read(SYSCTL_FORWARD_V4);
     if pods.iter().any(IpNetwork::is_ipv6) {
         live.forwarding_v6 = read(SYSCTL_FORWARD_V6);
@@ -520,6 +525,10 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
 /// Entry point of `headcni status`: 0 when all is well, 1 when something is wrong.
 pub fn main(args: StatusArgs) -> i32 {
     crate::logging::init_stderr("warn");
+    if let Err(e) = SysctlRoot::new(&args.proc_sys_dir) {
+        log::error!("--proc-sys-dir: {e}");
+        return 2;
+    }
     let report = AgentReport::load(&args.run_dir);
     let pods: Vec<IpNetwork> = report.as_ref().map(|r| r.pod_cidrs.clone()).unwrap_or_default();
     let live = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -555,6 +564,7 @@ mod tests {
             run_dir: dir.join("run"),
             conf_dir: dir.join("net.d"),
             conflist_name: "10-headcni.conflist".into(),
+            proc_sys_dir: PROC_SYS.into(),
         }
     }
 
