@@ -208,13 +208,30 @@ impl Endpoint {
     pub async fn send(&self, req: Request) -> Result<Response, ClientError> {
         let target = self.display.clone();
         let timeout = req.timeout;
-        match tokio::time::timeout(timeout, self.exchange(req)).await {
+        let limit = req.limit;
+        let exchange = async {
+            let stream = self.open_inner(req).await?;
+            stream.collect(limit).await
+        };
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(ClientError::Timeout { target, timeout }),
         }
     }
 
-    async fn exchange(&self, req: Request) -> Result<Response, ClientError> {
+    /// Sends one request and answers as soon as the status line and headers are in (within the
+    /// request's deadline); the body is then read piece by piece (a Kubernetes watch). The
+    /// request's limit applies to each line of the body.
+    pub async fn open(&self, req: Request) -> Result<StreamingResponse, ClientError> {
+        let target = self.display.clone();
+        let timeout = req.timeout;
+        match tokio::time::timeout(timeout, self.open_inner(req)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout { target, timeout }),
+        }
+    }
+
+    async fn open_inner(&self, req: Request) -> Result<StreamingResponse, ClientError> {
         let target = self.display.clone();
         let http_err = |source| ClientError::Http { target: target.clone(), source };
         let stream = self.connect().await?;
@@ -241,16 +258,82 @@ impl Endpoint {
         let request =
             builder.body(body).map_err(|e| ClientError::Url { url: target.clone(), reason: e.to_string() })?;
         let response = sender.send_request(request).await.map_err(http_err)?;
-        let status = response.status();
-        let limit = req.limit;
-        let body = Limited::new(response.into_body(), limit).collect().await.map_err(|e| {
-            match e.downcast::<hyper::Error>() {
-                Ok(source) => ClientError::Http { target: target.clone(), source: *source },
-                Err(_) => ClientError::TooLarge { target: target.clone(), limit },
+        Ok(StreamingResponse {
+            status: response.status(),
+            body: Some(response.into_body()),
+            buf: Vec::new(),
+            line_limit: req.limit,
+            done: false,
+            target,
+            conn,
+        })
+    }
+}
+
+/// An answer whose body is still arriving. Dropping it closes the connection.
+pub struct StreamingResponse {
+    pub status: StatusCode,
+    body: Option<hyper::body::Incoming>,
+    buf: Vec<u8>,
+    line_limit: usize,
+    done: bool,
+    target: String,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StreamingResponse {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+impl StreamingResponse {
+    /// The rest of the body, up to `limit` bytes.
+    pub async fn collect(mut self, limit: usize) -> Result<Response, ClientError> {
+        let target = self.target.clone();
+        let mut bytes = std::mem::take(&mut self.buf);
+        if let Some(body) = self.body.take() {
+            let collected =
+                Limited::new(body, limit).collect().await.map_err(|e| match e.downcast::<hyper::Error>() {
+                    Ok(source) => ClientError::Http { target: target.clone(), source: *source },
+                    Err(_) => ClientError::TooLarge { target: target.clone(), limit },
+                })?;
+            bytes.extend_from_slice(&collected.to_bytes());
+        }
+        Ok(Response { status: self.status, body: Bytes::from(bytes) })
+    }
+
+    /// The next non-empty line of the body (without its newline); `None` at the end. A last
+    /// line without a newline is answered too. The caller bounds the wait.
+    pub async fn next_line(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if line.is_empty() {
+                    continue;
+                }
+                return Ok(Some(line));
             }
-        })?;
-        conn.abort();
-        Ok(Response { status, body: body.to_bytes() })
+            if self.buf.len() > self.line_limit {
+                return Err(ClientError::TooLarge { target: self.target.clone(), limit: self.line_limit });
+            }
+            let Some(body) = self.body.as_mut().filter(|_| !self.done) else {
+                return Ok((!self.buf.is_empty()).then(|| std::mem::take(&mut self.buf)));
+            };
+            match body.frame().await {
+                None => self.done = true,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(source)) => return Err(ClientError::Http { target: self.target.clone(), source }),
+            }
+        }
     }
 }
 

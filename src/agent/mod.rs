@@ -14,11 +14,13 @@
 //! SIGTERM stops the agent and leaves the node as it is: pods keep working while the agent is
 //! restarted or upgraded. `--cleanup` (chart uninstall) undoes HeadCNI's changes and exits.
 
+pub mod cleanup;
 pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod headscale;
 pub mod http;
+pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod reconcile;
@@ -27,18 +29,17 @@ pub mod secret;
 pub mod state;
 pub mod status;
 pub mod tailscale;
+pub mod teardown;
 
 use config::{AgentArgs, AgentConfig, CidrSource};
-use dataplane::{Dataplane, HostDataplane};
-use headscale::{HeadscaleApi, RestHeadscale};
+use dataplane::HostDataplane;
+use headscale::RestHeadscale;
 use ipnetwork::IpNetwork;
 use node::{NodeCidrs, NodeError, PodCidrSource, StaticCidrs};
 use reconcile::{PassOutcome, Reconciler, next_delay};
-use state::AgentState;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tailscale::{LocalApi, PrefsEdit, SocketLocalApi};
+use tailscale::SocketLocalApi;
 
 /// The pod CIDR source picked by the configuration.
 pub enum CidrSourceImpl {
@@ -171,7 +172,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         cidr_source(&cfg)?,
         SocketLocalApi::new(&cfg.tailscale_socket),
         headscale_client(&cfg)?,
-        HostDataplane::current()?,
+        HostDataplane::current()?.with_sysctl_root(cfg.sysctl_root.clone()),
         metrics.clone(),
         health,
     );
@@ -218,8 +219,8 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
 pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let ts = SocketLocalApi::new(&cfg.tailscale_socket);
     let hs = headscale_client(&cfg)?;
-    let dp = HostDataplane::current()?;
-    let errors = cleanup_with(&cfg, &ts, hs.as_ref(), &dp).await;
+    let dp = HostDataplane::current()?.with_sysctl_root(cfg.sysctl_root.clone());
+    let errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::Scope::Full).await;
     if errors.is_empty() {
         log::info!("cleanup done");
         Ok(0)
@@ -229,101 +230,4 @@ pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         }
         Ok(1)
     }
-}
-
-/// The cleanup over the seams; answers the failures.
-pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: Dataplane>(
-    cfg: &AgentConfig,
-    ts: &T,
-    hs: Option<&H>,
-    dp: &D,
-) -> Vec<String> {
-    let mut errors = Vec::new();
-    let state_path = state::path_in(&cfg.state_dir);
-    let mut st = match AgentState::load(&state_path) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            errors.push(e.to_string());
-            None
-        }
-    };
-    if let Some(st) = st.as_mut() {
-        // Routes.
-        if !st.advertised_routes.is_empty() {
-            match ts.prefs().await {
-                Ok(prefs) => {
-                    let (routes, _, removed) =
-                        reconcile::merge_routes(&prefs.advertise_routes, &BTreeSet::new(), &st.advertised_routes);
-                    let edit = PrefsEdit { advertise_routes: Some(routes), ..Default::default() };
-                    if removed.is_empty() {
-                        st.advertised_routes.clear();
-                    } else {
-                        match ts.edit_prefs(&edit).await {
-                            Ok(_) => {
-                                log::info!(
-                                    "withdrew {}",
-                                    dataplane::join(&removed.iter().copied().collect::<Vec<_>>())
-                                );
-                                st.advertised_routes.clear();
-                            }
-                            Err(e) => errors.push(format!("withdrawing routes: {e}")),
-                        }
-                    }
-                }
-                Err(e) => errors.push(format!("withdrawing routes: {e}")),
-            }
-        }
-        // Approvals.
-        if let (Some(hs), false) = (hs, st.approved_routes.is_empty()) {
-            let result = async {
-                let status = ts.status().await.map_err(|e| e.to_string())?;
-                let key = status.node_key().ok_or("tailscaled has no node key")?.to_string();
-                let nodes = hs.nodes().await.map_err(|e| e.to_string())?;
-                let Some(node) = nodes.into_iter().find(|n| n.node_key == key) else { return Ok(()) };
-                if st.approved_node_id.as_deref() != Some(node.id.as_str()) {
-                    return Ok(());
-                }
-                let keep: Vec<IpNetwork> =
-                    node.approved().into_iter().filter(|r| !st.approved_routes.contains(r)).collect();
-                if keep.len() != node.approved().len() {
-                    hs.approve_routes(&node.id, &keep).await.map_err(|e| e.to_string())?;
-                    log::info!(
-                        "withdrew the approval of {} in Headscale",
-                        dataplane::join(&st.approved_routes.iter().copied().collect::<Vec<_>>())
-                    );
-                }
-                Ok::<_, String>(())
-            }
-            .await;
-            match result {
-                Ok(()) => st.approved_routes.clear(),
-                Err(e) => errors.push(format!("withdrawing approvals: {e}")),
-            }
-        }
-        if st.advertised_routes.is_empty() && st.approved_routes.is_empty() {
-            if let Err(e) = AgentState::remove(&state_path) {
-                errors.push(e.to_string());
-            }
-        } else if let Err(e) = st.store(&state_path) {
-            errors.push(e.to_string());
-        }
-    }
-    match dp.remove_rules().await {
-        Ok(n) if n > 0 => log::info!("removed {n} policy rules"),
-        Ok(_) => {}
-        Err(e) => errors.push(format!("removing policy rules: {e}")),
-    }
-    match dp.remove_masquerade().await {
-        Ok(n) if n > 0 => log::info!("removed {n} nft tables"),
-        Ok(_) => {}
-        Err(e) => errors.push(format!("removing nft tables: {e}")),
-    }
-    for path in [crate::nodefile::path_in(&cfg.run_dir), report::path_in(&cfg.run_dir)] {
-        match std::fs::remove_file(&path) {
-            Ok(()) => log::info!("removed {}", path.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => errors.push(format!("removing {}: {e}", path.display())),
-        }
-    }
-    errors
 }

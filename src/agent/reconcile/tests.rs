@@ -2,6 +2,7 @@
 //! behaviour is proven against real tailscaled and Headscale by `tests/agent_tailnet.rs`.
 
 use super::*;
+use crate::agent::cleanup::{Scope, cleanup_with};
 use crate::agent::config::CidrSource;
 use crate::agent::dataplane::{Changes, DataplaneError};
 use crate::agent::headscale::HsNode;
@@ -333,6 +334,8 @@ fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
         rule_priority: 5200,
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_path: "/metrics".into(),
+        sysctl_root: Default::default(),
+        teardown_configmap: None,
         cleanup: false,
     };
     tweak(&mut cfg);
@@ -724,7 +727,7 @@ async fn cleanup_undoes_only_what_headcni_did() {
     reconciler(&w, &cidrs, &ts, Some(&hs), &dp).reconcile().await;
     assert_eq!(ts.routes(), vec!["192.168.7.0/24", "10.244.1.0/24"]);
 
-    let errors = crate::agent::cleanup_with(&w.cfg, &ts, Some(&hs), &dp).await;
+    let errors = cleanup_with(&w.cfg, &ts, Some(&hs), &dp, Scope::Full).await;
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(ts.routes(), vec!["192.168.7.0/24"], "the operator's route stays");
     {
@@ -737,14 +740,14 @@ async fn cleanup_undoes_only_what_headcni_did() {
     assert!(!nodefile::path_in(&w.cfg.run_dir).exists());
     assert!(!state::path_in(&w.cfg.state_dir).exists());
     // Twice is fine.
-    assert!(crate::agent::cleanup_with(&w.cfg, &ts, Some(&hs), &dp).await.is_empty());
+    assert!(cleanup_with(&w.cfg, &ts, Some(&hs), &dp, Scope::Full).await.is_empty());
 
     // tailscaled unreachable: the failure is reported and the record kept for a retry.
     let w = world(|_| {});
     let ts = FakeTs::running(&[]);
     reconciler(&w, &cidrs, &ts, None, &dp).reconcile().await;
     ts.lock().reachable = false;
-    let errors = crate::agent::cleanup_with(&w.cfg, &ts, None::<&FakeHs>, &dp).await;
+    let errors = cleanup_with(&w.cfg, &ts, None::<&FakeHs>, &dp, Scope::Full).await;
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(state(&w).advertised_routes, nets(&["10.244.1.0/24"]));
     let _ = &w.dir;
