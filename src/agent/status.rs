@@ -71,6 +71,9 @@ pub struct StatusView {
     pub agent_running: bool,
     pub agent_report_age_secs: Option<u64>,
     pub agent_ready: Option<bool>,
+    /// The uninstall signal as the agent last reported it: "in progress" or "done".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uninstall: Option<String>,
     pub backend_state: String,
     pub tailnet_hostname: String,
     pub tailscale_ips: Vec<String>,
@@ -148,6 +151,22 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
                     Severity::Error,
                     format!("the agent's last report is {age}s old"),
                     Some("is the headcni agent pod running? see its logs"),
+                );
+            }
+            if !r.teardown.is_empty() {
+                v.uninstall = Some(r.teardown.clone());
+                find(
+                    &mut v,
+                    Severity::Warning,
+                    format!(
+                        "HeadCNI is being uninstalled (teardown {}): this node's routes are withdrawn, pods keep only \
+                         node-local connectivity",
+                        r.teardown
+                    ),
+                    Some(
+                        "helm upgrade or rollback sets the signal back to \"false\"; after the uninstall, drain the \
+                         node and remove the CNI files with headcni install --uninstall",
+                    ),
                 );
             }
             v.node = r.node_name.clone();
@@ -435,6 +454,9 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
     let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
     writeln!(out, "HeadCNI on {}", v.node.as_deref().unwrap_or("this node"))?;
     let agent = match (v.agent_running, v.agent_report_age_secs, v.agent_ready) {
+        (true, Some(age), Some(_)) if v.uninstall.is_some() => {
+            format!("uninstalling, teardown {} (reported {age}s ago)", v.uninstall.as_deref().unwrap_or("-"))
+        }
         (true, Some(age), Some(ready)) => {
             format!("running, {} (reported {age}s ago)", if ready { "ready" } else { "not ready" })
         }
@@ -683,5 +705,21 @@ mod tests {
         let (a, report, live) = healthy(dir.path());
         let v = assess(&a, Some(report), &live, 1000 + STALE_AFTER_SECS + 1);
         assert!(v.problems.iter().any(|p| p.message.contains("last report")));
+    }
+
+    #[test]
+    fn uninstall_in_progress_is_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, mut report, live) = healthy(dir.path());
+        report.teardown = "done".into();
+        report.ready = false;
+        let v = assess(&a, Some(report), &live, 1010);
+        assert_eq!(v.uninstall.as_deref(), Some("done"));
+        let p = v.problems.iter().find(|p| p.message.contains("being uninstalled")).unwrap();
+        assert!(p.fix.as_deref().unwrap().contains("headcni install --uninstall"));
+        let mut out = Vec::new();
+        render(&v, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("agent        uninstalling, teardown done"), "{text}");
     }
 }
