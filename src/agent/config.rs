@@ -125,6 +125,8 @@ pub struct AgentConfig {
     pub metrics_path: String,
     pub sysctl_root: SysctlRoot,
     pub teardown_configmap: Option<ObjectRef>,
+    /// --kubeconfig; `None`: the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
     pub cleanup: bool,
 }
 
@@ -319,6 +321,7 @@ impl AgentConfig {
             metrics_path: args.metrics_path.clone(),
             sysctl_root,
             teardown_configmap,
+            kubeconfig: args.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
             cleanup: args.cleanup,
         })
     }

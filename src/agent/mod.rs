@@ -8,17 +8,23 @@
 //! - [`reconcile`]: the loop that keeps all of it as wanted
 //! - [`metrics`], [`http`]: Prometheus metrics and the health probes
 //! - [`state`]: what HeadCNI added (so that it withdraws only that)
+//! - [`cleanup`]: undoing it (`--cleanup`, and the uninstall)
+//! - [`teardown`]: the uninstall signal (a ConfigMap the agent follows); [`hook`]: `headcni
+//!   teardown`, the chart's pre-delete hook that raises it and waits for the agents
 //! - [`report`], [`status`]: the published status and `headcni status`
-//! - [`client`], [`secret`], [`config`]: plumbing
+//! - [`kube`]: the Kubernetes API; [`client`], [`secret`], [`config`]: plumbing
 //!
 //! SIGTERM stops the agent and leaves the node as it is: pods keep working while the agent is
-//! restarted or upgraded. `--cleanup` (chart uninstall) undoes HeadCNI's changes and exits.
+//! restarted or upgraded. The uninstall signal makes every agent undo its node's changes (but
+//! the node file) and answer not ready; `--cleanup` undoes all of HeadCNI's changes and exits
+//! (a node that missed the uninstall, or leaves HeadCNI).
 
 pub mod cleanup;
 pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod headscale;
+pub mod hook;
 pub mod http;
 pub mod kube;
 pub mod metrics;
@@ -40,6 +46,7 @@ use reconcile::{PassOutcome, Reconciler, next_delay};
 use std::sync::Arc;
 use std::time::Duration;
 use tailscale::SocketLocalApi;
+use teardown::{Signal, SignalState, SignalWatcher};
 
 /// The pod CIDR source picked by the configuration.
 pub enum CidrSourceImpl {
@@ -176,13 +183,44 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         metrics.clone(),
         health,
     );
+    // Without a signal the loop reads this one, which says Unknown for ever.
+    let (_no_signal_tx, no_signal_rx) = tokio::sync::watch::channel(SignalState::default());
+    let (watcher, mut signal_rx) = match &cfg.teardown_configmap {
+        Some(cm) => {
+            let kube = kube::Kube::from_kubeconfig_or_in_cluster(cfg.kubeconfig.as_deref())
+                .map_err(|e| anyhow::anyhow!("--teardown-configmap {cm}: {e}"))?;
+            let (w, rx) = SignalWatcher::new(kube, cm.clone());
+            log::info!("following the uninstall signal in ConfigMap {cm}");
+            (Some(tokio::spawn(w.run())), rx)
+        }
+        None => (None, no_signal_rx),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    if watcher.is_some() {
+        // Never advertise under a "true" read late: wait for the first reading (bounded; an
+        // API that does not answer means running normally).
+        let first = tokio::time::timeout(
+            teardown::STARTUP_WAIT,
+            signal_rx.wait_for(|s| s.signal != Signal::Unknown || s.problem.is_some()),
+        );
+        tokio::select! {
+            r = first => if r.is_err() {
+                log::warn!(
+                    "no answer about the uninstall signal within {:?}: starting normally",
+                    teardown::STARTUP_WAIT
+                );
+            },
+            _ = term.recv() => return Ok(0),
+            _ = int.recv() => return Ok(0),
+        }
+    }
     let mut streak = 0u32;
     let mut was_ready = false;
     let signal = loop {
+        let sig = signal_rx.borrow_and_update().clone();
         let outcome = tokio::select! {
-            o = rec.reconcile() => o,
+            o = rec.pass(&sig) => o,
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         };
@@ -202,10 +240,15 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         let delay = next_delay(outcome, streak, rec.joining());
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
+            // A new reading (e.g. "true") is acted on at once.
+            Ok(()) = signal_rx.changed() => {}
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
     };
+    if let Some(w) = watcher {
+        w.abort();
+    }
     log::info!("{signal}: stopping; the node's network stays as it is, pods keep working");
     let _ = stop_tx.send(true);
     metrics.collect_events();

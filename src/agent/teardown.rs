@@ -95,7 +95,7 @@ impl std::fmt::Display for ObjectRef {
 }
 
 /// Resource versions are opaque strings: encode anything outside the unreserved set.
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

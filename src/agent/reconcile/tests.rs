@@ -337,6 +337,7 @@ fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
         metrics_path: "/metrics".into(),
         sysctl_root: Default::default(),
         teardown_configmap: None,
+        kubeconfig: None,
         cleanup: false,
     };
     tweak(&mut cfg);
@@ -907,11 +908,12 @@ async fn teardown_at_start_never_advertises_or_joins() {
     let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
     assert_eq!(r.pass(&signal(Signal::Teardown)).await, PassOutcome::Converged);
     assert!(ts.routes().is_empty());
-    let s = ts.lock();
-    assert_eq!(s.edits.len(), edits + 1);
-    assert_eq!(s.edits[edits].route_all, None, "the withdrawal edits AdvertiseRoutes only");
-    assert_eq!(s.edits[edits].advertise_routes, Some(vec![]));
-    drop(s);
+    {
+        let s = ts.lock();
+        assert_eq!(s.edits.len(), edits + 1);
+        assert_eq!(s.edits[edits].route_all, None, "the withdrawal edits AdvertiseRoutes only");
+        assert_eq!(s.edits[edits].advertise_routes, Some(vec![]));
+    }
     assert!(!w.health.is_ready());
 
     // A fresh node under the signal: no join, no advertisement.
