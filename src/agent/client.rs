@@ -1,7 +1,9 @@
 //! A minimal HTTP/1.1 client for the agent's three peers (tailscaled's LocalAPI over a unix
 //! socket, Headscale and the Kubernetes API over TCP or TLS): one connection per request,
-//! a deadline on the whole exchange and a cap on the answer's size. The rates are a few
-//! requests a minute, so nothing is pooled.
+//! a deadline on the whole exchange and a cap on the answer's size ([`Endpoint::send`]), or,
+//! for a Kubernetes watch, a deadline on the answer's head and a cap on each line of a body
+//! read as it arrives ([`Endpoint::open`]). The rates are a few requests a minute, so nothing
+//! is pooled.
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
@@ -536,6 +538,27 @@ mod tests {
         let missing = Endpoint::unix(&dir.path().join("nope.sock"), "local");
         let err = missing.send(Request::new(Method::GET, "/")).await.unwrap_err();
         assert!(err.is_unreachable(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_read_line_by_line() {
+        let handler: testserver::Handler = Arc::new(|s| match s.path.as_str() {
+            "/long" => (200, format!("{}\nshort\n", "x".repeat(500))),
+            _ => (200, "one\r\n\n two \nlast".into()),
+        });
+        let (_server, url) = testserver::tcp(handler).await;
+        let ep = Endpoint::from_url(&url, None).unwrap();
+        let mut r = ep.open(Request::new(Method::GET, "/w")).await.unwrap();
+        assert_eq!(r.status, 200);
+        let mut lines = Vec::new();
+        while let Some(line) = r.next_line().await.unwrap() {
+            lines.push(String::from_utf8(line).unwrap());
+        }
+        assert_eq!(lines, vec!["one", " two ", "last"], "blank lines skipped, CRLF and a last line without one");
+        let mut r = ep.open(Request::new(Method::GET, "/long").limit(100)).await.unwrap();
+        assert!(matches!(r.next_line().await.unwrap_err(), ClientError::TooLarge { limit: 100, .. }));
+        let r = ep.open(Request::new(Method::GET, "/long")).await.unwrap();
+        assert_eq!(r.collect(1000).await.unwrap().body.len(), 507);
     }
 
     #[test]
