@@ -310,6 +310,9 @@ impl StreamingResponse {
     pub async fn next_line(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                if pos > self.line_limit {
+                    return Err(ClientError::TooLarge { target: self.target.clone(), limit: self.line_limit });
+                }
                 let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
                 line.pop();
                 if line.last() == Some(&b'\r') {
