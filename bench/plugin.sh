@@ -11,7 +11,17 @@ ITER=${1:-200}
 if [[ ! -x /usr/lib/cni/ptp ]]; then
     apt-get install -y -q containernetworking-plugins >/dev/null
 fi
-cargo build --release --quiet --bin headcni --example veth_floor
+# The static musl build is what ships (Dockerfile); fall back to the host build without it.
+musl=x86_64-unknown-linux-musl
+if rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
+    cargo build --release --quiet --target "$musl" --bin headcni
+    headcni_bin="target/$musl/release/headcni"
+else
+    echo "note: $musl not installed; measuring the dynamically linked build" >&2
+    cargo build --release --quiet --bin headcni
+    headcni_bin=target/release/headcni
+fi
+cargo build --release --quiet --example veth_floor
 
 prefix="hcb$$"
 scratch=$(mktemp -d)
@@ -25,7 +35,7 @@ trap cleanup EXIT INT TERM
 
 for ns in h a b c; do ip netns add "${prefix}${ns}"; done
 mkdir -p "$scratch/bin" "$scratch/run"
-cp target/release/headcni "$scratch/bin/headcni"
+cp "$headcni_bin" "$scratch/bin/headcni"
 gcc -O2 -o "$scratch/spawn" bench/spawn.c
 ln -s headcni "$scratch/bin/headcni-ipam"
 

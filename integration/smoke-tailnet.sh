@@ -66,32 +66,7 @@ peers_ensure
 report "peers ready" "$(hc_since "$t") s"
 
 # The root namespace before: compared after teardown.
-mine_in_root() {
-	# everything of this run that could be visible from the root namespace
-	{
-		echo "# netns"
-		ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$HC_PREFIX-" || true
-		echo "# links"
-		ip -br link | awk '{print $1}' | sort
-		echo "# routes"
-		ip route show table all | sort
-		echo "# rules"
-		ip rule show
-		echo "# nft"
-		nft list tables 2>/dev/null | sort
-		echo "# mounts of the run"
-		findmnt -rn -o TARGET | grep -E "^$HC_STATE_ROOT/$HC_PREFIX(/|$)|^/run/netns/$HC_PREFIX-" || true
-		echo "# cgroups of the run"
-		ls -d /sys/fs/cgroup/*/"$HC_PREFIX"-n* 2>/dev/null || true
-		echo "# mount points"
-		for d in $HC_NODE_BIND_DIRS; do [[ -e "$d" ]] && echo "$d"; done
-		echo "# resolver"
-		md5sum /etc/resolv.conf
-		echo "# sysctls"
-		sysctl -n net.ipv4.ip_forward net.ipv4.conf.all.rp_filter 2>/dev/null
-	} 2>/dev/null
-}
-ROOT_BEFORE=$(mine_in_root)
+ROOT_BEFORE=$(topo_root_view)
 
 hc_state_init
 hc_install_traps
@@ -294,16 +269,6 @@ fi
 step "teardown and leak check"
 trap - EXIT INT TERM HUP
 hc_teardown
-ROOT_AFTER=$(mine_in_root)
-if ! leakdiff=$(diff <(printf '%s\n' "$ROOT_BEFORE") <(printf '%s\n' "$ROOT_AFTER")); then
-	# other users of this machine may change the root namespace meanwhile:
-	# only lines naming this run count as leaks
-	if grep -E "^>.*($HC_PREFIX-|$HC_STATE_ROOT/$HC_PREFIX)" <<<"$leakdiff"; then
-		hc_die "teardown left something behind (see above)"
-	fi
-	hc_warn "the root namespace changed during the run, but not by this run:"
-	grep -E '^[<>]' <<<"$leakdiff" >&2 || true
-fi
-[[ ! -e "$HC_STATE_DIR" ]] || hc_die "state dir $HC_STATE_DIR left behind"
+topo_leak_check "$ROOT_BEFORE" || hc_die "teardown left something behind"
 hc_log "smoke-tailnet passed in $(hc_since "$T_START") s"
 echo "1 passed, 0 failed"

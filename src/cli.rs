@@ -28,6 +28,8 @@ pub enum Cmd {
     /// Uninstall hook: raise the uninstall signal (the agents withdraw their nodes' routes)
     /// and wait until no agent is ready, or the timeout.
     Teardown(crate::agent::hook::TeardownArgs),
+    /// Inspect and maintain the headcni-ipam store on this node.
+    Ipam(crate::ipam::cli::IpamArgs),
 }
 
 fn version(json: bool) -> i32 {
@@ -60,5 +62,6 @@ pub fn main() -> i32 {
         Cmd::Agent(args) => crate::agent::main(*args),
         Cmd::Status(args) => crate::agent::status::main(args),
         Cmd::Teardown(args) => crate::agent::hook::main(args),
+        Cmd::Ipam(args) => crate::ipam::cli::run(&args),
     }
 }

@@ -62,7 +62,12 @@ fn every_example_attaches_pods() {
         let mut conflist = load(&path);
         localise(&mut conflist, scratch.path());
         let mut chain = Chain::from_conflist(&bin, &host, &conflist);
-        chain.runtime_config = json!({"portMappings": [{"hostPort": 18081, "containerPort": 80, "protocol": "tcp"}]});
+        // Debian's bandwidth 1.1.1 crashes on CHECK without shaping settings, so give it some.
+        chain.runtime_config = json!({
+            "portMappings": [{"hostPort": 18081, "containerPort": 80, "protocol": "tcp"}],
+            "bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 1_000_000,
+                          "egressRate": 100_000_000, "egressBurst": 1_000_000}
+        });
 
         let (a, b) = (Netns::new("a"), Netns::new("b"));
         let ra = chain.add("ctr-a", &a);

@@ -1,19 +1,45 @@
 # shellcheck shell=bash
 # integration/lib/checks.sh: small probes used by the smoke run and the tests.
 # All traffic stays inside the harness's namespaces.
+#
+# Every probe takes WHERE it runs as its first argument(s):
+#   NAME          a network namespace of the root's /run/netns (ip netns exec)
+#   node:I        node I's context (its netns and mount namespace)
+#   pod:I:NAME    the pod netns NAME that lives in node I's context (a pod
+#                 attached through the CNI plugin; see lib/headcni.sh)
 
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+# hc_in WHERE CMD... : run CMD there (see above).
+hc_in() {
+	local where=$1
+	shift
+	case "$where" in
+	node:*) node_exec "${where#node:}" "$@" ;;
+	pod:*:*)
+		local rest=${where#pod:}
+		node_exec "${rest%%:*}" ip netns exec "${rest#*:}" "$@"
+		;;
+	*) ip netns exec "$where" "$@" ;;
+	esac
+}
+
+# cidr_has CIDR IP : the IPv4 address IP lies inside CIDR.
+cidr_has() {
+	awk -v c="$1" -v ip="$2" 'function n(a,  p) { split(a, p, "."); return ((p[1]*256+p[2])*256+p[3])*256+p[4] }
+		BEGIN { split(c, q, "/"); m = 2^(32-q[2]); exit !(int(n(ip)/m) == int(n(q[1])/m)) }'
+}
+
 # ping_ok NS DST [COUNT] : ICMP from namespace NS (ip netns name) to DST.
 ping_ok() {
-	ip netns exec "$1" ping -n -q -c "${3:-2}" -i 0.2 -W 2 "$2" >/dev/null 2>&1
+	hc_in "$1" ping -n -q -c "${3:-2}" -i 0.2 -W 2 "$2" >/dev/null 2>&1
 }
 
 # ping_rtt NS DST : average RTT in ms of 3 pings, or "-" when unreachable.
 ping_rtt() {
 	local out
-	if out=$(ip netns exec "$1" ping -n -q -c 3 -i 0.2 -W 2 "$2" 2>/dev/null); then
+	if out=$(hc_in "$1" ping -n -q -c 3 -i 0.2 -W 2 "$2" 2>/dev/null); then
 		awk -F'/' '/^rtt|^round-trip/ {print $5; found=1} END {if (!found) print "-"}' <<<"$out"
 	else
 		echo "-"
@@ -24,11 +50,11 @@ ping_rtt() {
 # "ok", "frag-needed (mtu N)" or "lost".
 df_probe() {
 	local out
-	out=$(ip netns exec "$1" ping -n -c 1 -W 2 -M "do" -s "$3" "$2" 2>&1 || true)
+	out=$(hc_in "$1" ping -n -c 1 -W 2 -M "do" -s "$3" "$2" 2>&1 || true)
 	if grep -q ' 0% packet loss' <<<"$out"; then
 		echo ok
 	elif grep -qi 'frag needed\|message too long' <<<"$out"; then
-		echo "frag-needed ($(grep -o 'mtu = [0-9]*' <<<"$out" | head -n1))"
+		echo "frag-needed ($(grep -o 'mtu *= *[0-9]*' <<<"$out" | head -n1 || true))"
 	else
 		echo lost
 	fi
@@ -40,17 +66,17 @@ df_probe() {
 tcp_seen_source() {
 	local src=$1 dst=$2 addr=$3 port=$4 srv seen
 	# shellcheck disable=SC2016 # expanded by the shell socat starts
-	ip netns exec "$dst" timeout 10 socat -T 5 \
+	hc_in "$dst" timeout 10 socat -T 5 \
 		"TCP-LISTEN:$port,bind=$addr,reuseaddr" \
 		SYSTEM:'echo "$SOCAT_PEERADDR"' >/dev/null 2>&1 &
 	srv=$!
 	# wait for the listener
 	local k
 	for ((k = 0; k < 50; k++)); do
-		[[ -n "$(ip netns exec "$dst" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && break
+		[[ -n "$(hc_in "$dst" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && break
 		sleep 0.1
 	done
-	seen=$(ip netns exec "$src" timeout 5 socat -T 5 - "TCP:$addr:$port,connect-timeout=3" </dev/null 2>/dev/null || true)
+	seen=$(hc_in "$src" timeout 5 socat -T 5 - "TCP:$addr:$port,connect-timeout=3" </dev/null 2>/dev/null || true)
 	wait "$srv" 2>/dev/null || true
 	printf '%s\n' "$seen"
 }
@@ -61,16 +87,16 @@ tcp_bulk() {
 	local src=$1 dst=$2 addr=$3 port=$4 mib=$5 srv got
 	local out
 	out=$(mktemp)
-	ip netns exec "$dst" timeout 30 socat -u "TCP-LISTEN:$port,bind=$addr,reuseaddr" \
+	hc_in "$dst" timeout 30 socat -u "TCP-LISTEN:$port,bind=$addr,reuseaddr" \
 		SYSTEM:"wc -c >$out" >/dev/null 2>&1 &
 	srv=$!
 	local k
 	for ((k = 0; k < 50; k++)); do
-		[[ -n "$(ip netns exec "$dst" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && break
+		[[ -n "$(hc_in "$dst" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && break
 		sleep 0.1
 	done
 	head -c "$((mib * 1048576))" /dev/zero |
-		ip netns exec "$src" timeout 25 socat -u - "TCP:$addr:$port,connect-timeout=3" >/dev/null 2>&1 || true
+		hc_in "$src" timeout 25 socat -u - "TCP:$addr:$port,connect-timeout=3" >/dev/null 2>&1 || true
 	wait "$srv" 2>/dev/null || true
 	got=$(tr -d '[:space:]' <"$out" 2>/dev/null)
 	rm -f "$out"

@@ -95,6 +95,12 @@ hc_state_init() {
 		hc_warn "a previous run with prefix '$HC_PREFIX' left a journal; tearing it down first"
 		hc_teardown
 	fi
+	# a state dir kept by HC_KEEP_STATE=1 (logs, Headscale's database): start afresh
+	if [[ -d "$HC_STATE_DIR" ]]; then
+		case "$HC_STATE_DIR" in
+		"$HC_STATE_ROOT"/?*) rm -rf --one-file-system -- "$HC_STATE_DIR" ;;
+		esac
+	fi
 	mkdir -p "$HC_STATE_DIR"
 	chmod 0700 "$HC_STATE_DIR"
 	: >"$HC_JOURNAL"
@@ -142,7 +148,13 @@ hc_pid_alive() {
 hc_spawn() {
 	local label=$1 logfile=$2
 	shift 2
-	setsid "$@" </dev/null >>"$logfile" 2>&1 &
+	# The daemon gets none of the harness's other descriptors: not the saved
+	# stdout/stderr (a pipe to `| tee` would never close while it runs).
+	if [[ -n "${HC_ORIG_STDOUT:-}" ]]; then
+		setsid "$@" </dev/null >>"$logfile" 2>&1 {HC_ORIG_STDOUT}>&- {HC_ORIG_STDERR}>&- &
+	else
+		setsid "$@" </dev/null >>"$logfile" 2>&1 &
+	fi
 	HC_SPAWNED_PID=$!
 	local st
 	st=$(hc_pid_starttime "$HC_SPAWNED_PID") || {

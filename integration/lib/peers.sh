@@ -6,6 +6,8 @@
 #      $HC_PEERS_CACHE/tailscale-<ver>/{tailscaled,tailscale}
 #      $HC_PEERS_CACHE/headscale-<ver>/headscale
 #      $HC_PEERS_CACHE/crictl-<ver>/crictl
+#      $HC_PEERS_CACHE/cnitool-<ver>/cnitool   (libcni's own runner: the
+#                                             stand-in for a kubelet's runtime)
 #    Each is built only when its binary is missing. Builds run one at a time
 #    (a lock), niced, and land atomically (build into a temp dir, then rename).
 #  * A tiny busybox-static image archive (docker-archive) for podman and
@@ -25,13 +27,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 TAILSCALE_VERSION=${TAILSCALE_VERSION:-v1.102.3}
 HEADSCALE_VERSION=${HEADSCALE_VERSION:-v0.29.2}
 CRICTL_VERSION=${CRICTL_VERSION:-v1.37.0}
+CNITOOL_VERSION=${CNITOOL_VERSION:-v1.3.1}
 HC_PEERS_CACHE=${HC_PEERS_CACHE:-/var/cache/headcni-peers}
 
 TAILSCALED_BIN=$HC_PEERS_CACHE/tailscale-$TAILSCALE_VERSION/tailscaled
 TAILSCALE_BIN=$HC_PEERS_CACHE/tailscale-$TAILSCALE_VERSION/tailscale
 HEADSCALE_BIN=$HC_PEERS_CACHE/headscale-$HEADSCALE_VERSION/headscale
 CRICTL_BIN=$HC_PEERS_CACHE/crictl-$CRICTL_VERSION/crictl
-export TAILSCALED_BIN TAILSCALE_BIN HEADSCALE_BIN CRICTL_BIN
+CNITOOL_BIN=$HC_PEERS_CACHE/cnitool-$CNITOOL_VERSION/cnitool
+export TAILSCALED_BIN TAILSCALE_BIN HEADSCALE_BIN CRICTL_BIN CNITOOL_BIN
 
 # Debian package -> a file that proves it is installed (dpkg -s is the truth;
 # the file is only used in messages).
@@ -136,11 +140,20 @@ _build_crictl() { # TMP
 	GOBIN="$1/bin" _peers_go install "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
 }
 
+# cnitool: libcni's reference runner (conflist chains, cniVersions, the
+# result cache in /var/lib/cni, prevResult on DEL), exactly what a runtime
+# does around the plugins. The harness attaches its bare "pods" with it.
+_build_cnitool() { # TMP
+	mkdir -p "$1/bin"
+	GOBIN="$1/bin" _peers_go install "github.com/containernetworking/cni/cnitool@$CNITOOL_VERSION"
+}
+
 peers_build_go() {
 	_peers_locked_build "tailscale-$TAILSCALE_VERSION" "$TAILSCALED_BIN" _build_tailscale
 	[[ -x "$TAILSCALE_BIN" ]] || hc_die "tailscale CLI missing next to $TAILSCALED_BIN"
 	_peers_locked_build "headscale-$HEADSCALE_VERSION" "$HEADSCALE_BIN" _build_headscale
 	_peers_locked_build "crictl-$CRICTL_VERSION" "$CRICTL_BIN" _build_crictl
+	_peers_locked_build "cnitool-$CNITOOL_VERSION" "$CNITOOL_BIN" _build_cnitool
 }
 
 # --- the image: busybox-static in a rootfs, no registry --------------------
@@ -200,12 +213,12 @@ peers_ensure() {
 	peers_install_apt
 	peers_build_go
 	peers_build_image
-	hc_log "peers ready in $(hc_since "$t0")s: tailscale $TAILSCALE_VERSION, headscale $HEADSCALE_VERSION, crictl $CRICTL_VERSION"
+	hc_log "peers ready in $(hc_since "$t0")s: tailscale $TAILSCALE_VERSION, headscale $HEADSCALE_VERSION, crictl $CRICTL_VERSION, cnitool $CNITOOL_VERSION"
 }
 
 peers_print() {
-	printf 'TAILSCALED_BIN=%s\nTAILSCALE_BIN=%s\nHEADSCALE_BIN=%s\nCRICTL_BIN=%s\n' \
-		"$TAILSCALED_BIN" "$TAILSCALE_BIN" "$HEADSCALE_BIN" "$CRICTL_BIN"
+	printf 'TAILSCALED_BIN=%s\nTAILSCALE_BIN=%s\nHEADSCALE_BIN=%s\nCRICTL_BIN=%s\nCNITOOL_BIN=%s\n' \
+		"$TAILSCALED_BIN" "$TAILSCALE_BIN" "$HEADSCALE_BIN" "$CRICTL_BIN" "$CNITOOL_BIN"
 	printf 'HC_IMAGE_ARCHIVE=%s\nHC_IMAGE_REF=%s\n' \
 		"$HC_PEERS_CACHE/image-$(busybox_version)/busybox.tar" "$HC_IMAGE_REF"
 }

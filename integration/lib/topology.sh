@@ -276,3 +276,50 @@ topo_root_snapshot() {
 		nft list tables 2>/dev/null | sort
 	} >"$1"
 }
+
+# topo_root_view : everything of this run that could be visible from the root
+# namespace (taken before the run and after teardown; see topo_leak_check).
+topo_root_view() {
+	{
+		echo "# netns"
+		ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$HC_PREFIX-" || true
+		echo "# links"
+		ip -br link | awk '{print $1}' | sort
+		echo "# routes"
+		ip route show table all | sort
+		echo "# rules"
+		ip rule show
+		echo "# nft"
+		nft list tables 2>/dev/null | sort
+		echo "# mounts of the run"
+		findmnt -rn -o TARGET | grep -E "^$HC_STATE_ROOT/$HC_PREFIX(/|$)|^/run/netns/$HC_PREFIX-" || true
+		echo "# cgroups of the run"
+		ls -d /sys/fs/cgroup/*/"$HC_PREFIX"-n* /sys/fs/cgroup/"$HC_PREFIX"-n* 2>/dev/null || true
+		echo "# mount points"
+		for d in $HC_NODE_BIND_DIRS; do [[ -e "$d" ]] && echo "$d"; done
+		echo "# resolver"
+		md5sum /etc/resolv.conf
+		echo "# sysctls"
+		sysctl -n net.ipv4.ip_forward net.ipv4.conf.all.rp_filter 2>/dev/null
+	} 2>/dev/null
+}
+
+# topo_leak_check BEFORE : after teardown, nothing of the run is visible in
+# the root namespace and its state dir is gone. Lines that changed but do not
+# name this run are reported, not failed (the machine is shared).
+topo_leak_check() {
+	local before=$1 after leakdiff
+	after=$(topo_root_view)
+	if ! leakdiff=$(diff <(printf '%s\n' "$before") <(printf '%s\n' "$after")); then
+		if grep -E "^>.*($HC_PREFIX-|$HC_STATE_ROOT/$HC_PREFIX)" <<<"$leakdiff"; then
+			hc_warn "teardown left something behind (see above)"
+			return 1
+		fi
+		hc_warn "the root namespace changed during the run, but not by this run:"
+		grep -E '^[<>]' <<<"$leakdiff" >&2 || true
+	fi
+	[[ "${HC_KEEP_STATE:-0}" == 1 || ! -e "$HC_STATE_DIR" ]] || {
+		hc_warn "state dir $HC_STATE_DIR left behind"
+		return 1
+	}
+}

@@ -45,9 +45,10 @@ fn open_netns(req: &Request) -> Result<Netns, CniError> {
     Netns::open(path).map_err(|e| CniError::invalid_env(format!("CNI_NETNS {}: {e}", path.display())))
 }
 
-/// Runs the IPAM delegate named in the config through CNI_PATH, as the spec describes. A
-/// delegate built before spec 1.1 gets its newest version for ADD/DEL/CHECK, and is skipped
-/// for STATUS and GC, which it does not know.
+/// Runs the IPAM delegate named in the config: `headcni-ipam` in this very process (the same
+/// code and result as exec'ing it, without the fork and exec), anything else through CNI_PATH
+/// as the spec describes. A delegate built before spec 1.1 gets its newest version for
+/// ADD/DEL/CHECK, and is skipped for STATUS and GC, which it does not know.
 fn ipam(
     req: &Request,
     ipam_config: Map<String, Value>,
@@ -55,6 +56,9 @@ fn ipam(
     command: Command,
 ) -> Result<Option<Value>, CniError> {
     let sub = Request { command, ..req.with_config(ipam_config) };
+    if kind == crate::ipam::PLUGIN_NAME {
+        return crate::ipam::run_in_process(&sub);
+    }
     if matches!(command, Command::Status | Command::Gc)
         && !delegate::versions(&sub, kind)?.contains(&cni::CniVersion::V1_1_0)
     {
@@ -174,7 +178,7 @@ impl HeadCni {
 
     fn delegates_ip_events(cfg: &PluginConfig) -> bool {
         // headcni-ipam reports its own allocations; for other IPAM plugins the plugin does.
-        cfg.ipam.kind != "headcni-ipam"
+        cfg.ipam.kind != crate::ipam::PLUGIN_NAME
     }
 }
 

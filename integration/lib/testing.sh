@@ -1,0 +1,110 @@
+# shellcheck shell=bash
+# integration/lib/testing.sh: a tiny test runner for tests.sh and runtime-tests.sh.
+#
+# A test is a shell function t_NAME. It runs in a subshell of its own (its
+# variables do not leak; a failure ends only that test), with errexit on:
+# any failing command or hc_die fails it, and the reason is kept. Tests
+# report what they measured with `note TEXT` and skip with `skip REASON`.
+# Daemons a test starts are recorded in the run's journal like any other,
+# so teardown stops them whatever happens.
+#
+#   tr_run NAME...      run the tests in that order
+#   tr_summary          print the table; returns non-zero if any test failed
+
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+declare -a TR_NAMES=() TR_RESULTS=() TR_TIMES=() TR_REASONS=()
+TR_PASSED=0 TR_FAILED=0 TR_SKIPPED=0
+
+# note TEXT : a line for the summary under the current test.
+note() { printf '%s\n' "$*" >>"$TR_NOTES"; hc_log "   $*"; }
+
+# skip REASON : end the current test as skipped.
+skip() {
+	printf '%s\n' "$*" >"$TR_REASON"
+	exit 77
+}
+
+# tr_exists NAME : t_NAME is defined.
+tr_exists() { declare -F "t_$1" >/dev/null; }
+
+_tr_one() {
+	local name=$1 t0 rc=0
+	TR_NOTES=$HC_STATE_DIR/tests/$name.notes
+	TR_REASON=$HC_STATE_DIR/tests/$name.reason
+	mkdir -p "$HC_STATE_DIR/tests"
+	: >"$TR_NOTES"
+	: >"$TR_REASON"
+	hc_log "===== test $name"
+	t0=$(hc_now)
+	# A foreground subshell (a Ctrl-C reaches it and the harness alike), with
+	# errexit switched on inside it: outside any condition, so it holds.
+	set +e
+	(
+		set -eE
+		trap 'printf "line %s: %s (exit %s)\n" "$LINENO" "$BASH_COMMAND" "$?" >"$TR_REASON"' ERR
+		# stop at the next command on Ctrl-C/TERM (untrapped, bash would go on
+		# when the interrupted child exits normally, e.g. ping); the harness
+		# then tears down
+		trap 'exit 130' INT
+		trap 'exit 143' TERM HUP
+		# shellcheck disable=SC2317 # called by the test and the library
+		hc_die() {
+			printf '%s\n' "$*" >"$TR_REASON"
+			trap - ERR
+			printf '[%6.1fs] FAIL: %s\n' "$(hc_elapsed)" "$*" >&2
+			exit 1
+		}
+		"t_$name"
+	)
+	rc=$?
+	set -e
+	TR_NAMES+=("$name")
+	TR_TIMES+=("$(hc_since "$t0")")
+	# (the ERR trap also fires in command substitutions whose failure is
+	# harmless: a reason counts only when the test failed or skipped)
+	if ((rc == 0)); then
+		TR_REASONS+=("")
+	else
+		TR_REASONS+=("$(head -c 300 "$TR_REASON" | tr '\n' ' ')")
+	fi
+	case $rc in
+	0)
+		TR_RESULTS+=(PASS)
+		TR_PASSED=$((TR_PASSED + 1))
+		;;
+	77)
+		TR_RESULTS+=(SKIP)
+		TR_SKIPPED=$((TR_SKIPPED + 1))
+		;;
+	*)
+		TR_RESULTS+=(FAIL)
+		TR_FAILED=$((TR_FAILED + 1))
+		;;
+	esac
+	hc_log "===== ${TR_RESULTS[-1]} $name (${TR_TIMES[-1]} s)${TR_REASONS[-1]:+: ${TR_REASONS[-1]}}"
+}
+
+tr_run() {
+	local name
+	for name in "$@"; do
+		tr_exists "$name" || hc_die "no such test: $name"
+	done
+	for name in "$@"; do _tr_one "$name"; done
+}
+
+# tr_summary TITLE : the table (with each test's notes); 1 if anything failed.
+tr_summary() {
+	local k name total=0
+	printf '\n===== %s\n' "$1"
+	for k in "${!TR_NAMES[@]}"; do
+		name=${TR_NAMES[k]}
+		printf '%-4s  %-18s %7s s  %s\n' "${TR_RESULTS[k]}" "$name" "${TR_TIMES[k]}" "${TR_REASONS[k]}"
+		sed 's/^/                                  /' "$HC_STATE_DIR/tests/$name.notes" 2>/dev/null || true
+		total=$(awk -v a="$total" -v b="${TR_TIMES[k]}" 'BEGIN{printf "%.1f", a+b}')
+	done
+	printf '\n%d passed, %d failed, %d skipped (tests %s s, whole run so far %s s)\n' \
+		"$TR_PASSED" "$TR_FAILED" "$TR_SKIPPED" "$total" "$(hc_elapsed)"
+	((TR_FAILED == 0))
+}

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# The whole test suite, as root, on a fresh machine: installs what the tests need, builds
+# HeadCNI, runs every test and check, prints a summary, and exits non-zero if anything failed.
+#
+#   sudo integration/test-all.sh [--skip STAGE]... [--only STAGE]...
+#
+# Stages, in order:
+#   peers      apt packages and the pinned Go-built peers (tailscale, headscale, crictl, helm)
+#   lint       cargo fmt --check, cargo clippy -D warnings, shellcheck of the scripts
+#   build      release builds (host and static musl)
+#   cargo      unit, property and namespace tests, the agent against real Headscale/tailscaled
+#   runtimes   podman, ctr and crictl attaching containers through the plugin
+#   cluster    the multi-node tests over a real tailnet
+#   chart      helm lint/template, schema validation, deploy-with-helm.sh
+#   image      the FROM scratch image, built offline with podman, run
+#
+# Each stage runs even when an earlier one failed (when it can), so one run shows everything.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+all_stages=(peers lint build cargo runtimes cluster chart image)
+declare -a only=() skip=()
+while (($#)); do
+	case "$1" in
+	--only) only+=("$2"); shift 2 ;;
+	--skip) skip+=("$2"); shift 2 ;;
+	-h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+	*) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+	esac
+done
+
+if [[ $EUID -ne 0 ]]; then
+	echo "integration/test-all.sh must run as root (network namespaces, runtimes)" >&2
+	exit 2
+fi
+
+wanted() {
+	local s=$1 x
+	for x in "${skip[@]}"; do [[ $x == "$s" ]] && return 1; done
+	((${#only[@]} == 0)) && return 0
+	for x in "${only[@]}"; do [[ $x == "$s" ]] && return 0; done
+	return 1
+}
+
+t_start=$(date +%s)
+declare -a summary=()
+failed=0
+musl=x86_64-unknown-linux-musl
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+
+run_stage() {
+	local name=$1 fn=$2 t0 rc
+	wanted "$name" || { summary+=("$(printf '%-10s skipped' "$name")"); return 0; }
+	say "$name"
+	t0=$(date +%s)
+	set +e
+	("$fn")
+	rc=$?
+	set -e
+	local took=$(($(date +%s) - t0))
+	if ((rc == 0)); then
+		summary+=("$(printf '%-10s ok      %4ss' "$name" "$took")")
+	else
+		summary+=("$(printf '%-10s FAILED  %4ss (exit %s)' "$name" "$took" "$rc")")
+		failed=1
+	fi
+}
+
+stage_peers() {
+	set -e
+	integration/lib/peers.sh ensure
+	# What the cargo tests and checks use beyond the harness's own list.
+	local -a extra=(gcc python3 shellcheck iptables nftables)
+	local -a missing=()
+	local p
+	for p in "${extra[@]}"; do
+		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+	done
+	if ((${#missing[@]})); then
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	fi
+	command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; return 1; }
+	if ! rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
+		rustup target add "$musl" || echo "warning: could not add the $musl target; the static build and the image are skipped" >&2
+	fi
+	# The justfile's runner, for the documented `just build`.
+	command -v just >/dev/null || cargo install --locked just
+}
+
+stage_lint() {
+	set -e
+	cargo fmt --check
+	cargo clippy --locked --all-targets -- -D warnings
+	if command -v shellcheck >/dev/null; then
+		shellcheck -x -P SCRIPTDIR integration/*.sh integration/lib/*.sh bench/*.sh deploy-with-helm.sh
+	fi
+}
+
+stage_build() {
+	set -e
+	cargo build --locked --release
+	if rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
+		if command -v just >/dev/null; then just build; else cargo build --locked --release --target "$musl"; fi
+		# A static (PIE) executable has no program interpreter.
+		if readelf -l "target/$musl/release/headcni" | grep -q 'Requesting program interpreter'; then
+			echo "the musl build is not static" >&2
+			return 1
+		fi
+	fi
+}
+
+stage_cargo() {
+	set -e
+	# shellcheck source=lib/peers.sh
+	eval "$(integration/lib/peers.sh print | sed 's/^/export /')"
+	cargo test --locked --no-fail-fast
+}
+
+stage_runtimes() { integration/runtime-tests.sh; }
+stage_cluster() { integration/tests.sh; }
+stage_chart() { integration/chart-check.sh; }
+
+stage_image() {
+	if ! rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
+		echo "skipped: no $musl target" >&2
+		return 0
+	fi
+	integration/image-check.sh
+}
+
+for s in "${all_stages[@]}"; do
+	run_stage "$s" "stage_$s"
+done
+
+printf '\n%s\n' "Summary (total $(($(date +%s) - t_start))s):"
+printf '  %s\n' "${summary[@]}"
+if ((failed)); then
+	echo "FAILED"
+	exit 1
+fi
+echo "all passed"

@@ -1,0 +1,556 @@
+#!/usr/bin/env bash
+# integration/tests.sh: HeadCNI across nodes, on the real Headscale,
+# tailscaled, plugin and runtimes (see integration/README.md).
+#
+# Setup: peers, `cargo build --release` (or $HEADCNI_BIN), underlay, Headscale,
+# then on each of 2 nodes tailscaled, `headcni install` and `headcni agent`
+# (zero-config join with a pre-auth key file, autoApprovers), and two pods
+# per node attached through the real plugin. Then the tests, in this order:
+#
+#   pod_to_pod        ICMP and TCP across nodes both ways; the receiver sees the pod's own address
+#   mtu               pod MTU = tailnet MTU; largest DF packet passes, one byte more fails cleanly; TCP bulk both ways
+#   masquerade        pods reach the "internet" namespace, which sees the node's underlay address
+#   runtimes_across   a crictl (containerd CRI) pod and a podman container on headcni, across nodes
+#   metrics_status    /metrics counts each node's ADDs, DELs and errors; `headcni status` shows peers and routes
+#   route_lifecycle   node 3 joins (API key), leaves; node 4 joins (autoApprovers), leaves; times; no foreign approvals
+#   restarts          agent, tailscaled and headscale restarted under traffic; traffic returns, addresses stay
+#
+# usage: integration/tests.sh [--prefix P] [--keep] [--list] [--inject CODE] [TEST...]
+#   TEST...   run only these (setup always runs), e.g. `tests.sh mtu restarts`
+#   --keep    leave everything running at the end (integration/teardown.sh P)
+#   --inject  shell code run after the setup, before the tests: a fault, to
+#             see a test fail, e.g. --inject 'pod_exec 1 p1 ip link set eth0 mtu 1500'
+# env: HEADCNI_BIN (skip the build), HC_JOIN=agent|cli (cli: debug path without
+#      the agent), HC_IPAM=headcni-ipam|host-local, HC_KEEP_STATE=1 (keep logs)
+# Exits non-zero when any test fails; tears down on exit, error and Ctrl-C.
+# shellcheck disable=SC2317 # test functions and helpers are called by name (tr_run, hc_wait_for)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ALL_TESTS=(pod_to_pod mtu masquerade runtimes_across metrics_status route_lifecycle restarts)
+declare -a WANT=()
+INJECT=""
+while (($#)); do
+	case "$1" in
+	--prefix)
+		export HC_PREFIX=$2
+		shift 2
+		;;
+	--keep)
+		export HC_KEEP=1
+		shift
+		;;
+	--list)
+		printf '%s\n' "${ALL_TESTS[@]}"
+		exit 0
+		;;
+	--inject)
+		INJECT=$2
+		shift 2
+		;;
+	-h | --help)
+		awk 'NR > 1 && /^#/ && !/shellcheck/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+		exit 0
+		;;
+	-*)
+		echo "unknown option: $1" >&2
+		exit 2
+		;;
+	*)
+		WANT+=("$1")
+		shift
+		;;
+	esac
+done
+((${#WANT[@]})) || WANT=("${ALL_TESTS[@]}")
+for t in "${WANT[@]}"; do
+	[[ " ${ALL_TESTS[*]} " == *" $t "* ]] || {
+		echo "unknown test: $t (--list shows them)" >&2
+		exit 2
+	}
+done
+
+export HC_PREFIX=${HC_PREFIX:-hct}
+export HC_NODES=2
+# shellcheck source=lib/peers.sh
+source "$here/lib/peers.sh"
+# shellcheck source=lib/headcni.sh
+source "$here/lib/headcni.sh"
+# shellcheck source=lib/testing.sh
+source "$here/lib/testing.sh"
+
+hc_require_root
+
+# --- helpers shared by the tests ---------------------------------------------------
+
+needs_agent() { [[ "$HC_JOIN" == agent ]] || skip "needs headcni agent (HC_JOIN=$HC_JOIN)"; }
+
+# wait_ping WHERE DST [TIMEOUT] : poll until DST answers (fresh peers take ~5 s).
+wait_ping() { hc_wait_for "${3:-20}" "$1 pings $2" ping_ok "$1" "$2" 1; }
+
+# pods_mesh : every setup pod reaches the same-index pod on the other node.
+pods_mesh() {
+	local p
+	for p in p1 p2; do
+		wait_ping "$(pod_where 1 "$p")" "$(pod_ip 2 "$p")" "${1:-20}" || return 1
+		wait_ping "$(pod_where 2 "$p")" "$(pod_ip 1 "$p")" "${1:-20}" || return 1
+	done
+}
+
+# routes_everywhere NODES... : each node has every other node's pod CIDR in table 52.
+routes_everywhere() {
+	local i j
+	for i in "$@"; do
+		for j in "$@"; do
+			((i == j)) && continue
+			node_route_in_table52 "$i" "$(node_pod_cidr "$j")" || return 1
+		done
+	done
+}
+
+# REST views of Headscale (the API the agent uses; camelCase)
+hs_rest_nodes() { hs_api "$HC_STATE_DIR/apikey" GET node; }
+# hs_rest_approved HOSTNAME : the node's approvedRoutes, sorted, comma separated.
+hs_rest_approved() {
+	hs_rest_nodes | jq -r --arg h "$1" \
+		'[.nodes[] | select(.givenName==$h or .name==$h) | (.approvedRoutes // [])[]] | sort | join(",")'
+}
+hs_rest_has_approved() { [[ ",$(hs_rest_approved "$1")," == *",$2,"* ]]; }
+hs_rest_available() {
+	hs_rest_nodes | jq -r --arg h "$1" \
+		'[.nodes[] | select(.givenName==$h or .name==$h) | (.availableRoutes // [])[]] | sort | join(",")'
+}
+hs_rest_has_available() { [[ ",$(hs_rest_available "$1")," == *",$2,"* ]]; }
+# all nodes' approved routes, one "host=routes" line each (for before/after)
+hs_rest_approved_all() {
+	hs_rest_nodes | jq -r '.nodes[] | "\(.givenName)=\([(.approvedRoutes // [])[]] | sort | join(","))"' | sort
+}
+
+# background pinger with timestamps, for restarts: pinger_start WHERE DST FILE
+pinger_start() {
+	local where=$1 dst=$2 file=$3
+	: >"$file"
+	# shellcheck disable=SC2016,SC2094 # $$ is the inner shell's; it writes FILE.pid, ping writes FILE
+	hc_in "$where" sh -c 'echo $$ >"$1.pid"; exec ping -n -D -O -i 0.2 -W 1 "$2"' sh "$file" "$dst" >"$file" 2>&1 &
+	local k
+	for ((k = 0; k < 50; k++)); do
+		[[ -s "$file.pid" ]] && break
+		sleep 0.1
+	done
+}
+pinger_stop() { # FILE
+	local pid
+	pid=$(cat "$1.pid" 2>/dev/null) || return 0
+	[[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == ping ]] && kill -INT "$pid" 2>/dev/null
+	local k
+	for ((k = 0; k < 30; k++)); do
+		[[ -d "/proc/$pid" ]] || break
+		sleep 0.1
+	done
+	rm -f "$1.pid"
+}
+# pinger_gap FILE : "longest gap between replies (s), replies, sent"
+pinger_gap() {
+	awk '
+		/bytes from/ { t = substr($1, 2, length($1) - 2) + 0; if (last) { g = t - last; if (g > max) max = g } last = t; ok++ }
+		/no answer yet|bytes from/ { n++ }
+		END { printf "%.1f %d %d\n", max, ok, n }' "$1"
+}
+
+# --- setup -------------------------------------------------------------------------
+
+T_START=$(hc_now)
+hc_log "== setup"
+peers_ensure
+hcni_build
+ROOT_BEFORE=$(topo_root_view)
+hc_state_init
+hc_install_traps
+hcni_stage
+t=$(hc_now)
+topo_up
+hs_write_config
+hs_start
+hs_create_user "$HC_HS_USER" >/dev/null
+hs_create_authkey "$HC_STATE_DIR/authkey"
+hs_create_apikey "$HC_STATE_DIR/apikey"
+for ((i = 1; i <= HC_NODES; i++)); do
+	hcni_install "$i"
+	hcni_node_up "$i" auto
+done
+hc_wait_for 30 "pod CIDR routes in every table 52" routes_everywhere 1 2 ||
+	hc_die "the nodes did not install each other's pod CIDR routes"
+for ((i = 1; i <= HC_NODES; i++)); do
+	for p in p1 p2; do
+		pod_add "$i" "$p" >/dev/null || hc_die "pod $p on node $i: ADD failed"
+	done
+done
+pods_mesh 30 || hc_die "setup pods do not reach each other across the nodes"
+SETUP_S=$(hc_since "$t")
+hc_log "== setup done in ${SETUP_S}s (cluster part; whole run so far $(hc_elapsed)s)"
+if [[ -n "$INJECT" ]]; then
+	hc_warn "injecting a fault: $INJECT"
+	eval "$INJECT"
+fi
+
+# --- the tests ----------------------------------------------------------------------
+
+# (1) pod to pod across nodes, ICMP and TCP, both directions, no SNAT.
+t_pod_to_pod() {
+	local a b ia ib rtt seen port=7101
+	for a in 1 2; do
+		b=$((3 - a))
+		ia=$(pod_ip "$a" p1)
+		ib=$(pod_ip "$b" p1)
+		[[ "$(pod_addr_now "$a" p1)" == "$ia" ]] || hc_die "pod p1 on node $a has $(pod_addr_now "$a" p1), ADD said $ia"
+		cidr_has "$(node_pod_cidr "$a")" "$ia" || hc_die "pod p1 on node $a got $ia, outside $(node_pod_cidr "$a")"
+		wait_ping "$(pod_where "$a" p1)" "$ib" 20 || hc_die "ICMP n${a}/p1 -> n${b}/p1 ($ib) fails"
+		rtt=$(ping_rtt "$(pod_where "$a" p1)" "$ib")
+		[[ "$rtt" != - ]] || hc_die "ICMP n${a}/p1 -> $ib lost packets after the first reply"
+		seen=$(tcp_seen_source "$(pod_where "$a" p1)" "$(pod_where "$b" p1)" "$ib" "$port")
+		[[ "$seen" == "$ia" ]] || hc_die "TCP n${a}/p1 -> n${b}/p1: receiver saw source '$seen', expected $ia (SNAT?)"
+		note "n$a/p1 $ia -> n$b/p1 $ib: ICMP rtt ${rtt} ms, TCP source seen $seen"
+		port=$((port + 1))
+	done
+	# same node, pod to pod (local routing through the node)
+	wait_ping "$(pod_where 1 p1)" "$(pod_ip 1 p2)" 5 || hc_die "n1/p1 cannot reach n1/p2 on the same node"
+	seen=$(tcp_seen_source "$(pod_where 1 p2)" "$(pod_where 1 p1)" "$(pod_ip 1 p1)" "$port")
+	[[ "$seen" == "$(pod_ip 1 p2)" ]] || hc_die "same node TCP: saw '$seen', expected $(pod_ip 1 p2)"
+	note "same node n1/p2 -> n1/p1: TCP source seen $seen"
+}
+
+# (2) MTU: the pods get the tailnet's MTU, the largest DF packet passes, one
+# byte more fails with an error (not silence), TCP bulk completes both ways.
+t_mtu() {
+	local tsmtu podmtu filemtu ok big
+	tsmtu=$(node_exec 1 cat /sys/class/net/tailscale0/mtu)
+	filemtu=$(sed -n 's/^HEADCNI_MTU=//p' "$(hcni_node_file 1)")
+	podmtu=$(pod_exec 1 p1 cat /sys/class/net/eth0/mtu)
+	note "tailscale0 $tsmtu, node file $filemtu, pod eth0 $podmtu"
+	[[ "$filemtu" == "$tsmtu" ]] || hc_die "node file MTU $filemtu differs from tailscale0's $tsmtu"
+	[[ "$podmtu" == "$tsmtu" ]] || hc_die "pod MTU $podmtu differs from the tailnet's $tsmtu"
+	local payload=$((podmtu - 28))
+	wait_ping "$(pod_where 1 p1)" "$(pod_ip 2 p1)" 20 || hc_die "no connectivity to start with"
+	for _ in 1 2 3; do
+		ok=$(df_probe "$(pod_where 1 p1)" "$(pod_ip 2 p1)" "$payload")
+		[[ "$ok" == ok ]] && break
+	done
+	big=$(df_probe "$(pod_where 1 p1)" "$(pod_ip 2 p1)" $((payload + 1)))
+	note "DF ICMP $((payload + 28)) B: $ok; $((payload + 29)) B: $big"
+	[[ "$ok" == ok ]] || hc_die "a DF packet of $((payload + 28)) B (the pod MTU) does not pass: $ok"
+	[[ "$big" == frag-needed* ]] || hc_die "a DF packet of $((payload + 29)) B did not fail cleanly: $big"
+	ok=$(df_probe "$(pod_where 2 p2)" "$(pod_ip 1 p2)" "$payload")
+	[[ "$ok" == ok ]] || hc_die "reverse: a DF packet of $((payload + 28)) B n2 -> n1 does not pass: $ok"
+	local t0
+	t0=$(hc_now)
+	tcp_bulk "$(pod_where 1 p1)" "$(pod_where 2 p1)" "$(pod_ip 2 p1)" 7201 32 ||
+		hc_die "TCP bulk 32 MiB n1/p1 -> n2/p1 did not complete"
+	note "TCP 32 MiB n1 -> n2 in $(hc_since "$t0") s"
+	t0=$(hc_now)
+	tcp_bulk "$(pod_where 2 p2)" "$(pod_where 1 p2)" "$(pod_ip 1 p2)" 7202 32 ||
+		hc_die "TCP bulk 32 MiB n2/p2 -> n1/p2 did not complete"
+	note "TCP 32 MiB n2 -> n1 in $(hc_since "$t0") s"
+}
+
+# (3) a pod reaches a host outside the cluster, masqueraded to the node's address.
+t_masquerade() {
+	needs_agent
+	local i seen
+	for i in 1 2; do
+		wait_ping "$(pod_where "$i" p1)" "$HC_INET_ADDR" 10 || hc_die "pod n$i/p1 cannot reach the internet host"
+		seen=$(tcp_seen_source "$(pod_where "$i" p1)" "$HC_NS_INET" "$HC_INET_ADDR" $((7300 + i)))
+		[[ "$seen" == "$(node_addr "$i")" ]] ||
+			hc_die "internet host saw '$seen' from pod n$i/p1, expected node $i's $(node_addr "$i") (masquerade)"
+		note "pod n$i/p1 $(pod_ip "$i" p1) -> internet: seen as $seen (node $i's underlay address)"
+	done
+	# across nodes the pod address is still kept (no masquerade inside the cluster)
+	seen=$(tcp_seen_source "$(pod_where 2 p2)" "$(pod_where 1 p2)" "$(pod_ip 1 p2)" 7303)
+	[[ "$seen" == "$(pod_ip 2 p2)" ]] || hc_die "pod to pod after masquerade check: saw '$seen'"
+	note "nft tables in node 1: $(ip netns exec "$(node_ns 1)" nft list tables 2>/dev/null | tr '\n' ' ')"
+}
+
+# real runtimes on the headcni network, across nodes
+t_runtimes_across() {
+	local pod ip1 ip2 out
+	ctd_start 1
+	pod=$(ctd_run_pod 1 xweb)
+	ip1=$(ctd_pod_ip 1 "$pod")
+	cidr_has "$(node_pod_cidr 1)" "$ip1" || hc_die "crictl pod on node 1 got $ip1"
+	pm_prepare 2
+	HC_CNI_NET=$HC_NET pm_run 2 xc2 >/dev/null
+	ip2=$(pm_ip 2 xc2)
+	cidr_has "$(node_pod_cidr 2)" "$ip2" || hc_die "podman container on node 2 got $ip2"
+	note "crictl pod n1 $ip1, podman container n2 $ip2"
+	hc_wait_for 20 "crictl pod n1 -> podman n2" ctd_exec 1 "$pod" ping -c 1 -W 1 "$ip2" ||
+		hc_die "crictl pod on n1 cannot ping the podman container on n2"
+	out=$(node_podman 2 exec xc2 ping -c 3 -W 2 "$ip1" 2>&1) ||
+		hc_die "podman container on n2 cannot ping the crictl pod on n1: $out"
+	note "podman n2 -> crictl n1: $(tail -n1 <<<"$out")"
+	out=$(ctd_exec 1 "$pod" ping -c 3 -W 2 "$(pod_ip 2 p1)" 2>&1) || hc_die "crictl pod n1 -> pod n2/p1: $out"
+	ctd_rm_pod 1 "$pod"
+	pm_rm 2 xc2
+	! node_pod_routes 1 | grep -qx "$ip1" || hc_die "route to $ip1 left on node 1 after rmp"
+	! node_pod_routes 2 | grep -qx "$ip2" || hc_die "route to $ip2 left on node 2 after podman rm"
+	note "removed: no route left to $ip1 (n1) or $ip2 (n2)"
+	ctd_stop 1
+}
+
+# (6) /metrics counts the ADDs, DELs and failed ADDs that happened on each
+# node; `headcni status` shows the right peers and routes.
+t_metrics_status() {
+	needs_agent
+	local i k
+	local -A A0 R0 S0 E0
+	local al='headcni_ip_allocations_total{family="ipv4"}' rl='headcni_ip_releases_total{family="ipv4"}'
+	local sl='headcni_pod_network_setup_duration_seconds_count' el='headcni_network_errors_total{operation="add"}'
+	for i in 1 2; do
+		A0[$i]=$(hcni_metric "$i" "$al")
+		R0[$i]=$(hcni_metric "$i" "$rl")
+		S0[$i]=$(hcni_metric "$i" "$sl")
+		E0[$i]=$(hcni_metric "$i" "$el")
+	done
+	# node 1: 3 ADDs, 2 DELs, 1 failed ADD; node 2: 1 ADD, 1 DEL
+	local -A mip
+	for k in 1 2 3; do mip[$k]=$(pod_add 1 "m$k") || hc_die "ADD m$k on node 1 failed"; done
+	pod_del 1 m1
+	pod_del 1 m2
+	pod_add 2 m1 >/dev/null || hc_die "ADD m1 on node 2 failed"
+	pod_del 2 m1
+	hcni_ipam_holds 1 "${mip[3]}" || hc_die "node 1's IPAM does not hold m3's ${mip[3]}"
+	for k in 1 2; do
+		! hcni_ipam_holds 1 "${mip[$k]}" || hc_die "node 1's IPAM still holds m$k's ${mip[$k]} after DEL"
+	done
+	# a failing ADD: the pod already has an eth0 (code 101)
+	node_exec 1 ip netns add pod-bad
+	node_exec 1 ip -n pod-bad link add eth0 type veth peer name eth1
+	if node_cnitool 1 add "$HC_NET" /run/netns/pod-bad >/dev/null 2>&1; then
+		hc_die "ADD into a pod that already has eth0 succeeded"
+	fi
+	node_cnitool 1 del "$HC_NET" /run/netns/pod-bad >/dev/null 2>&1 || true
+	node_exec 1 ip netns delete pod-bad
+	local -A want_a=([1]=3 [2]=1) want_r=([1]=2 [2]=1) want_e=([1]=1 [2]=0)
+	for i in 1 2; do
+		local da dr ds de
+		da=$(($(hcni_metric "$i" "$al") - A0[$i]))
+		dr=$(($(hcni_metric "$i" "$rl") - R0[$i]))
+		ds=$(($(hcni_metric "$i" "$sl") - S0[$i]))
+		de=$(($(hcni_metric "$i" "$el") - E0[$i]))
+		note "node $i: allocations +$da, releases +$dr, setups +$ds, add errors +$de (expected +${want_a[$i]} +${want_r[$i]} +${want_a[$i]} +${want_e[$i]})"
+		((da == want_a[$i] && dr == want_r[$i] && ds == want_a[$i] && de == want_e[$i])) ||
+			hc_die "node $i's /metrics does not count what happened there"
+	done
+	# a second scrape counts nothing twice
+	((($(hcni_metric 1 "$al") - A0[1]) == 3)) || hc_die "allocations changed on a second scrape"
+	hcni_metrics 1 | grep -E '^headcni_(ip_|pod_network_setup_duration_seconds_(count|sum)|routes_|ready)' |
+		head -n 12 >"$HC_STATE_DIR/tests/metrics-n1.txt"
+
+	# status
+	hcni_has_status || hc_die "this headcni has no 'status' subcommand"
+	local js j other
+	for i in 1 2; do
+		other=$((3 - i))
+		js=$(hcni_status "$i" --json) || hc_die "headcni status --json failed on node $i"
+		printf '%s\n' "$js" >"$HC_STATE_DIR/tests/status-n$i.json"
+		hcni_status "$i" >"$HC_STATE_DIR/tests/status-n$i.txt" 2>&1 || true
+		# status --json speaks camelCase (snake_case accepted too)
+		js=$(jq -c '{backendState: (.backendState // .backend_state), podCidrs: (.podCidrs // .pod_cidrs),
+			routes, peers: [.peers[] | {hostname, routes}], problems}' <<<"$js")
+		note "node $i status: $(jq -c 'del(.problems)' <<<"$js")"
+		jq -e '.backendState == "Running"' <<<"$js" >/dev/null || hc_die "node $i status: backend not Running"
+		jq -e --arg c "$(node_pod_cidr "$i")" '.podCidrs == [$c]' <<<"$js" >/dev/null ||
+			hc_die "node $i status: pod CIDRs are not [$(node_pod_cidr "$i")]"
+		jq -e --arg c "$(node_pod_cidr "$i")" \
+			'any(.routes[]; .cidr == $c and .advertised == true and .approved == true)' <<<"$js" >/dev/null ||
+			hc_die "node $i status: own route not shown advertised and approved"
+		jq -e --arg h "$(node_hostname "$other")" --arg c "$(node_pod_cidr "$other")" \
+			'any(.peers[]; .hostname == $h and (.routes | index($c) != null))' <<<"$js" >/dev/null ||
+			hc_die "node $i status: peer $(node_hostname "$other") with route $(node_pod_cidr "$other") not shown"
+		jq -e --arg c "$(node_pod_cidr "$i")" '[.peers[] | select(.routes | index($c) != null)] | length == 0' \
+			<<<"$js" >/dev/null || hc_die "node $i status: a peer is shown with this node's own pod CIDR"
+		jq -e '(.problems // []) | length == 0' <<<"$js" >/dev/null ||
+			hc_die "node $i status reports problems on a healthy node: $(jq -c '.problems' <<<"$js")"
+		grep -q "peer *$(node_hostname "$other")" "$HC_STATE_DIR/tests/status-n$i.txt" ||
+			hc_die "node $i: the text of headcni status names no peer $(node_hostname "$other")"
+	done
+}
+
+# (4) route lifecycle with a joining and leaving node, both approval paths.
+t_route_lifecycle() {
+	needs_agent
+	local before after t0 t_adv t_appr t_route t_reach n
+	# A route node 2 advertises besides its pod CIDR, left unapproved: bait
+	# for an agent that approves more than its own routes.
+	local bait=10.250.2.0/24
+	node_ts 2 set --advertise-routes "$(node_pod_cidr 2),$bait" >/dev/null
+	hc_wait_for 15 "node-2 advertises the bait route" hs_rest_has_available node-2 "$bait" ||
+		hc_die "node-2 does not advertise $bait"
+
+	_join() { # N MODE : node N joins; measures; checks the others untouched
+		local n=$1 mode=$2 cidr ip
+		cidr=$(node_pod_cidr "$n")
+		before=$(hs_rest_approved_all)
+		topo_node_add "$n"
+		hcni_install "$n"
+		t0=$(hc_now)
+		node_tailscaled_start "$n"
+		hcni_agent_start "$n" "$mode"
+		hc_wait_daemon 30 "$(hcni_agent_label "$n")" "node-$n advertises $cidr" hs_rest_has_available "node-$n" "$cidr" ||
+			hc_die "node-$n does not advertise $cidr"
+		t_adv=$(hc_since "$t0")
+		hc_wait_daemon 30 "$(hcni_agent_label "$n")" "node-$n's $cidr approved" hs_rest_has_approved "node-$n" "$cidr" ||
+			hc_die "node-$n's $cidr was not approved ($mode)"
+		t_appr=$(hc_since "$t0")
+		hc_wait_for 30 "$cidr routed on nodes 1 and 2" routes_everywhere 1 2 "$n" ||
+			hc_die "$cidr is not in the table 52 of nodes 1 and 2 (or theirs not in node $n's)"
+		t_route=$(hc_since "$t0")
+		hc_wait_daemon 30 "$(hcni_agent_label "$n")" "agent n$n ready" hcni_ready "$n" || hc_die "agent n$n not ready"
+		ip=$(pod_add "$n" p1) || hc_die "ADD on node $n failed"
+		wait_ping "$(pod_where 1 p1)" "$ip" 20 || hc_die "n1/p1 cannot reach the pod $ip on node $n"
+		wait_ping "$(pod_where "$n" p1)" "$(pod_ip 2 p1)" 20 || hc_die "the pod on node $n cannot reach n2/p1"
+		t_reach=$(hc_since "$t0")
+		note "node-$n ($mode): advertised after $t_adv s, approved $t_appr s, in peers' table 52 $t_route s, pod reachable $t_reach s (from tailscaled start)"
+		after=$(hs_rest_approved_all)
+		local others_before others_after
+		others_before=$(grep -v "^node-$n=" <<<"$before" || true)
+		others_after=$(grep -v "^node-$n=" <<<"$after" || true)
+		[[ "$others_before" == "$others_after" ]] ||
+			hc_die "approving node-$n changed other nodes' approved routes: before [$others_before] after [$others_after]"
+		[[ "$(hs_rest_approved "node-$n")" == "$cidr" ]] ||
+			hc_die "node-$n's approved routes are [$(hs_rest_approved "node-$n")], expected exactly $cidr"
+		! hs_rest_has_approved node-2 "$bait" || hc_die "node-$n's join approved node-2's $bait"
+		note "other nodes' approvedRoutes unchanged: $(tr '\n' ' ' <<<"$others_after"); $bait of node-2 still pending"
+	}
+	_leave() { # N : the node leaves: agent --cleanup, tailscaled stops
+		local n=$1 cidr ip
+		cidr=$(node_pod_cidr "$n")
+		ip=$(pod_ip "$n" p1)
+		t0=$(hc_now)
+		hcni_agent_stop "$n"
+		hcni_agent_cleanup "$n" || hc_die "headcni agent --cleanup failed on node $n (logs/cleanup-n$n.log)"
+		hc_wait_for 20 "node-$n withdraws $cidr" eval "! hs_rest_has_available node-$n $cidr" ||
+			hc_die "node-$n still advertises $cidr after --cleanup"
+		node_tailscaled_stop "$n"
+		_gone() { ! node_route_in_table52 1 "$cidr" && ! node_route_in_table52 2 "$cidr"; }
+		hc_wait_for 30 "$cidr gone from nodes 1 and 2" _gone || hc_die "$cidr still routed after node $n left"
+		! ping_ok "$(pod_where 1 p1)" "$ip" 1 || hc_die "the pod $ip on the departed node $n still answers"
+		note "node-$n left (agent --cleanup, tailscaled stopped): $cidr gone from the peers after $(hc_since "$t0") s"
+		hs_cli nodes delete --identifier "$(hs_node_id "node-$n")" --force >/dev/null 2>&1 || true
+	}
+
+	hs_set_autoapprove 0
+	_join 3 api
+	_leave 3
+	hs_set_autoapprove 1
+	_join 4 auto
+	_leave 4
+	# the bait goes again; node 2's pod CIDR stays
+	node_ts 2 set --advertise-routes "$(node_pod_cidr 2)" >/dev/null
+	hs_rest_has_approved node-2 "$(node_pod_cidr 2)" || hc_die "node-2 lost its approval"
+	pods_mesh 10 || hc_die "nodes 1 and 2 lost each other during the lifecycle test"
+}
+
+# (5) restarts of the agent, tailscaled and headscale under traffic.
+t_restarts() {
+	local i p before after ip2
+	before=$(for i in 1 2; do for p in p1 p2; do printf '%s/%s=%s ' "$i" "$p" "$(pod_addr_now "$i" "$p")"; done; done)
+	_under_traffic() { # NAME MAX_GAP_S CMD... : restart while pods ping both ways
+		local name=$1 maxgap=$2 t0 f1=$HC_STATE_DIR/tests/ping-$1-a f2=$HC_STATE_DIR/tests/ping-$1-b
+		shift 2
+		pods_mesh 20 || hc_die "no connectivity before the $name restart"
+		pinger_start "$(pod_where 1 p1)" "$(pod_ip 2 p1)" "$f1"
+		pinger_start "$(pod_where 2 p2)" "$(pod_ip 1 p2)" "$f2"
+		sleep 1
+		t0=$(hc_now)
+		"$@"
+		local took
+		took=$(hc_since "$t0")
+		pods_mesh 90 || {
+			pinger_stop "$f1"
+			pinger_stop "$f2"
+			hc_die "pod traffic did not come back after the $name restart"
+		}
+		local back
+		back=$(hc_since "$t0")
+		sleep 1
+		pinger_stop "$f1"
+		pinger_stop "$f2"
+		read -r g1 ok1 n1 < <(pinger_gap "$f1")
+		read -r g2 ok2 n2 < <(pinger_gap "$f2")
+		note "$name restart: done in ${took} s, both directions answer ${back} s after it began; longest gap n1->n2 ${g1} s ($ok1/$n1 replies), n2->n1 ${g2} s ($ok2/$n2)"
+		if [[ -n "$maxgap" ]]; then
+			awk -v a="$g1" -v b="$g2" -v m="$maxgap" 'BEGIN { exit !(a <= m && b <= m) }' ||
+				hc_die "pod traffic stalled for more than ${maxgap} s during the $name restart"
+		fi
+	}
+	_restart_agent() {
+		hcni_agent_stop 1
+		hcni_agent_start 1
+		hc_wait_daemon 60 "$(hcni_agent_label 1)" "agent n1 ready again" hcni_ready 1 || hc_die "agent n1 not ready after restart"
+	}
+	_restart_tailscaled() {
+		node_tailscaled_restart 1
+		_running() { [[ "$(node_ts_backend_state 1)" == Running ]]; }
+		hc_wait_for 60 "node 1 Running again" _running || hc_die "tailscaled n1 not Running after restart"
+	}
+	_restart_headscale() {
+		hs_restart
+		hc_wait_for 60 "all nodes online in headscale again" hs_all_online 2 ||
+			hc_die "nodes did not reconnect to headscale after its restart"
+	}
+	if [[ "$HC_JOIN" == agent ]]; then
+		_under_traffic agent 2 _restart_agent
+	else
+		note "agent restart skipped (HC_JOIN=cli)"
+	fi
+	_under_traffic tailscaled "" _restart_tailscaled
+	_under_traffic headscale 3 _restart_headscale
+	if [[ "$HC_JOIN" == agent ]]; then
+		for i in 1 2; do
+			hc_wait_for 60 "agent n$i ready" hcni_ready "$i" || hc_die "agent n$i not ready after the restarts"
+		done
+	fi
+	# the control plane works again: a new pod on node 2 is reachable from node 1
+	ip2=$(pod_add 2 r1) || hc_die "ADD after the restarts failed"
+	wait_ping "$(pod_where 1 p1)" "$ip2" 20 || hc_die "a pod added after the restarts is unreachable"
+	pod_del 2 r1
+	after=$(for i in 1 2; do for p in p1 p2; do printf '%s/%s=%s ' "$i" "$p" "$(pod_addr_now "$i" "$p")"; done; done)
+	[[ "$before" == "$after" ]] || hc_die "pod addresses changed: before [$before] after [$after]"
+	for i in 1 2; do
+		for p in p1 p2; do
+			hcni_ipam_holds "$i" "$(pod_ip "$i" "$p")" || hc_die "$(hcni_ipam_kind "$i") lost the record of n$i/$p"
+		done
+	done
+	note "pod addresses unchanged and still held by $(hcni_ipam_kind 1): $after"
+}
+
+tr_run "${WANT[@]}"
+rc=0
+tr_summary "tests.sh: prefix $HC_PREFIX, join $HC_JOIN, IPAM $HC_IPAM, setup ${SETUP_S} s" || rc=1
+
+if [[ "${HC_KEEP:-0}" == 1 ]]; then
+	cat <<EOF
+
+Left running (--keep). Look around:
+  nsenter -t $(node_ctx_pid 1) -n -m -- bash                     # a shell on node 1
+  nsenter -t $(node_ctx_pid 1) -n -m -- ip netns exec pod-p1 ip addr   # pod p1 on node 1
+  nsenter -t $(node_ctx_pid 1) -n -m -- $HC_BIN status
+Tear down:
+  $here/teardown.sh $HC_PREFIX
+EOF
+fi
+# teardown now and check that nothing is left (the exit trap's teardown then
+# finds no journal and does nothing; a Ctrl-C meanwhile still tears down)
+if [[ "${HC_KEEP:-0}" != 1 ]]; then
+	t=$(hc_now)
+	if ((rc != 0)) && [[ "${HC_DUMP_LOGS:-1}" == 1 ]]; then hc_dump_logs; fi
+	HC_DUMP_LOGS=0
+	hc_teardown
+	if topo_leak_check "$ROOT_BEFORE"; then
+		hc_log "teardown: nothing of the run is left in the root namespace ($(hc_since "$t") s)"
+	else
+		hc_warn "teardown left something behind"
+		rc=1
+	fi
+fi
+hc_log "tests.sh finished in $(hc_since "$T_START") s"
+exit "$rc"
