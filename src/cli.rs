@@ -25,6 +25,9 @@ pub enum Cmd {
     Agent(Box<crate::agent::config::AgentArgs>),
     /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
     Status(crate::agent::status::StatusArgs),
+    /// Uninstall hook: raise the uninstall signal (the agents withdraw their nodes' routes)
+    /// and wait until no agent is ready, or the timeout.
+    Teardown(crate::agent::hook::TeardownArgs),
     /// Inspect and maintain the headcni-ipam store on this node.
     Ipam(crate::ipam::cli::IpamArgs),
 }
@@ -58,6 +61,7 @@ pub fn main() -> i32 {
         }
         Cmd::Agent(args) => crate::agent::main(*args),
         Cmd::Status(args) => crate::agent::status::main(args),
+        Cmd::Teardown(args) => crate::agent::hook::main(args),
         Cmd::Ipam(args) => crate::ipam::cli::run(&args),
     }
 }

@@ -7,6 +7,7 @@ mod common;
 use common::Netns;
 use headcni::agent::dataplane::{Dataplane, HostDataplane, RULE_PROTOCOL, masquerade_specs};
 use headcni::netlink::nft::Family;
+use headcni::netlink::sysctl::SysctlRoot;
 use ipnetwork::IpNetwork;
 
 fn nets(list: &[&str]) -> Vec<IpNetwork> {
@@ -27,6 +28,29 @@ async fn rules_tables_forwarding_and_mtu() {
     assert_eq!(dp.read_sysctl("ipv4/ip_forward").unwrap(), "1");
     assert_eq!(dp.read_sysctl("ipv6/conf/all/forwarding").unwrap(), "1");
     assert!(dp.ensure_forwarding(true, true).await.unwrap().items.is_empty());
+
+    // --proc-sys-dir: another directory standing for /proc/sys, here one whose net is a link
+    // to procfs (as the chart's bind mount of the host's /proc/sys/net is): procfs resolves it
+    // for the namespace of the thread that opens it, so the test namespace's sysctls change,
+    // and the root namespace's stay as they are.
+    let root_forwarding = headcni::netlink::sysctl::read("ipv4/ip_forward").unwrap();
+    ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+    let host = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/proc/sys/net", host.path().join("net")).unwrap();
+    let root = SysctlRoot::new(host.path()).unwrap();
+    let moved_dp =
+        HostDataplane::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap()).unwrap().with_sysctl_root(root);
+    assert_eq!(moved_dp.read_sysctl("ipv4/ip_forward").unwrap(), "0");
+    assert_eq!(moved_dp.ensure_forwarding(true, false).await.unwrap().items, vec!["set net/ipv4/ip_forward=1"]);
+    assert_eq!(ns.exec_ok(&["sysctl", "-n", "net.ipv4.ip_forward"]).trim(), "1");
+    assert_eq!(headcni::netlink::sysctl::read("ipv4/ip_forward").unwrap(), root_forwarding, "root namespace untouched");
+    // A root without the net tree: the error names the file.
+    let empty = tempfile::tempdir().unwrap();
+    let broken = HostDataplane::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap())
+        .unwrap()
+        .with_sysctl_root(SysctlRoot::new(empty.path()).unwrap());
+    let err = broken.ensure_forwarding(true, false).await.unwrap_err().to_string();
+    assert!(err.contains("/net/ipv4/ip_forward"), "{err}");
 
     let pods = nets(&["10.244.1.0/24", "fd00:10:244:1::/64"]);
     assert_eq!(dp.ensure_rules(&pods, 5200).await.unwrap().items.len(), 2);

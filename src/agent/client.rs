@@ -1,7 +1,9 @@
 //! A minimal HTTP/1.1 client for the agent's three peers (tailscaled's LocalAPI over a unix
 //! socket, Headscale and the Kubernetes API over TCP or TLS): one connection per request,
-//! a deadline on the whole exchange and a cap on the answer's size. The rates are a few
-//! requests a minute, so nothing is pooled.
+//! a deadline on the whole exchange and a cap on the answer's size ([`Endpoint::send`]), or,
+//! for a Kubernetes watch, a deadline on the answer's head and a cap on each line of a body
+//! read as it arrives ([`Endpoint::open`]). The rates are a few requests a minute, so nothing
+//! is pooled.
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
@@ -208,13 +210,30 @@ impl Endpoint {
     pub async fn send(&self, req: Request) -> Result<Response, ClientError> {
         let target = self.display.clone();
         let timeout = req.timeout;
-        match tokio::time::timeout(timeout, self.exchange(req)).await {
+        let limit = req.limit;
+        let exchange = async {
+            let stream = self.open_inner(req).await?;
+            stream.collect(limit).await
+        };
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(ClientError::Timeout { target, timeout }),
         }
     }
 
-    async fn exchange(&self, req: Request) -> Result<Response, ClientError> {
+    /// Sends one request and answers as soon as the status line and headers are in (within the
+    /// request's deadline); the body is then read piece by piece (a Kubernetes watch). The
+    /// request's limit applies to each line of the body.
+    pub async fn open(&self, req: Request) -> Result<StreamingResponse, ClientError> {
+        let target = self.display.clone();
+        let timeout = req.timeout;
+        match tokio::time::timeout(timeout, self.open_inner(req)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout { target, timeout }),
+        }
+    }
+
+    async fn open_inner(&self, req: Request) -> Result<StreamingResponse, ClientError> {
         let target = self.display.clone();
         let http_err = |source| ClientError::Http { target: target.clone(), source };
         let stream = self.connect().await?;
@@ -241,16 +260,85 @@ impl Endpoint {
         let request =
             builder.body(body).map_err(|e| ClientError::Url { url: target.clone(), reason: e.to_string() })?;
         let response = sender.send_request(request).await.map_err(http_err)?;
-        let status = response.status();
-        let limit = req.limit;
-        let body = Limited::new(response.into_body(), limit).collect().await.map_err(|e| {
-            match e.downcast::<hyper::Error>() {
-                Ok(source) => ClientError::Http { target: target.clone(), source: *source },
-                Err(_) => ClientError::TooLarge { target: target.clone(), limit },
+        Ok(StreamingResponse {
+            status: response.status(),
+            body: Some(response.into_body()),
+            buf: Vec::new(),
+            line_limit: req.limit,
+            done: false,
+            target,
+            conn,
+        })
+    }
+}
+
+/// An answer whose body is still arriving. Dropping it closes the connection.
+pub struct StreamingResponse {
+    pub status: StatusCode,
+    body: Option<hyper::body::Incoming>,
+    buf: Vec<u8>,
+    line_limit: usize,
+    done: bool,
+    target: String,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StreamingResponse {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+impl StreamingResponse {
+    /// The rest of the body, up to `limit` bytes.
+    pub async fn collect(mut self, limit: usize) -> Result<Response, ClientError> {
+        let target = self.target.clone();
+        let mut bytes = std::mem::take(&mut self.buf);
+        if let Some(body) = self.body.take() {
+            let collected =
+                Limited::new(body, limit).collect().await.map_err(|e| match e.downcast::<hyper::Error>() {
+                    Ok(source) => ClientError::Http { target: target.clone(), source: *source },
+                    Err(_) => ClientError::TooLarge { target: target.clone(), limit },
+                })?;
+            bytes.extend_from_slice(&collected.to_bytes());
+        }
+        Ok(Response { status: self.status, body: Bytes::from(bytes) })
+    }
+
+    /// The next non-empty line of the body (without its newline); `None` at the end. A last
+    /// line without a newline is answered too. The caller bounds the wait.
+    pub async fn next_line(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                if pos > self.line_limit {
+                    return Err(ClientError::TooLarge { target: self.target.clone(), limit: self.line_limit });
+                }
+                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if line.is_empty() {
+                    continue;
+                }
+                return Ok(Some(line));
             }
-        })?;
-        conn.abort();
-        Ok(Response { status, body: body.to_bytes() })
+            if self.buf.len() > self.line_limit {
+                return Err(ClientError::TooLarge { target: self.target.clone(), limit: self.line_limit });
+            }
+            let Some(body) = self.body.as_mut().filter(|_| !self.done) else {
+                return Ok((!self.buf.is_empty()).then(|| std::mem::take(&mut self.buf)));
+            };
+            match body.frame().await {
+                None => self.done = true,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(source)) => return Err(ClientError::Http { target: self.target.clone(), source }),
+            }
+        }
     }
 }
 
@@ -453,6 +541,27 @@ mod tests {
         let missing = Endpoint::unix(&dir.path().join("nope.sock"), "local");
         let err = missing.send(Request::new(Method::GET, "/")).await.unwrap_err();
         assert!(err.is_unreachable(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_read_line_by_line() {
+        let handler: testserver::Handler = Arc::new(|s| match s.path.as_str() {
+            "/long" => (200, format!("{}\nshort\n", "x".repeat(500))),
+            _ => (200, "one\r\n\n two \nlast".into()),
+        });
+        let (_server, url) = testserver::tcp(handler).await;
+        let ep = Endpoint::from_url(&url, None).unwrap();
+        let mut r = ep.open(Request::new(Method::GET, "/w")).await.unwrap();
+        assert_eq!(r.status, 200);
+        let mut lines = Vec::new();
+        while let Some(line) = r.next_line().await.unwrap() {
+            lines.push(String::from_utf8(line).unwrap());
+        }
+        assert_eq!(lines, vec!["one", " two ", "last"], "blank lines skipped, CRLF and a last line without one");
+        let mut r = ep.open(Request::new(Method::GET, "/long").limit(100)).await.unwrap();
+        assert!(matches!(r.next_line().await.unwrap_err(), ClientError::TooLarge { limit: 100, .. }));
+        let r = ep.open(Request::new(Method::GET, "/long")).await.unwrap();
+        assert_eq!(r.collect(1000).await.unwrap().body.len(), 507);
     }
 
     #[test]

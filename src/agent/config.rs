@@ -6,6 +6,8 @@ use super::node::{validate_node_name, validate_pod_cidrs};
 use super::secret::{Secret, SecretSource};
 use super::state::DEFAULT_STATE_DIR;
 use super::tailscale::DEFAULT_SOCKET;
+use super::teardown::ObjectRef;
+use crate::netlink::sysctl::{PROC_SYS, SysctlRoot};
 use crate::nodefile::{DEFAULT_RUN_DIR, MAX_MTU, MIN_MTU};
 use clap::Args;
 use ipnetwork::IpNetwork;
@@ -77,7 +79,18 @@ pub struct AgentArgs {
     /// Address of the metrics and health server.
     #[arg(long, env = "HEADCNI_METRICS_BIND", default_value = "0.0.0.0")]
     pub metrics_bind: IpAddr,
-    /// Withdraw the routes HeadCNI advertised and approved, remove its rules and nft tables, and exit.
+    /// The directory that stands for /proc/sys: the agent reads and sets its net sysctls
+    /// (forwarding) under <DIR>/net. In a container, where /proc/sys is read-only, mount the
+    /// host's /proc/sys/net at e.g. /host/proc/sys/net and pass /host/proc/sys.
+    #[arg(long, env = "HEADCNI_PROC_SYS_DIR", default_value = PROC_SYS)]
+    pub proc_sys_dir: PathBuf,
+    /// The uninstall signal, NAMESPACE/NAME of a ConfigMap: when its data.teardown is "true"
+    /// the agent withdraws this node's routes, removes its rules and nft tables, stops
+    /// reconciling and answers not ready, until it is "false" again.
+    #[arg(long, env = "HEADCNI_TEARDOWN_CONFIGMAP", value_name = "NAMESPACE/NAME")]
+    pub teardown_configmap: Option<String>,
+    /// Withdraw the routes HeadCNI advertised and approved, remove its rules, nft tables and
+    /// node file, and exit.
     #[arg(long)]
     pub cleanup: bool,
 }
@@ -110,6 +123,10 @@ pub struct AgentConfig {
     pub rule_priority: u32,
     pub metrics_addr: SocketAddr,
     pub metrics_path: String,
+    pub sysctl_root: SysctlRoot,
+    pub teardown_configmap: Option<ObjectRef>,
+    /// --kubeconfig; `None`: the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
     pub cleanup: bool,
 }
 
@@ -277,6 +294,12 @@ impl AgentConfig {
                 args.rule_priority
             );
         }
+        let sysctl_root =
+            SysctlRoot::new(&args.proc_sys_dir).map_err(|e| ConfigError(format!("--proc-sys-dir: {e}")))?;
+        let teardown_configmap = match args.teardown_configmap.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(v) => Some(ObjectRef::parse("--teardown-configmap", v).map_err(|e| ConfigError(e.to_string()))?),
+        };
         Ok(Self {
             node_name,
             cidr_source,
@@ -296,6 +319,9 @@ impl AgentConfig {
             rule_priority: args.rule_priority,
             metrics_addr: SocketAddr::new(args.metrics_bind, args.metrics_port),
             metrics_path: args.metrics_path.clone(),
+            sysctl_root,
+            teardown_configmap,
+            kubeconfig: args.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
             cleanup: args.cleanup,
         })
     }
@@ -335,6 +361,32 @@ mod tests {
         assert_eq!(c.hostname, "node-1");
         assert_eq!(c.mtu, None);
         assert_eq!(c.metrics_addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.sysctl_root, SysctlRoot::default());
+        assert_eq!(c.teardown_configmap, None);
+    }
+
+    #[test]
+    fn proc_sys_dir_and_teardown_configmap() {
+        let c = cfg(&[
+            "--node-name",
+            "n",
+            "--proc-sys-dir=/host/proc/sys",
+            "--teardown-configmap=kube-system/headcni-teardown",
+        ])
+        .unwrap();
+        assert_eq!(c.sysctl_root.path(), std::path::Path::new("/host/proc/sys"));
+        let cm = c.teardown_configmap.unwrap();
+        assert_eq!((cm.namespace.as_str(), cm.name.as_str()), ("kube-system", "headcni-teardown"));
+        for (args, needle) in [
+            (vec!["--node-name", "n", "--proc-sys-dir", "host/proc/sys"], "--proc-sys-dir"),
+            (vec!["--node-name", "n", "--proc-sys-dir", "/host/../etc"], "absolute path"),
+            (vec!["--node-name", "n", "--teardown-configmap", "headcni-teardown"], "NAMESPACE/NAME"),
+            (vec!["--node-name", "n", "--teardown-configmap", "kube-system/../x"], "DNS subdomain"),
+        ] {
+            let err = cfg(&args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert!(cfg(&["--node-name", "n", "--teardown-configmap", ""]).unwrap().teardown_configmap.is_none());
     }
 
     #[test]

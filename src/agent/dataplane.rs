@@ -8,7 +8,8 @@
 //! are named [`TABLE`]; nothing else on the node is ever changed or removed.
 
 use crate::netlink::nft::{Family, MasqueradeSpec, Nft, NftError};
-use crate::netlink::{Netlink, NetlinkError, Netns, RuleSpec, TABLE_MAIN, sysctl};
+use crate::netlink::sysctl::SysctlRoot;
+use crate::netlink::{Netlink, NetlinkError, Netns, RuleSpec, TABLE_MAIN};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use std::collections::HashMap;
 use std::future::Future;
@@ -132,6 +133,7 @@ pub trait Dataplane: Send + Sync {
 /// The real data plane of one namespace.
 pub struct HostDataplane {
     netns: Option<Netns>,
+    sysctl_root: SysctlRoot,
     netlink: Netlink,
     nft: Mutex<Option<Nft>>,
     applied: Mutex<HashMap<Family, MasqueradeSpec>>,
@@ -140,13 +142,31 @@ pub struct HostDataplane {
 impl HostDataplane {
     /// The calling thread's namespace. Must run inside a tokio runtime.
     pub fn current() -> Result<Self, DataplaneError> {
-        Ok(Self { netns: None, netlink: Netlink::connect()?, nft: Mutex::new(None), applied: Mutex::default() })
+        Ok(Self {
+            netns: None,
+            sysctl_root: SysctlRoot::default(),
+            netlink: Netlink::connect()?,
+            nft: Mutex::new(None),
+            applied: Mutex::default(),
+        })
     }
 
     /// Another namespace (tests). Must run inside a tokio runtime.
     pub fn in_netns(ns: Netns) -> Result<Self, DataplaneError> {
         let netlink = Netlink::connect_in(&ns)?;
-        Ok(Self { netns: Some(ns), netlink, nft: Mutex::new(None), applied: Mutex::default() })
+        Ok(Self {
+            netns: Some(ns),
+            sysctl_root: SysctlRoot::default(),
+            netlink,
+            nft: Mutex::new(None),
+            applied: Mutex::default(),
+        })
+    }
+
+    /// Reads and writes the net sysctls under `root` instead of `/proc/sys` (`--proc-sys-dir`).
+    pub fn with_sysctl_root(mut self, root: SysctlRoot) -> Self {
+        self.sysctl_root = root;
+        self
     }
 
     fn sysctl<T: Send>(&self, f: impl FnOnce() -> std::io::Result<T> + Send) -> std::io::Result<T> {
@@ -158,7 +178,7 @@ impl HostDataplane {
 
     /// Reads a net sysctl in the data plane's namespace.
     pub fn read_sysctl(&self, key: &str) -> std::io::Result<String> {
-        self.sysctl(|| sysctl::read(key))
+        self.sysctl(|| self.sysctl_root.read(key))
     }
 
     fn with_nft<T>(&self, f: impl FnOnce(&mut Nft) -> Result<T, NftError>) -> Result<T, NftError> {
@@ -204,7 +224,7 @@ impl Dataplane for HostDataplane {
                 continue;
             }
             let changed = self
-                .sysctl(|| sysctl::ensure(key, "1"))
+                .sysctl(|| self.sysctl_root.ensure(key, "1"))
                 .map_err(|source| DataplaneError::Sysctl { key: key.into(), source })?;
             if changed {
                 changes.items.push(format!("set net/{key}=1"));

@@ -8,17 +8,25 @@
 //! - [`reconcile`]: the loop that keeps all of it as wanted
 //! - [`metrics`], [`http`]: Prometheus metrics and the health probes
 //! - [`state`]: what HeadCNI added (so that it withdraws only that)
+//! - [`cleanup`]: undoing it (`--cleanup`, and the uninstall)
+//! - [`teardown`]: the uninstall signal (a ConfigMap the agent follows); [`hook`]: `headcni
+//!   teardown`, the chart's pre-delete hook that raises it and waits for the agents
 //! - [`report`], [`status`]: the published status and `headcni status`
-//! - [`client`], [`secret`], [`config`]: plumbing
+//! - [`kube`]: the Kubernetes API; [`client`], [`secret`], [`config`]: plumbing
 //!
 //! SIGTERM stops the agent and leaves the node as it is: pods keep working while the agent is
-//! restarted or upgraded. `--cleanup` (chart uninstall) undoes HeadCNI's changes and exits.
+//! restarted or upgraded. The uninstall signal makes every agent undo its node's changes (but
+//! the node file) and answer not ready; `--cleanup` undoes all of HeadCNI's changes and exits
+//! (a node that missed the uninstall, or leaves HeadCNI).
 
+pub mod cleanup;
 pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod headscale;
+pub mod hook;
 pub mod http;
+pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod reconcile;
@@ -27,18 +35,18 @@ pub mod secret;
 pub mod state;
 pub mod status;
 pub mod tailscale;
+pub mod teardown;
 
 use config::{AgentArgs, AgentConfig, CidrSource};
-use dataplane::{Dataplane, HostDataplane};
-use headscale::{HeadscaleApi, RestHeadscale};
+use dataplane::HostDataplane;
+use headscale::RestHeadscale;
 use ipnetwork::IpNetwork;
 use node::{NodeCidrs, NodeError, PodCidrSource, StaticCidrs};
 use reconcile::{PassOutcome, Reconciler, next_delay};
-use state::AgentState;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tailscale::{LocalApi, PrefsEdit, SocketLocalApi};
+use tailscale::SocketLocalApi;
+use teardown::{Signal, SignalState, SignalWatcher};
 
 /// The pod CIDR source picked by the configuration.
 pub enum CidrSourceImpl {
@@ -171,17 +179,48 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         cidr_source(&cfg)?,
         SocketLocalApi::new(&cfg.tailscale_socket),
         headscale_client(&cfg)?,
-        HostDataplane::current()?,
+        HostDataplane::current()?.with_sysctl_root(cfg.sysctl_root.clone()),
         metrics.clone(),
         health,
     );
+    // Without a signal the loop reads this one, which says Unknown for ever.
+    let (_no_signal_tx, no_signal_rx) = tokio::sync::watch::channel(SignalState::default());
+    let (watcher, mut signal_rx) = match &cfg.teardown_configmap {
+        Some(cm) => {
+            let kube = kube::Kube::from_kubeconfig_or_in_cluster(cfg.kubeconfig.as_deref())
+                .map_err(|e| anyhow::anyhow!("--teardown-configmap {cm}: {e}"))?;
+            let (w, rx) = SignalWatcher::new(kube, cm.clone());
+            log::info!("following the uninstall signal in ConfigMap {cm}");
+            (Some(tokio::spawn(w.run())), rx)
+        }
+        None => (None, no_signal_rx),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    if watcher.is_some() {
+        // Never advertise under a "true" read late: wait for the first reading (bounded; an
+        // API that does not answer means running normally).
+        let first = tokio::time::timeout(
+            teardown::STARTUP_WAIT,
+            signal_rx.wait_for(|s| s.signal != Signal::Unknown || s.problem.is_some()),
+        );
+        tokio::select! {
+            r = first => if r.is_err() {
+                log::warn!(
+                    "no answer about the uninstall signal within {:?}: starting normally",
+                    teardown::STARTUP_WAIT
+                );
+            },
+            _ = term.recv() => return Ok(0),
+            _ = int.recv() => return Ok(0),
+        }
+    }
     let mut streak = 0u32;
     let mut was_ready = false;
     let signal = loop {
+        let sig = signal_rx.borrow_and_update().clone();
         let outcome = tokio::select! {
-            o = rec.reconcile() => o,
+            o = rec.pass(&sig) => o,
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         };
@@ -201,10 +240,15 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         let delay = next_delay(outcome, streak, rec.joining());
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
+            // A new reading (e.g. "true") is acted on at once.
+            Ok(()) = signal_rx.changed() => {}
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
     };
+    if let Some(w) = watcher {
+        w.abort();
+    }
     log::info!("{signal}: stopping; the node's network stays as it is, pods keep working");
     let _ = stop_tx.send(true);
     metrics.collect_events();
@@ -218,8 +262,8 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
 pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let ts = SocketLocalApi::new(&cfg.tailscale_socket);
     let hs = headscale_client(&cfg)?;
-    let dp = HostDataplane::current()?;
-    let errors = cleanup_with(&cfg, &ts, hs.as_ref(), &dp).await;
+    let dp = HostDataplane::current()?.with_sysctl_root(cfg.sysctl_root.clone());
+    let errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::Scope::Full).await;
     if errors.is_empty() {
         log::info!("cleanup done");
         Ok(0)
@@ -229,101 +273,4 @@ pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         }
         Ok(1)
     }
-}
-
-/// The cleanup over the seams; answers the failures.
-pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: Dataplane>(
-    cfg: &AgentConfig,
-    ts: &T,
-    hs: Option<&H>,
-    dp: &D,
-) -> Vec<String> {
-    let mut errors = Vec::new();
-    let state_path = state::path_in(&cfg.state_dir);
-    let mut st = match AgentState::load(&state_path) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            errors.push(e.to_string());
-            None
-        }
-    };
-    if let Some(st) = st.as_mut() {
-        // Routes.
-        if !st.advertised_routes.is_empty() {
-            match ts.prefs().await {
-                Ok(prefs) => {
-                    let (routes, _, removed) =
-                        reconcile::merge_routes(&prefs.advertise_routes, &BTreeSet::new(), &st.advertised_routes);
-                    let edit = PrefsEdit { advertise_routes: Some(routes), ..Default::default() };
-                    if removed.is_empty() {
-                        st.advertised_routes.clear();
-                    } else {
-                        match ts.edit_prefs(&edit).await {
-                            Ok(_) => {
-                                log::info!(
-                                    "withdrew {}",
-                                    dataplane::join(&removed.iter().copied().collect::<Vec<_>>())
-                                );
-                                st.advertised_routes.clear();
-                            }
-                            Err(e) => errors.push(format!("withdrawing routes: {e}")),
-                        }
-                    }
-                }
-                Err(e) => errors.push(format!("withdrawing routes: {e}")),
-            }
-        }
-        // Approvals.
-        if let (Some(hs), false) = (hs, st.approved_routes.is_empty()) {
-            let result = async {
-                let status = ts.status().await.map_err(|e| e.to_string())?;
-                let key = status.node_key().ok_or("tailscaled has no node key")?.to_string();
-                let nodes = hs.nodes().await.map_err(|e| e.to_string())?;
-                let Some(node) = nodes.into_iter().find(|n| n.node_key == key) else { return Ok(()) };
-                if st.approved_node_id.as_deref() != Some(node.id.as_str()) {
-                    return Ok(());
-                }
-                let keep: Vec<IpNetwork> =
-                    node.approved().into_iter().filter(|r| !st.approved_routes.contains(r)).collect();
-                if keep.len() != node.approved().len() {
-                    hs.approve_routes(&node.id, &keep).await.map_err(|e| e.to_string())?;
-                    log::info!(
-                        "withdrew the approval of {} in Headscale",
-                        dataplane::join(&st.approved_routes.iter().copied().collect::<Vec<_>>())
-                    );
-                }
-                Ok::<_, String>(())
-            }
-            .await;
-            match result {
-                Ok(()) => st.approved_routes.clear(),
-                Err(e) => errors.push(format!("withdrawing approvals: {e}")),
-            }
-        }
-        if st.advertised_routes.is_empty() && st.approved_routes.is_empty() {
-            if let Err(e) = AgentState::remove(&state_path) {
-                errors.push(e.to_string());
-            }
-        } else if let Err(e) = st.store(&state_path) {
-            errors.push(e.to_string());
-        }
-    }
-    match dp.remove_rules().await {
-        Ok(n) if n > 0 => log::info!("removed {n} policy rules"),
-        Ok(_) => {}
-        Err(e) => errors.push(format!("removing policy rules: {e}")),
-    }
-    match dp.remove_masquerade().await {
-        Ok(n) if n > 0 => log::info!("removed {n} nft tables"),
-        Ok(_) => {}
-        Err(e) => errors.push(format!("removing nft tables: {e}")),
-    }
-    for path in [crate::nodefile::path_in(&cfg.run_dir), report::path_in(&cfg.run_dir)] {
-        match std::fs::remove_file(&path) {
-            Ok(()) => log::info!("removed {}", path.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => errors.push(format!("removing {}: {e}", path.display())),
-        }
-    }
-    errors
 }

@@ -1,35 +1,25 @@
 //! The node's pod CIDRs: from `--pod-cidr`, or from `spec.podCIDR(s)` of this node's Node object
-//! in the Kubernetes API (one hand-rolled HTTPS GET, with the in-cluster service account or a
-//! kubeconfig). Node data is untrusted: every CIDR is parsed, checked canonical and at most one
+//! in the Kubernetes API (one GET through [`super::kube`], with the in-cluster service account or
+//! a kubeconfig). Node data is untrusted: every CIDR is parsed, checked canonical and at most one
 //! per family, and anything odd is an error rather than a guess.
 //!
 //! podCIDRs are immutable once set (the API server refuses changes), so polling is enough:
 //! often while none is assigned, rarely afterwards.
 
-use super::client::{self, ClientError, Endpoint, Request};
-use super::secret::{self, SecretSource};
-use hyper::header::{ACCEPT, AUTHORIZATION, HeaderValue};
-use hyper::{Method, StatusCode};
+use super::kube::{Kube, KubeError};
+use hyper::StatusCode;
 use ipnetwork::IpNetwork;
 use serde_json::Value;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
-use yaml_rust2::{Yaml, YamlLoader};
-
-/// The service account mount of a pod.
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("Kubernetes client setup: {0}")]
+    #[error("{0}")]
     Setup(String),
-    #[error("kubeconfig {path}: {msg}")]
-    Kubeconfig { path: PathBuf, msg: String },
-    #[error("the Kubernetes API is not reachable: {0}")]
-    Unreachable(ClientError),
-    #[error("Kubernetes API: {0}")]
-    Client(ClientError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("Node {name} does not exist (is NODE_NAME / --node-name right?)")]
     NotFound { name: String },
     #[error(
@@ -40,8 +30,6 @@ pub enum NodeError {
     Status { name: String, status: StatusCode, msg: String },
     #[error("Node {name}: {msg}")]
     Invalid { name: String, msg: String },
-    #[error("{0}")]
-    Secret(#[from] secret::SecretError),
 }
 
 /// Where the pod CIDRs come from (a seam for unit tests).
@@ -149,76 +137,30 @@ pub fn parse_node(name: &str, body: &[u8]) -> Result<Option<Vec<IpNetwork>>, Nod
     validate_pod_cidrs(&list).map(Some).map_err(invalid)
 }
 
-/// How to authenticate to the API server.
-#[derive(Debug, Clone)]
-enum Auth {
-    None,
-    Token(SecretSource),
-}
-
 /// A client for one Node.
 #[derive(Debug, Clone)]
 pub struct NodeCidrs {
     name: String,
-    endpoint: Endpoint,
-    auth: Auth,
-}
-
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, NodeError> {
-    std::fs::read(path).map_err(|e| NodeError::Setup(format!("reading {what} {}: {e}", path.display())))
+    kube: Kube,
 }
 
 impl NodeCidrs {
-    /// The in-cluster service account: KUBERNETES_SERVICE_HOST/PORT, its CA and token.
-    pub fn in_cluster(name: &str) -> Result<Self, NodeError> {
-        Self::in_cluster_at(name, Path::new(SERVICE_ACCOUNT_DIR), |k| std::env::var(k).ok())
+    /// Node `name` through `kube`.
+    pub fn new(name: &str, kube: Kube) -> Result<Self, NodeError> {
+        validate_node_name(name).map_err(NodeError::Setup)?;
+        Ok(Self { name: name.to_string(), kube })
     }
 
-    fn in_cluster_at(name: &str, dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, NodeError> {
+    /// The in-cluster service account.
+    pub fn in_cluster(name: &str) -> Result<Self, NodeError> {
         validate_node_name(name).map_err(NodeError::Setup)?;
-        let host = env("KUBERNETES_SERVICE_HOST").filter(|h| !h.is_empty()).ok_or_else(|| {
-            NodeError::Setup(
-                "not running in a pod (KUBERNETES_SERVICE_HOST is unset): give --kubeconfig or --pod-cidr".into(),
-            )
-        })?;
-        let port = env("KUBERNETES_SERVICE_PORT").filter(|p| !p.is_empty()).unwrap_or_else(|| "443".into());
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
-        let cas = client::parse_certificates(&read(&dir.join("ca.crt"), "the service account CA")?, "ca.crt")
-            .map_err(NodeError::Client)?;
-        let tls = client::tls_config(cas, false, None).map_err(NodeError::Client)?;
-        let endpoint = Endpoint::from_url(&format!("https://{host}:{port}"), Some(tls)).map_err(NodeError::Client)?;
-        Ok(Self { name: name.to_string(), endpoint, auth: Auth::Token(SecretSource::File(dir.join("token"))) })
+        Self::new(name, Kube::in_cluster()?)
     }
 
     /// The current context of a kubeconfig file.
     pub fn from_kubeconfig(name: &str, path: &Path) -> Result<Self, NodeError> {
         validate_node_name(name).map_err(NodeError::Setup)?;
-        let bad = |msg: String| NodeError::Kubeconfig { path: path.to_path_buf(), msg };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
-        let kc = Kubeconfig::parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(bad)?;
-        let mut client_auth = None;
-        if let (Some(cert), Some(key)) = (&kc.client_cert, &kc.client_key) {
-            let chain = client::parse_certificates(cert, "client certificate").map_err(NodeError::Client)?;
-            let key = client::parse_private_key(key, "client key").map_err(NodeError::Client)?;
-            client_auth = Some((chain, key));
-        }
-        let tls = if kc.server.starts_with("https://") {
-            let cas = match &kc.ca {
-                Some(pem) => client::parse_certificates(pem, "certificate-authority").map_err(NodeError::Client)?,
-                None => Vec::new(),
-            };
-            // Without a CA in the kubeconfig, the server must have a publicly trusted certificate.
-            let web_roots = kc.ca.is_none();
-            Some(client::tls_config(cas, web_roots, client_auth).map_err(NodeError::Client)?)
-        } else {
-            None
-        };
-        let endpoint = Endpoint::from_url(&kc.server, tls).map_err(NodeError::Client)?;
-        let auth = match kc.token {
-            Some(t) => Auth::Token(t),
-            None => Auth::None,
-        };
-        Ok(Self { name: name.to_string(), endpoint, auth })
+        Self::new(name, Kube::from_kubeconfig(path)?)
     }
 
     pub fn node_name(&self) -> &str {
@@ -228,36 +170,14 @@ impl NodeCidrs {
 
 impl PodCidrSource for NodeCidrs {
     async fn pod_cidrs(&self) -> Result<Option<Vec<IpNetwork>>, NodeError> {
-        let mut req = Request::new(Method::GET, format!("/api/v1/nodes/{}", self.name))
-            .header(ACCEPT, HeaderValue::from_static("application/json"))
-            .timeout(Duration::from_secs(15))
-            .limit(32 << 20);
-        if let Auth::Token(src) = &self.auth {
-            let token = src.load("Kubernetes token")?;
-            let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-                .map_err(|_| NodeError::Setup("the Kubernetes token is not a valid header value".into()))?;
-            v.set_sensitive(true);
-            req = req.header(AUTHORIZATION, v);
-        }
-        let resp = self
-            .endpoint
-            .send(req)
-            .await
-            .map_err(|e| if e.is_unreachable() { NodeError::Unreachable(e) } else { NodeError::Client(e) })?;
-        let msg = || {
-            serde_json::from_slice::<Value>(&resp.body)
-                .ok()
-                .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
-                .unwrap_or_else(|| resp.snippet())
-        };
         let name = self.name.clone();
-        match resp.status {
-            StatusCode::OK => parse_node(&self.name, &resp.body),
-            StatusCode::NOT_FOUND => Err(NodeError::NotFound { name }),
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                Err(NodeError::Denied { name, status: s, msg: msg() })
-            }
-            status => Err(NodeError::Status { name, status, msg: msg() }),
+        let path = format!("/api/v1/nodes/{}", self.name);
+        match self.kube.get_raw(&path, &format!("Node {name}"), 32 << 20).await {
+            Ok(body) => parse_node(&self.name, &body),
+            Err(KubeError::NotFound { .. }) => Err(NodeError::NotFound { name }),
+            Err(KubeError::Denied { status, msg, .. }) => Err(NodeError::Denied { name, status, msg }),
+            Err(KubeError::Status { status, msg, .. }) => Err(NodeError::Status { name, status, msg }),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -270,116 +190,11 @@ impl PodCidrSource for NodeCidrs {
     }
 }
 
-/// The parts of a kubeconfig's current context the agent uses.
-#[derive(Debug, Default)]
-struct Kubeconfig {
-    server: String,
-    ca: Option<Vec<u8>>,
-    client_cert: Option<Vec<u8>>,
-    client_key: Option<Vec<u8>>,
-    token: Option<SecretSource>,
-}
-
-fn named<'a>(doc: &'a Yaml, list: &str, name: &str) -> Result<&'a Yaml, String> {
-    doc[list]
-        .as_vec()
-        .ok_or_else(|| format!("no {list} list"))?
-        .iter()
-        .find(|e| e["name"].as_str() == Some(name))
-        .map(|e| &e[list.trim_end_matches('s')])
-        .ok_or_else(|| format!("{list} has no entry named {name:?}"))
-}
-
-impl Kubeconfig {
-    fn parse(text: &str, base: &Path) -> Result<Self, String> {
-        let docs = YamlLoader::load_from_str(text).map_err(|e| format!("not YAML: {e}"))?;
-        let doc = docs.first().ok_or("empty file")?;
-        let ctx_name = doc["current-context"].as_str().ok_or("no current-context")?;
-        let ctx = named(doc, "contexts", ctx_name)?;
-        let cluster = named(doc, "clusters", ctx["cluster"].as_str().ok_or("the context names no cluster")?)?;
-        let user = match ctx["user"].as_str() {
-            Some(u) => named(doc, "users", u)?.clone(),
-            None => Yaml::Null,
-        };
-        let server = cluster["server"].as_str().ok_or("the cluster has no server")?.to_string();
-        if cluster["insecure-skip-tls-verify"].as_bool() == Some(true) {
-            return Err("insecure-skip-tls-verify is not supported: give the cluster's certificate-authority".into());
-        }
-        let file_or_data = |node: &Yaml, file_key: &str, data_key: &str| -> Result<Option<Vec<u8>>, String> {
-            if let Some(data) = node[data_key].as_str() {
-                return base64_decode(data).map(Some).ok_or_else(|| format!("{data_key} is not base64"));
-            }
-            if let Some(file) = node[file_key].as_str() {
-                let p = base.join(file);
-                return std::fs::read(&p).map(Some).map_err(|e| format!("{file_key} {}: {e}", p.display()));
-            }
-            Ok(None)
-        };
-        let ca = file_or_data(cluster, "certificate-authority", "certificate-authority-data")?;
-        let client_cert = file_or_data(&user, "client-certificate", "client-certificate-data")?;
-        let client_key = file_or_data(&user, "client-key", "client-key-data")?;
-        if client_cert.is_some() != client_key.is_some() {
-            return Err("the user has a client certificate without a key, or a key without a certificate".into());
-        }
-        let token = match (user["token"].as_str(), user["tokenFile"].as_str()) {
-            (Some(t), _) if !t.is_empty() => Some(SecretSource::Value(secret::Secret::new(t.to_string()))),
-            (_, Some(f)) => Some(SecretSource::File(base.join(f))),
-            _ => None,
-        };
-        if token.is_none()
-            && client_cert.is_none()
-            && (!user["exec"].is_badvalue() || !user["auth-provider"].is_badvalue())
-        {
-            return Err(
-                "exec and auth-provider credentials are not supported: use a token or a client certificate".into()
-            );
-        }
-        Ok(Self { server, ca, client_cert, client_key, token })
-    }
-}
-
-/// Standard base64 (with or without padding, whitespace ignored).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let clean: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    let trimmed: &[u8] = {
-        let mut end = clean.len();
-        while end > 0 && clean[end - 1] == b'=' {
-            end -= 1;
-        }
-        if clean.len() - end > 2 {
-            return None;
-        }
-        &clean[..end]
-    };
-    if trimmed.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
-    for chunk in trimmed.chunks(4) {
-        let mut acc = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            acc |= val(*c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::agent::client::testserver;
+    use crate::agent::kube::testpki;
     use proptest::prelude::*;
     use std::sync::Arc;
 
@@ -424,48 +239,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn base64() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGVsbG8").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGVs\nbG8h").unwrap(), b"hello!");
-        assert!(base64_decode("a$==").is_none());
-        assert!(base64_decode("a").is_none());
-    }
-
-    #[test]
-    fn kubeconfig_current_context() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("tok"), "t0ken\n").unwrap();
-        let text = r#"
-apiVersion: v1
-kind: Config
-current-context: dev
-clusters:
-- name: other
-  cluster: {server: "https://other:6443"}
-- name: c1
-  cluster:
-    server: http://127.0.0.1:8001
-contexts:
-- name: dev
-  context: {cluster: c1, user: u1}
-users:
-- name: u1
-  user:
-    tokenFile: tok
-"#;
-        let kc = Kubeconfig::parse(text, dir.path()).unwrap();
-        assert_eq!(kc.server, "http://127.0.0.1:8001");
-        assert_eq!(kc.token.unwrap().load("t").unwrap().expose(), "t0ken");
-        let exec = text.replace("    tokenFile: tok", "    exec: {command: aws}");
-        assert!(Kubeconfig::parse(&exec, dir.path()).unwrap_err().contains("exec"));
-        let insecure =
-            text.replace("server: http://127.0.0.1:8001", "server: https://x\n    insecure-skip-tls-verify: true");
-        assert!(Kubeconfig::parse(&insecure, dir.path()).unwrap_err().contains("insecure"));
-        assert!(Kubeconfig::parse("current-context: nope\ncontexts: []", dir.path()).is_err());
-    }
-
     #[tokio::test]
     async fn gets_the_node_with_the_token() {
         let node = fixture("node-ipv4.json");
@@ -498,74 +271,13 @@ users:
         assert!(matches!(c.pod_cidrs().await.unwrap_err(), NodeError::NotFound { .. }));
     }
 
-    /// A CA and a server certificate for 127.0.0.1 made with the openssl tool (None without it).
-    fn make_pki(dir: &Path, cn: &str) -> Option<()> {
-        let ok = |args: &[&str]| {
-            std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let subj = format!("/CN={cn}");
-        (ok(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "1",
-            "-subj",
-            &subj,
-        ]) && ok(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "srv.key",
-            "-out",
-            "srv.csr",
-            "-subj",
-            "/CN=kubernetes",
-        ]) && std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1,DNS:kubernetes\n").is_ok()
-            && ok(&[
-                "x509",
-                "-req",
-                "-in",
-                "srv.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "srv.crt",
-                "-days",
-                "1",
-                "-extfile",
-                "ext",
-            ]))
-        .then_some(())
-    }
-
     #[tokio::test]
     async fn in_cluster_over_tls_trusts_only_the_service_account_ca() {
         let dir = tempfile::tempdir().unwrap();
         let (pki, other) = (dir.path().join("pki"), dir.path().join("other"));
         std::fs::create_dir_all(&pki).unwrap();
         std::fs::create_dir_all(&other).unwrap();
-        if make_pki(&pki, "cluster-ca").is_none() || make_pki(&other, "other-ca").is_none() {
+        if testpki::make(&pki, "cluster-ca").is_none() || testpki::make(&other, "other-ca").is_none() {
             eprintln!("test skipped: no openssl tool to make certificates");
             return;
         }
@@ -588,28 +300,16 @@ users:
             "KUBERNETES_SERVICE_PORT" => Some(port.to_string()),
             _ => None,
         };
-        let c = NodeCidrs::in_cluster_at("node-1", &sa, env).unwrap();
+        let c = NodeCidrs::new("node-1", Kube::in_cluster_at(&sa, env).unwrap()).unwrap();
         assert_eq!(c.pod_cidrs().await.unwrap(), Some(nets(&["10.244.1.0/24"])));
         // The token is read at every request: a rotated token is used at once.
         std::fs::write(sa.join("token"), "rotated").unwrap();
         assert!(matches!(c.pod_cidrs().await.unwrap_err(), NodeError::Denied { .. }));
         // A server the service account's CA did not sign is refused.
         std::fs::copy(other.join("ca.crt"), sa.join("ca.crt")).unwrap();
-        let c = NodeCidrs::in_cluster_at("node-1", &sa, env).unwrap();
+        let c = NodeCidrs::new("node-1", Kube::in_cluster_at(&sa, env).unwrap()).unwrap();
         let err = c.pod_cidrs().await.unwrap_err().to_string();
         assert!(err.contains("TLS handshake"), "{err}");
-    }
-
-    #[test]
-    fn in_cluster_needs_the_environment() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = NodeCidrs::in_cluster_at("n", dir.path(), |_| None).unwrap_err().to_string();
-        assert!(err.contains("KUBERNETES_SERVICE_HOST"), "{err}");
-        let err =
-            NodeCidrs::in_cluster_at("n", dir.path(), |k| (k == "KUBERNETES_SERVICE_HOST").then(|| "10.96.0.1".into()))
-                .unwrap_err()
-                .to_string();
-        assert!(err.contains("ca.crt"), "{err}");
     }
 
     proptest! {

@@ -12,8 +12,30 @@
 //! 7. the report (status file, metrics, readiness).
 //!
 //! Every step reports its own problems and the others go on; a failing pass is retried with a
-//! bounded backoff. Nothing here tears anything down: pods keep working whatever fails.
+//! bounded backoff. Nothing in a pass tears anything down: pods keep working whatever fails.
+//!
+//! The uninstall signal ([`super::teardown`]) drives a small state machine around the passes
+//! ([`Reconciler::pass`]):
+//!
+//! ```text
+//!            "true"                          cleanup succeeded
+//!   Normal ─────────▶ TearingDown ─────────────────────────────▶ TornDown
+//!     ▲                 │  │ cleanup failed: retried with backoff;   │
+//!     │     "false"     │  └─ readiness stays as it was              │ not ready; nothing
+//!     └─────────────────┴────────────────────────────────────────────┘ reconciled
+//! ```
+//!
+//! - Normal: passes as above. An unreadable or missing ConfigMap changes nothing (it is
+//!   reported as a warning).
+//! - TearingDown: the cleanup of [`super::cleanup`] with [`Scope::Uninstall`] (routes and
+//!   approvals HeadCNI added, its rules and nft tables; the node file stays). No pass runs, so
+//!   nothing is advertised. Readiness keeps its value until the cleanup succeeded: the hook
+//!   waits for ready agents to turn not ready, which must mean "done".
+//! - TornDown: not ready (/readyz 503, /healthz stays 200), nothing touched.
+//! - Only an explicit "false" leaves teardown: a ConfigMap that disappears (Helm deletes it
+//!   after the hook) or cannot be read keeps the agent torn down.
 
+use super::cleanup::{Scope, cleanup_with};
 use super::config::{AgentConfig, check_pod_cidrs, outside_cluster};
 use super::dataplane::{self, Dataplane, masquerade_specs};
 use super::headscale::{HeadscaleApi, HeadscaleError, MIN_VERSION, parse_version};
@@ -23,6 +45,7 @@ use super::node::PodCidrSource;
 use super::report::{AgentReport, LinkReport, PeerReport, Problems, RouteReport, Severity, TailnetReport};
 use super::state::{self, AgentState};
 use super::tailscale::{JoinPrefs, LocalApi, Prefs, PrefsEdit, Status};
+use super::teardown::{Signal, SignalState};
 use crate::nodefile::{self, NodeFile};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
@@ -48,6 +71,14 @@ pub enum PassOutcome {
     Waiting,
     /// A step failed.
     Failed,
+}
+
+/// Where the uninstall signal has put the agent (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    TearingDown,
+    TornDown,
 }
 
 struct Join {
@@ -78,6 +109,9 @@ pub struct Reconciler<K, T, H, D> {
     pub(crate) approved_in: Option<Duration>,
     advertised_at: Option<Instant>,
     report: AgentReport,
+    mode: Mode,
+    /// Why the uninstall signal cannot be read, reported as a warning.
+    signal_problem: Option<String>,
 }
 
 fn set(nets: &[IpNetwork]) -> BTreeSet<IpNetwork> {
@@ -162,7 +196,115 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
             approved_in: None,
             advertised_at: None,
             report: AgentReport::default(),
+            mode: Mode::Normal,
+            signal_problem: None,
         }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// One pass under the uninstall signal: a normal pass, or a teardown step.
+    pub async fn pass(&mut self, signal: &SignalState) -> PassOutcome {
+        self.signal_problem = signal.problem.clone();
+        let tear = match signal.signal {
+            Signal::Teardown => true,
+            Signal::Normal => false,
+            // Unknown or gone: only an explicit "false" ends a teardown.
+            Signal::Unknown | Signal::Absent => self.mode != Mode::Normal,
+        };
+        if tear {
+            return self.teardown().await;
+        }
+        if self.mode != Mode::Normal {
+            log::info!("the uninstall signal is \"false\" again (upgrade or rollback): resuming");
+            self.resume();
+        }
+        self.reconcile().await
+    }
+
+    /// Leaves teardown: everything cached about what was advertised or approved is stale.
+    fn resume(&mut self) {
+        self.mode = Mode::Normal;
+        self.state = None;
+        self.approval_confirmed = None;
+        self.advertised_at = None;
+    }
+
+    fn report_signal_problem(&mut self) {
+        if let Some(p) = self.signal_problem.clone() {
+            self.warn(
+                "uninstall_signal",
+                p,
+                Some("the agent runs normally meanwhile; check --teardown-configmap and the agent's Role"),
+            );
+        }
+    }
+
+    /// One teardown step: the cleanup until it succeeds, then nothing.
+    async fn teardown(&mut self) -> PassOutcome {
+        if self.mode == Mode::Normal {
+            // The checks behind the normal pass's problems stop: they are not "resolved".
+            self.problems.forget_all();
+        }
+        self.problems.begin_pass();
+        self.report_signal_problem();
+        if self.mode == Mode::Normal {
+            log::info!(
+                "uninstall signal: withdrawing this node's routes and approvals, removing its rules and nft tables; \
+                 no more reconciling (the node file stays: running pods keep working on this node)"
+            );
+            self.mode = Mode::TearingDown;
+        }
+        if self.mode == Mode::TearingDown {
+            let errors = cleanup_with(&self.cfg, &self.ts, self.hs.as_ref(), &self.dp, Scope::Uninstall).await;
+            // The record changed under the reconciler.
+            self.state = None;
+            self.approval_confirmed = None;
+            self.advertised_at = None;
+            if errors.is_empty() {
+                self.mode = Mode::TornDown;
+                log::info!("uninstall: this node's routes are withdrawn; answering not ready from now on");
+            } else {
+                self.fail(
+                    "teardown",
+                    format!("uninstall: {}", errors.join("; ")),
+                    Some("retried; the uninstall hook waits for this agent until its timeout"),
+                );
+            }
+        }
+        self.problems.end_pass();
+        let mut report = self.report.clone();
+        report.updated_at = now();
+        report.version = crate::VERSION.to_string();
+        report.teardown = match self.mode {
+            Mode::TornDown => "done",
+            _ => "in progress",
+        }
+        .to_string();
+        if self.mode == Mode::TornDown {
+            report.ready = false;
+            for r in &mut report.routes {
+                r.advertised = false;
+                r.approved = None;
+            }
+            self.health.set_ready(
+                false,
+                "uninstalling: this node's routes were withdrawn (the uninstall signal ConfigMap says teardown)",
+            );
+            self.metrics.routes_advertised.set(0);
+            self.metrics.routes_approved.set(0);
+            self.metrics.routes_pending_approval.set(0);
+            self.metrics.ready.set(0);
+        }
+        report.problems = self.problems.list();
+        self.health.beat();
+        if let Err(e) = report.store(&self.cfg.run_dir) {
+            log::debug!("writing {}: {e}", super::report::path_in(&self.cfg.run_dir).display());
+        }
+        self.report = report;
+        if self.mode == Mode::TornDown { PassOutcome::Converged } else { PassOutcome::Failed }
     }
 
     pub fn report(&self) -> &AgentReport {
@@ -215,6 +357,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
     /// One pass.
     pub async fn reconcile(&mut self) -> PassOutcome {
         self.problems.begin_pass();
+        self.report_signal_problem();
         let mut report = AgentReport {
             version: crate::VERSION.to_string(),
             updated_at: now(),

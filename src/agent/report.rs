@@ -93,6 +93,9 @@ pub struct AgentReport {
     pub rule_priority: u32,
     pub node_file_written: bool,
     pub ready: bool,
+    /// The uninstall signal: "" (none), "in progress" or "done" (routes withdrawn).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub teardown: String,
     pub problems: Vec<ProblemReport>,
 }
 
@@ -168,6 +171,12 @@ impl Problems {
             }
         }
         gone
+    }
+
+    /// Forgets every problem without logging it as resolved (the checks behind them stopped).
+    pub fn forget_all(&mut self) {
+        self.current.clear();
+        self.seen.clear();
     }
 
     pub fn list(&self) -> Vec<ProblemReport> {

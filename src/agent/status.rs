@@ -6,6 +6,7 @@ use super::dataplane::{self, HostDataplane, RULE_PROTOCOL, SYSCTL_FORWARD_V4, SY
 use super::report::{AgentReport, Severity};
 use super::tailscale::{DEFAULT_SOCKET, LocalApi, Prefs, SocketLocalApi, Status};
 use crate::netlink::nft::Family;
+use crate::netlink::sysctl::{PROC_SYS, SysctlRoot};
 use crate::nodefile::{self, NodeFile};
 use clap::Args;
 use ipnetwork::IpNetwork;
@@ -33,6 +34,9 @@ pub struct StatusArgs {
     /// HeadCNI's conflist in the configuration directory.
     #[arg(long, env = "HEADCNI_CONFLIST_NAME", default_value = "10-headcni.conflist")]
     pub conflist_name: String,
+    /// The directory that stands for /proc/sys (forwarding is read under <DIR>/net).
+    #[arg(long, env = "HEADCNI_PROC_SYS_DIR", default_value = PROC_SYS)]
+    pub proc_sys_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -67,6 +71,9 @@ pub struct StatusView {
     pub agent_running: bool,
     pub agent_report_age_secs: Option<u64>,
     pub agent_ready: Option<bool>,
+    /// The uninstall signal as the agent last reported it: "in progress" or "done".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uninstall: Option<String>,
     pub backend_state: String,
     pub tailnet_hostname: String,
     pub tailscale_ips: Vec<String>,
@@ -144,6 +151,22 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
                     Severity::Error,
                     format!("the agent's last report is {age}s old"),
                     Some("is the headcni agent pod running? see its logs"),
+                );
+            }
+            if !r.teardown.is_empty() {
+                v.uninstall = Some(r.teardown.clone());
+                find(
+                    &mut v,
+                    Severity::Warning,
+                    format!(
+                        "HeadCNI is being uninstalled (teardown {}): this node's routes are withdrawn, pods keep only \
+                         node-local connectivity",
+                        r.teardown
+                    ),
+                    Some(
+                        "helm upgrade or rollback sets the signal back to \"false\"; after the uninstall, drain the \
+                         node and remove the CNI files with headcni install --uninstall",
+                    ),
                 );
             }
             v.node = r.node_name.clone();
@@ -390,7 +413,8 @@ async fn gather(args: &StatusArgs, pods: &[IpNetwork]) -> Live {
     let api = SocketLocalApi::new(&args.tailscale_socket);
     live.status = Some(api.status().await.map_err(|e| e.to_string()));
     live.prefs = api.prefs().await.ok();
-    let read = |k: &str| crate::netlink::sysctl::read(k).ok().map(|v| v == "1");
+    let root = SysctlRoot::new(&args.proc_sys_dir).unwrap_or_default(); // checked in main
+    let read = |k: &str| root.read(k).ok().map(|v| v == "1");
     live.forwarding_v4 = read(SYSCTL_FORWARD_V4);
     if pods.iter().any(IpNetwork::is_ipv6) {
         live.forwarding_v6 = read(SYSCTL_FORWARD_V6);
@@ -430,6 +454,9 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
     let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
     writeln!(out, "HeadCNI on {}", v.node.as_deref().unwrap_or("this node"))?;
     let agent = match (v.agent_running, v.agent_report_age_secs, v.agent_ready) {
+        (true, Some(age), Some(_)) if v.uninstall.is_some() => {
+            format!("uninstalling, teardown {} (reported {age}s ago)", v.uninstall.as_deref().unwrap_or("-"))
+        }
         (true, Some(age), Some(ready)) => {
             format!("running, {} (reported {age}s ago)", if ready { "ready" } else { "not ready" })
         }
@@ -520,6 +547,10 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
 /// Entry point of `headcni status`: 0 when all is well, 1 when something is wrong.
 pub fn main(args: StatusArgs) -> i32 {
     crate::logging::init_stderr("warn");
+    if let Err(e) = SysctlRoot::new(&args.proc_sys_dir) {
+        log::error!("--proc-sys-dir: {e}");
+        return 2;
+    }
     let report = AgentReport::load(&args.run_dir);
     let pods: Vec<IpNetwork> = report.as_ref().map(|r| r.pod_cidrs.clone()).unwrap_or_default();
     let live = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -555,6 +586,7 @@ mod tests {
             run_dir: dir.join("run"),
             conf_dir: dir.join("net.d"),
             conflist_name: "10-headcni.conflist".into(),
+            proc_sys_dir: PROC_SYS.into(),
         }
     }
 
@@ -673,5 +705,21 @@ mod tests {
         let (a, report, live) = healthy(dir.path());
         let v = assess(&a, Some(report), &live, 1000 + STALE_AFTER_SECS + 1);
         assert!(v.problems.iter().any(|p| p.message.contains("last report")));
+    }
+
+    #[test]
+    fn uninstall_in_progress_is_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, mut report, live) = healthy(dir.path());
+        report.teardown = "done".into();
+        report.ready = false;
+        let v = assess(&a, Some(report), &live, 1010);
+        assert_eq!(v.uninstall.as_deref(), Some("done"));
+        let p = v.problems.iter().find(|p| p.message.contains("being uninstalled")).unwrap();
+        assert!(p.fix.as_deref().unwrap().contains("headcni install --uninstall"));
+        let mut out = Vec::new();
+        render(&v, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("agent        uninstalling, teardown done"), "{text}");
     }
 }

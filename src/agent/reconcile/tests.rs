@@ -2,12 +2,14 @@
 //! behaviour is proven against real tailscaled and Headscale by `tests/agent_tailnet.rs`.
 
 use super::*;
+use crate::agent::cleanup::{Scope, cleanup_with};
 use crate::agent::config::CidrSource;
 use crate::agent::dataplane::{Changes, DataplaneError};
 use crate::agent::headscale::HsNode;
 use crate::agent::node::NodeError;
 use crate::agent::secret::{Secret, SecretSource};
 use crate::agent::tailscale::{NodeStatus, TailscaleError};
+use crate::agent::teardown::{Signal, SignalState};
 use crate::netlink::nft::MasqueradeSpec;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -333,6 +335,9 @@ fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
         rule_priority: 5200,
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_path: "/metrics".into(),
+        sysctl_root: Default::default(),
+        teardown_configmap: None,
+        kubeconfig: None,
         cleanup: false,
     };
     tweak(&mut cfg);
@@ -724,7 +729,7 @@ async fn cleanup_undoes_only_what_headcni_did() {
     reconciler(&w, &cidrs, &ts, Some(&hs), &dp).reconcile().await;
     assert_eq!(ts.routes(), vec!["192.168.7.0/24", "10.244.1.0/24"]);
 
-    let errors = crate::agent::cleanup_with(&w.cfg, &ts, Some(&hs), &dp).await;
+    let errors = cleanup_with(&w.cfg, &ts, Some(&hs), &dp, Scope::Full).await;
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(ts.routes(), vec!["192.168.7.0/24"], "the operator's route stays");
     {
@@ -737,14 +742,14 @@ async fn cleanup_undoes_only_what_headcni_did() {
     assert!(!nodefile::path_in(&w.cfg.run_dir).exists());
     assert!(!state::path_in(&w.cfg.state_dir).exists());
     // Twice is fine.
-    assert!(crate::agent::cleanup_with(&w.cfg, &ts, Some(&hs), &dp).await.is_empty());
+    assert!(cleanup_with(&w.cfg, &ts, Some(&hs), &dp, Scope::Full).await.is_empty());
 
     // tailscaled unreachable: the failure is reported and the record kept for a retry.
     let w = world(|_| {});
     let ts = FakeTs::running(&[]);
     reconciler(&w, &cidrs, &ts, None, &dp).reconcile().await;
     ts.lock().reachable = false;
-    let errors = crate::agent::cleanup_with(&w.cfg, &ts, None::<&FakeHs>, &dp).await;
+    let errors = cleanup_with(&w.cfg, &ts, None::<&FakeHs>, &dp, Scope::Full).await;
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(state(&w).advertised_routes, nets(&["10.244.1.0/24"]));
     let _ = &w.dir;
@@ -808,4 +813,168 @@ proptest! {
             prop_assert!(ours.contains(r) && !desired.contains(r));
         }
     }
+}
+
+// ---- the uninstall signal -----------------------------------------------------------------
+
+fn signal(s: Signal) -> SignalState {
+    SignalState { signal: s, problem: None }
+}
+
+fn probe(w: &World, path: &str) -> u16 {
+    crate::agent::http::route(&hyper::Method::GET, path, "/metrics", &w.metrics, &w.health).status().as_u16()
+}
+
+#[tokio::test]
+async fn uninstall_signal_tears_down_stops_and_resumes() {
+    let w = world(|c| c.api_key = Some(SecretSource::Value(Secret::new("api".into()))));
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&["192.168.7.0/24"]);
+    let hs = FakeHs::with(vec![
+        hs_node("2", "nodekey:other", &["10.244.2.0/24"], &["10.244.2.0/24"]),
+        hs_node("1", KEY, &["192.168.7.0/24", "10.244.1.0/24"], &["192.168.7.0/24"]),
+    ]);
+    let mut r = reconciler(&w, &cidrs, &ts, Some(&hs), &dp);
+    assert_eq!(r.pass(&signal(Signal::Normal)).await, PassOutcome::Converged, "{:?}", r.report().problems);
+    assert!(w.health.is_ready());
+    assert_eq!(ts.routes(), vec!["192.168.7.0/24", "10.244.1.0/24"]);
+    assert_eq!(hs.lock().nodes[1].approved_routes, Some(vec!["10.244.1.0/24".into(), "192.168.7.0/24".into()]));
+
+    // "true": the cleanup, the node file kept, not ready, alive.
+    assert_eq!(r.pass(&signal(Signal::Teardown)).await, PassOutcome::Converged);
+    assert_eq!(r.mode(), Mode::TornDown);
+    assert_eq!(ts.routes(), vec!["192.168.7.0/24"], "only HeadCNI's route is withdrawn");
+    assert_eq!(hs.lock().nodes[1].approved_routes, Some(vec!["192.168.7.0/24".into()]));
+    assert_eq!(hs.lock().nodes[0].approved_routes, Some(vec!["10.244.2.0/24".into()]), "other node untouched");
+    assert_eq!(dp.lock().removed_rules, 1);
+    assert_eq!(dp.lock().removed_tables, 1);
+    assert!(nodefile::path_in(&w.cfg.run_dir).exists(), "running pods keep working on the node");
+    assert!(!state::path_in(&w.cfg.state_dir).exists(), "nothing left to withdraw");
+    assert!(!w.health.is_ready());
+    assert_eq!(probe(&w, "/readyz"), 503);
+    assert_eq!(probe(&w, "/healthz"), 200);
+    let report = crate::agent::report::AgentReport::load(&w.cfg.run_dir).unwrap();
+    assert_eq!(report.teardown, "done");
+    assert!(!report.ready && report.routes.iter().all(|r| !r.advertised));
+    assert!(w.metrics.encode().contains("headcni_ready 0"));
+
+    // Torn down: no more reconciling, whatever the signal says short of "false".
+    let edits = ts.lock().edits.len();
+    let approvals = hs.lock().approvals.len();
+    let (rules, fwd) = {
+        let d = dp.lock();
+        (d.rules.len(), d.forwarding.len())
+    };
+    for s in [
+        signal(Signal::Teardown),
+        SignalState { signal: Signal::Absent, problem: Some("the ConfigMap does not exist".into()) },
+        SignalState { signal: Signal::Teardown, problem: Some("reading the uninstall signal: 503".into()) },
+        signal(Signal::Unknown),
+    ] {
+        assert_eq!(r.pass(&s).await, PassOutcome::Converged);
+        assert_eq!(r.mode(), Mode::TornDown, "{s:?}");
+    }
+    assert_eq!(ts.lock().edits.len(), edits, "nothing advertised");
+    assert_eq!(hs.lock().approvals.len(), approvals);
+    {
+        let d = dp.lock();
+        assert_eq!((d.rules.len(), d.forwarding.len(), d.removed_rules), (rules, fwd, 1));
+    }
+    assert_eq!(probe(&w, "/readyz"), 503);
+    assert_eq!(probe(&w, "/healthz"), 200);
+
+    // Back to "false" (helm rollback after an aborted uninstall): normal again.
+    assert_eq!(r.pass(&signal(Signal::Normal)).await, PassOutcome::Converged, "{:?}", r.report().problems);
+    assert_eq!(r.mode(), Mode::Normal);
+    assert_eq!(ts.routes(), vec!["192.168.7.0/24", "10.244.1.0/24"]);
+    assert_eq!(hs.lock().nodes[1].approved_routes, Some(vec!["10.244.1.0/24".into(), "192.168.7.0/24".into()]));
+    assert_eq!(state(&w).advertised_routes, nets(&["10.244.1.0/24"]));
+    assert!(w.health.is_ready());
+    assert_eq!(probe(&w, "/readyz"), 200);
+    assert_eq!(crate::agent::report::AgentReport::load(&w.cfg.run_dir).unwrap().teardown, "");
+}
+
+#[tokio::test]
+async fn teardown_at_start_never_advertises_or_joins() {
+    // A previous run advertised the pod CIDR and recorded it.
+    let w = world(|c| c.auth_key = Some(SecretSource::Value(Secret::new("hskey-auth-test".into()))));
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&[]);
+    reconciler(&w, &cidrs, &ts, None, &dp).reconcile().await;
+    assert_eq!(ts.routes(), vec!["10.244.1.0/24"]);
+    let edits = ts.lock().edits.len();
+
+    // The agent restarts while the signal says "true": its first pass withdraws, nothing more.
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    assert_eq!(r.pass(&signal(Signal::Teardown)).await, PassOutcome::Converged);
+    assert!(ts.routes().is_empty());
+    {
+        let s = ts.lock();
+        assert_eq!(s.edits.len(), edits + 1);
+        assert_eq!(s.edits[edits].route_all, None, "the withdrawal edits AdvertiseRoutes only");
+        assert_eq!(s.edits[edits].advertise_routes, Some(vec![]));
+    }
+    assert!(!w.health.is_ready());
+
+    // A fresh node under the signal: no join, no advertisement.
+    let w = world(|c| c.auth_key = Some(SecretSource::Value(Secret::new("hskey-auth-test".into()))));
+    let ts = FakeTs::fresh();
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.pass(&signal(Signal::Teardown)).await;
+    r.pass(&signal(Signal::Teardown)).await;
+    {
+        let t = ts.lock();
+        assert!(t.starts.is_empty() && t.edits.is_empty() && t.logins == 0);
+    }
+    assert!(!nodefile::path_in(&w.cfg.run_dir).exists(), "nothing written either");
+}
+
+#[tokio::test]
+async fn a_failing_teardown_keeps_readiness_and_is_retried() {
+    let w = world(|_| {});
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&[]);
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.pass(&signal(Signal::Normal)).await;
+    assert!(w.health.is_ready());
+
+    ts.lock().reachable = false;
+    assert_eq!(r.pass(&signal(Signal::Teardown)).await, PassOutcome::Failed);
+    assert_eq!(r.mode(), Mode::TearingDown);
+    assert!(w.health.is_ready(), "the hook must keep waiting for this node");
+    let p = r.report().problems.iter().find(|p| p.id == "teardown").unwrap();
+    assert!(p.message.starts_with("uninstall: withdrawing routes"), "{p:?}");
+    assert_eq!(r.report().teardown, "in progress");
+    assert_eq!(state(&w).advertised_routes, nets(&["10.244.1.0/24"]), "kept for the retry");
+
+    // The ConfigMap vanishes meanwhile: the teardown goes on.
+    ts.lock().reachable = true;
+    let gone = SignalState { signal: Signal::Absent, problem: Some("gone".into()) };
+    assert_eq!(r.pass(&gone).await, PassOutcome::Converged);
+    assert_eq!(r.mode(), Mode::TornDown);
+    assert!(ts.routes().is_empty());
+    assert!(!w.health.is_ready());
+}
+
+#[tokio::test]
+async fn an_unreadable_signal_is_a_warning_and_the_agent_runs_normally() {
+    let w = world(|_| {});
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&[]);
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    for s in [Signal::Unknown, Signal::Absent] {
+        let state = SignalState {
+            signal: s,
+            problem: Some("reading the uninstall signal: the Kubernetes API is not reachable".into()),
+        };
+        assert_eq!(r.pass(&state).await, PassOutcome::Converged, "{:?}", r.report().problems);
+        assert_eq!(r.mode(), Mode::Normal);
+        assert!(w.health.is_ready());
+        let p = &r.report().problems[0];
+        assert_eq!((p.id.as_str(), p.severity), ("uninstall_signal", Severity::Warning));
+    }
+    assert_eq!(ts.routes(), vec!["10.244.1.0/24"]);
+    r.pass(&signal(Signal::Normal)).await;
+    assert!(r.report().problems.is_empty(), "resolved once readable");
 }

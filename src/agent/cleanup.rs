@@ -1,0 +1,133 @@
+//! Undoing what HeadCNI changed on a node: the routes it added to tailscaled's AdvertiseRoutes
+//! and approved in Headscale (only those, from the agent's state record), its policy rules and
+//! its nftables tables. Used by `headcni agent --cleanup` ([`Scope::Full`]) and by the agent
+//! itself when the uninstall signal arrives ([`Scope::Uninstall`]).
+//!
+//! The uninstall keeps the node file (`<run_dir>/subnet.env`): the CNI plugin stays installed
+//! until the nodes are drained, and with the node file its STATUS keeps answering "available"
+//! (the kubelet keeps the node's network Ready, so running pods are not evicted), ADD and DEL
+//! keep working for pods on the node, and the pods keep their addresses and their connectivity
+//! within the node. What ends is what the uninstall is for: traffic to other nodes' pods (the
+//! routes are withdrawn) and masqueraded traffic leaving the cluster (the nftables tables are
+//! removed). `--cleanup` removes the node file too: it is for a node that leaves HeadCNI.
+
+use super::config::AgentConfig;
+use super::dataplane::{self, Dataplane};
+use super::headscale::HeadscaleApi;
+use super::reconcile;
+use super::report;
+use super::state::{self, AgentState};
+use super::tailscale::{LocalApi, PrefsEdit};
+use ipnetwork::IpNetwork;
+use std::collections::BTreeSet;
+
+/// How much to undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything, the node file and the status file included (`--cleanup`).
+    Full,
+    /// Everything but the node file and the status file (the uninstall signal).
+    Uninstall,
+}
+
+/// Undoes HeadCNI's changes over the seams; answers the failures. Every step runs.
+pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: Dataplane>(
+    cfg: &AgentConfig,
+    ts: &T,
+    hs: Option<&H>,
+    dp: &D,
+    scope: Scope,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let state_path = state::path_in(&cfg.state_dir);
+    let mut st = match AgentState::load(&state_path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            errors.push(e.to_string());
+            None
+        }
+    };
+    if let Some(st) = st.as_mut() {
+        // Routes.
+        if !st.advertised_routes.is_empty() {
+            match ts.prefs().await {
+                Ok(prefs) => {
+                    let (routes, _, removed) =
+                        reconcile::merge_routes(&prefs.advertise_routes, &BTreeSet::new(), &st.advertised_routes);
+                    let edit = PrefsEdit { advertise_routes: Some(routes), ..Default::default() };
+                    if removed.is_empty() {
+                        st.advertised_routes.clear();
+                    } else {
+                        match ts.edit_prefs(&edit).await {
+                            Ok(_) => {
+                                log::info!(
+                                    "withdrew {}",
+                                    dataplane::join(&removed.iter().copied().collect::<Vec<_>>())
+                                );
+                                st.advertised_routes.clear();
+                            }
+                            Err(e) => errors.push(format!("withdrawing routes: {e}")),
+                        }
+                    }
+                }
+                Err(e) => errors.push(format!("withdrawing routes: {e}")),
+            }
+        }
+        // Approvals.
+        if let (Some(hs), false) = (hs, st.approved_routes.is_empty()) {
+            let result = async {
+                let status = ts.status().await.map_err(|e| e.to_string())?;
+                let key = status.node_key().ok_or("tailscaled has no node key")?.to_string();
+                let nodes = hs.nodes().await.map_err(|e| e.to_string())?;
+                let Some(node) = nodes.into_iter().find(|n| n.node_key == key) else { return Ok(()) };
+                if st.approved_node_id.as_deref() != Some(node.id.as_str()) {
+                    return Ok(());
+                }
+                let keep: Vec<IpNetwork> =
+                    node.approved().into_iter().filter(|r| !st.approved_routes.contains(r)).collect();
+                if keep.len() != node.approved().len() {
+                    hs.approve_routes(&node.id, &keep).await.map_err(|e| e.to_string())?;
+                    log::info!(
+                        "withdrew the approval of {} in Headscale",
+                        dataplane::join(&st.approved_routes.iter().copied().collect::<Vec<_>>())
+                    );
+                }
+                Ok::<_, String>(())
+            }
+            .await;
+            match result {
+                Ok(()) => st.approved_routes.clear(),
+                Err(e) => errors.push(format!("withdrawing approvals: {e}")),
+            }
+        }
+        if st.advertised_routes.is_empty() && st.approved_routes.is_empty() {
+            if let Err(e) = AgentState::remove(&state_path) {
+                errors.push(e.to_string());
+            }
+        } else if let Err(e) = st.store(&state_path) {
+            errors.push(e.to_string());
+        }
+    }
+    match dp.remove_rules().await {
+        Ok(n) if n > 0 => log::info!("removed {n} policy rules"),
+        Ok(_) => {}
+        Err(e) => errors.push(format!("removing policy rules: {e}")),
+    }
+    match dp.remove_masquerade().await {
+        Ok(n) if n > 0 => log::info!("removed {n} nft tables"),
+        Ok(_) => {}
+        Err(e) => errors.push(format!("removing nft tables: {e}")),
+    }
+    let files = match scope {
+        Scope::Full => vec![crate::nodefile::path_in(&cfg.run_dir), report::path_in(&cfg.run_dir)],
+        Scope::Uninstall => Vec::new(),
+    };
+    for path in files {
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::info!("removed {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("removing {}: {e}", path.display())),
+        }
+    }
+    errors
+}

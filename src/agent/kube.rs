@@ -1,0 +1,523 @@
+//! The Kubernetes API client shared by the agent (its Node, the uninstall signal) and the
+//! uninstall hook (`headcni teardown`): where the API server is (the in-cluster service
+//! account, or a kubeconfig's current context), how to authenticate (a bearer token re-read
+//! at every request, so that a rotated projected token is used at once, or a client
+//! certificate), and the few verbs HeadCNI needs: GET, JSON merge PATCH and WATCH. Answers
+//! are mapped to [`KubeError`]s that say what the caller's RBAC lacks. Hand-rolled over
+//! [`super::client`]: no client library, no informers, no caches.
+
+use super::client::{self, ClientError, Endpoint, Request, StreamingResponse};
+use super::secret::{self, SecretSource};
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, StatusCode};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// The service account mount of a pod.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Deadline of one ordinary request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes client setup: {0}")]
+    Setup(String),
+    #[error("kubeconfig {path}: {msg}")]
+    Kubeconfig { path: PathBuf, msg: String },
+    #[error("the Kubernetes API is not reachable: {0}")]
+    Unreachable(ClientError),
+    #[error("Kubernetes API: {0}")]
+    Client(ClientError),
+    #[error("{what} does not exist")]
+    NotFound { what: String },
+    #[error("the Kubernetes API refused access to {what} ({status}: {msg})")]
+    Denied { what: String, status: StatusCode, msg: String },
+    #[error("the Kubernetes API answered {status} for {what}: {msg}")]
+    Status { what: String, status: StatusCode, msg: String },
+    #[error("{what}: {msg}")]
+    Invalid { what: String, msg: String },
+    #[error("{0}")]
+    Secret(#[from] secret::SecretError),
+}
+
+impl KubeError {
+    /// Worth retrying: the server was not reached, or answered that it is overloaded or
+    /// failing (429, 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable(_) => true,
+            Self::Client(e) => matches!(e, ClientError::Http { .. }),
+            Self::Status { status, .. } => *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
+            _ => false,
+        }
+    }
+}
+
+/// How to authenticate to the API server.
+#[derive(Debug, Clone)]
+enum Auth {
+    /// A client certificate (in the TLS configuration) or nothing (a local proxy).
+    None,
+    Token(SecretSource),
+}
+
+/// A client for one API server.
+#[derive(Debug, Clone)]
+pub struct Kube {
+    endpoint: Endpoint,
+    auth: Auth,
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, KubeError> {
+    std::fs::read(path).map_err(|e| KubeError::Setup(format!("reading {what} {}: {e}", path.display())))
+}
+
+/// The `message` of a Kubernetes Status answer, else the start of the body.
+fn status_message(resp: &client::Response) -> String {
+    serde_json::from_slice::<Value>(&resp.body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| resp.snippet())
+}
+
+fn check(what: &str, resp: &client::Response) -> Result<(), KubeError> {
+    let what = what.to_string();
+    match resp.status {
+        s if s.is_success() => Ok(()),
+        StatusCode::NOT_FOUND => Err(KubeError::NotFound { what }),
+        s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+            Err(KubeError::Denied { what, status: s, msg: status_message(resp) })
+        }
+        status => Err(KubeError::Status { what, status, msg: status_message(resp) }),
+    }
+}
+
+impl Kube {
+    /// The in-cluster service account: KUBERNETES_SERVICE_HOST/PORT, its CA and token.
+    pub fn in_cluster() -> Result<Self, KubeError> {
+        Self::in_cluster_at(Path::new(SERVICE_ACCOUNT_DIR), |k| std::env::var(k).ok())
+    }
+
+    /// The in-cluster configuration with the service account files in `dir`.
+    pub fn in_cluster_at(dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, KubeError> {
+        let host = env("KUBERNETES_SERVICE_HOST").filter(|h| !h.is_empty()).ok_or_else(|| {
+            KubeError::Setup(
+                "not running in a pod (KUBERNETES_SERVICE_HOST is unset): give --kubeconfig (or --pod-cidr)".into(),
+            )
+        })?;
+        let port = env("KUBERNETES_SERVICE_PORT").filter(|p| !p.is_empty()).unwrap_or_else(|| "443".into());
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let cas = client::parse_certificates(&read(&dir.join("ca.crt"), "the service account CA")?, "ca.crt")
+            .map_err(KubeError::Client)?;
+        let tls = client::tls_config(cas, false, None).map_err(KubeError::Client)?;
+        let endpoint = Endpoint::from_url(&format!("https://{host}:{port}"), Some(tls)).map_err(KubeError::Client)?;
+        Ok(Self { endpoint, auth: Auth::Token(SecretSource::File(dir.join("token"))) })
+    }
+
+    /// The current context of a kubeconfig file.
+    pub fn from_kubeconfig(path: &Path) -> Result<Self, KubeError> {
+        let bad = |msg: String| KubeError::Kubeconfig { path: path.to_path_buf(), msg };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        let kc = Kubeconfig::parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(bad)?;
+        let mut client_auth = None;
+        if let (Some(cert), Some(key)) = (&kc.client_cert, &kc.client_key) {
+            let chain = client::parse_certificates(cert, "client certificate").map_err(KubeError::Client)?;
+            let key = client::parse_private_key(key, "client key").map_err(KubeError::Client)?;
+            client_auth = Some((chain, key));
+        }
+        let tls = if kc.server.starts_with("https://") {
+            let cas = match &kc.ca {
+                Some(pem) => client::parse_certificates(pem, "certificate-authority").map_err(KubeError::Client)?,
+                None => Vec::new(),
+            };
+            // Without a CA in the kubeconfig, the server must have a publicly trusted certificate.
+            let web_roots = kc.ca.is_none();
+            Some(client::tls_config(cas, web_roots, client_auth).map_err(KubeError::Client)?)
+        } else {
+            None
+        };
+        let endpoint = Endpoint::from_url(&kc.server, tls).map_err(KubeError::Client)?;
+        let auth = match kc.token {
+            Some(t) => Auth::Token(t),
+            None => Auth::None,
+        };
+        Ok(Self { endpoint, auth })
+    }
+
+    /// A kubeconfig when one is given (non-empty), else the in-cluster service account.
+    pub fn from_kubeconfig_or_in_cluster(kubeconfig: Option<&Path>) -> Result<Self, KubeError> {
+        match kubeconfig {
+            Some(p) if !p.as_os_str().is_empty() => Self::from_kubeconfig(p),
+            _ => Self::in_cluster(),
+        }
+    }
+
+    fn authorize(&self, mut req: Request) -> Result<Request, KubeError> {
+        if let Auth::Token(src) = &self.auth {
+            let token = src.load("Kubernetes token")?;
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                .map_err(|_| KubeError::Setup("the Kubernetes token is not a valid header value".into()))?;
+            v.set_sensitive(true);
+            req = req.header(AUTHORIZATION, v);
+        }
+        Ok(req.header(ACCEPT, HeaderValue::from_static("application/json")))
+    }
+
+    async fn send(&self, req: Request) -> Result<client::Response, KubeError> {
+        let req = self.authorize(req)?;
+        self.endpoint
+            .send(req)
+            .await
+            .map_err(|e| if e.is_unreachable() { KubeError::Unreachable(e) } else { KubeError::Client(e) })
+    }
+
+    /// GET `path`; `what` names the object in errors. Answers the JSON body.
+    pub async fn get(&self, path: &str, what: &str, limit: usize) -> Result<Value, KubeError> {
+        let resp = self.send(Request::new(Method::GET, path).timeout(REQUEST_TIMEOUT).limit(limit)).await?;
+        check(what, &resp)?;
+        serde_json::from_slice(&resp.body)
+            .map_err(|e| KubeError::Invalid { what: what.to_string(), msg: format!("not JSON: {e}") })
+    }
+
+    /// GET `path`, the raw answer (for callers that validate it themselves).
+    pub async fn get_raw(&self, path: &str, what: &str, limit: usize) -> Result<Vec<u8>, KubeError> {
+        let resp = self.send(Request::new(Method::GET, path).timeout(REQUEST_TIMEOUT).limit(limit)).await?;
+        check(what, &resp)?;
+        Ok(resp.body.to_vec())
+    }
+
+    /// PATCH `path` with a JSON merge patch (RFC 7386). Answers the patched object.
+    pub async fn merge_patch(&self, path: &str, what: &str, patch: &Value) -> Result<Value, KubeError> {
+        let mut req = Request::new(Method::PATCH, path).timeout(REQUEST_TIMEOUT).limit(4 << 20);
+        req.body = Some(patch.to_string().into_bytes());
+        let req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/merge-patch+json"));
+        let resp = self.send(req).await?;
+        check(what, &resp)?;
+        serde_json::from_slice(&resp.body)
+            .map_err(|e| KubeError::Invalid { what: what.to_string(), msg: format!("not JSON: {e}") })
+    }
+
+    /// Opens a watch (`path` carries `watch=1` and its selectors); the events are read with
+    /// [`WatchStream::next_event`].
+    pub async fn watch(&self, path: &str, what: &str) -> Result<WatchStream, KubeError> {
+        let req = self.authorize(Request::new(Method::GET, path).timeout(REQUEST_TIMEOUT).limit(1 << 20))?;
+        let stream = self
+            .endpoint
+            .open(req)
+            .await
+            .map_err(|e| if e.is_unreachable() { KubeError::Unreachable(e) } else { KubeError::Client(e) })?;
+        if stream.status.is_success() {
+            return Ok(WatchStream { stream: Some(stream), what: what.to_string() });
+        }
+        let resp = stream.collect(64 << 10).await.map_err(KubeError::Client)?;
+        check(what, &resp)?;
+        Err(KubeError::Status { what: what.to_string(), status: resp.status, msg: status_message(&resp) })
+    }
+}
+
+/// One event of a watch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchEvent {
+    /// ADDED, MODIFIED, DELETED, BOOKMARK or ERROR.
+    pub kind: String,
+    pub object: Value,
+}
+
+/// An open watch.
+pub struct WatchStream {
+    stream: Option<StreamingResponse>,
+    what: String,
+}
+
+impl WatchStream {
+    /// The next event; `None` when the server ended the watch.
+    pub async fn next_event(&mut self) -> Result<Option<WatchEvent>, KubeError> {
+        let Some(stream) = self.stream.as_mut() else { return Ok(None) };
+        let line = match stream.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                self.stream = None;
+                return Ok(None);
+            }
+            Err(e) => {
+                self.stream = None;
+                return Err(KubeError::Client(e));
+            }
+        };
+        parse_watch_event(&line)
+            .map(Some)
+            .map_err(|msg| KubeError::Invalid { what: format!("watch of {}", self.what), msg })
+    }
+}
+
+/// Parses one line of a watch answer.
+pub fn parse_watch_event(line: &[u8]) -> Result<WatchEvent, String> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| format!("an event is not JSON: {e}"))?;
+    let kind = v.get("type").and_then(Value::as_str).ok_or("an event has no type")?.to_string();
+    let object = v.get("object").cloned().ok_or("an event has no object")?;
+    if !object.is_object() {
+        return Err("an event's object is not an object".into());
+    }
+    Ok(WatchEvent { kind, object })
+}
+
+/// The parts of a kubeconfig's current context the agent uses.
+#[derive(Debug, Default)]
+struct Kubeconfig {
+    server: String,
+    ca: Option<Vec<u8>>,
+    client_cert: Option<Vec<u8>>,
+    client_key: Option<Vec<u8>>,
+    token: Option<SecretSource>,
+}
+
+fn named<'a>(doc: &'a Yaml, list: &str, name: &str) -> Result<&'a Yaml, String> {
+    doc[list]
+        .as_vec()
+        .ok_or_else(|| format!("no {list} list"))?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .map(|e| &e[list.trim_end_matches('s')])
+        .ok_or_else(|| format!("{list} has no entry named {name:?}"))
+}
+
+impl Kubeconfig {
+    fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let docs = YamlLoader::load_from_str(text).map_err(|e| format!("not YAML: {e}"))?;
+        let doc = docs.first().ok_or("empty file")?;
+        let ctx_name = doc["current-context"].as_str().ok_or("no current-context")?;
+        let ctx = named(doc, "contexts", ctx_name)?;
+        let cluster = named(doc, "clusters", ctx["cluster"].as_str().ok_or("the context names no cluster")?)?;
+        let user = match ctx["user"].as_str() {
+            Some(u) => named(doc, "users", u)?.clone(),
+            None => Yaml::Null,
+        };
+        let server = cluster["server"].as_str().ok_or("the cluster has no server")?.to_string();
+        if cluster["insecure-skip-tls-verify"].as_bool() == Some(true) {
+            return Err("insecure-skip-tls-verify is not supported: give the cluster's certificate-authority".into());
+        }
+        let file_or_data = |node: &Yaml, file_key: &str, data_key: &str| -> Result<Option<Vec<u8>>, String> {
+            if let Some(data) = node[data_key].as_str() {
+                return base64_decode(data).map(Some).ok_or_else(|| format!("{data_key} is not base64"));
+            }
+            if let Some(file) = node[file_key].as_str() {
+                let p = base.join(file);
+                return std::fs::read(&p).map(Some).map_err(|e| format!("{file_key} {}: {e}", p.display()));
+            }
+            Ok(None)
+        };
+        let ca = file_or_data(cluster, "certificate-authority", "certificate-authority-data")?;
+        let client_cert = file_or_data(&user, "client-certificate", "client-certificate-data")?;
+        let client_key = file_or_data(&user, "client-key", "client-key-data")?;
+        if client_cert.is_some() != client_key.is_some() {
+            return Err("the user has a client certificate without a key, or a key without a certificate".into());
+        }
+        let token = match (user["token"].as_str(), user["tokenFile"].as_str()) {
+            (Some(t), _) if !t.is_empty() => Some(SecretSource::Value(secret::Secret::new(t.to_string()))),
+            (_, Some(f)) => Some(SecretSource::File(base.join(f))),
+            _ => None,
+        };
+        if token.is_none()
+            && client_cert.is_none()
+            && (!user["exec"].is_badvalue() || !user["auth-provider"].is_badvalue())
+        {
+            return Err(
+                "exec and auth-provider credentials are not supported: use a token or a client certificate".into()
+            );
+        }
+        Ok(Self { server, ca, client_cert, client_key, token })
+    }
+}
+
+/// Standard base64 (with or without padding, whitespace ignored).
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    fn val(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let clean: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    let trimmed: &[u8] = {
+        let mut end = clean.len();
+        while end > 0 && clean[end - 1] == b'=' {
+            end -= 1;
+        }
+        if clean.len() - end > 2 {
+            return None;
+        }
+        &clean[..end]
+    };
+    if trimmed.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
+    for chunk in trimmed.chunks(4) {
+        let mut acc = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            acc |= val(*c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+pub(crate) mod testpki {
+    //! Certificates made with the openssl tool at test time, and an in-cluster client for a
+    //! local HTTPS test server.
+    use super::*;
+    use crate::agent::client::testserver;
+
+    /// A CA and a server certificate for 127.0.0.1 made with the openssl tool (None without it).
+    pub(crate) fn make(dir: &Path, cn: &str) -> Option<()> {
+        let ok = |args: &[&str]| {
+            std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let subj = format!("/CN={cn}");
+        (ok(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            &subj,
+        ]) && ok(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=kubernetes",
+        ]) && std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1,DNS:kubernetes\n").is_ok()
+            && ok(&[
+                "x509",
+                "-req",
+                "-in",
+                "srv.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "srv.crt",
+                "-days",
+                "1",
+                "-extfile",
+                "ext",
+            ]))
+        .then_some(())
+    }
+
+    /// A TLS test server with `handler`, and an in-cluster client for it whose service account
+    /// (in the returned directory) has the token "sa-token". `None` without the openssl tool.
+    pub(crate) async fn in_cluster_server(
+        handler: testserver::Handler,
+    ) -> Option<(testserver::Server, tempfile::TempDir, Kube)> {
+        let dir = tempfile::tempdir().ok()?;
+        let pki = dir.path().join("pki");
+        std::fs::create_dir_all(&pki).ok()?;
+        make(&pki, "cluster-ca")?;
+        let chain = std::fs::read(pki.join("srv.crt")).ok()?;
+        let key = std::fs::read(pki.join("srv.key")).ok()?;
+        let (server, port) = testserver::tls(handler, &chain, &key).await;
+        let sa = dir.path().join("sa");
+        std::fs::create_dir_all(&sa).ok()?;
+        std::fs::copy(pki.join("ca.crt"), sa.join("ca.crt")).ok()?;
+        std::fs::write(sa.join("token"), "sa-token\n").ok()?;
+        let env = |k: &str| match k {
+            "KUBERNETES_SERVICE_HOST" => Some("127.0.0.1".to_string()),
+            "KUBERNETES_SERVICE_PORT" => Some(port.to_string()),
+            _ => None,
+        };
+        let kube = Kube::in_cluster_at(&sa, env).ok()?;
+        Some((server, dir, kube))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVs\nbG8h").unwrap(), b"hello!");
+        assert!(base64_decode("a$==").is_none());
+        assert!(base64_decode("a").is_none());
+    }
+
+    #[test]
+    fn kubeconfig_current_context() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "t0ken\n").unwrap();
+        let text = r#"
+apiVersion: v1
+kind: Config
+current-context: dev
+clusters:
+- name: other
+  cluster: {server: "https://other:6443"}
+- name: c1
+  cluster:
+    server: http://127.0.0.1:8001
+contexts:
+- name: dev
+  context: {cluster: c1, user: u1}
+users:
+- name: u1
+  user:
+    tokenFile: tok
+"#;
+        let kc = Kubeconfig::parse(text, dir.path()).unwrap();
+        assert_eq!(kc.server, "http://127.0.0.1:8001");
+        assert_eq!(kc.token.unwrap().load("t").unwrap().expose(), "t0ken");
+        let exec = text.replace("    tokenFile: tok", "    exec: {command: aws}");
+        assert!(Kubeconfig::parse(&exec, dir.path()).unwrap_err().contains("exec"));
+        let insecure =
+            text.replace("server: http://127.0.0.1:8001", "server: https://x\n    insecure-skip-tls-verify: true");
+        assert!(Kubeconfig::parse(&insecure, dir.path()).unwrap_err().contains("insecure"));
+        assert!(Kubeconfig::parse("current-context: nope\ncontexts: []", dir.path()).is_err());
+    }
+
+    #[test]
+    fn in_cluster_needs_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Kube::in_cluster_at(dir.path(), |_| None).unwrap_err().to_string();
+        assert!(err.contains("KUBERNETES_SERVICE_HOST"), "{err}");
+        let err = Kube::in_cluster_at(dir.path(), |k| (k == "KUBERNETES_SERVICE_HOST").then(|| "10.96.0.1".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ca.crt"), "{err}");
+    }
+}
