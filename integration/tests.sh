@@ -352,6 +352,13 @@ t_metrics_status() {
 		js=$(hcni_status "$i" --json) || hc_die "headcni status --json failed on node $i"
 		printf '%s\n' "$js" >"$HC_STATE_DIR/tests/status-n$i.json"
 		hcni_status "$i" >"$HC_STATE_DIR/tests/status-n$i.txt" 2>&1 || true
+		# The IPAM line counts what the store holds.
+		if [[ "$(hcni_ipam_kind "$i")" == headcni-ipam ]]; then
+			local held
+			held=$(hcni_ipam "$i" list --json | jq '.allocations | length')
+			jq -e --argjson n "$held" '.ipam.plugin == "headcni-ipam" and .ipam.used == $n and .ipam.total > $n' \
+				<<<"$js" >/dev/null || hc_die "node $i status: IPAM usage $(jq -c '.ipam' <<<"$js") is not $held in use"
+		fi
 		# status --json speaks camelCase (snake_case accepted too)
 		js=$(jq -c '{backendState: (.backendState // .backend_state), podCidrs: (.podCidrs // .pod_cidrs),
 			routes, peers: [.peers[] | {hostname, routes}], problems}' <<<"$js")

@@ -55,6 +55,76 @@ pub struct RouteView {
     pub approved: Option<bool>,
 }
 
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamView {
+    /// The IPAM plugin (`headcni-ipam`, `host-local`, ...).
+    pub plugin: String,
+    pub network: String,
+    pub data_dir: String,
+    pub used: u128,
+    /// Known for headcni-ipam; host-local keeps no count of its pool.
+    pub total: Option<u128>,
+    pub free: Option<u128>,
+    /// Why the usage could not be read, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl IpamView {
+    fn text(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!("{} ({}): {e}", self.plugin, self.data_dir);
+        }
+        match (self.total, self.free) {
+            (Some(total), Some(free)) => {
+                format!("{}: {} of {total} addresses in use, {free} free ({})", self.plugin, self.used, self.data_dir)
+            }
+            _ => format!("{}: {} addresses in use ({})", self.plugin, self.used, self.data_dir),
+        }
+    }
+}
+
+/// Reads the usage of the pool the conflist's IPAM plugin hands addresses out of.
+pub fn ipam_view(conflist: &Path) -> Option<IpamView> {
+    let text = std::fs::read_to_string(conflist).ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let network = doc["name"].as_str()?.to_string();
+    let ipam = &doc["plugins"][0]["ipam"];
+    let plugin = ipam["type"].as_str()?.to_string();
+    let configured = ipam["dataDir"].as_str().map(PathBuf::from);
+    let mut view = IpamView { plugin: plugin.clone(), network: network.clone(), ..Default::default() };
+    match plugin.as_str() {
+        crate::ipam::PLUGIN_NAME => {
+            let dir = configured.unwrap_or_else(|| PathBuf::from(crate::ipam::config::DEFAULT_DATA_DIR));
+            view.data_dir = dir.display().to_string();
+            match crate::ipam::usage(&dir, &network) {
+                Ok(Some(u)) => {
+                    view.used = u.used;
+                    view.total = Some(u.total);
+                    view.free = Some(u.total.saturating_sub(u.used));
+                }
+                Ok(None) => {}
+                Err(e) => view.error = Some(e.to_string()),
+            }
+        }
+        "host-local" => {
+            let dir = configured.unwrap_or_else(|| PathBuf::from("/var/lib/cni/networks")).join(&network);
+            view.data_dir = dir.display().to_string();
+            // host-local keeps one file per address, named by the address.
+            view.used = std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .filter(|e| e.file_name().to_string_lossy().parse::<std::net::IpAddr>().is_ok())
+                        .count() as u128
+                })
+                .unwrap_or(0);
+        }
+        _ => view.error = Some("usage is known for headcni-ipam and host-local only".into()),
+    }
+    Some(view)
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerView {
@@ -97,9 +167,8 @@ pub struct StatusView {
     pub node_file_present: bool,
     pub conflist: String,
     pub conflist_present: bool,
-    /// IPAM usage of this node's pool. TODO(lead): fill from the headcni-ipam store's stats
-    /// once the ipam module exposes them; `None` until then.
-    pub ipam_usage: Option<String>,
+    /// Addresses in use in this node's pool, from the IPAM plugin named in the conflist.
+    pub ipam: Option<IpamView>,
     pub problems: Vec<Finding>,
 }
 
@@ -132,6 +201,32 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
     let conflist = args.conf_dir.join(&args.conflist_name);
     v.conflist = conflist.display().to_string();
     v.conflist_present = conflist.is_file();
+    v.ipam = ipam_view(&conflist);
+    if let Some(ipam) = v.ipam.clone() {
+        match (ipam.free, ipam.total, &ipam.error) {
+            (_, _, Some(e)) => find(
+                &mut v,
+                Severity::Error,
+                format!("the IPAM store cannot be read: {e}"),
+                Some("the message names the file and, for damage, the repair command"),
+            ),
+            (Some(0), Some(total), _) if total > 0 => find(
+                &mut v,
+                Severity::Error,
+                format!("the pod address range is exhausted ({total} addresses in use)"),
+                Some(
+                    "headcni ipam gc --dry-run shows allocations of pods that are gone; otherwise give the node a larger pod CIDR",
+                ),
+            ),
+            (Some(free), Some(total), _) if total > 0 && free * 10 < total => find(
+                &mut v,
+                Severity::Warning,
+                format!("the pod address range is over 90% used ({free} of {total} free)"),
+                Some("headcni ipam gc --dry-run shows allocations of pods that are gone"),
+            ),
+            _ => {}
+        }
+    }
 
     match &report {
         None => find(
@@ -524,7 +619,11 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "  masquerade   {masq}")?;
     writeln!(out, "  node file    {} ({})", v.node_file, if v.node_file_present { "present" } else { "MISSING" })?;
     writeln!(out, "  conflist     {} ({})", v.conflist, if v.conflist_present { "present" } else { "MISSING" })?;
-    writeln!(out, "  IPAM         {}", v.ipam_usage.as_deref().unwrap_or("usage not available in this build"))?;
+    writeln!(
+        out,
+        "  IPAM         {}",
+        v.ipam.as_ref().map(IpamView::text).unwrap_or_else(|| "no conflist to read it from".into())
+    )?;
     if v.problems.is_empty() {
         writeln!(out, "All good.")?;
     } else {
@@ -578,6 +677,69 @@ pub fn main(args: StatusArgs) -> i32 {
 mod tests {
     use super::*;
     use crate::agent::report::{ProblemReport, RouteReport};
+
+    fn write_conflist(path: &Path, ipam: serde_json::Value) {
+        let doc = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "plugins": [{"type": "headcni", "ipam": ipam}]});
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, doc.to_string()).unwrap();
+    }
+
+    #[test]
+    fn ipam_usage_of_headcni_ipam_and_host_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let conflist = dir.path().join("net.d/10-headcni.conflist");
+        let data = dir.path().join("ipam");
+        write_conflist(&conflist, serde_json::json!({"type": "headcni-ipam", "dataDir": data}));
+        let before = ipam_view(&conflist).unwrap();
+        assert_eq!((before.used, before.total, before.error.clone()), (0, None, None));
+
+        let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet",
+            "ipam": {"type": "headcni-ipam", "subnet": "10.44.0.0/28", "dataDir": data}});
+        for cid in ["c1", "c2", "c3"] {
+            let env: std::collections::HashMap<String, String> =
+                [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", cid), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+            let req = crate::cni::parse_request(crate::cni::Command::Add, &env, conf.to_string().as_bytes()).unwrap();
+            crate::ipam::run_in_process(&req).unwrap();
+        }
+        let v = ipam_view(&conflist).unwrap();
+        assert_eq!((v.used, v.total, v.free), (3, Some(13), Some(10)), "{v:?}");
+        assert!(v.text().contains("3 of 13"), "{}", v.text());
+
+        let hl = dir.path().join("hl");
+        std::fs::create_dir_all(hl.join("podnet")).unwrap();
+        for name in ["10.44.0.2", "10.44.0.3", "lock", "last_reserved_ip.0"] {
+            std::fs::write(hl.join("podnet").join(name), "x").unwrap();
+        }
+        write_conflist(&conflist, serde_json::json!({"type": "host-local", "dataDir": hl}));
+        let v = ipam_view(&conflist).unwrap();
+        assert_eq!((v.plugin.as_str(), v.used, v.total), ("host-local", 2, None));
+    }
+
+    #[test]
+    fn an_exhausted_pool_is_a_problem_with_a_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, report, live) = healthy(dir.path());
+        let data = dir.path().join("ipam");
+        write_conflist(
+            &a.conf_dir.join(&a.conflist_name),
+            serde_json::json!({"type": "headcni-ipam", "dataDir": data}),
+        );
+        let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet",
+            "ipam": {"type": "headcni-ipam", "subnet": "10.44.0.0/30", "dataDir": data}});
+        let env: std::collections::HashMap<String, String> =
+            [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "only"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let req = crate::cni::parse_request(crate::cni::Command::Add, &env, conf.to_string().as_bytes()).unwrap();
+        crate::ipam::run_in_process(&req).unwrap();
+        let v = assess(&a, Some(report), &live, 0);
+        let p = v.problems.iter().find(|p| p.message.contains("exhausted")).expect("exhaustion reported");
+        assert!(p.fix.as_deref().unwrap_or("").contains("headcni ipam gc"));
+    }
 
     fn args(dir: &Path) -> StatusArgs {
         StatusArgs {

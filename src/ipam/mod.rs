@@ -115,6 +115,22 @@ pub fn run_in_process(req: &Request) -> Result<Option<Value>, CniError> {
     }
 }
 
+/// How full a network's pool is, from the state file's header (cheap: no records are parsed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub used: u128,
+    pub total: u128,
+}
+
+/// The usage of `network`'s store under `data_dir`; `None` before the first allocation.
+pub fn usage(data_dir: &Path, network: &str) -> Result<Option<Usage>, StoreError> {
+    let store = Store::for_this_boot(data_dir, network)?;
+    Ok(store.read_header()?.map(|(header, _)| Usage {
+        used: header.sets.iter().map(|s| s.used).fold(0, u128::saturating_add),
+        total: header.sets.iter().map(|s| s.spec.pool().capacity()).fold(0, u128::saturating_add),
+    }))
+}
+
 /// Entry point of the IPAM role (the binary invoked as `headcni-ipam`).
 pub fn main() -> i32 {
     let mut input = Vec::new();

@@ -345,3 +345,14 @@ fn in_process_calls_give_what_the_process_prints() {
     let err = run_in_process(&Request { command: Command::Check, ..req }).unwrap_err();
     assert_eq!(err.code, code::CHECK_FAILED);
 }
+
+#[test]
+fn usage_comes_from_the_header() {
+    let f = Fixture::new();
+    assert_eq!(usage(&f.data_dir(), "net").unwrap(), None);
+    f.address("c1", json!({}));
+    f.address("c2", json!({}));
+    assert_eq!(usage(&f.data_dir(), "net").unwrap(), Some(Usage { used: 2, total: 5 }));
+    f.del("c1");
+    assert_eq!(usage(&f.data_dir(), "net").unwrap(), Some(Usage { used: 1, total: 5 }));
+}
