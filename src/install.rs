@@ -273,7 +273,16 @@ fn common_versions(args: &InstallArgs) -> Result<Vec<CniVersion>, InstallError> 
                 exe.display()
             )));
         }
-        let supported = plugin_versions(&exe).map_err(io_err("asking VERSION of", &exe))?;
+        let supported = match plugin_versions(&exe) {
+            Ok(versions) => versions,
+            // The installer runs in a FROM scratch image: a distribution's dynamically linked
+            // plugin cannot start there. Every plugin release since 2021 speaks 1.0.0; the
+            // conflist then leaves 1.1.0 out, which costs only STATUS and GC.
+            Err(e) => {
+                log::warn!("cannot ask {} for its spec versions ({e}); assuming up to 1.0.0", exe.display());
+                CniVersion::ALL.into_iter().filter(|v| *v <= CniVersion::V1_0_0).collect()
+            }
+        };
         common.retain(|v| supported.contains(v));
     }
     if common.is_empty() {

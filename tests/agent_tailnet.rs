@@ -197,7 +197,9 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let ul = Netns::new("ul");
-        ul.ip("link add br0 type bridge");
+        // A fixed address: a bridge without one takes the lowest of its ports' addresses and
+        // changes it as ports join, leaving the nodes' ARP entry for the router stale.
+        ul.ip("link add br0 address 02:48:43:00:00:01 type bridge");
         ul.ip("addr add 172.31.98.1/24 dev br0");
         ul.ip("link set br0 up");
         ul.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -557,9 +559,22 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     // Leaving the cluster: masqueraded to the node's underlay address.
     let seen = source_seen(&c.nodes[0].pods[0].path(), &c.inet.path(), INET_ADDR, 40002);
     if seen.as_deref() != Some(c.nodes[0].address().as_str()) {
-        for cmd in [&["nft", "list", "ruleset"][..], &["ip", "rule"], &["ip", "route", "show", "table", "all"]] {
+        for cmd in [
+            &["nft", "list", "ruleset"][..],
+            &["ip", "rule"],
+            &["ip", "route", "show", "table", "all"],
+            &["ip", "-s", "link"],
+            &["ip", "neigh"],
+            &["sysctl", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.eth0.rp_filter"],
+        ] {
             eprintln!("node 1: {}\n{}", cmd.join(" "), c.nodes[0].ns.exec_ok(cmd));
         }
+        for (name, ns) in [("ul", &c.ul), ("inet", &c.inet)] {
+            for cmd in [&["ip", "-s", "link"][..], &["ip", "neigh"], &["ip", "route"], &["nft", "list", "ruleset"]] {
+                eprintln!("{name}: {}\n{}", cmd.join(" "), ns.exec_ok(cmd));
+            }
+        }
+        eprintln!("retry: {:?}", source_seen(&c.nodes[0].pods[0].path(), &c.inet.path(), INET_ADDR, 40003));
     }
     assert_eq!(seen.as_deref(), Some(c.nodes[0].address().as_str()), "masqueraded towards the outside");
 

@@ -129,3 +129,18 @@ fn dry_run_prints_and_touches_nothing() {
     assert!(!d.bin().join("headcni").exists());
     assert!(!d.conf().join("10-headcni.conflist").exists());
 }
+
+#[test]
+fn a_chained_plugin_that_cannot_start_here_means_spec_1_0_0() {
+    let d = Dirs::new();
+    // What a distribution's dynamically linked plugin looks like from a FROM scratch image.
+    for p in ["portmap", "bandwidth"] {
+        fs::write(d.bin().join(p), b"#!/nonexistent/interpreter\n").unwrap();
+        fs::set_permissions(d.bin().join(p), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let log = ok(d.install(&[]));
+    assert!(log.contains("assuming up to 1.0.0"), "{log}");
+    let v: Value = serde_json::from_str(&fs::read_to_string(d.conf().join("10-headcni.conflist")).unwrap()).unwrap();
+    assert_eq!(v["cniVersion"], "1.0.0");
+    assert_eq!(v["cniVersions"], serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"]));
+}

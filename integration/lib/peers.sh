@@ -35,7 +35,11 @@ TAILSCALE_BIN=$HC_PEERS_CACHE/tailscale-$TAILSCALE_VERSION/tailscale
 HEADSCALE_BIN=$HC_PEERS_CACHE/headscale-$HEADSCALE_VERSION/headscale
 CRICTL_BIN=$HC_PEERS_CACHE/crictl-$CRICTL_VERSION/crictl
 CNITOOL_BIN=$HC_PEERS_CACHE/cnitool-$CNITOOL_VERSION/cnitool
-export TAILSCALED_BIN TAILSCALE_BIN HEADSCALE_BIN CRICTL_BIN CNITOOL_BIN
+# Static builds of the standard plugins HeadCNI chains (spec 1.1.0), as a node that takes its
+# plugins from the upstream releases has them; Debian's 1.1.1 stop at spec 1.0.0.
+CNI_PLUGINS_VERSION=${CNI_PLUGINS_VERSION:-v1.10.0}
+CNI_PLUGINS_DIR=$HC_PEERS_CACHE/cni-plugins-$CNI_PLUGINS_VERSION
+export TAILSCALED_BIN TAILSCALE_BIN HEADSCALE_BIN CRICTL_BIN CNITOOL_BIN CNI_PLUGINS_DIR
 
 # Debian package -> a file that proves it is installed (dpkg -s is the truth;
 # the file is only used in messages).
@@ -143,6 +147,13 @@ _build_crictl() { # TMP
 # cnitool: libcni's reference runner (conflist chains, cniVersions, the
 # result cache in /var/lib/cni, prevResult on DEL), exactly what a runtime
 # does around the plugins. The harness attaches its bare "pods" with it.
+_build_cni_plugins() { # TMP
+	mkdir -p "$1/bin"
+	GOBIN="$1/bin" _peers_go install \
+		"github.com/containernetworking/plugins/plugins/meta/portmap@$CNI_PLUGINS_VERSION" \
+		"github.com/containernetworking/plugins/plugins/meta/bandwidth@$CNI_PLUGINS_VERSION"
+}
+
 _build_cnitool() { # TMP
 	mkdir -p "$1/bin"
 	GOBIN="$1/bin" _peers_go install "github.com/containernetworking/cni/cnitool@$CNITOOL_VERSION"
@@ -154,6 +165,7 @@ peers_build_go() {
 	_peers_locked_build "headscale-$HEADSCALE_VERSION" "$HEADSCALE_BIN" _build_headscale
 	_peers_locked_build "crictl-$CRICTL_VERSION" "$CRICTL_BIN" _build_crictl
 	_peers_locked_build "cnitool-$CNITOOL_VERSION" "$CNITOOL_BIN" _build_cnitool
+	_peers_locked_build "cni-plugins-$CNI_PLUGINS_VERSION" "$CNI_PLUGINS_DIR/bandwidth" _build_cni_plugins
 }
 
 # --- the image: busybox-static in a rootfs, no registry --------------------
@@ -217,8 +229,8 @@ peers_ensure() {
 }
 
 peers_print() {
-	printf 'TAILSCALED_BIN=%s\nTAILSCALE_BIN=%s\nHEADSCALE_BIN=%s\nCRICTL_BIN=%s\nCNITOOL_BIN=%s\n' \
-		"$TAILSCALED_BIN" "$TAILSCALE_BIN" "$HEADSCALE_BIN" "$CRICTL_BIN" "$CNITOOL_BIN"
+	printf 'TAILSCALED_BIN=%s\nTAILSCALE_BIN=%s\nHEADSCALE_BIN=%s\nCRICTL_BIN=%s\nCNITOOL_BIN=%s\nCNI_PLUGINS_DIR=%s\n' \
+		"$TAILSCALED_BIN" "$TAILSCALE_BIN" "$HEADSCALE_BIN" "$CRICTL_BIN" "$CNITOOL_BIN" "$CNI_PLUGINS_DIR"
 	printf 'HC_IMAGE_ARCHIVE=%s\nHC_IMAGE_REF=%s\n' \
 		"$HC_PEERS_CACHE/image-$(busybox_version)/busybox.tar" "$HC_IMAGE_REF"
 }

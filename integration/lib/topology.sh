@@ -75,7 +75,10 @@ topo_up() {
 	mkdir -p "$HC_STATE_DIR/logs" "$HC_STATE_DIR/nodes"
 	_topo_netns_add "$HC_NS_UL"
 	nsx "$HC_NS_UL" sysctl -qw net.ipv4.ip_forward=1
-	ip -n "$HC_NS_UL" link add br0 type bridge
+	# A fixed address: a bridge without one takes the lowest of its ports' addresses and
+	# changes it as ports join, which leaves the nodes' ARP entry for the router stale (frames
+	# to a port's address are not routed).
+	ip -n "$HC_NS_UL" link add br0 address 02:48:43:00:00:01 type bridge
 	ip -n "$HC_NS_UL" addr add "$HC_UL_GW/24" dev br0
 	ip -n "$HC_NS_UL" link set br0 up
 
