@@ -27,7 +27,15 @@ fn main() -> anyhow::Result<()> {
                 host.delete_link(link.index).await?;
                 start.elapsed()
             }
-            _ => anyhow::bail!("usage: veth_floor create <netns> <name> | delete <name>"),
+            Some("delete-pod") => {
+                let pod_ns = Netns::open(std::path::Path::new(&args[2]))?;
+                let pod = Netlink::connect_in(&pod_ns)?;
+                let link = pod.link("eth0").await?.ok_or_else(|| anyhow::anyhow!("no eth0"))?;
+                let start = Instant::now();
+                pod.delete_link(link.index).await?;
+                start.elapsed()
+            }
+            _ => anyhow::bail!("usage: veth_floor create <netns> <name> | delete <name> | delete-pod <netns>"),
         };
         eprintln!("{}", elapsed.as_micros());
         Ok(())
