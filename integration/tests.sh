@@ -28,47 +28,11 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ALL_TESTS=(pod_to_pod mtu masquerade runtimes_across metrics_status route_lifecycle restarts)
+# shellcheck source=lib/args.sh
+source "$here/lib/args.sh"
+TR_ALLOW_INJECT=1
 declare -a WANT=()
-INJECT=""
-while (($#)); do
-	case "$1" in
-	--prefix)
-		export HC_PREFIX=$2
-		shift 2
-		;;
-	--keep)
-		export HC_KEEP=1
-		shift
-		;;
-	--list)
-		printf '%s\n' "${ALL_TESTS[@]}"
-		exit 0
-		;;
-	--inject)
-		INJECT=$2
-		shift 2
-		;;
-	-h | --help)
-		awk 'NR > 1 && /^#/ && !/shellcheck/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
-		exit 0
-		;;
-	-*)
-		echo "unknown option: $1" >&2
-		exit 2
-		;;
-	*)
-		WANT+=("$1")
-		shift
-		;;
-	esac
-done
-((${#WANT[@]})) || WANT=("${ALL_TESTS[@]}")
-for t in "${WANT[@]}"; do
-	[[ " ${ALL_TESTS[*]} " == *" $t "* ]] || {
-		echo "unknown test: $t (--list shows them)" >&2
-		exit 2
-	}
-done
+tr_parse_args "$@"
 
 export HC_PREFIX=${HC_PREFIX:-hct}
 export HC_NODES=2

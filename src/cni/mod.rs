@@ -332,6 +332,23 @@ pub fn run(plugin: &dyn Plugin, env: &dyn Env, stdin: &mut dyn Read, stdout: &mu
     }
 }
 
+/// The process edge of a plugin role: reads stdin, sets up logging from the config's
+/// `log_file`/`log_level` (before anything can be logged), and runs the invocation on the
+/// process's environment and stdout.
+pub fn main(plugin: &dyn Plugin, role: &'static str) -> i32 {
+    let mut input = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut input);
+    let peek: Map<String, Value> = serde_json::from_slice(&input).unwrap_or_default();
+    let log_file = peek.get("log_file").and_then(Value::as_str).map(std::path::Path::new);
+    let log_level = peek.get("log_level").and_then(Value::as_str);
+    crate::logging::init_cni(role, log_file, log_level);
+    if let Err(e) = read {
+        log::error!("reading stdin: {e}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    run(plugin, &ProcessEnv, &mut input.as_slice(), &mut stdout)
+}
+
 type Outcome = (Option<CniVersion>, Result<Option<Value>, CniError>);
 
 fn dispatch(plugin: &dyn Plugin, env: &dyn Env, stdin: &mut dyn Read) -> Outcome {

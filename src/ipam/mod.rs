@@ -20,7 +20,7 @@ use crate::cni::{self, CniError, CniResult, Command, IpConfig, Request, code};
 use crate::events::{self, Event};
 use config::IpamConfig;
 use ipnetwork::IpNetwork;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use state::{Allocation, Family, SetSpec, SetState, State};
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -133,17 +133,7 @@ pub fn usage(data_dir: &Path, network: &str) -> Result<Option<Usage>, StoreError
 
 /// Entry point of the IPAM role (the binary invoked as `headcni-ipam`).
 pub fn main() -> i32 {
-    let mut input = Vec::new();
-    let read = std::io::Read::read_to_end(&mut std::io::stdin(), &mut input);
-    let peek: Map<String, Value> = serde_json::from_slice(&input).unwrap_or_default();
-    let log_file = peek.get("log_file").and_then(Value::as_str).map(Path::new);
-    let log_level = peek.get("log_level").and_then(Value::as_str);
-    crate::logging::init_cni(PLUGIN_NAME, log_file, log_level);
-    if let Err(e) = read {
-        log::error!("reading stdin: {e}");
-    }
-    let mut stdout = std::io::stdout().lock();
-    cni::run(&HeadcniIpam, &cni::ProcessEnv, &mut input.as_slice(), &mut stdout)
+    cni::main(&HeadcniIpam, PLUGIN_NAME)
 }
 
 fn now() -> u64 {

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::events;
-use serde_json::json;
+use serde_json::{Map, json};
 use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;

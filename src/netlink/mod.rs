@@ -340,44 +340,37 @@ impl Netlink {
         Ok(out)
     }
 
-    fn route_message(spec: &RouteSpec) -> RouteMessage {
-        let mut msg = match (spec.dst, spec.gateway, spec.src) {
-            (IpNetwork::V4(dst), gw, src) => {
-                let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst.ip(), dst.prefix());
-                if let Some(IpAddr::V4(gw)) = gw {
-                    b = b.gateway(gw);
-                }
-                if let Some(IpAddr::V4(src)) = src {
-                    b = b.pref_source(src);
-                }
-                finish_route(b, spec)
-            }
-            (IpNetwork::V6(dst), gw, src) => {
-                let mut b = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(dst.ip(), dst.prefix());
-                if let Some(IpAddr::V6(gw)) = gw {
-                    b = b.gateway(gw);
-                }
-                if let Some(IpAddr::V6(src)) = src {
-                    b = b.pref_source(src);
-                }
-                finish_route(b, spec)
-            }
+    fn route_message(spec: &RouteSpec) -> Result<RouteMessage> {
+        // The builder refuses a gateway or source of the other family than the destination.
+        let invalid = |e: &dyn std::fmt::Display| NetlinkError::Io {
+            op: format!("route to {}", spec.dst),
+            source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
         };
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(spec.dst.ip(), spec.dst.prefix())
+            .map_err(|e| invalid(&e))?;
+        if let Some(gw) = spec.gateway {
+            b = b.gateway(gw).map_err(|e| invalid(&e))?;
+        }
+        if let Some(src) = spec.src {
+            b = b.pref_source(src).map_err(|e| invalid(&e))?;
+        }
+        let mut msg = finish_route(b, spec);
         if let Some(mtu) = spec.mtu {
             msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
         }
-        msg
+        Ok(msg)
     }
 
     /// Adds a route, replacing one with the same destination.
     pub async fn add_route(&self, spec: &RouteSpec) -> Result<()> {
-        let msg = Self::route_message(spec);
+        let msg = Self::route_message(spec)?;
         self.handle.route().add(msg).replace().execute().await.map_err(req_err(format!("adding route to {}", spec.dst)))
     }
 
     /// Deletes a route; answers whether it existed.
     pub async fn delete_route(&self, spec: &RouteSpec) -> Result<bool> {
-        let msg = Self::route_message(spec);
+        let msg = Self::route_message(spec)?;
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) => {

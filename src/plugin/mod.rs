@@ -360,15 +360,5 @@ impl cni::Plugin for HeadCni {
 
 /// Entry point of the plugin role: env, stdin and stdout of the process.
 pub fn main() -> i32 {
-    let mut input = Vec::new();
-    let read = std::io::Read::read_to_end(&mut std::io::stdin(), &mut input);
-    let peek: Map<String, Value> = serde_json::from_slice(&input).unwrap_or_default();
-    let log_file = peek.get("log_file").and_then(Value::as_str).map(Path::new);
-    let log_level = peek.get("log_level").and_then(Value::as_str);
-    crate::logging::init_cni(PLUGIN_NAME, log_file, log_level);
-    if let Err(e) = read {
-        log::error!("reading stdin: {e}");
-    }
-    let mut stdout = std::io::stdout().lock();
-    cni::run(&HeadCni, &cni::ProcessEnv, &mut input.as_slice(), &mut stdout)
+    cni::main(&HeadCni, PLUGIN_NAME)
 }
