@@ -60,13 +60,14 @@ hcni_build() {
 	else
 		command -v cargo >/dev/null || hc_die "cargo is needed to build headcni (or set HEADCNI_BIN)"
 		# One heavy build at a time on this machine, niced.
-		local lock=${HC_STATE_ROOT}/.cargo-build.lock
-		mkdir -p "$HC_STATE_ROOT"
-		exec {_hc_buildfd}>"$lock"
+		# The lock and the log live with the build output (target/, ignored by git).
+		local out=$HC_REPO_DIR/target
+		mkdir -p "$out"
+		exec {_hc_buildfd}>"$out/.harness-build.lock"
 		flock "$_hc_buildfd"
-		hc_log "headcni: cargo build --release in $HC_REPO_DIR (niced; log: $HC_STATE_ROOT/cargo-build.log)"
-		if ! (cd "$HC_REPO_DIR" && nice -n 10 cargo build --release --locked) >"$HC_STATE_ROOT/cargo-build.log" 2>&1; then
-			tail -n 30 "$HC_STATE_ROOT/cargo-build.log" >&2
+		hc_log "headcni: cargo build --release in $HC_REPO_DIR (niced; log: $out/harness-build.log)"
+		if ! (cd "$HC_REPO_DIR" && nice -n 10 cargo build --release --locked) >"$out/harness-build.log" 2>&1; then
+			tail -n 30 "$out/harness-build.log" >&2
 			exec {_hc_buildfd}>&-
 			hc_die "cargo build failed"
 		fi
