@@ -296,7 +296,10 @@ hc_teardown() {
 		hc_log "state kept in $HC_STATE_DIR (HC_KEEP_STATE=1)"
 	else
 		case "$HC_STATE_DIR" in
-		"$HC_STATE_ROOT"/?*) rm -rf --one-file-system -- "$HC_STATE_DIR" ;;
+		"$HC_STATE_ROOT"/?*)
+			rm -rf --one-file-system -- "$HC_STATE_DIR"
+			rmdir "$HC_STATE_ROOT" 2>/dev/null || true # when no other run is using it
+			;;
 		*) rm -f "$HC_JOURNAL" ;;
 		esac
 	fi
