@@ -74,11 +74,7 @@ hcni_stage
 
 say "2/5 Headscale and two nodes (tailscaled, headcni install, headcni agent)"
 topo_up
-hs_write_config
-hs_start
-hs_create_user "$HC_HS_USER" >/dev/null
-hs_create_authkey "$HC_STATE_DIR/authkey"
-hs_create_apikey "$HC_STATE_DIR/apikey"
+hs_up_with_keys
 for i in 1 2; do
 	hcni_install "$i"
 	# node 1 approves its route with an API key, node 2 through autoApprovers

@@ -177,16 +177,7 @@ t_crictl_headcni_ipam() { _crictl headcni-ipam; }
 
 # --- setup ---------------------------------------------------------------------------
 
-T_START=$(hc_now)
-hc_log "== setup"
-peers_ensure
-hcni_build
-ROOT_BEFORE=$(topo_root_view)
-hc_state_init
-hc_install_traps
-hcni_stage
-t=$(hc_now)
-topo_up
+tr_setup_begin
 # the node file the agent would write (no tailnet here)
 node_exec "$N" mkdir -p "$HC_RUN_DIR"
 printf 'HEADCNI_NODE_NAME=node-%s\nHEADCNI_POD_CIDRS=%s\nHEADCNI_CLUSTER_CIDRS=%s\nHEADCNI_MTU=%s\n' \
@@ -195,7 +186,7 @@ hcni_install "$N" --ipam host-local
 ctd_start "$N"
 node_ctr_ns images import --snapshotter native "$HC_IMAGE_ARCHIVE" >/dev/null
 pm_prepare "$N"
-SETUP_S=$(hc_since "$t")
+SETUP_S=$(hc_since "$T_SETUP")
 hc_log "== setup done in ${SETUP_S}s"
 
 tr_run "${WANT[@]}"
@@ -205,19 +196,5 @@ if [[ "${HC_KEEP:-0}" == 1 ]]; then
 	printf '\nLeft running (--keep). A shell on the node: nsenter -t %s -n -m -- bash\nTear down: %s/teardown.sh %s\n' \
 		"$(node_ctx_pid "$N")" "$here" "$HC_PREFIX"
 fi
-# teardown now and check that nothing is left (the exit trap's teardown then
-# finds no journal and does nothing; a Ctrl-C meanwhile still tears down)
-if [[ "${HC_KEEP:-0}" != 1 ]]; then
-	t=$(hc_now)
-	if ((rc != 0)) && [[ "${HC_DUMP_LOGS:-1}" == 1 ]]; then hc_dump_logs; fi
-	HC_DUMP_LOGS=0
-	hc_teardown
-	if topo_leak_check "$ROOT_BEFORE"; then
-		hc_log "teardown: nothing of the run is left in the root namespace ($(hc_since "$t") s)"
-	else
-		hc_warn "teardown left something behind"
-		rc=1
-	fi
-fi
-hc_log "runtime-tests.sh finished in $(hc_since "$T_START") s"
-exit "$rc"
+tr_finish "$rc" runtime-tests.sh
+exit "$TR_RC"

@@ -123,21 +123,8 @@ pinger_gap() {
 
 # --- setup -------------------------------------------------------------------------
 
-T_START=$(hc_now)
-hc_log "== setup"
-peers_ensure
-hcni_build
-ROOT_BEFORE=$(topo_root_view)
-hc_state_init
-hc_install_traps
-hcni_stage
-t=$(hc_now)
-topo_up
-hs_write_config
-hs_start
-hs_create_user "$HC_HS_USER" >/dev/null
-hs_create_authkey "$HC_STATE_DIR/authkey"
-hs_create_apikey "$HC_STATE_DIR/apikey"
+tr_setup_begin
+hs_up_with_keys
 for ((i = 1; i <= HC_NODES; i++)); do
 	hcni_install "$i"
 	hcni_node_up "$i" auto
@@ -150,7 +137,7 @@ for ((i = 1; i <= HC_NODES; i++)); do
 	done
 done
 pods_mesh 30 || hc_die "setup pods do not reach each other across the nodes"
-SETUP_S=$(hc_since "$t")
+SETUP_S=$(hc_since "$T_SETUP")
 hc_log "== setup done in ${SETUP_S}s (cluster part; whole run so far $(hc_elapsed)s)"
 if [[ -n "$INJECT" ]]; then
 	hc_warn "injecting a fault: $INJECT"
@@ -509,19 +496,5 @@ Tear down:
   $here/teardown.sh $HC_PREFIX
 EOF
 fi
-# teardown now and check that nothing is left (the exit trap's teardown then
-# finds no journal and does nothing; a Ctrl-C meanwhile still tears down)
-if [[ "${HC_KEEP:-0}" != 1 ]]; then
-	t=$(hc_now)
-	if ((rc != 0)) && [[ "${HC_DUMP_LOGS:-1}" == 1 ]]; then hc_dump_logs; fi
-	HC_DUMP_LOGS=0
-	hc_teardown
-	if topo_leak_check "$ROOT_BEFORE"; then
-		hc_log "teardown: nothing of the run is left in the root namespace ($(hc_since "$t") s)"
-	else
-		hc_warn "teardown left something behind"
-		rc=1
-	fi
-fi
-hc_log "tests.sh finished in $(hc_since "$T_START") s"
-exit "$rc"
+tr_finish "$rc" tests.sh
+exit "$TR_RC"

@@ -60,6 +60,15 @@ df_probe() {
 	fi
 }
 
+# _wait_listener NS PORT : until a TCP listener on PORT exists in NS (at most 5 s).
+_wait_listener() {
+	local ns=$1 port=$2 k
+	for ((k = 0; k < 50; k++)); do
+		[[ -n "$(hc_in "$ns" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && return 0
+		sleep 0.1
+	done
+}
+
 # tcp_seen_source SRC_NS DST_NS DST_ADDR PORT : open a TCP connection from
 # SRC_NS to DST_ADDR:PORT served in DST_NS; the server answers with the peer
 # address it sees. Prints that address (empty on failure).
@@ -70,12 +79,7 @@ tcp_seen_source() {
 		"TCP-LISTEN:$port,bind=$addr,reuseaddr" \
 		SYSTEM:'echo "$SOCAT_PEERADDR"' >/dev/null 2>&1 &
 	srv=$!
-	# wait for the listener
-	local k
-	for ((k = 0; k < 50; k++)); do
-		[[ -n "$(hc_in "$dst" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && break
-		sleep 0.1
-	done
+	_wait_listener "$dst" "$port"
 	seen=$(hc_in "$src" timeout 5 socat -T 5 - "TCP:$addr:$port,connect-timeout=3" </dev/null 2>/dev/null || true)
 	wait "$srv" 2>/dev/null || true
 	printf '%s\n' "$seen"
@@ -90,11 +94,7 @@ tcp_bulk() {
 	hc_in "$dst" timeout 30 socat -u "TCP-LISTEN:$port,bind=$addr,reuseaddr" \
 		SYSTEM:"wc -c >$out" >/dev/null 2>&1 &
 	srv=$!
-	local k
-	for ((k = 0; k < 50; k++)); do
-		[[ -n "$(hc_in "$dst" ss -Hltn "sport = :$port" 2>/dev/null)" ]] && break
-		sleep 0.1
-	done
+	_wait_listener "$dst" "$port"
 	head -c "$((mib * 1048576))" /dev/zero |
 		hc_in "$src" timeout 25 socat -u - "TCP:$addr:$port,connect-timeout=3" >/dev/null 2>&1 || true
 	wait "$srv" 2>/dev/null || true

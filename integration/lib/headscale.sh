@@ -188,6 +188,16 @@ hs_create_apikey() {
 	printf 'Authorization: Bearer %s\n' "$(<"$file")" | hc_write_secret "$file.header"
 }
 
+# hs_up_with_keys : Headscale running, its user, and the run's keys in the state dir: a tagged
+# pre-auth key (authkey) and an API key (apikey).
+hs_up_with_keys() {
+	hs_write_config
+	hs_start
+	hs_create_user "$HC_HS_USER" >/dev/null
+	hs_create_authkey "$HC_STATE_DIR/authkey"
+	hs_create_apikey "$HC_STATE_DIR/apikey"
+}
+
 # hs_api APIKEYFILE METHOD PATH [JSON] : the REST API, from the underlay namespace.
 hs_api() {
 	local keyfile=$1 method=$2 path=$3 body=${4:-}

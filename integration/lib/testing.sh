@@ -8,8 +8,10 @@
 # Daemons a test starts are recorded in the run's journal like any other,
 # so teardown stops them whatever happens.
 #
+#   tr_setup_begin      peers, the build, state dir and traps, the underlay
 #   tr_run NAME...      run the tests in that order
 #   tr_summary          print the table; returns non-zero if any test failed
+#   tr_finish RC NAME   tear down now, check nothing is left; sets TR_RC, the final code
 
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -107,4 +109,43 @@ tr_summary() {
 	printf '\n%d passed, %d failed, %d skipped (tests %s s, whole run so far %s s)\n' \
 		"$TR_PASSED" "$TR_FAILED" "$TR_SKIPPED" "$total" "$(hc_elapsed)"
 	((TR_FAILED == 0))
+}
+
+# tr_setup_begin : what every scenario starts with: the peers and the build, the run's state dir
+# and traps, the staged binary, and the underlay. Sets T_START (the run), T_SETUP (the
+# scenario's own setup) and ROOT_BEFORE (the root namespace as it was, for tr_finish).
+# shellcheck disable=SC2034 # T_START, T_SETUP and ROOT_BEFORE are read by the scripts
+tr_setup_begin() {
+	T_START=$(hc_now)
+	hc_log "== setup"
+	peers_ensure
+	hcni_build
+	ROOT_BEFORE=$(topo_root_view)
+	hc_state_init
+	hc_install_traps
+	hcni_stage
+	T_SETUP=$(hc_now)
+	topo_up
+}
+
+# tr_finish RC SCRIPT : unless --keep, tear down now and check that nothing of the run is left in
+# the root namespace (the exit trap's teardown then finds no journal; a Ctrl-C meanwhile still
+# tears down). Sets TR_RC to the exit code to use: RC, or 1 when something was left.
+# shellcheck disable=SC2034 # TR_RC is the calling script's exit code
+tr_finish() {
+	local rc=$1 script=$2 t
+	if [[ "${HC_KEEP:-0}" != 1 ]]; then
+		t=$(hc_now)
+		if ((rc != 0)) && [[ "${HC_DUMP_LOGS:-1}" == 1 ]]; then hc_dump_logs; fi
+		HC_DUMP_LOGS=0
+		hc_teardown
+		if topo_leak_check "$ROOT_BEFORE"; then
+			hc_log "teardown: nothing of the run is left in the root namespace ($(hc_since "$t") s)"
+		else
+			hc_warn "teardown left something behind"
+			rc=1
+		fi
+	fi
+	hc_log "$script finished in $(hc_since "$T_START") s"
+	TR_RC=$rc
 }

@@ -308,36 +308,14 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(req_err(format!("listing addresses of link {index}")))?;
-        let mut out = Vec::new();
-        for msg in msgs {
-            let prefix = msg.header.prefix_len;
-            let addr = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
-            });
-            if let Some(ip) = addr.and_then(|ip| IpNetwork::new(ip, prefix).ok()) {
-                out.push(ip);
-            }
-        }
-        Ok(out)
+        Ok(msgs.iter().filter_map(address_of).collect())
     }
 
     /// Every address in the namespace with the index of its link (both families).
     pub async fn all_addresses(&self) -> Result<Vec<(u32, IpNetwork)>> {
         let msgs: Vec<_> =
             self.handle.address().get().execute().try_collect().await.map_err(req_err("listing addresses"))?;
-        let mut out = Vec::new();
-        for msg in msgs {
-            let prefix = msg.header.prefix_len;
-            let addr = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
-            });
-            if let Some(ip) = addr.and_then(|ip| IpNetwork::new(ip, prefix).ok()) {
-                out.push((msg.header.index, ip));
-            }
-        }
-        Ok(out)
+        Ok(msgs.iter().filter_map(|m| address_of(m).map(|ip| (m.header.index, ip))).collect())
     }
 
     fn route_message(spec: &RouteSpec) -> Result<RouteMessage> {
@@ -438,6 +416,15 @@ fn finish_route<T>(b: RouteMessageBuilder<T>, spec: &RouteSpec) -> RouteMessage 
         b = b.onlink();
     }
     b.build()
+}
+
+/// The address (with its prefix length) an address message describes.
+fn address_of(msg: &rtnetlink::packet_route::address::AddressMessage) -> Option<IpNetwork> {
+    let ip = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    })?;
+    IpNetwork::new(ip, msg.header.prefix_len).ok()
 }
 
 fn ip_of(addr: &RouteAddress) -> Option<IpAddr> {
