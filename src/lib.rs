@@ -13,8 +13,8 @@
 //! - [`cli`]: the command line (`version`, and the node tools)
 
 #![forbid(unsafe_code)]
-#![deny(clippy::print_stdout, clippy::unwrap_used)]
-#![cfg_attr(test, allow(clippy::unwrap_used))]
+#![deny(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
 pub mod cli;
