@@ -11,10 +11,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const FILE_NAME: &str = "events";
 const DRAINING_NAME: &str = "events.draining";
+/// The longest a plugin waits for the spool's lock before dropping its events.
+const LOCK_WAIT: Duration = Duration::from_millis(100);
 /// Beyond this size nobody is draining the spool; further events are dropped.
 pub const MAX_SPOOL_BYTES: u64 = 1 << 20;
 
@@ -98,16 +100,20 @@ fn append(path: &Path, data: &[u8]) -> io::Result<()> {
     Err(io::Error::other("spool kept moving"))
 }
 
-/// Waits at most about 20 ms: the agent holds the exclusive lock only while reading the file.
+/// Waits at most [`LOCK_WAIT`]: the agent holds the exclusive lock only while it reads the file,
+/// so a longer wait means the agent is stuck, and the event is not worth stalling a pod for.
 fn lock_shared_briefly(file: &File) -> io::Result<bool> {
-    for _ in 0..20 {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
         match file.try_lock_shared() {
             Ok(()) => return Ok(true),
-            Err(std::fs::TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(1)),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
             Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
     }
-    Ok(false)
 }
 
 /// Takes every event recorded so far out of the spool (agent side).
@@ -195,8 +201,11 @@ mod tests {
             })
             .collect();
         let mut total = 0;
+        // Drains back to back (the agent drains every few seconds): the writers must still get
+        // every event in between.
         while writers.iter().any(|w| !w.is_finished()) {
             total += drain(&path).unwrap().len();
+            std::thread::sleep(Duration::from_micros(200));
         }
         for w in writers {
             w.join().unwrap();

@@ -341,7 +341,12 @@ pub fn main(plugin: &dyn Plugin, role: &'static str) -> i32 {
     let peek: Map<String, Value> = serde_json::from_slice(&input).unwrap_or_default();
     let log_file = peek.get("log_file").and_then(Value::as_str).map(std::path::Path::new);
     let log_level = peek.get("log_level").and_then(Value::as_str);
-    crate::logging::init_cni(role, log_file, log_level);
+    if std::env::var_os("CNI_COMMAND").is_some_and(|c| c == "VERSION") {
+        // A version probe carries no config and logs nothing: no log file for it.
+        crate::logging::init_stderr("warn");
+    } else {
+        crate::logging::init_cni(role, log_file, log_level);
+    }
     if let Err(e) = read {
         log::error!("reading stdin: {e}");
     }
