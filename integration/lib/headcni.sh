@@ -143,10 +143,6 @@ hcni_install() {
 	node_exec "$i" test -f "/etc/cni/net.d/$HC_CONFLIST" || hc_die "node $i: conflist missing after install"
 }
 
-hcni_uninstall() {
-	node_exec "$1" "$HC_BIN" install --uninstall >>"$HC_STATE_DIR/logs/install-n$1.log" 2>&1
-}
-
 # hcni_conflist I : the conflist as installed on node I.
 hcni_conflist() { cat "$(node_dir "$1")/mnt/etc/cni/net.d/$HC_CONFLIST"; }
 
@@ -177,8 +173,6 @@ hcni_agent_start() {
 }
 
 hcni_agent_stop() { hc_stop_label "$(hcni_agent_label "$1")" 15; }
-
-hcni_agent_alive() { hc_label_alive "$(hcni_agent_label "$1")"; }
 
 # hcni_agent_cleanup I : `headcni agent --cleanup` with the node's flags
 # (withdraws the routes it advertised and approved, removes its rules and

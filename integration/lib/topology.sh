@@ -264,22 +264,6 @@ pod_netns_add() {
 	printf '%s\n' "$addr"
 }
 
-# topo_check_root_untouched BEFORE_FILE : compare the root namespace's routes,
-# rules, links and nft tables with a snapshot taken by topo_root_snapshot.
-topo_root_snapshot() {
-	{
-		echo "# links"
-		ip -br link | awk '{print $1}' | sort
-		echo "# routes"
-		ip route show table all | sort
-		echo "# rules"
-		ip rule show
-		ip -6 rule show
-		echo "# nft"
-		nft list tables 2>/dev/null | sort
-	} >"$1"
-}
-
 # topo_root_view : everything of this run that could be visible from the root
 # namespace (taken before the run and after teardown; see topo_leak_check).
 topo_root_view() {
