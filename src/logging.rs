@@ -43,7 +43,7 @@ fn builder(level: Option<&str>, default: &str) -> env_logger::Builder {
 
 /// CNI mode: append to `log_file` (default [`DEFAULT_LOG_FILE`]) and copy to stderr.
 /// `level` comes from the config; HEADCNI_LOG_LEVEL and HEADCNI_LOG_FILE override.
-pub fn init_cni(role: &'static str, log_file: Option<&Path>, level: Option<&str>) {
+fn init_cni(role: &'static str, log_file: Option<&Path>, level: Option<&str>) {
     let from_env = std::env::var_os(FILE_ENV).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
     let path = from_env.as_deref().or(log_file).unwrap_or(Path::new(DEFAULT_LOG_FILE));
     let file = open_log(path);
@@ -54,6 +54,20 @@ pub fn init_cni(role: &'static str, log_file: Option<&Path>, level: Option<&str>
     });
     b.target(env_logger::Target::Pipe(Box::new(Tee { file })));
     let _ = b.try_init();
+}
+
+/// The logging of a CNI plugin role, from the `log_file` and `log_level` keys of the network
+/// configuration on stdin (peeked at here; the protocol decodes the configuration itself
+/// later). A version probe carries no configuration and logs nothing: it opens no log file.
+pub fn init_plugin(role: &'static str, command: Option<crate::cni::Command>, config: &[u8]) {
+    if command == Some(crate::cni::Command::Version) {
+        init_stderr("warn");
+        return;
+    }
+    let peek: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(config).unwrap_or_default();
+    let log_file = peek.get("log_file").and_then(serde_json::Value::as_str).map(Path::new);
+    let log_level = peek.get("log_level").and_then(serde_json::Value::as_str);
+    init_cni(role, log_file, log_level);
 }
 
 /// Agent and CLI: stderr only.

@@ -18,7 +18,6 @@ use common::{Netns, run};
 use headcni::agent::report::AgentReport;
 use serde_json::{Value, json};
 use std::io::Write;
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -440,9 +439,9 @@ impl Cluster {
 /// Sends one datagram from `from` (a namespace) to `to` and answers the source `to` saw.
 fn source_seen(from: &Path, to_ns: &Path, to: &str, port: u16) -> Option<String> {
     let dst: std::net::SocketAddr = format!("{to}:{port}").parse().unwrap();
-    let server = headcni::netlink::Netns::open(to_ns).unwrap().run(move || UdpSocket::bind(dst)).unwrap().unwrap();
+    let server = headcni::netlink::Netns::open(to_ns).unwrap().bind_udp(dst).unwrap();
     server.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    let client = headcni::netlink::Netns::open(from).unwrap().run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    let client = headcni::netlink::Netns::open(from).unwrap().bind_udp("0.0.0.0:0".parse().unwrap()).unwrap();
     for _ in 0..6 {
         let _ = client.send_to(b"headcni", dst);
         let mut buf = [0u8; 16];

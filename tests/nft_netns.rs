@@ -6,7 +6,7 @@ mod common;
 
 use common::{Netns, run};
 use headcni::netlink::nft::{Family, MasqueradeSpec, Nft};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 fn nft_installed() -> bool {
@@ -62,9 +62,9 @@ fn source_seen(t: &Topology, dst: &str) -> String {
     let out_ns = headcni::netlink::Netns::open(&t.out.path()).unwrap();
     let pod_ns = headcni::netlink::Netns::open(&t.pod.path()).unwrap();
     let listen: SocketAddr = format!("{dst}:40000").parse().unwrap();
-    let server = out_ns.run(move || UdpSocket::bind(listen)).unwrap().unwrap();
+    let server = out_ns.bind_udp(listen).unwrap();
     server.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let client = pod_ns.run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    let client = pod_ns.bind_udp("0.0.0.0:0".parse().unwrap()).unwrap();
     client.send_to(b"hello", listen).unwrap();
     let mut buf = [0u8; 16];
     let (_, from) = server.recv_from(&mut buf).expect("datagram from the pod");

@@ -169,16 +169,9 @@ impl HostDataplane {
         self
     }
 
-    fn sysctl<T: Send>(&self, f: impl FnOnce() -> std::io::Result<T> + Send) -> std::io::Result<T> {
-        match &self.netns {
-            None => f(),
-            Some(ns) => ns.run(f)?,
-        }
-    }
-
     /// Reads a net sysctl in the data plane's namespace.
     pub fn read_sysctl(&self, key: &str) -> std::io::Result<String> {
-        self.sysctl(|| self.sysctl_root.read(key))
+        self.sysctl_root.read_in(self.netns.as_ref(), key)
     }
 
     fn with_nft<T>(&self, f: impl FnOnce(&mut Nft) -> Result<T, NftError>) -> Result<T, NftError> {
@@ -224,7 +217,8 @@ impl Dataplane for HostDataplane {
                 continue;
             }
             let changed = self
-                .sysctl(|| self.sysctl_root.ensure(key, "1"))
+                .sysctl_root
+                .ensure_in(self.netns.as_ref(), key, "1")
                 .map_err(|source| DataplaneError::Sysctl { key: key.into(), source })?;
             if changed {
                 changes.items.push(format!("set net/{key}=1"));

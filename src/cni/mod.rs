@@ -332,21 +332,15 @@ pub fn run(plugin: &dyn Plugin, env: &dyn Env, stdin: &mut dyn Read, stdout: &mu
     }
 }
 
-/// The process edge of a plugin role: reads stdin, sets up logging from the config's
-/// `log_file`/`log_level` (before anything can be logged), and runs the invocation on the
+/// The process edge of a plugin role: reads stdin, hands the verb and the raw configuration to
+/// `prepare` (which sets up logging before anything can be logged; what the configuration says
+/// about logging is the role's business, not the protocol's), and runs the invocation on the
 /// process's environment and stdout.
-pub fn main(plugin: &dyn Plugin, role: &'static str) -> i32 {
+pub fn main(plugin: &dyn Plugin, prepare: &dyn Fn(Option<Command>, &[u8])) -> i32 {
     let mut input = Vec::new();
     let read = std::io::stdin().read_to_end(&mut input);
-    let peek: Map<String, Value> = serde_json::from_slice(&input).unwrap_or_default();
-    let log_file = peek.get("log_file").and_then(Value::as_str).map(std::path::Path::new);
-    let log_level = peek.get("log_level").and_then(Value::as_str);
-    if std::env::var_os("CNI_COMMAND").is_some_and(|c| c == "VERSION") {
-        // A version probe carries no config and logs nothing: no log file for it.
-        crate::logging::init_stderr("warn");
-    } else {
-        crate::logging::init_cni(role, log_file, log_level);
-    }
+    let command = std::env::var("CNI_COMMAND").ok().and_then(|c| Command::parse(&c));
+    prepare(command, &input);
     if let Err(e) = read {
         log::error!("reading stdin: {e}");
     }

@@ -220,30 +220,6 @@ fn merge(list: &[Interval]) -> Vec<Interval> {
     out
 }
 
-/// A uniformly random value in `0..bound` from the kernel's random source (rejection sampling,
-/// so no value is favoured). Falls back to the clock if getrandom fails, which it does not on
-/// any supported kernel; randomness is a spreading policy here, never a security property.
-pub fn os_random_below(bound: u128) -> u128 {
-    if bound <= 1 {
-        return 0;
-    }
-    // Values at or above `limit` would make the modulo uneven.
-    let limit = u128::MAX - (u128::MAX % bound);
-    loop {
-        let mut bytes = [0u8; 16];
-        let filled = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).unwrap_or(0);
-        let value = if filled == bytes.len() {
-            u128::from_le_bytes(bytes)
-        } else {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            now.as_nanos().wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) ^ u128::from(std::process::id())
-        };
-        if value < limit {
-            return value % bound;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::Strategy;
@@ -309,17 +285,10 @@ mod tests {
         assert_eq!(pool.next(&used, Strategy::Dense, None, &mut no_random), Some(base + 1001));
         let mut pick_last = |m: u128| m - 1;
         assert_eq!(pool.next(&used, Strategy::Random, None, &mut pick_last), Some(base + u128::from(u64::MAX)));
-        let r = pool.next(&used, Strategy::Random, None, &mut |m| os_random_below(m)).unwrap();
+        let mut pick_middle = |m: u128| m / 2;
+        let r = pool.next(&used, Strategy::Random, None, &mut pick_middle).unwrap();
         assert!(pool.contains(r) && used.binary_search(&r).is_err());
-    }
-
-    #[test]
-    fn os_random_stays_below_the_bound() {
-        for bound in [1u128, 2, 3, 7, 1 << 64, u128::MAX] {
-            for _ in 0..50 {
-                assert!(os_random_below(bound) < bound);
-            }
-        }
+        assert_eq!(r, base + 1001 + (u128::from(u64::MAX) - 1000) / 2);
     }
 
     fn small_pool() -> impl proptest::strategy::Strategy<Value = (Pool, BTreeSet<u128>)> {

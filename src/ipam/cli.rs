@@ -267,7 +267,7 @@ impl Row {
 }
 
 fn age(since: u64) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = super::entropy::unix_now();
     let s = now.saturating_sub(since);
     match s {
         0..120 => format!("{s}s"),

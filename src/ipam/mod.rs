@@ -5,6 +5,7 @@
 //! - [`state`]: the state of a network and its file format, pure
 //! - [`store`]: the files on disk: lock, atomic replacement, boots, damage
 //! - [`config`]: the `ipam` section of the network configuration
+//! - [`entropy`]: the random source and the clock the allocator is handed
 //! - [`cli`]: `headcni ipam stats|list|gc|repair`
 //!
 //! The same code runs when the binary is exec'd as `headcni-ipam` and when the `headcni` plugin
@@ -13,6 +14,7 @@
 pub mod allocator;
 pub mod cli;
 pub mod config;
+pub mod entropy;
 pub mod state;
 pub mod store;
 
@@ -25,7 +27,6 @@ use state::{Allocation, Family, SetSpec, SetState, State};
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 use store::{Store, StoreError};
 
 /// Name of the IPAM plugin binary (a symlink to `headcni`) and its `type` in a conflist.
@@ -133,11 +134,7 @@ pub fn usage(data_dir: &Path, network: &str) -> Result<Option<Usage>, StoreError
 
 /// Entry point of the IPAM role (the binary invoked as `headcni-ipam`).
 pub fn main() -> i32 {
-    cni::main(&HeadcniIpam, PLUGIN_NAME)
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    cni::main(&HeadcniIpam, &|command, config| crate::logging::init_plugin(PLUGIN_NAME, command, config))
 }
 
 /// Makes the config's range sets the state's, keeping each set's cursor. A config without
@@ -232,7 +229,7 @@ fn add(req: &Request) -> Result<CniResult, IpamError> {
                 let family = set.family();
                 let pool = set.pool();
                 let cursor = state.sets[i].last.map(state::offset);
-                let mut random = allocator::os_random_below;
+                let mut random = entropy::os_random_below;
                 let next = pool.next(state.used(family), conf.strategy, cursor, &mut random);
                 let offset = next.ok_or_else(|| IpamError::Exhausted {
                     set: i,
@@ -247,7 +244,7 @@ fn add(req: &Request) -> Result<CniResult, IpamError> {
                 address: addr,
                 container_id: req.container_id.clone(),
                 ifname: req.ifname.clone(),
-                allocated_at: now(),
+                allocated_at: entropy::unix_now(),
                 pod_namespace: req.arg("K8S_POD_NAMESPACE").unwrap_or_default().to_string(),
                 pod_name: req.arg("K8S_POD_NAME").unwrap_or_default().to_string(),
                 netns: req.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),

@@ -29,7 +29,6 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const LOCK_NAME: &str = "lock";
 const STATE_PREFIX: &str = "state.";
@@ -330,7 +329,7 @@ impl Locked<'_> {
     /// Renames the current state file to `corrupt.<boot>.<unix time>` and returns the new path.
     pub fn set_aside(&self) -> Result<PathBuf, StoreError> {
         let from = self.store.state_path();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = super::entropy::unix_now();
         let to = self.store.dir.join(format!("{CORRUPT_PREFIX}{}.{now}", self.store.boot_id));
         fs::rename(&from, &to).map_err(io_err("setting aside", &from))?;
         Ok(to)

@@ -46,9 +46,16 @@ impl Netns {
         Ok((st.st_dev, st.st_ino))
     }
 
+    /// A UDP socket bound to `addr` in this namespace: a socket stays in the namespace it was
+    /// created in, whichever thread uses it later.
+    pub fn bind_udp(&self, addr: std::net::SocketAddr) -> io::Result<std::net::UdpSocket> {
+        self.run(|| std::net::UdpSocket::bind(addr))?
+    }
+
     /// Runs `f` on a new thread that has entered this namespace. The calling thread never
-    /// changes namespace; the helper thread ends with `f`.
-    pub fn run<T, F>(&self, f: F) -> io::Result<T>
+    /// changes namespace; the helper thread ends with `f`. Private to this module's parent:
+    /// entering a namespace is what only `netlink` does.
+    pub(super) fn run<T, F>(&self, f: F) -> io::Result<T>
     where
         T: Send,
         F: FnOnce() -> T + Send,

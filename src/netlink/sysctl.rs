@@ -1,5 +1,5 @@
-//! Network sysctls under `<root>/net`, as seen by the calling thread's namespace (run inside
-//! [`super::Netns::run`] to reach another namespace).
+//! Network sysctls under `<root>/net`, as seen by the calling thread's namespace or, through
+//! [`SysctlRoot::read_in`] and [`SysctlRoot::ensure_in`], by another one.
 //!
 //! The root is normally `/proc/sys` ([`read`], [`ensure`]: what the CNI plugin uses). In a
 //! container `/proc/sys` is read-only, so the agent is given the host's `/proc/sys/net` bind
@@ -7,6 +7,7 @@
 //! for that directory. procfs resolves the `net` tree for the namespace of the thread that
 //! opens the file, so a bind mount of it behaves like `/proc/sys/net` itself.
 
+use super::Netns;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,22 @@ impl SysctlRoot {
         let path = self.key_path(key)?;
         fs::write(&path, value).map_err(|e| with_path(e, &path))?;
         Ok(true)
+    }
+
+    /// [`Self::read`] as seen from `netns` (`None`: the calling thread's namespace).
+    pub fn read_in(&self, netns: Option<&Netns>, key: &str) -> io::Result<String> {
+        match netns {
+            None => self.read(key),
+            Some(ns) => ns.run(|| self.read(key))?,
+        }
+    }
+
+    /// [`Self::ensure`] in `netns` (`None`: the calling thread's namespace).
+    pub fn ensure_in(&self, netns: Option<&Netns>, key: &str, value: &str) -> io::Result<bool> {
+        match netns {
+            None => self.ensure(key, value),
+            Some(ns) => ns.run(|| self.ensure(key, value))?,
+        }
     }
 }
 

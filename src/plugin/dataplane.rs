@@ -177,9 +177,8 @@ pub async fn attach(
         let host_key = format!("ipv6/conf/{}/accept_dad", att.host_name);
         sysctl::ensure(&host_key, "0").map_err(|source| DataplaneError::Sysctl { key: host_key, source })?;
         let pod_key = format!("ipv6/conf/{}/accept_dad", att.ifname);
-        pod_ns
-            .run(|| sysctl::ensure(&pod_key, "0"))
-            .and_then(|r| r)
+        sysctl::SysctlRoot::default()
+            .ensure_in(Some(pod_ns), &pod_key, "0")
             .map_err(|source| DataplaneError::Sysctl { key: pod_key.clone(), source })?;
     }
     pod.set_up(pod_link.index, None).await?;

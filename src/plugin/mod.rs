@@ -360,5 +360,5 @@ impl cni::Plugin for HeadCni {
 
 /// Entry point of the plugin role: env, stdin and stdout of the process.
 pub fn main() -> i32 {
-    cni::main(&HeadCni, PLUGIN_NAME)
+    cni::main(&HeadCni, &|command, config| crate::logging::init_plugin(PLUGIN_NAME, command, config))
 }
