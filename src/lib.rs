@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clients;
 pub mod cni;
 pub mod events;
 pub mod fsutil;

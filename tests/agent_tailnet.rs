@@ -623,7 +623,7 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
         c.nodes[0].report().is_some_and(|r| {
             r.ready
                 && r.routes[0].approved == Some(true)
-                && r.updated_at >= headcni::agent::http::now().saturating_sub(1)
+                && r.updated_at >= headcni::agent::serve::now().saturating_sub(1)
         })
     });
     assert_eq!(c.hs_nodes(), before, "nothing to change after a restart");

@@ -13,11 +13,11 @@
 
 use super::config::AgentConfig;
 use super::dataplane::{self, Dataplane};
-use super::headscale::HeadscaleApi;
 use super::reconcile;
 use super::report;
 use super::state::{self, AgentState};
-use super::tailscale::{LocalApi, PrefsEdit};
+use crate::clients::headscale::HeadscaleApi;
+use crate::clients::localapi::{LocalApi, PrefsEdit};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
 

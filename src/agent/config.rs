@@ -3,10 +3,10 @@
 
 use super::dataplane::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE, overlaps};
 use super::node::{validate_node_name, validate_pod_cidrs};
-use super::secret::{Secret, SecretSource};
 use super::state::DEFAULT_STATE_DIR;
-use super::tailscale::DEFAULT_SOCKET;
 use super::teardown::ObjectRef;
+use crate::clients::localapi::DEFAULT_SOCKET;
+use crate::clients::secret::{Secret, SecretSource};
 use crate::netlink::sysctl::{PROC_SYS, SysctlRoot};
 use crate::nodefile::{DEFAULT_RUN_DIR, MAX_MTU, MIN_MTU};
 use clap::Args;

@@ -11,8 +11,8 @@
 //! --no-hooks` skips it). A ConfigMap or DaemonSet that does not exist is a warning: there is
 //! nothing to signal or to wait for.
 
-use super::kube::{Kube, KubeError};
 use super::teardown::{self, DATA_KEY, ObjectRef, Signal, TeardownError};
+use crate::clients::kube::{Kube, KubeError};
 use clap::Args;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -271,8 +271,8 @@ pub fn main(args: TeardownArgs) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::client::testserver;
-    use crate::agent::kube::testpki;
+    use crate::clients::http::testserver;
+    use crate::clients::kube::testpki;
     use std::sync::{Arc, Mutex};
 
     fn fixture(name: &str) -> String {

@@ -167,7 +167,7 @@ impl Metrics {
     }
 
     pub fn set_backend_state(&self, state: &str) {
-        let states = crate::agent::tailscale::BACKEND_STATES.iter().copied().chain(["Unreachable"]);
+        let states = crate::clients::localapi::BACKEND_STATES.iter().copied().chain(["Unreachable"]);
         for s in states {
             self.tailnet_backend_state.get_or_create(&vec![("state", s.to_string())]).set(i64::from(s == state));
         }

@@ -20,32 +20,28 @@
 //! (a node that missed the uninstall, or leaves HeadCNI).
 
 pub mod cleanup;
-pub mod client;
 pub mod config;
 pub mod dataplane;
-pub mod headscale;
 pub mod hook;
-pub mod http;
-pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod reconcile;
 pub mod report;
-pub mod secret;
+pub mod serve;
 pub mod state;
 pub mod status;
-pub mod tailscale;
 pub mod teardown;
 
+use crate::clients::headscale::RestHeadscale;
+use crate::clients::localapi::SocketLocalApi;
+use crate::clients::{http, kube};
 use config::{AgentArgs, AgentConfig, CidrSource};
 use dataplane::HostDataplane;
-use headscale::RestHeadscale;
 use ipnetwork::IpNetwork;
 use node::{NodeCidrs, NodeError, PodCidrSource, StaticCidrs};
 use reconcile::{PassOutcome, Reconciler, next_delay};
 use std::sync::Arc;
 use std::time::Duration;
-use tailscale::SocketLocalApi;
 use teardown::{Signal, SignalState, SignalWatcher};
 
 /// The pod CIDR source picked by the configuration.
@@ -89,15 +85,15 @@ pub fn headscale_client(cfg: &AgentConfig) -> anyhow::Result<Option<RestHeadscal
             Some(p) => {
                 let pem = std::fs::read(p)
                     .map_err(|e| anyhow::anyhow!("reading --headscale-ca-file {}: {e}", p.display()))?;
-                client::parse_certificates(&pem, "--headscale-ca-file")?
+                http::parse_certificates(&pem, "--headscale-ca-file")?
             }
             None => Vec::new(),
         };
-        Some(client::tls_config(cas, true, None)?)
+        Some(http::tls_config(cas, true, None)?)
     } else {
         None
     };
-    let endpoint = client::Endpoint::from_url(url, tls)?;
+    let endpoint = http::Endpoint::from_url(url, tls)?;
     Ok(Some(RestHeadscale::new(endpoint, key.clone())))
 }
 
@@ -151,14 +147,19 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     crate::fsutil::ensure_dir(&cfg.run_dir, 0o755)
         .map_err(|e| anyhow::anyhow!("creating --run-dir {}: {e}", cfg.run_dir.display()))?;
     let metrics = Arc::new(metrics::Metrics::new(&cfg.run_dir));
-    let health = Arc::new(http::Health::default());
+    let health = Arc::new(serve::Health::default());
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
         .map_err(|e| anyhow::anyhow!("listening on {} for metrics: {e}", cfg.metrics_addr))?;
     log::info!("metrics on http://{}{}, probes /healthz and /readyz", cfg.metrics_addr, cfg.metrics_path);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server =
-        tokio::spawn(http::serve(listener, cfg.metrics_path.clone(), metrics.clone(), health.clone(), stop_rx.clone()));
+    let server = tokio::spawn(serve::serve(
+        listener,
+        cfg.metrics_path.clone(),
+        metrics.clone(),
+        health.clone(),
+        stop_rx.clone(),
+    ));
     let collector = {
         let metrics = metrics.clone();
         let mut stop = stop_rx.clone();

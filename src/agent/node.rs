@@ -1,12 +1,12 @@
 //! The node's pod CIDRs: from `--pod-cidr`, or from `spec.podCIDR(s)` of this node's Node object
-//! in the Kubernetes API (one GET through [`super::kube`], with the in-cluster service account or
+//! in the Kubernetes API (one GET through [`crate::clients::kube`], with the in-cluster service account or
 //! a kubeconfig). Node data is untrusted: every CIDR is parsed, checked canonical and at most one
 //! per family, and anything odd is an error rather than a guess.
 //!
 //! podCIDRs are immutable once set (the API server refuses changes), so polling is enough:
 //! often while none is assigned, rarely afterwards.
 
-use super::kube::{Kube, KubeError};
+use crate::clients::kube::{Kube, KubeError};
 use hyper::StatusCode;
 use ipnetwork::IpNetwork;
 use serde_json::Value;
@@ -193,8 +193,8 @@ impl PodCidrSource for NodeCidrs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::client::testserver;
-    use crate::agent::kube::testpki;
+    use crate::clients::http::testserver;
+    use crate::clients::kube::testpki;
     use proptest::prelude::*;
     use std::sync::Arc;
 

@@ -38,14 +38,14 @@
 use super::cleanup::{Scope, cleanup_with};
 use super::config::{AgentConfig, check_pod_cidrs, outside_cluster};
 use super::dataplane::{self, Dataplane, masquerade_specs};
-use super::headscale::{HeadscaleApi, HeadscaleError, MIN_VERSION, parse_version};
-use super::http::{Health, now};
 use super::metrics::Metrics;
 use super::node::PodCidrSource;
 use super::report::{AgentReport, LinkReport, PeerReport, Problems, RouteReport, Severity, TailnetReport};
+use super::serve::{Health, now};
 use super::state::{self, AgentState};
-use super::tailscale::{JoinPrefs, LocalApi, Prefs, PrefsEdit, Status};
 use super::teardown::{Signal, SignalState};
+use crate::clients::headscale::{HeadscaleApi, HeadscaleError, MIN_VERSION, parse_version};
+use crate::clients::localapi::{JoinPrefs, LocalApi, Prefs, PrefsEdit, Status};
 use crate::nodefile::{self, NodeFile};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
@@ -661,7 +661,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
             if !status.have_node_key {
                 self.ts.login().await?;
             }
-            Ok::<_, super::tailscale::TailscaleError>(())
+            Ok::<_, crate::clients::localapi::TailscaleError>(())
         }
         .await;
         match result {

@@ -4,7 +4,7 @@
 
 use super::dataplane::{self, HostDataplane, RULE_PROTOCOL, SYSCTL_FORWARD_V4, SYSCTL_FORWARD_V6, TABLE};
 use super::report::{AgentReport, Severity};
-use super::tailscale::{DEFAULT_SOCKET, LocalApi, Prefs, SocketLocalApi, Status};
+use crate::clients::localapi::{DEFAULT_SOCKET, LocalApi, Prefs, SocketLocalApi, Status};
 use crate::netlink::nft::Family;
 use crate::netlink::sysctl::{PROC_SYS, SysctlRoot};
 use crate::nodefile::{self, NodeFile};
@@ -659,7 +659,7 @@ pub fn main(args: StatusArgs) -> i32 {
             Live::default()
         }
     };
-    let view = assess(&args, report, &live, super::http::now());
+    let view = assess(&args, report, &live, super::serve::now());
     let mut out = std::io::stdout().lock();
     #[allow(clippy::print_stdout)]
     let written = if args.json {

@@ -12,7 +12,7 @@
 //! problem, which the reconciler reports like any other (logged once when it appears or
 //! changes, shown by `headcni status`), and retried with a bounded backoff.
 
-use super::kube::{Kube, KubeError};
+use crate::clients::kube::{Kube, KubeError};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -333,8 +333,8 @@ impl SignalWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::client::testserver;
-    use crate::agent::kube::testpki;
+    use crate::clients::http::testserver;
+    use crate::clients::kube::testpki;
     use std::sync::{Arc, Mutex};
 
     pub(crate) fn fixture(name: &str) -> String {

@@ -5,11 +5,11 @@ use super::*;
 use crate::agent::cleanup::{Scope, cleanup_with};
 use crate::agent::config::CidrSource;
 use crate::agent::dataplane::{Changes, DataplaneError};
-use crate::agent::headscale::HsNode;
 use crate::agent::node::NodeError;
-use crate::agent::secret::{Secret, SecretSource};
-use crate::agent::tailscale::{NodeStatus, TailscaleError};
 use crate::agent::teardown::{Signal, SignalState};
+use crate::clients::headscale::HsNode;
+use crate::clients::localapi::{NodeStatus, TailscaleError};
+use crate::clients::secret::{Secret, SecretSource};
 use crate::netlink::nft::MasqueradeSpec;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -96,7 +96,7 @@ impl FakeTs {
 fn unreachable() -> TailscaleError {
     TailscaleError::Unreachable {
         socket: "/nope".into(),
-        source: crate::agent::client::ClientError::Timeout { target: "x".into(), timeout: Duration::from_secs(1) },
+        source: crate::clients::http::ClientError::Timeout { target: "x".into(), timeout: Duration::from_secs(1) },
     }
 }
 
@@ -822,7 +822,7 @@ fn signal(s: Signal) -> SignalState {
 }
 
 fn probe(w: &World, path: &str) -> u16 {
-    crate::agent::http::route(&hyper::Method::GET, path, "/metrics", &w.metrics, &w.health).status().as_u16()
+    crate::agent::serve::route(&hyper::Method::GET, path, "/metrics", &w.metrics, &w.health).status().as_u16()
 }
 
 #[tokio::test]

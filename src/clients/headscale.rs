@@ -3,7 +3,7 @@
 //! (`POST /api/v1/node/{id}/approve_routes`); older servers (the `/api/v1/routes` API) are
 //! detected and reported, never driven.
 
-use super::client::{ClientError, Endpoint, Request};
+use super::http::{ClientError, Endpoint, Request};
 use super::secret::{SecretError, SecretSource};
 use hyper::header::{AUTHORIZATION, HeaderValue};
 use hyper::{Method, StatusCode};
@@ -207,8 +207,8 @@ impl HeadscaleApi for RestHeadscale {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::client::testserver;
-    use crate::agent::secret::Secret;
+    use crate::clients::http::testserver;
+    use crate::clients::secret::Secret;
     use std::sync::Arc;
 
     fn fixture(name: &str) -> String {

@@ -6,7 +6,7 @@
 //! of the LocalAPI (tsnet), not on the unix socket, so it is not sent. Writes need root or
 //! tailscaled's operator user; tailscaled answers 403 otherwise.
 
-use super::client::{ClientError, Endpoint, Request};
+use super::http::{ClientError, Endpoint, Request};
 use super::secret::Secret;
 use hyper::{Method, StatusCode};
 use ipnetwork::IpNetwork;
@@ -330,7 +330,7 @@ impl LocalApi for SocketLocalApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::client::testserver;
+    use crate::clients::http::testserver;
     use std::sync::Arc;
 
     fn fixture(name: &str) -> String {

@@ -4,9 +4,9 @@
 //! at every request, so that a rotated projected token is used at once, or a client
 //! certificate), and the few verbs HeadCNI needs: GET, JSON merge PATCH and WATCH. Answers
 //! are mapped to [`KubeError`]s that say what the caller's RBAC lacks. Hand-rolled over
-//! [`super::client`]: no client library, no informers, no caches.
+//! [`super::http`]: no client library, no informers, no caches.
 
-use super::client::{self, ClientError, Endpoint, Request, StreamingResponse};
+use super::http::{self, ClientError, Endpoint, Request, StreamingResponse};
 use super::secret::{self, SecretSource};
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, StatusCode};
@@ -76,14 +76,14 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, KubeError> {
 }
 
 /// The `message` of a Kubernetes Status answer, else the start of the body.
-fn status_message(resp: &client::Response) -> String {
+fn status_message(resp: &http::Response) -> String {
     serde_json::from_slice::<Value>(&resp.body)
         .ok()
         .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| resp.snippet())
 }
 
-fn check(what: &str, resp: &client::Response) -> Result<(), KubeError> {
+fn check(what: &str, resp: &http::Response) -> Result<(), KubeError> {
     let what = what.to_string();
     match resp.status {
         s if s.is_success() => Ok(()),
@@ -110,9 +110,9 @@ impl Kube {
         })?;
         let port = env("KUBERNETES_SERVICE_PORT").filter(|p| !p.is_empty()).unwrap_or_else(|| "443".into());
         let host = if host.contains(':') { format!("[{host}]") } else { host };
-        let cas = client::parse_certificates(&read(&dir.join("ca.crt"), "the service account CA")?, "ca.crt")
+        let cas = http::parse_certificates(&read(&dir.join("ca.crt"), "the service account CA")?, "ca.crt")
             .map_err(KubeError::Client)?;
-        let tls = client::tls_config(cas, false, None).map_err(KubeError::Client)?;
+        let tls = http::tls_config(cas, false, None).map_err(KubeError::Client)?;
         let endpoint = Endpoint::from_url(&format!("https://{host}:{port}"), Some(tls)).map_err(KubeError::Client)?;
         Ok(Self { endpoint, auth: Auth::Token(SecretSource::File(dir.join("token"))) })
     }
@@ -124,18 +124,18 @@ impl Kube {
         let kc = Kubeconfig::parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(bad)?;
         let mut client_auth = None;
         if let (Some(cert), Some(key)) = (&kc.client_cert, &kc.client_key) {
-            let chain = client::parse_certificates(cert, "client certificate").map_err(KubeError::Client)?;
-            let key = client::parse_private_key(key, "client key").map_err(KubeError::Client)?;
+            let chain = http::parse_certificates(cert, "client certificate").map_err(KubeError::Client)?;
+            let key = http::parse_private_key(key, "client key").map_err(KubeError::Client)?;
             client_auth = Some((chain, key));
         }
         let tls = if kc.server.starts_with("https://") {
             let cas = match &kc.ca {
-                Some(pem) => client::parse_certificates(pem, "certificate-authority").map_err(KubeError::Client)?,
+                Some(pem) => http::parse_certificates(pem, "certificate-authority").map_err(KubeError::Client)?,
                 None => Vec::new(),
             };
             // Without a CA in the kubeconfig, the server must have a publicly trusted certificate.
             let web_roots = kc.ca.is_none();
-            Some(client::tls_config(cas, web_roots, client_auth).map_err(KubeError::Client)?)
+            Some(http::tls_config(cas, web_roots, client_auth).map_err(KubeError::Client)?)
         } else {
             None
         };
@@ -166,7 +166,7 @@ impl Kube {
         Ok(req.header(ACCEPT, HeaderValue::from_static("application/json")))
     }
 
-    async fn send(&self, req: Request) -> Result<client::Response, KubeError> {
+    async fn send(&self, req: Request) -> Result<http::Response, KubeError> {
         let req = self.authorize(req)?;
         self.endpoint
             .send(req)
@@ -375,7 +375,7 @@ pub(crate) mod testpki {
     //! Certificates made with the openssl tool at test time, and an in-cluster client for a
     //! local HTTPS test server.
     use super::*;
-    use crate::agent::client::testserver;
+    use crate::clients::http::testserver;
 
     /// A CA and a server certificate for 127.0.0.1 made with the openssl tool (None without it).
     pub(crate) fn make(dir: &Path, cn: &str) -> Option<()> {
