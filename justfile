@@ -28,10 +28,11 @@ test:
 test-all *ARGS:
     integration/test-all.sh {{ARGS}}
 
-# Formatting, clippy and shellcheck.
+# Formatting, clippy, the module boundaries of ARCHITECTURE.md, and shellcheck.
 lint:
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
+    cargo test --locked --test boundaries
     shellcheck -x -P SCRIPTDIR integration/*.sh integration/lib/*.sh bench/*.sh deploy-with-helm.sh
 
 # Benchmarks against the reference plugins (as root); results go to BENCHMARKS.md by hand.

@@ -6,7 +6,7 @@
 #
 # Stages, in order:
 #   peers      apt packages and the pinned Go-built peers (tailscale, headscale, crictl, helm)
-#   lint       cargo fmt --check, cargo clippy -D warnings, shellcheck of the scripts
+#   lint       cargo fmt --check, cargo clippy -D warnings, the module boundaries, shellcheck
 #   build      release builds (host and static musl)
 #   cargo      unit, property and namespace tests, the agent against real Headscale/tailscaled
 #   runtimes   podman, ctr and crictl attaching containers through the plugin
@@ -94,6 +94,8 @@ stage_lint() {
 	set -e
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
+	# The module boundaries of ARCHITECTURE.md (which module may name which).
+	cargo test --locked --test boundaries
 	if command -v shellcheck >/dev/null; then
 		shellcheck -x -P SCRIPTDIR integration/*.sh integration/lib/*.sh bench/*.sh deploy-with-helm.sh
 	fi

@@ -35,7 +35,7 @@ pub fn exec(req: &Request, kind: &str, command: Command) -> Result<Option<Value>
     let output = loop {
         match spawn(req, &exe, command, &stdin) {
             // A plugin binary being replaced in place: the runtime's own retry rule.
-            Err(e) if e.raw_os_error() == Some(libc_etxtbsy()) && attempts < 5 => {
+            Err(e) if e.kind() == ErrorKind::ExecutableFileBusy && attempts < 5 => {
                 attempts += 1;
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -122,10 +122,6 @@ fn spawn(req: &Request, exe: &PathBuf, command: Command, stdin: &[u8]) -> std::i
         }
     }
     child.wait_with_output()
-}
-
-fn libc_etxtbsy() -> i32 {
-    rustix::io::Errno::TXTBSY.raw_os_error()
 }
 
 #[cfg(test)]

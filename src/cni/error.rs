@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn reply_round_trips_through_parse() {
-        let err = CniError::io("disk full").with_details("/var/lib/headcni");
+        let err = CniError::io("disk full").with_details("/var/lib/x");
         let json = serde_json::to_vec(&err.to_reply("1.0.0")).unwrap();
         assert_eq!(parse_reply(&json), Some(err));
         assert_eq!(parse_reply(b"not json"), None);
