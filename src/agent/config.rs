@@ -4,7 +4,7 @@
 use super::dataplane::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE, overlaps};
 use super::node::{validate_node_name, validate_pod_cidrs};
 use super::state::DEFAULT_STATE_DIR;
-use super::teardown::ObjectRef;
+use crate::clients::kube::{Kind, ObjectRef};
 use crate::clients::localapi::DEFAULT_SOCKET;
 use crate::clients::secret::{Secret, SecretSource};
 use crate::netlink::sysctl::{PROC_SYS, SysctlRoot};
@@ -298,7 +298,9 @@ impl AgentConfig {
             SysctlRoot::new(&args.proc_sys_dir).map_err(|e| ConfigError(format!("--proc-sys-dir: {e}")))?;
         let teardown_configmap = match args.teardown_configmap.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(v) => Some(ObjectRef::parse("--teardown-configmap", v).map_err(|e| ConfigError(e.to_string()))?),
+            Some(v) => Some(
+                ObjectRef::parse(Kind::ConfigMap, "--teardown-configmap", v).map_err(|e| ConfigError(e.to_string()))?,
+            ),
         };
         Ok(Self {
             node_name,

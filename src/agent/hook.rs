@@ -11,8 +11,8 @@
 //! --no-hooks` skips it). A ConfigMap or DaemonSet that does not exist is a warning: there is
 //! nothing to signal or to wait for.
 
-use super::teardown::{self, DATA_KEY, ObjectRef, Signal, TeardownError};
-use crate::clients::kube::{Kube, KubeError};
+use super::teardown::{self, DATA_KEY, Signal};
+use crate::clients::kube::{InvalidRef, Kind, Kube, KubeError, ObjectRef};
 use clap::Args;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -41,7 +41,7 @@ pub struct TeardownArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
     #[error(transparent)]
-    Args(#[from] TeardownError),
+    Args(#[from] InvalidRef),
     #[error("raising the uninstall signal: {0}")]
     Signal(KubeError),
     #[error("watching the agents: {0}")]
@@ -127,11 +127,11 @@ pub async fn run(
     poll: Duration,
 ) -> Result<Outcome, HookError> {
     let deadline = Instant::now() + timeout;
-    let cm_what = format!("ConfigMap {configmap}");
+    let cm_what = configmap.to_string();
     let patch = json!({ "data": { DATA_KEY: "true" } });
     let mut failures = 0u32;
     loop {
-        match kube.merge_patch(&configmap.configmap_path(), &cm_what, &patch).await {
+        match kube.merge_patch(configmap, &patch).await {
             Ok(object) => {
                 if teardown::signal_of(&object) != Ok(Signal::Teardown) {
                     return Err(HookError::Invalid {
@@ -160,11 +160,11 @@ pub async fn run(
         }
     }
 
-    let ds_what = format!("DaemonSet {daemonset}");
+    let ds_what = daemonset.to_string();
     let mut last: Option<(u64, u64)> = None;
     let mut failing = false;
     loop {
-        match kube.get(&daemonset.daemonset_path(), &ds_what, 4 << 20).await {
+        match kube.get(daemonset).await {
             Ok(ds) => {
                 failing = false;
                 let (ready, desired) = counts(&ds).map_err(|msg| HookError::Invalid { what: ds_what.clone(), msg })?;
@@ -207,9 +207,7 @@ async fn list_ready_pods(kube: &Kube, daemonset: &ObjectRef, selector: &str) -> 
     if selector.is_empty() {
         return None;
     }
-    let path =
-        format!("/api/v1/namespaces/{}/pods?labelSelector={}", daemonset.namespace, teardown::percent_encode(selector));
-    match kube.get(&path, "the agents' pods", 16 << 20).await {
+    match kube.list(Kind::Pod, &daemonset.namespace, selector).await {
         Ok(list) => Some(ready_pods(&list)),
         Err(e) => {
             log::debug!("listing the agents' pods: {e}");
@@ -221,8 +219,8 @@ async fn list_ready_pods(kube: &Kube, daemonset: &ObjectRef, selector: &str) -> 
 /// Entry point of `headcni teardown`: 0 unless the API refused or kept failing.
 pub fn main(args: TeardownArgs) -> i32 {
     crate::logging::init_stderr("info");
-    let refs = ObjectRef::parse("--configmap", &args.configmap)
-        .and_then(|cm| Ok((cm, ObjectRef::parse("--daemonset", &args.daemonset)?)));
+    let refs = ObjectRef::parse(Kind::ConfigMap, "--configmap", &args.configmap)
+        .and_then(|cm| Ok((cm, ObjectRef::parse(Kind::DaemonSet, "--daemonset", &args.daemonset)?)));
     let (configmap, daemonset) = match refs {
         Ok(r) => r,
         Err(e) => {
@@ -281,8 +279,8 @@ mod tests {
 
     fn refs() -> (ObjectRef, ObjectRef) {
         (
-            ObjectRef::parse("--configmap", "kube-system/headcni-teardown").unwrap(),
-            ObjectRef::parse("--daemonset", "kube-system/headcni").unwrap(),
+            ObjectRef::parse(Kind::ConfigMap, "--configmap", "kube-system/headcni-teardown").unwrap(),
+            ObjectRef::parse(Kind::DaemonSet, "--daemonset", "kube-system/headcni").unwrap(),
         )
     }
 
@@ -436,7 +434,7 @@ mod tests {
         assert!(err.contains("cannot patch resource \"configmaps\""), "{err}");
 
         // No ConfigMap, no DaemonSet: warnings, not errors.
-        let missing = ObjectRef::parse("--configmap", "kube-system/other").unwrap();
+        let missing = ObjectRef::parse(Kind::ConfigMap, "--configmap", "kube-system/other").unwrap();
         assert_eq!(run(&kube, &missing, &ds, Duration::from_secs(1), FAST).await.unwrap(), Outcome::NoSignal);
         c.lock().unwrap().ds_missing = true;
         assert_eq!(run(&kube, &cm, &ds, Duration::from_secs(1), FAST).await.unwrap(), Outcome::NoDaemonSet);

@@ -6,7 +6,7 @@
 //! podCIDRs are immutable once set (the API server refuses changes), so polling is enough:
 //! often while none is assigned, rarely afterwards.
 
-use crate::clients::kube::{Kube, KubeError};
+use crate::clients::kube::{Kube, KubeError, ObjectRef};
 use hyper::StatusCode;
 use ipnetwork::IpNetwork;
 use serde_json::Value;
@@ -60,16 +60,11 @@ impl PodCidrSource for StaticCidrs {
 
 /// Checks a node name before it goes into a URL path (RFC 1123 subdomain).
 pub fn validate_node_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if ok { Ok(()) } else { Err(format!("{name:?} is not a valid node name (a lowercase RFC 1123 subdomain)")) }
+    if crate::clients::kube::is_dns_subdomain(name) {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid node name (a lowercase RFC 1123 subdomain)"))
+    }
 }
 
 fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
@@ -140,15 +135,15 @@ pub fn parse_node(name: &str, body: &[u8]) -> Result<Option<Vec<IpNetwork>>, Nod
 /// A client for one Node.
 #[derive(Debug, Clone)]
 pub struct NodeCidrs {
-    name: String,
+    node: ObjectRef,
     kube: Kube,
 }
 
 impl NodeCidrs {
     /// Node `name` through `kube`.
     pub fn new(name: &str, kube: Kube) -> Result<Self, NodeError> {
-        validate_node_name(name).map_err(NodeError::Setup)?;
-        Ok(Self { name: name.to_string(), kube })
+        let node = ObjectRef::node(name).map_err(|e| NodeError::Setup(e.to_string()))?;
+        Ok(Self { node, kube })
     }
 
     /// The in-cluster service account.
@@ -164,16 +159,15 @@ impl NodeCidrs {
     }
 
     pub fn node_name(&self) -> &str {
-        &self.name
+        &self.node.name
     }
 }
 
 impl PodCidrSource for NodeCidrs {
     async fn pod_cidrs(&self) -> Result<Option<Vec<IpNetwork>>, NodeError> {
-        let name = self.name.clone();
-        let path = format!("/api/v1/nodes/{}", self.name);
-        match self.kube.get_raw(&path, &format!("Node {name}"), 32 << 20).await {
-            Ok(body) => parse_node(&self.name, &body),
+        let name = self.node.name.clone();
+        match self.kube.get_raw(&self.node).await {
+            Ok(body) => parse_node(&name, &body),
             Err(KubeError::NotFound { .. }) => Err(NodeError::NotFound { name }),
             Err(KubeError::Denied { status, msg, .. }) => Err(NodeError::Denied { name, status, msg }),
             Err(KubeError::Status { status, msg, .. }) => Err(NodeError::Status { name, status, msg }),

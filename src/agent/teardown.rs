@@ -12,7 +12,7 @@
 //! problem, which the reconciler reports like any other (logged once when it appears or
 //! changes, shown by `headcni status`), and retried with a bounded backoff.
 
-use crate::clients::kube::{Kube, KubeError};
+use crate::clients::kube::{Kube, KubeError, ObjectRef};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -27,85 +27,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(10);
 pub const WATCH_SECONDS: u64 = 290;
 /// How long the agent waits at start for the first reading before its first pass.
 pub const STARTUP_WAIT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum TeardownError {
-    #[error("{flag} {value:?}: {reason}")]
-    InvalidRef { flag: &'static str, value: String, reason: String },
-}
-
-/// A namespaced object named on the command line as NAMESPACE/NAME.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-impl ObjectRef {
-    /// Parses NAMESPACE/NAME: the namespace a DNS label, the name a DNS subdomain (both go
-    /// into URL paths, so nothing else is accepted).
-    pub fn parse(flag: &'static str, value: &str) -> Result<Self, TeardownError> {
-        let bad = |reason: &str| TeardownError::InvalidRef { flag, value: value.to_string(), reason: reason.into() };
-        let (ns, name) = value.trim().split_once('/').ok_or_else(|| bad("expected NAMESPACE/NAME"))?;
-        if !dns_label(ns) {
-            return Err(bad("the namespace must be a lowercase DNS label"));
-        }
-        if name.is_empty() || name.len() > 253 || !name.split('.').all(dns_label) {
-            return Err(bad("the name must be a lowercase DNS subdomain"));
-        }
-        Ok(Self { namespace: ns.to_string(), name: name.to_string() })
-    }
-
-    pub fn configmap_path(&self) -> String {
-        format!("/api/v1/namespaces/{}/configmaps/{}", self.namespace, self.name)
-    }
-
-    /// A watch of this one ConfigMap from `resource_version` (the current state first when
-    /// `None`), ended by the server after `timeout_secs`.
-    pub fn configmap_watch_path(&self, resource_version: Option<&str>, timeout_secs: u64) -> String {
-        let mut path = format!(
-            "/api/v1/namespaces/{}/configmaps?fieldSelector=metadata.name%3D{}&watch=1&timeoutSeconds={timeout_secs}\
-             &allowWatchBookmarks=true",
-            self.namespace, self.name
-        );
-        if let Some(rv) = resource_version.filter(|rv| !rv.is_empty()) {
-            path.push_str("&resourceVersion=");
-            path.push_str(&percent_encode(rv));
-        }
-        path
-    }
-
-    pub fn daemonset_path(&self) -> String {
-        format!("/apis/apps/v1/namespaces/{}/daemonsets/{}", self.namespace, self.name)
-    }
-}
-
-impl std::fmt::Display for ObjectRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// Resource versions are opaque strings: encode anything outside the unreserved set.
-pub(crate) fn percent_encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 /// What the ConfigMap says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -178,7 +99,7 @@ impl SignalWatcher {
     }
 
     fn what(&self) -> String {
-        format!("ConfigMap {}", self.configmap)
+        self.configmap.to_string()
     }
 
     /// Publishes a reading; the problem is cleared.
@@ -232,7 +153,7 @@ impl SignalWatcher {
     /// One GET: answers the resource version to watch from (`None` to watch from now), or
     /// `Err` after publishing the failure.
     async fn read(&mut self) -> Result<Option<String>, ()> {
-        match self.kube.get(&self.configmap.configmap_path(), &self.what(), 1 << 20).await {
+        match self.kube.get(&self.configmap).await {
             Ok(object) => {
                 let ok = self.object(&object);
                 self.failures = if ok { 0 } else { self.failures.saturating_add(1) };
@@ -259,8 +180,7 @@ impl SignalWatcher {
 
     /// Follows one watch until the server ends it.
     async fn follow(&mut self, resource_version: Option<String>) -> WatchEnd {
-        let path = self.configmap.configmap_watch_path(resource_version.as_deref(), WATCH_SECONDS);
-        let mut stream = match self.kube.watch(&path, &self.what()).await {
+        let mut stream = match self.kube.watch(&self.configmap, resource_version.as_deref(), WATCH_SECONDS).await {
             Ok(s) => s,
             Err(e @ (KubeError::Denied { .. } | KubeError::Status { .. } | KubeError::NotFound { .. })) => {
                 return WatchEnd::Refused(e);
@@ -342,26 +262,8 @@ mod tests {
     }
 
     fn cm() -> ObjectRef {
-        ObjectRef::parse("--teardown-configmap", "kube-system/headcni-teardown").unwrap()
-    }
-
-    #[test]
-    fn object_refs_are_checked_before_use() {
-        let r = cm();
-        assert_eq!(r.to_string(), "kube-system/headcni-teardown");
-        assert_eq!(r.configmap_path(), "/api/v1/namespaces/kube-system/configmaps/headcni-teardown");
-        assert_eq!(
-            r.configmap_watch_path(Some("51877"), 290),
-            "/api/v1/namespaces/kube-system/configmaps?fieldSelector=metadata.name%3Dheadcni-teardown&watch=1\
-             &timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=51877"
-        );
-        assert!(!r.configmap_watch_path(None, 290).contains("resourceVersion"));
-        assert_eq!(r.configmap_watch_path(Some("a b&c"), 1).rsplit('=').next(), Some("a%20b%26c"));
-        let ds = ObjectRef::parse("--daemonset", "net/cni.agents").unwrap();
-        assert_eq!(ds.daemonset_path(), "/apis/apps/v1/namespaces/net/daemonsets/cni.agents");
-        for bad in ["headcni-teardown", "/x", "ns/", "Kube/x", "ns/X", "ns/a/b", "ns/../x", "ns/a?b", "-ns/x"] {
-            assert!(ObjectRef::parse("--configmap", bad).is_err(), "{bad}");
-        }
+        ObjectRef::parse(crate::clients::kube::Kind::ConfigMap, "--teardown-configmap", "kube-system/headcni-teardown")
+            .unwrap()
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //! uninstall hook (`headcni teardown`): where the API server is (the in-cluster service
 //! account, or a kubeconfig's current context), how to authenticate (a bearer token re-read
 //! at every request, so that a rotated projected token is used at once, or a client
-//! certificate), and the few verbs HeadCNI needs: GET, JSON merge PATCH and WATCH. Answers
-//! are mapped to [`KubeError`]s that say what the caller's RBAC lacks. Hand-rolled over
+//! certificate), and the few verbs HeadCNI needs: GET, JSON merge PATCH, LIST and WATCH.
+//! Answers are mapped to [`KubeError`]s that say what the caller's RBAC lacks. Hand-rolled over
 //! [`super::http`]: no client library, no informers, no caches.
+//!
+//! Callers name objects, never URLs: an [`ObjectRef`] (kind, namespace, name) goes in and JSON
+//! comes out, the shape of kube-rs's `Api<K>` with `get`, `patch` and `watch`, so that a move to
+//! kube-rs changes this module and the types its callers decode, not their logic.
 
 use super::http::{self, ClientError, Endpoint, Request, StreamingResponse};
 use super::secret::{self, SecretSource};
@@ -41,6 +45,146 @@ pub enum KubeError {
     Invalid { what: String, msg: String },
     #[error("{0}")]
     Secret(#[from] secret::SecretError),
+}
+
+/// A NAMESPACE/NAME given on the command line that cannot name an object.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {value:?}: {reason}")]
+pub struct InvalidRef {
+    pub flag: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// The kinds of object HeadCNI reads or writes, and where the API serves each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Node,
+    ConfigMap,
+    DaemonSet,
+    Pod,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Node => "Node",
+            Self::ConfigMap => "ConfigMap",
+            Self::DaemonSet => "DaemonSet",
+            Self::Pod => "Pod",
+        }
+    }
+
+    /// The path of the collection (in `namespace`, for the namespaced kinds).
+    fn collection(self, namespace: &str) -> String {
+        match self {
+            Self::Node => "/api/v1/nodes".to_string(),
+            Self::ConfigMap => format!("/api/v1/namespaces/{namespace}/configmaps"),
+            Self::DaemonSet => format!("/apis/apps/v1/namespaces/{namespace}/daemonsets"),
+            Self::Pod => format!("/api/v1/namespaces/{namespace}/pods"),
+        }
+    }
+
+    /// The most an answer about one object of this kind (a list, for pods) may weigh.
+    fn answer_limit(self) -> usize {
+        match self {
+            Self::Node => 32 << 20,
+            Self::ConfigMap => 1 << 20,
+            Self::DaemonSet => 4 << 20,
+            Self::Pod => 16 << 20,
+        }
+    }
+}
+
+/// One object: its kind, its namespace (empty for a Node) and its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A lowercase RFC 1123 subdomain: what object names are.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(dns_label)
+}
+
+impl ObjectRef {
+    /// A Node by name. The name goes into a URL path: anything but a DNS subdomain is refused.
+    pub fn node(name: &str) -> Result<Self, InvalidRef> {
+        if !is_dns_subdomain(name) {
+            let reason = "a Node name must be a lowercase DNS subdomain".to_string();
+            return Err(InvalidRef { flag: "--node-name", value: name.to_string(), reason });
+        }
+        Ok(Self { kind: Kind::Node, namespace: String::new(), name: name.to_string() })
+    }
+
+    /// Parses NAMESPACE/NAME of a namespaced kind: the namespace a DNS label, the name a DNS
+    /// subdomain (both go into URL paths, so nothing else is accepted).
+    pub fn parse(kind: Kind, flag: &'static str, value: &str) -> Result<Self, InvalidRef> {
+        let bad = |reason: &str| InvalidRef { flag, value: value.to_string(), reason: reason.into() };
+        let (ns, name) = value.trim().split_once('/').ok_or_else(|| bad("expected NAMESPACE/NAME"))?;
+        if !dns_label(ns) {
+            return Err(bad("the namespace must be a lowercase DNS label"));
+        }
+        if !is_dns_subdomain(name) {
+            return Err(bad("the name must be a lowercase DNS subdomain"));
+        }
+        Ok(Self { kind, namespace: ns.to_string(), name: name.to_string() })
+    }
+
+    /// The object's path on the API server.
+    pub fn path(&self) -> String {
+        format!("{}/{}", self.kind.collection(&self.namespace), self.name)
+    }
+
+    /// A watch of this one object from `resource_version` (the current state first when
+    /// `None`), ended by the server after `timeout_secs`.
+    pub fn watch_path(&self, resource_version: Option<&str>, timeout_secs: u64) -> String {
+        let mut path = format!(
+            "{}?fieldSelector=metadata.name%3D{}&watch=1&timeoutSeconds={timeout_secs}&allowWatchBookmarks=true",
+            self.kind.collection(&self.namespace),
+            self.name
+        );
+        if let Some(rv) = resource_version.filter(|rv| !rv.is_empty()) {
+            path.push_str("&resourceVersion=");
+            path.push_str(&percent_encode(rv));
+        }
+        path
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    /// "ConfigMap kube-system/headcni-teardown", "Node node-1": how errors name the object.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind.as_str(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        }
+    }
+}
+
+/// Query values (resource versions, label selectors) are opaque strings: encode anything
+/// outside the unreserved set.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl KubeError {
@@ -174,36 +318,54 @@ impl Kube {
             .map_err(|e| if e.is_unreachable() { KubeError::Unreachable(e) } else { KubeError::Client(e) })
     }
 
-    /// GET `path`; `what` names the object in errors. Answers the JSON body.
-    pub async fn get(&self, path: &str, what: &str, limit: usize) -> Result<Value, KubeError> {
-        let resp = self.send(Request::new(Method::GET, path).timeout(REQUEST_TIMEOUT).limit(limit)).await?;
-        check(what, &resp)?;
-        serde_json::from_slice(&resp.body)
-            .map_err(|e| KubeError::Invalid { what: what.to_string(), msg: format!("not JSON: {e}") })
+    /// The object, as JSON.
+    pub async fn get(&self, obj: &ObjectRef) -> Result<Value, KubeError> {
+        let body = self.get_raw(obj).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| KubeError::Invalid { what: obj.to_string(), msg: format!("not JSON: {e}") })
     }
 
-    /// GET `path`, the raw answer (for callers that validate it themselves).
-    pub async fn get_raw(&self, path: &str, what: &str, limit: usize) -> Result<Vec<u8>, KubeError> {
-        let resp = self.send(Request::new(Method::GET, path).timeout(REQUEST_TIMEOUT).limit(limit)).await?;
-        check(what, &resp)?;
+    /// The object as the server sent it (for callers that validate it themselves).
+    pub async fn get_raw(&self, obj: &ObjectRef) -> Result<Vec<u8>, KubeError> {
+        let req = Request::new(Method::GET, &obj.path()).timeout(REQUEST_TIMEOUT).limit(obj.kind.answer_limit());
+        let resp = self.send(req).await?;
+        check(&obj.to_string(), &resp)?;
         Ok(resp.body.to_vec())
     }
 
-    /// PATCH `path` with a JSON merge patch (RFC 7386). Answers the patched object.
-    pub async fn merge_patch(&self, path: &str, what: &str, patch: &Value) -> Result<Value, KubeError> {
-        let mut req = Request::new(Method::PATCH, path).timeout(REQUEST_TIMEOUT).limit(4 << 20);
+    /// The objects of `kind` in `namespace` that match `label_selector`, as the JSON list.
+    pub async fn list(&self, kind: Kind, namespace: &str, label_selector: &str) -> Result<Value, KubeError> {
+        let what = format!("the {}s in {namespace} labelled {label_selector}", kind.as_str());
+        let path = format!("{}?labelSelector={}", kind.collection(namespace), percent_encode(label_selector));
+        let resp =
+            self.send(Request::new(Method::GET, &path).timeout(REQUEST_TIMEOUT).limit(kind.answer_limit())).await?;
+        check(&what, &resp)?;
+        serde_json::from_slice(&resp.body).map_err(|e| KubeError::Invalid { what, msg: format!("not JSON: {e}") })
+    }
+
+    /// Applies a JSON merge patch (RFC 7386) to the object. Answers the patched object.
+    pub async fn merge_patch(&self, obj: &ObjectRef, patch: &Value) -> Result<Value, KubeError> {
+        let what = obj.to_string();
+        let mut req = Request::new(Method::PATCH, &obj.path()).timeout(REQUEST_TIMEOUT).limit(4 << 20);
         req.body = Some(patch.to_string().into_bytes());
         let req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/merge-patch+json"));
         let resp = self.send(req).await?;
-        check(what, &resp)?;
-        serde_json::from_slice(&resp.body)
-            .map_err(|e| KubeError::Invalid { what: what.to_string(), msg: format!("not JSON: {e}") })
+        check(&what, &resp)?;
+        serde_json::from_slice(&resp.body).map_err(|e| KubeError::Invalid { what, msg: format!("not JSON: {e}") })
     }
 
-    /// Opens a watch (`path` carries `watch=1` and its selectors); the events are read with
+    /// Opens a watch of one object from `resource_version` (the current state first when
+    /// `None`), which the server ends after `timeout_secs`; the events are read with
     /// [`WatchStream::next_event`].
-    pub async fn watch(&self, path: &str, what: &str) -> Result<WatchStream, KubeError> {
-        let req = self.authorize(Request::new(Method::GET, path).timeout(REQUEST_TIMEOUT).limit(1 << 20))?;
+    pub async fn watch(
+        &self,
+        obj: &ObjectRef,
+        resource_version: Option<&str>,
+        timeout_secs: u64,
+    ) -> Result<WatchStream, KubeError> {
+        let what = &obj.to_string();
+        let path = obj.watch_path(resource_version, timeout_secs);
+        let req = self.authorize(Request::new(Method::GET, &path).timeout(REQUEST_TIMEOUT).limit(1 << 20))?;
         let stream = self
             .endpoint
             .open(req)
@@ -467,6 +629,27 @@ pub(crate) mod testpki {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_refs_are_checked_before_use() {
+        let r = ObjectRef::parse(Kind::ConfigMap, "--teardown-configmap", "kube-system/headcni-teardown").unwrap();
+        assert_eq!(r.to_string(), "ConfigMap kube-system/headcni-teardown");
+        assert_eq!(r.path(), "/api/v1/namespaces/kube-system/configmaps/headcni-teardown");
+        assert_eq!(
+            r.watch_path(Some("51877"), 290),
+            "/api/v1/namespaces/kube-system/configmaps?fieldSelector=metadata.name%3Dheadcni-teardown&watch=1\
+             &timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=51877"
+        );
+        assert!(!r.watch_path(None, 290).contains("resourceVersion"));
+        assert_eq!(r.watch_path(Some("a b&c"), 1).rsplit('=').next(), Some("a%20b%26c"));
+        let ds = ObjectRef::parse(Kind::DaemonSet, "--daemonset", "net/cni.agents").unwrap();
+        assert_eq!(ds.path(), "/apis/apps/v1/namespaces/net/daemonsets/cni.agents");
+        assert_eq!(ObjectRef::node("node-1").unwrap().path(), "/api/v1/nodes/node-1");
+        assert!(ObjectRef::node("node/1").is_err());
+        for bad in ["headcni-teardown", "/x", "ns/", "Kube/x", "ns/X", "ns/a/b", "ns/../x", "ns/a?b", "-ns/x"] {
+            assert!(ObjectRef::parse(Kind::ConfigMap, "--configmap", bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn base64() {
