@@ -5,8 +5,8 @@
 mod common;
 
 use common::Netns;
-use headcni::agent::dataplane::{Dataplane, HostDataplane, RULE_PROTOCOL, masquerade_specs};
-use headcni::netlink::nft::Family;
+use headcni::agent::hostnet::{HostNetwork, KernelHostNetwork, RULE_PROTOCOL, masquerade_specs};
+use headcni::netlink::nft::NftFamily;
 use headcni::netlink::sysctl::SysctlRoot;
 use ipnetwork::IpNetwork;
 
@@ -21,7 +21,7 @@ async fn rules_tables_forwarding_and_mtu() {
     // Someone else's rule at the same priority must survive everything.
     ns.ip("rule add to 10.9.0.0/16 lookup main pref 5200");
     ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"]);
-    let dp = HostDataplane::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap()).unwrap();
+    let dp = KernelHostNetwork::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap()).unwrap();
 
     let changes = dp.ensure_forwarding(true, true).await.unwrap();
     assert_eq!(changes.items.len(), 2, "{changes:?}");
@@ -39,14 +39,14 @@ async fn rules_tables_forwarding_and_mtu() {
     std::os::unix::fs::symlink("/proc/sys/net", host.path().join("net")).unwrap();
     let root = SysctlRoot::new(host.path()).unwrap();
     let moved_dp =
-        HostDataplane::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap()).unwrap().with_sysctl_root(root);
+        KernelHostNetwork::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap()).unwrap().with_sysctl_root(root);
     assert_eq!(moved_dp.read_sysctl("ipv4/ip_forward").unwrap(), "0");
     assert_eq!(moved_dp.ensure_forwarding(true, false).await.unwrap().items, vec!["set net/ipv4/ip_forward=1"]);
     assert_eq!(ns.exec_ok(&["sysctl", "-n", "net.ipv4.ip_forward"]).trim(), "1");
     assert_eq!(headcni::netlink::sysctl::read("ipv4/ip_forward").unwrap(), root_forwarding, "root namespace untouched");
     // A root without the net tree: the error names the file.
     let empty = tempfile::tempdir().unwrap();
-    let broken = HostDataplane::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap())
+    let broken = KernelHostNetwork::in_netns(headcni::netlink::Netns::open(&ns.path()).unwrap())
         .unwrap()
         .with_sysctl_root(SysctlRoot::new(empty.path()).unwrap());
     let err = broken.ensure_forwarding(true, false).await.unwrap_err().to_string();
@@ -72,8 +72,8 @@ async fn rules_tables_forwarding_and_mtu() {
     let specs = masquerade_specs(&pods, &nets(&["10.244.0.0/16", "fd00:10:244::/48"]));
     assert_eq!(dp.ensure_masquerade(&specs).await.unwrap().items.len(), 2);
     assert!(dp.ensure_masquerade(&specs).await.unwrap().items.is_empty(), "unchanged: not rewritten");
-    assert_eq!(dp.masquerade_table(Family::Ipv4).unwrap(), Some(3), "two exemptions, one masquerade");
-    assert_eq!(dp.masquerade_table(Family::Ipv6).unwrap(), Some(3));
+    assert_eq!(dp.masquerade_table(NftFamily::Ipv4).unwrap(), Some(3), "two exemptions, one masquerade");
+    assert_eq!(dp.masquerade_table(NftFamily::Ipv6).unwrap(), Some(3));
     // Someone flushed the ruleset: the next pass puts the tables back.
     ns.exec_ok(&["nft", "flush", "ruleset"]);
     assert_eq!(dp.ensure_masquerade(&specs).await.unwrap().items.len(), 2);

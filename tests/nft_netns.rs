@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Netns, run};
-use headcni::netlink::nft::{Family, MasqueradeSpec, Nft};
+use headcni::netlink::nft::{MasqueradeSpec, Nft, NftFamily};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ fn nft_installed() -> bool {
 
 fn spec(sources: &[&str], exempt: &[&str]) -> MasqueradeSpec {
     MasqueradeSpec {
-        family: Family::Ipv4,
+        family: NftFamily::Ipv4,
         table: "headcni".into(),
         chain: "postrouting".into(),
         sources: sources.iter().map(|s| s.parse().unwrap()).collect(),
@@ -80,12 +80,12 @@ fn masquerade_table_is_replaced_atomically_and_masquerades_only_leaving_traffic(
 
     // Before: no masquerading, the outside sees the pod's own address.
     assert_eq!(source_seen(&t, "198.51.100.2"), "10.244.1.10");
-    assert!(!nft.table_exists(Family::Ipv4, "headcni").unwrap());
+    assert!(!nft.table_exists(NftFamily::Ipv4, "headcni").unwrap());
 
     let s = spec(&["10.244.1.0/24"], &["10.244.0.0/16", "100.64.0.0/10"]);
     nft.replace_masquerade(&s).unwrap();
-    assert!(nft.table_exists(Family::Ipv4, "headcni").unwrap());
-    assert_eq!(nft.rule_count(Family::Ipv4, "headcni", "postrouting").unwrap(), 3);
+    assert!(nft.table_exists(NftFamily::Ipv4, "headcni").unwrap());
+    assert_eq!(nft.rule_count(NftFamily::Ipv4, "headcni", "postrouting").unwrap(), 3);
 
     if nft_installed() {
         let listed = t.node.exec_ok(&["nft", "list", "table", "ip", "headcni"]);
@@ -110,13 +110,13 @@ fn masquerade_table_is_replaced_atomically_and_masquerades_only_leaving_traffic(
     nft.replace_masquerade(&s).unwrap();
     let s2 = spec(&["10.244.1.0/24"], &["10.244.0.0/16"]);
     nft.replace_masquerade(&s2).unwrap();
-    assert_eq!(nft.rule_count(Family::Ipv4, "headcni", "postrouting").unwrap(), 2);
+    assert_eq!(nft.rule_count(NftFamily::Ipv4, "headcni", "postrouting").unwrap(), 2);
     assert_eq!(source_seen(&t, "100.64.0.7"), "198.51.100.1");
 
     // Removal leaves nothing behind, and a second removal is fine.
-    assert!(nft.delete_table(Family::Ipv4, "headcni").unwrap());
-    assert!(!nft.delete_table(Family::Ipv4, "headcni").unwrap());
-    assert_eq!(nft.rule_count(Family::Ipv4, "headcni", "postrouting").unwrap(), 0);
+    assert!(nft.delete_table(NftFamily::Ipv4, "headcni").unwrap());
+    assert!(!nft.delete_table(NftFamily::Ipv4, "headcni").unwrap());
+    assert_eq!(nft.rule_count(NftFamily::Ipv4, "headcni", "postrouting").unwrap(), 0);
     if nft_installed() {
         assert_eq!(t.node.exec_ok(&["nft", "list", "tables"]).trim(), "");
     }
@@ -134,21 +134,21 @@ fn ipv6_table_and_other_tables_are_left_alone() {
         node.exec_ok(&["nft", "add", "table", "ip", "other"]);
     }
     let s = MasqueradeSpec {
-        family: Family::Ipv6,
+        family: NftFamily::Ipv6,
         table: "headcni".into(),
         chain: "postrouting".into(),
         sources: vec!["fd00:10:244:1::/64".parse().unwrap()],
         exempt_destinations: vec!["fd7a:115c:a1e0::/48".parse().unwrap(), "fd00:10:244::/48".parse().unwrap()],
     };
     nft.replace_masquerade(&s).unwrap();
-    assert!(nft.table_exists(Family::Ipv6, "headcni").unwrap());
-    assert!(!nft.table_exists(Family::Ipv4, "headcni").unwrap());
+    assert!(nft.table_exists(NftFamily::Ipv6, "headcni").unwrap());
+    assert!(!nft.table_exists(NftFamily::Ipv4, "headcni").unwrap());
     if nft_installed() {
         let listed = node.exec_ok(&["nft", "list", "table", "ip6", "headcni"]);
         assert!(listed.contains("ip6 daddr fd7a:115c:a1e0::/48 return"), "{listed}");
         assert!(listed.contains("ip6 saddr fd00:10:244:1::/64 counter"), "{listed}");
     }
-    assert!(nft.delete_table(Family::Ipv6, "headcni").unwrap());
+    assert!(nft.delete_table(NftFamily::Ipv6, "headcni").unwrap());
     if nft_installed() {
         assert_eq!(node.exec_ok(&["nft", "list", "tables"]).trim(), "table ip other");
     }

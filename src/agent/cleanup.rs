@@ -12,7 +12,7 @@
 //! removed). `--cleanup` removes the node file too: it is for a node that leaves HeadCNI.
 
 use super::config::AgentConfig;
-use super::dataplane::{self, Dataplane};
+use super::hostnet::{self, HostNetwork};
 use super::reconcile;
 use super::report;
 use super::state::{self, AgentState};
@@ -31,7 +31,7 @@ pub enum Scope {
 }
 
 /// Undoes HeadCNI's changes over the seams; answers the failures. Every step runs.
-pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: Dataplane>(
+pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: HostNetwork>(
     cfg: &AgentConfig,
     ts: &T,
     hs: Option<&H>,
@@ -60,10 +60,7 @@ pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: Dataplane>(
                     } else {
                         match ts.edit_prefs(&edit).await {
                             Ok(_) => {
-                                log::info!(
-                                    "withdrew {}",
-                                    dataplane::join(&removed.iter().copied().collect::<Vec<_>>())
-                                );
+                                log::info!("withdrew {}", hostnet::join(&removed.iter().copied().collect::<Vec<_>>()));
                                 st.advertised_routes.clear();
                             }
                             Err(e) => errors.push(format!("withdrawing routes: {e}")),
@@ -89,7 +86,7 @@ pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: Dataplane>(
                     hs.approve_routes(&node.id, &keep).await.map_err(|e| e.to_string())?;
                     log::info!(
                         "withdrew the approval of {} in Headscale",
-                        dataplane::join(&st.approved_routes.iter().copied().collect::<Vec<_>>())
+                        hostnet::join(&st.approved_routes.iter().copied().collect::<Vec<_>>())
                     );
                 }
                 Ok::<_, String>(())

@@ -1,7 +1,7 @@
 //! `headcni agent` flags (each also read from its environment variable) and their validation
 //! into an [`AgentConfig`].
 
-use super::dataplane::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE, overlaps};
+use super::hostnet::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE, overlaps};
 use super::node::{validate_node_name, validate_pod_cidrs};
 use super::state::DEFAULT_STATE_DIR;
 use crate::clients::kube::{Kind, ObjectRef};
@@ -156,7 +156,7 @@ fn cidrs(flag: &str, list: &[String]) -> Result<Vec<IpNetwork>, ConfigError> {
 /// (Also applied to CIDRs that come from the Node at run time.)
 pub fn check_pod_cidrs(pods: &[IpNetwork], service: &[IpNetwork]) -> Result<(), String> {
     for pod in pods {
-        for tailnet in dataplane::tailnet_ranges() {
+        for tailnet in hostnet::tailnet_ranges() {
             if overlaps(pod, &tailnet) {
                 return Err(format!(
                     "pod CIDR {pod} overlaps Tailscale's range {tailnet}: pods there would be unreachable; \
@@ -180,7 +180,7 @@ pub fn outside_cluster(pods: &[IpNetwork], cluster: &[IpNetwork]) -> Vec<IpNetwo
     if cluster.is_empty() {
         return Vec::new();
     }
-    pods.iter().filter(|p| !cluster.iter().any(|c| dataplane::covers(c, p))).copied().collect()
+    pods.iter().filter(|p| !cluster.iter().any(|c| hostnet::covers(c, p))).copied().collect()
 }
 
 fn validate_tag(tag: &str) -> Result<(), ConfigError> {

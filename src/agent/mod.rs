@@ -21,22 +21,20 @@
 
 pub mod cleanup;
 pub mod config;
-pub mod dataplane;
-pub mod hook;
+pub mod hostnet;
 pub mod metrics;
 pub mod node;
 pub mod reconcile;
 pub mod report;
 pub mod serve;
 pub mod state;
-pub mod status;
 pub mod teardown;
 
 use crate::clients::headscale::RestHeadscale;
 use crate::clients::localapi::SocketLocalApi;
 use crate::clients::{http, kube};
 use config::{AgentArgs, AgentConfig, CidrSource};
-use dataplane::HostDataplane;
+use hostnet::KernelHostNetwork;
 use ipnetwork::IpNetwork;
 use node::{NodeCidrs, NodeError, PodCidrSource, StaticCidrs};
 use reconcile::{PassOutcome, Reconciler, next_delay};
@@ -180,7 +178,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         cidr_source(&cfg)?,
         SocketLocalApi::new(&cfg.tailscale_socket),
         headscale_client(&cfg)?,
-        HostDataplane::current()?.with_sysctl_root(cfg.sysctl_root.clone()),
+        KernelHostNetwork::current()?.with_sysctl_root(cfg.sysctl_root.clone()),
         metrics.clone(),
         health,
     );
@@ -229,7 +227,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         if ready && !was_ready {
             log::info!(
                 "ready: pod CIDRs {} advertised, node file written{}{}",
-                dataplane::join(&rec.report().pod_cidrs),
+                hostnet::join(&rec.report().pod_cidrs),
                 rec.joined_in.map(|d| format!(", joined in {:.1}s", d.as_secs_f64())).unwrap_or_default(),
                 rec.approved_in
                     .map(|d| format!(", approved {:.1}s after advertising", d.as_secs_f64()))
@@ -263,7 +261,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
 pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let ts = SocketLocalApi::new(&cfg.tailscale_socket);
     let hs = headscale_client(&cfg)?;
-    let dp = HostDataplane::current()?.with_sysctl_root(cfg.sysctl_root.clone());
+    let dp = KernelHostNetwork::current()?.with_sysctl_root(cfg.sysctl_root.clone());
     let errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::Scope::Full).await;
     if errors.is_empty() {
         log::info!("cleanup done");

@@ -37,7 +37,7 @@
 
 use super::cleanup::{Scope, cleanup_with};
 use super::config::{AgentConfig, check_pod_cidrs, outside_cluster};
-use super::dataplane::{self, Dataplane, masquerade_specs};
+use super::hostnet::{self, HostNetwork, masquerade_specs};
 use super::metrics::Metrics;
 use super::node::PodCidrSource;
 use super::report::{AgentReport, LinkReport, PeerReport, Problems, RouteReport, Severity, TailnetReport};
@@ -119,7 +119,7 @@ fn set(nets: &[IpNetwork]) -> BTreeSet<IpNetwork> {
 }
 
 fn list(nets: &BTreeSet<IpNetwork>) -> String {
-    dataplane::join(&nets.iter().copied().collect::<Vec<_>>())
+    hostnet::join(&nets.iter().copied().collect::<Vec<_>>())
 }
 
 /// AdvertiseRoutes after merging: `desired` added, routes HeadCNI added that are no longer
@@ -165,7 +165,7 @@ pub fn merge_approvals(
     approved.difference(&stale).copied().chain(wanted).collect()
 }
 
-impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K, T, H, D> {
+impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<K, T, H, D> {
     pub fn new(
         cfg: Arc<AgentConfig>,
         cidrs: K,
@@ -501,14 +501,14 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
                         if self.pod_cidrs.as_ref() != Some(&found) {
                             log::info!(
                                 "pod CIDRs of this node: {} (from {})",
-                                dataplane::join(&found),
+                                hostnet::join(&found),
                                 self.cidrs.kind()
                             );
                             for net in outside_cluster(&found, &self.cfg.cluster_cidrs) {
                                 log::warn!(
                                     "pod CIDR {net} is outside every --cluster-cidr ({}): traffic between it and the \
                                      cluster would be masqueraded",
-                                    dataplane::join(&self.cfg.cluster_cidrs)
+                                    hostnet::join(&self.cfg.cluster_cidrs)
                                 );
                             }
                         }
@@ -982,7 +982,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
                     "dataplane/mtu",
                     format!(
                         "the tailnet interface ({}) does not exist yet: the pod MTU is unknown",
-                        dataplane::DEFAULT_TUN
+                        hostnet::DEFAULT_TUN
                     ),
                     Some("waiting for tailscaled; or set --mtu"),
                 );
@@ -1006,7 +1006,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: Dataplane> Reconciler<K,
         }
         match nf.store(&path) {
             Ok(()) => {
-                log::info!("wrote the node file {} (pod CIDRs {}, MTU {mtu})", path.display(), dataplane::join(pods));
+                log::info!("wrote the node file {} (pod CIDRs {}, MTU {mtu})", path.display(), hostnet::join(pods));
                 true
             }
             Err(e) => {

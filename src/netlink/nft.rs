@@ -139,43 +139,43 @@ type Result<T> = std::result::Result<T, NftError>;
 
 /// The nf_tables family of a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum Family {
+pub enum NftFamily {
     /// `ip`
     Ipv4,
     /// `ip6`
     Ipv6,
 }
 
-impl Family {
+impl NftFamily {
     fn nfproto(self) -> u8 {
         match self {
-            Family::Ipv4 => 2,
-            Family::Ipv6 => 10,
+            NftFamily::Ipv4 => 2,
+            NftFamily::Ipv6 => 10,
         }
     }
 
     /// The name `nft` uses.
     pub fn as_str(self) -> &'static str {
         match self {
-            Family::Ipv4 => "ip",
-            Family::Ipv6 => "ip6",
+            NftFamily::Ipv4 => "ip",
+            NftFamily::Ipv6 => "ip6",
         }
     }
 
-    pub fn of(net: &IpNetwork) -> Family {
-        if net.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 }
+    pub fn of(net: &IpNetwork) -> NftFamily {
+        if net.is_ipv4() { NftFamily::Ipv4 } else { NftFamily::Ipv6 }
     }
 
     /// (source offset, destination offset, address length) in the network header.
     fn addr_layout(self) -> (u32, u32, u32) {
         match self {
-            Family::Ipv4 => (12, 16, 4),
-            Family::Ipv6 => (8, 24, 16),
+            NftFamily::Ipv4 => (12, 16, 4),
+            NftFamily::Ipv6 => (8, 24, 16),
         }
     }
 }
 
-impl std::fmt::Display for Family {
+impl std::fmt::Display for NftFamily {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -185,7 +185,7 @@ impl std::fmt::Display for Family {
 /// `exempt_destinations`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasqueradeSpec {
-    pub family: Family,
+    pub family: NftFamily,
     pub table: String,
     pub chain: String,
     pub sources: Vec<IpNetwork>,
@@ -200,7 +200,7 @@ impl MasqueradeSpec {
             }
         }
         for net in self.sources.iter().chain(&self.exempt_destinations) {
-            if Family::of(net) != self.family {
+            if NftFamily::of(net) != self.family {
                 return Err(NftError::Invalid(format!("{net} does not belong in a table of family {}", self.family)));
             }
         }
@@ -281,7 +281,7 @@ fn expr(b: &mut Buf, name: &str, data: impl FnOnce(&mut Buf)) {
 }
 
 /// Loads the source or destination address into register 1 and compares it with `net`.
-fn match_prefix(b: &mut Buf, family: Family, destination: bool, net: &IpNetwork) {
+fn match_prefix(b: &mut Buf, family: NftFamily, destination: bool, net: &IpNetwork) {
     let (src_off, dst_off, len) = family.addr_layout();
     if net.prefix() == 0 {
         return; // matches everything
@@ -518,7 +518,7 @@ impl Nft {
     }
 
     /// Deletes a table; answers whether it existed.
-    pub fn delete_table(&mut self, family: Family, table: &str) -> Result<bool> {
+    pub fn delete_table(&mut self, family: NftFamily, table: &str) -> Result<bool> {
         let seq = self.next_seq();
         let msg = message(nft_type(NFT_MSG_DELTABLE), NLM_F_REQUEST | NLM_F_ACK, seq, family.nfproto(), 0, |b| {
             b.str(NFTA_TABLE_NAME, table)
@@ -531,7 +531,7 @@ impl Nft {
     }
 
     /// Whether the table exists.
-    pub fn table_exists(&mut self, family: Family, table: &str) -> Result<bool> {
+    pub fn table_exists(&mut self, family: NftFamily, table: &str) -> Result<bool> {
         let seq = self.next_seq();
         let op = format!("looking up table {family} {table}");
         let msg = message(nft_type(NFT_MSG_GETTABLE), NLM_F_REQUEST | NLM_F_ACK, seq, family.nfproto(), 0, |b| {
@@ -560,7 +560,7 @@ impl Nft {
     }
 
     /// The number of rules in `chain` of `table` (0 when the table does not exist).
-    pub fn rule_count(&mut self, family: Family, table: &str, chain: &str) -> Result<usize> {
+    pub fn rule_count(&mut self, family: NftFamily, table: &str, chain: &str) -> Result<usize> {
         let seq = self.next_seq();
         let op = format!("listing rules of {family} {table} {chain}");
         let msg = message(nft_type(NFT_MSG_GETRULE), NLM_F_REQUEST | NLM_F_DUMP, seq, family.nfproto(), 0, |b| {
@@ -650,7 +650,7 @@ mod tests {
 
     fn spec() -> MasqueradeSpec {
         MasqueradeSpec {
-            family: Family::Ipv4,
+            family: NftFamily::Ipv4,
             table: "headcni".into(),
             chain: "postrouting".into(),
             sources: vec!["10.244.1.0/24".parse().unwrap()],
@@ -691,7 +691,7 @@ mod tests {
     fn prefix_match_masks_only_partial_prefixes() {
         let count = |net: &str| {
             let mut b = Buf::default();
-            match_prefix(&mut b, Family::Ipv4, true, &net.parse().unwrap());
+            match_prefix(&mut b, NftFamily::Ipv4, true, &net.parse().unwrap());
             let mut n = 0;
             let mut data = &b.bytes[..];
             while data.len() >= 4 {

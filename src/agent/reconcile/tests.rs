@@ -4,7 +4,7 @@
 use super::*;
 use crate::agent::cleanup::{Scope, cleanup_with};
 use crate::agent::config::CidrSource;
-use crate::agent::dataplane::{Changes, DataplaneError};
+use crate::agent::hostnet::{Changes, HostNetworkError};
 use crate::agent::node::NodeError;
 use crate::agent::teardown::{Signal, SignalState};
 use crate::clients::headscale::HsNode;
@@ -250,23 +250,23 @@ impl FakeDp {
     }
 }
 
-impl Dataplane for FakeDp {
-    async fn ensure_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<Changes, DataplaneError> {
+impl HostNetwork for FakeDp {
+    async fn ensure_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<Changes, HostNetworkError> {
         self.lock().forwarding.push((ipv4, ipv6));
         Ok(Changes::default())
     }
-    async fn ensure_rules(&self, pod_cidrs: &[IpNetwork], priority: u32) -> Result<Changes, DataplaneError> {
+    async fn ensure_rules(&self, pod_cidrs: &[IpNetwork], priority: u32) -> Result<Changes, HostNetworkError> {
         self.lock().rules.push((pod_cidrs.to_vec(), priority));
         Ok(Changes::default())
     }
-    async fn remove_rules(&self) -> Result<usize, DataplaneError> {
+    async fn remove_rules(&self) -> Result<usize, HostNetworkError> {
         self.lock().removed_rules += 1;
         Ok(1)
     }
-    async fn ensure_masquerade(&self, specs: &[MasqueradeSpec]) -> Result<Changes, DataplaneError> {
+    async fn ensure_masquerade(&self, specs: &[MasqueradeSpec]) -> Result<Changes, HostNetworkError> {
         let mut s = self.lock();
         if s.fail_masq {
-            return Err(DataplaneError::Nft(crate::netlink::nft::NftError::Kernel {
+            return Err(HostNetworkError::Nft(crate::netlink::nft::NftError::Kernel {
                 op: "adding table".into(),
                 errno: 1,
             }));
@@ -274,11 +274,11 @@ impl Dataplane for FakeDp {
         s.masq.push(specs.to_vec());
         Ok(Changes::default())
     }
-    async fn remove_masquerade(&self) -> Result<usize, DataplaneError> {
+    async fn remove_masquerade(&self) -> Result<usize, HostNetworkError> {
         self.lock().removed_tables += 1;
         Ok(1)
     }
-    async fn tailnet_link(&self, _ips: &[IpAddr]) -> Result<Option<(String, u32)>, DataplaneError> {
+    async fn tailnet_link(&self, _ips: &[IpAddr]) -> Result<Option<(String, u32)>, HostNetworkError> {
         Ok(self.lock().link.clone())
     }
 }

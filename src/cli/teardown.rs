@@ -3,7 +3,7 @@
 //!
 //! It raises the uninstall signal (a JSON merge patch of the ConfigMap's `data.teardown` to
 //! `"true"`) and waits until the agents' DaemonSet reports no ready pod: every agent that was
-//! ready turns not ready only once it has withdrawn its node's routes ([`super::teardown`]).
+//! ready turns not ready only once it has withdrawn its node's routes ([`crate::agent::teardown`]).
 //! The wait is bounded: on timeout the hook warns, naming the pods still ready when it may list
 //! them (the chart's Role does not allow that: pod specs in the namespace are none of its
 //! business) or else how to find them, and exits 0 so that the uninstall goes on. Only an API
@@ -11,7 +11,7 @@
 //! --no-hooks` skips it). A ConfigMap or DaemonSet that does not exist is a warning: there is
 //! nothing to signal or to wait for.
 
-use super::teardown::{self, DATA_KEY, Signal};
+use crate::agent::teardown::{self, DATA_KEY, Signal};
 use crate::clients::kube::{InvalidRef, Kind, Kube, KubeError, ObjectRef};
 use clap::Args;
 use serde_json::{Value, json};

@@ -7,7 +7,7 @@
 //! Ownership: rules carry HeadCNI's protocol number ([`RULE_PROTOCOL`]) and the nf_tables tables
 //! are named [`TABLE`]; nothing else on the node is ever changed or removed.
 
-use crate::netlink::nft::{Family, MasqueradeSpec, Nft, NftError};
+use crate::netlink::nft::{MasqueradeSpec, Nft, NftError, NftFamily};
 use crate::netlink::sysctl::SysctlRoot;
 use crate::netlink::{Netlink, NetlinkError, Netns, RuleSpec, TABLE_MAIN};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -35,7 +35,7 @@ pub const SYSCTL_FORWARD_V4: &str = "ipv4/ip_forward";
 pub const SYSCTL_FORWARD_V6: &str = "ipv6/conf/all/forwarding";
 
 #[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
+pub enum HostNetworkError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
@@ -63,14 +63,14 @@ pub fn tailnet_ranges() -> [IpNetwork; 2] {
 /// the cluster, service, own and peer pod CIDRs and the tailnet ranges of that family.
 pub fn masquerade_specs(pod_cidrs: &[IpNetwork], exempt: &[IpNetwork]) -> Vec<MasqueradeSpec> {
     let mut out = Vec::new();
-    for family in [Family::Ipv4, Family::Ipv6] {
-        let sources: Vec<IpNetwork> = pod_cidrs.iter().filter(|n| Family::of(n) == family).copied().collect();
+    for family in [NftFamily::Ipv4, NftFamily::Ipv6] {
+        let sources: Vec<IpNetwork> = pod_cidrs.iter().filter(|n| NftFamily::of(n) == family).copied().collect();
         if sources.is_empty() {
             continue;
         }
         let mut dests: Vec<IpNetwork> = Vec::new();
         for net in exempt.iter().chain(pod_cidrs).chain(tailnet_ranges().iter()) {
-            if Family::of(net) == family && !dests.iter().any(|d| covers(d, net)) {
+            if NftFamily::of(net) == family && !dests.iter().any(|d| covers(d, net)) {
                 dests.retain(|d| !covers(net, d));
                 dests.push(*net);
             }
@@ -104,44 +104,47 @@ pub struct Changes {
 }
 
 /// The data-plane operations of the reconcile loop (a seam for unit tests).
-pub trait Dataplane: Send + Sync {
+pub trait HostNetwork: Send + Sync {
     /// Turns forwarding on for the families in use; answers what changed.
-    fn ensure_forwarding(&self, ipv4: bool, ipv6: bool)
-    -> impl Future<Output = Result<Changes, DataplaneError>> + Send;
+    fn ensure_forwarding(
+        &self,
+        ipv4: bool,
+        ipv6: bool,
+    ) -> impl Future<Output = Result<Changes, HostNetworkError>> + Send;
     /// Makes HeadCNI's rules exactly "to <pod CIDR> lookup main" at `priority`.
     fn ensure_rules(
         &self,
         pod_cidrs: &[IpNetwork],
         priority: u32,
-    ) -> impl Future<Output = Result<Changes, DataplaneError>> + Send;
+    ) -> impl Future<Output = Result<Changes, HostNetworkError>> + Send;
     /// Removes every rule HeadCNI owns; answers how many.
-    fn remove_rules(&self) -> impl Future<Output = Result<usize, DataplaneError>> + Send;
+    fn remove_rules(&self) -> impl Future<Output = Result<usize, HostNetworkError>> + Send;
     /// Makes the masquerade tables match `specs` (and removes the other family's table).
     fn ensure_masquerade(
         &self,
         specs: &[MasqueradeSpec],
-    ) -> impl Future<Output = Result<Changes, DataplaneError>> + Send;
+    ) -> impl Future<Output = Result<Changes, HostNetworkError>> + Send;
     /// Removes HeadCNI's tables; answers how many existed.
-    fn remove_masquerade(&self) -> impl Future<Output = Result<usize, DataplaneError>> + Send;
+    fn remove_masquerade(&self) -> impl Future<Output = Result<usize, HostNetworkError>> + Send;
     /// The tailnet interface (the one holding a Tailscale address, else `tailscale0`) and its MTU.
     fn tailnet_link(
         &self,
         tailscale_ips: &[IpAddr],
-    ) -> impl Future<Output = Result<Option<(String, u32)>, DataplaneError>> + Send;
+    ) -> impl Future<Output = Result<Option<(String, u32)>, HostNetworkError>> + Send;
 }
 
 /// The real data plane of one namespace.
-pub struct HostDataplane {
+pub struct KernelHostNetwork {
     netns: Option<Netns>,
     sysctl_root: SysctlRoot,
     netlink: Netlink,
     nft: Mutex<Option<Nft>>,
-    applied: Mutex<HashMap<Family, MasqueradeSpec>>,
+    applied: Mutex<HashMap<NftFamily, MasqueradeSpec>>,
 }
 
-impl HostDataplane {
+impl KernelHostNetwork {
     /// The calling thread's namespace. Must run inside a tokio runtime.
-    pub fn current() -> Result<Self, DataplaneError> {
+    pub fn current() -> Result<Self, HostNetworkError> {
         Ok(Self {
             netns: None,
             sysctl_root: SysctlRoot::default(),
@@ -152,7 +155,7 @@ impl HostDataplane {
     }
 
     /// Another namespace (tests). Must run inside a tokio runtime.
-    pub fn in_netns(ns: Netns) -> Result<Self, DataplaneError> {
+    pub fn in_netns(ns: Netns) -> Result<Self, HostNetworkError> {
         let netlink = Netlink::connect_in(&ns)?;
         Ok(Self {
             netns: Some(ns),
@@ -191,7 +194,7 @@ impl HostDataplane {
     }
 
     /// HeadCNI's rules as they are now.
-    pub async fn own_rules(&self) -> Result<Vec<RuleSpec>, DataplaneError> {
+    pub async fn own_rules(&self) -> Result<Vec<RuleSpec>, HostNetworkError> {
         let mut out = Vec::new();
         for v6 in [false, true] {
             out.extend(
@@ -202,15 +205,15 @@ impl HostDataplane {
     }
 
     /// Whether a table exists and how many rules its chain has.
-    pub fn masquerade_table(&self, family: Family) -> Result<Option<usize>, DataplaneError> {
+    pub fn masquerade_table(&self, family: NftFamily) -> Result<Option<usize>, HostNetworkError> {
         Ok(self.with_nft(|nft| {
             if nft.table_exists(family, TABLE)? { Ok(Some(nft.rule_count(family, TABLE, CHAIN)?)) } else { Ok(None) }
         })?)
     }
 }
 
-impl Dataplane for HostDataplane {
-    async fn ensure_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<Changes, DataplaneError> {
+impl HostNetwork for KernelHostNetwork {
+    async fn ensure_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<Changes, HostNetworkError> {
         let mut changes = Changes::default();
         for (on, key) in [(ipv4, SYSCTL_FORWARD_V4), (ipv6, SYSCTL_FORWARD_V6)] {
             if !on {
@@ -219,7 +222,7 @@ impl Dataplane for HostDataplane {
             let changed = self
                 .sysctl_root
                 .ensure_in(self.netns.as_ref(), key, "1")
-                .map_err(|source| DataplaneError::Sysctl { key: key.into(), source })?;
+                .map_err(|source| HostNetworkError::Sysctl { key: key.into(), source })?;
             if changed {
                 changes.items.push(format!("set net/{key}=1"));
             }
@@ -227,7 +230,7 @@ impl Dataplane for HostDataplane {
         Ok(changes)
     }
 
-    async fn ensure_rules(&self, pod_cidrs: &[IpNetwork], priority: u32) -> Result<Changes, DataplaneError> {
+    async fn ensure_rules(&self, pod_cidrs: &[IpNetwork], priority: u32) -> Result<Changes, HostNetworkError> {
         let mut changes = Changes::default();
         let want: Vec<RuleSpec> = pod_cidrs
             .iter()
@@ -260,7 +263,7 @@ impl Dataplane for HostDataplane {
         Ok(changes)
     }
 
-    async fn remove_rules(&self) -> Result<usize, DataplaneError> {
+    async fn remove_rules(&self) -> Result<usize, HostNetworkError> {
         let mut removed = 0;
         for v6 in [false, true] {
             for (have, msg) in self.netlink.rules(v6).await? {
@@ -272,10 +275,10 @@ impl Dataplane for HostDataplane {
         Ok(removed)
     }
 
-    async fn ensure_masquerade(&self, specs: &[MasqueradeSpec]) -> Result<Changes, DataplaneError> {
+    async fn ensure_masquerade(&self, specs: &[MasqueradeSpec]) -> Result<Changes, HostNetworkError> {
         let mut changes = Changes::default();
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for family in [Family::Ipv4, Family::Ipv6] {
+        for family in [NftFamily::Ipv4, NftFamily::Ipv6] {
             match specs.iter().find(|s| s.family == family) {
                 Some(spec) => {
                     let current = applied.get(&family) == Some(spec);
@@ -304,9 +307,9 @@ impl Dataplane for HostDataplane {
         Ok(changes)
     }
 
-    async fn remove_masquerade(&self) -> Result<usize, DataplaneError> {
+    async fn remove_masquerade(&self) -> Result<usize, HostNetworkError> {
         let mut removed = 0;
-        for family in [Family::Ipv4, Family::Ipv6] {
+        for family in [NftFamily::Ipv4, NftFamily::Ipv6] {
             if self.with_nft(|nft| nft.delete_table(family, TABLE))? {
                 removed += 1;
             }
@@ -315,7 +318,7 @@ impl Dataplane for HostDataplane {
         Ok(removed)
     }
 
-    async fn tailnet_link(&self, tailscale_ips: &[IpAddr]) -> Result<Option<(String, u32)>, DataplaneError> {
+    async fn tailnet_link(&self, tailscale_ips: &[IpAddr]) -> Result<Option<(String, u32)>, HostNetworkError> {
         if !tailscale_ips.is_empty() {
             let addrs = self.netlink.all_addresses().await?;
             if let Some((index, _)) = addrs.iter().find(|(_, a)| tailscale_ips.contains(&a.ip()))
@@ -350,7 +353,7 @@ mod tests {
             &nets(&["10.244.0.0/16", "10.244.2.0/24", "10.96.0.0/12", "fd00:10:244::/56"]),
         );
         assert_eq!(specs.len(), 2);
-        assert_eq!(specs[0].family, Family::Ipv4);
+        assert_eq!(specs[0].family, NftFamily::Ipv4);
         assert_eq!(specs[0].sources, nets(&["10.244.1.0/24"]));
         // 10.244.2.0/24 and the own CIDR are inside 10.244.0.0/16: not repeated.
         assert_eq!(specs[0].exempt_destinations, nets(&["100.64.0.0/10", "10.96.0.0/12", "10.244.0.0/16"]));

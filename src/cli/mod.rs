@@ -1,4 +1,13 @@
-//! The command line of the `headcni` binary when it is not acting as a CNI plugin.
+//! The command line of the `headcni` binary when it is not acting as a CNI plugin: the
+//! commands and their dispatch. The commands that only look or signal live here too:
+//!
+//! - [`status`]: `headcni status`, this node's pod network on one screen
+//! - [`teardown`]: `headcni teardown`, the chart's uninstall hook
+//!
+//! The long-running roles have modules of their own (`agent`, `install`, `ipam::cli`).
+
+pub mod status;
+pub mod teardown;
 
 use clap::{Parser, Subcommand};
 use std::io::Write;
@@ -24,10 +33,10 @@ pub enum Cmd {
     /// the node's data plane, write the node file, serve metrics.
     Agent(Box<crate::agent::config::AgentArgs>),
     /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
-    Status(crate::agent::status::StatusArgs),
+    Status(status::StatusArgs),
     /// Uninstall hook: raise the uninstall signal (the agents withdraw their nodes' routes)
     /// and wait until no agent is ready, or the timeout.
-    Teardown(crate::agent::hook::TeardownArgs),
+    Teardown(teardown::TeardownArgs),
     /// Inspect and maintain the headcni-ipam store on this node.
     Ipam(crate::ipam::cli::IpamArgs),
 }
@@ -60,8 +69,8 @@ pub fn main() -> i32 {
             }
         }
         Cmd::Agent(args) => crate::agent::main(*args),
-        Cmd::Status(args) => crate::agent::status::main(args),
-        Cmd::Teardown(args) => crate::agent::hook::main(args),
+        Cmd::Status(args) => status::main(args),
+        Cmd::Teardown(args) => teardown::main(args),
         Cmd::Ipam(args) => crate::ipam::cli::run(&args),
     }
 }

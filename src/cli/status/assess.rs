@@ -1,0 +1,313 @@
+//! The judgement of `headcni status`: from what [`super::gather`] found to the view, with a
+//! problem and its fix for every line that is wrong. Pure: no I/O.
+
+use super::{Finding, Live, PeerView, RouteView, STALE_AFTER_SECS, StatusArgs, StatusView};
+use crate::agent::hostnet::TABLE;
+use crate::agent::report::{self, AgentReport, Severity};
+use crate::nodefile;
+use ipnetwork::IpNetwork;
+
+fn find(view: &mut StatusView, severity: Severity, message: impl Into<String>, fix: Option<&str>) {
+    let message = message.into();
+    if !view.problems.iter().any(|p| p.message == message) {
+        view.problems.push(Finding { severity, message, fix: fix.map(str::to_string) });
+    }
+}
+
+/// Builds the view from the agent's report, the live findings and the files.
+pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: u64) -> StatusView {
+    let mut v = StatusView::default();
+    v.node_file = nodefile::path_in(&args.run_dir).display().to_string();
+    let node_file = &live.files.node_file;
+    v.node_file_present = matches!(node_file, Ok(Some(_)));
+    v.conflist = args.conf_dir.join(&args.conflist_name).display().to_string();
+    v.conflist_present = live.files.conflist_present;
+    v.ipam = live.files.ipam.clone();
+    if let Some(ipam) = v.ipam.clone() {
+        match (ipam.free, ipam.total, &ipam.error) {
+            (_, _, Some(e)) => find(
+                &mut v,
+                Severity::Error,
+                format!("the IPAM store cannot be read: {e}"),
+                Some("the message names the file and, for damage, the repair command"),
+            ),
+            (Some(0), Some(total), _) if total > 0 => find(
+                &mut v,
+                Severity::Error,
+                format!("the pod address range is exhausted ({total} addresses in use)"),
+                Some(
+                    "headcni ipam gc --dry-run shows allocations of pods that are gone; otherwise give the node a larger pod CIDR",
+                ),
+            ),
+            (Some(free), Some(total), _) if total > 0 && free * 10 < total => find(
+                &mut v,
+                Severity::Warning,
+                format!("the pod address range is over 90% used ({free} of {total} free)"),
+                Some("headcni ipam gc --dry-run shows allocations of pods that are gone"),
+            ),
+            _ => {}
+        }
+    }
+
+    match &report {
+        None => find(
+            &mut v,
+            Severity::Error,
+            format!("the agent has not reported on this node (no {})", report::path_in(&args.run_dir).display()),
+            Some("is the headcni agent pod running on this node? (kubectl -n kube-system get pods -o wide)"),
+        ),
+        Some(r) => {
+            let age = now.saturating_sub(r.updated_at);
+            v.agent_report_age_secs = Some(age);
+            v.agent_running = age <= STALE_AFTER_SECS;
+            v.agent_ready = Some(r.ready);
+            if !v.agent_running {
+                find(
+                    &mut v,
+                    Severity::Error,
+                    format!("the agent's last report is {age}s old"),
+                    Some("is the headcni agent pod running? see its logs"),
+                );
+            }
+            if !r.teardown.is_empty() {
+                v.uninstall = Some(r.teardown.clone());
+                find(
+                    &mut v,
+                    Severity::Warning,
+                    format!(
+                        "HeadCNI is being uninstalled (teardown {}): this node's routes are withdrawn, pods keep only \
+                         node-local connectivity",
+                        r.teardown
+                    ),
+                    Some(
+                        "helm upgrade or rollback sets the signal back to \"false\"; after the uninstall, drain the \
+                         node and remove the CNI files with headcni install --uninstall",
+                    ),
+                );
+            }
+            v.node = r.node_name.clone();
+            v.pod_cidrs = r.pod_cidrs.iter().map(ToString::to_string).collect();
+            v.pod_cidr_source = r.pod_cidr_source.clone();
+            v.approval = r.approval.clone();
+            v.pod_mtu = r.mtu;
+            v.masquerade_enabled = Some(r.masquerade);
+            v.routes = r
+                .routes
+                .iter()
+                .map(|rt| RouteView {
+                    cidr: rt.cidr.to_string(),
+                    advertised: Some(rt.advertised),
+                    approved: rt.approved,
+                })
+                .collect();
+            v.backend_state = r.tailnet.backend_state.clone();
+            v.tailscale_ips = r.tailnet.tailscale_ips.iter().map(ToString::to_string).collect();
+            v.control_url = r.tailnet.control_url.clone();
+            v.tailnet_hostname = r.hostname.clone();
+            for p in &r.problems {
+                if v.agent_running {
+                    find(&mut v, p.severity, p.message.clone(), p.hint.as_deref());
+                }
+            }
+        }
+    }
+    if let Ok(Some(nf)) = node_file {
+        if v.pod_cidrs.is_empty() {
+            v.pod_cidrs = nf.pod_cidrs.iter().map(ToString::to_string).collect();
+        }
+        v.pod_mtu = nf.mtu.or(v.pod_mtu);
+        if v.node.is_none() {
+            v.node = nf.node_name.clone();
+        }
+    }
+
+    // tailscaled, live.
+    match &live.status {
+        Some(Ok(st)) => {
+            v.backend_state = st.backend_state.clone();
+            v.tailnet_hostname = st.self_.host_name.clone();
+            v.tailscale_ips = st.tailscale_ips.iter().map(ToString::to_string).collect();
+            v.peers = st
+                .peer
+                .values()
+                .map(|p| PeerView {
+                    hostname: p.host_name.clone(),
+                    tailscale_ips: p.tailscale_ips.iter().map(ToString::to_string).collect(),
+                    routes: p.served_routes().iter().map(ToString::to_string).collect(),
+                    online: p.online,
+                })
+                .collect();
+            v.peers.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+            if !st.is_running() {
+                let health = st.health.join("; ");
+                find(
+                    &mut v,
+                    Severity::Error,
+                    format!(
+                        "tailscale is {}{}",
+                        st.backend_state,
+                        if health.is_empty() { String::new() } else { format!(": {health}") }
+                    ),
+                    Some(match st.backend_state.as_str() {
+                        "NeedsLogin" => {
+                            "give the agent --headscale-url and a pre-auth key, or log in with tailscale up"
+                        }
+                        "NeedsMachineAuth" => "authorize the node in Headscale",
+                        "Stopped" => "run tailscale up",
+                        _ => "wait for tailscaled to start",
+                    }),
+                );
+            }
+        }
+        Some(Err(e)) => find(
+            &mut v,
+            Severity::Error,
+            format!("tailscaled: {e}"),
+            Some("is tailscaled running? check --tailscale-socket"),
+        ),
+        None => {}
+    }
+    if let Some(p) = &live.prefs {
+        v.control_url = p.control_url.clone();
+        v.accept_routes = Some(p.route_all);
+        v.snat_subnet_routes = Some(!p.no_snat);
+        if !p.route_all {
+            find(
+                &mut v,
+                Severity::Error,
+                "accept-routes is off: this node does not route to other nodes' pods",
+                Some("the agent turns it on; by hand: tailscale set --accept-routes"),
+            );
+        }
+        if !p.no_snat {
+            find(
+                &mut v,
+                Severity::Error,
+                "subnet-route SNAT is on: remote pods see this node's address instead of the pod's",
+                Some("the agent turns it off; by hand: tailscale set --snat-subnet-routes=false"),
+            );
+        }
+        for r in &mut v.routes {
+            let Ok(net) = r.cidr.parse::<IpNetwork>() else { continue };
+            r.advertised = Some(p.advertises(&net));
+        }
+    }
+    for r in v.routes.clone() {
+        if r.advertised == Some(false) {
+            find(
+                &mut v,
+                Severity::Error,
+                format!("pod CIDR {} is not advertised to the tailnet", r.cidr),
+                Some("the agent advertises it; see its logs (tailscale debug prefs shows AdvertiseRoutes)"),
+            );
+        } else if r.approved == Some(false) {
+            find(
+                &mut v,
+                Severity::Error,
+                format!("route {} is not approved in Headscale: other nodes cannot reach this node's pods", r.cidr),
+                Some(&format!(
+                    "approve it (headscale nodes approve-routes --identifier <id> --routes {}), or cover it with the \
+                     policy's autoApprovers, or give the agent --api-key-file",
+                    r.cidr
+                )),
+            );
+        }
+    }
+
+    // Kernel, live.
+    let pods: Vec<IpNetwork> = v.pod_cidrs.iter().filter_map(|s| s.parse().ok()).collect();
+    v.forwarding_ipv4 = live.forwarding_v4;
+    v.forwarding_ipv6 = live.forwarding_v6;
+    if pods.iter().any(IpNetwork::is_ipv4) && live.forwarding_v4 == Some(false) {
+        find(
+            &mut v,
+            Severity::Error,
+            "IPv4 forwarding is off: pods cannot leave the node",
+            Some("sysctl -w net.ipv4.ip_forward=1 (the agent sets it)"),
+        );
+    }
+    if pods.iter().any(IpNetwork::is_ipv6) && live.forwarding_v6 == Some(false) {
+        find(
+            &mut v,
+            Severity::Error,
+            "IPv6 forwarding is off",
+            Some("sysctl -w net.ipv6.conf.all.forwarding=1 (the agent sets it)"),
+        );
+    }
+    if let Some(rules) = &live.rules {
+        v.rules = rules.iter().map(|r| format!("to {r} lookup main")).collect();
+        for p in &pods {
+            if !rules.contains(p) {
+                find(
+                    &mut v,
+                    Severity::Error,
+                    format!(
+                        "no policy rule sends traffic to {p} to the main table: a peer route covering it would capture it"
+                    ),
+                    Some("the agent adds it; see its logs"),
+                );
+            }
+        }
+    }
+    if let Some(tables) = &live.tables {
+        v.masquerade_tables = tables.iter().map(|(f, n)| format!("{f} {TABLE} ({n} rules)")).collect();
+        if v.masquerade_enabled == Some(true) && !pods.is_empty() && tables.is_empty() {
+            find(
+                &mut v,
+                Severity::Error,
+                "no masquerade table: pods cannot reach addresses outside the cluster",
+                Some("the agent creates it; see its logs"),
+            );
+        }
+    }
+    if let Some((name, mtu)) = &live.link {
+        v.tailnet_interface = Some(name.clone());
+        v.tailnet_mtu = Some(*mtu);
+        if let Some(pod) = v.pod_mtu
+            && pod > *mtu
+        {
+            find(
+                &mut v,
+                Severity::Error,
+                format!("pod MTU {pod} is larger than {name}'s MTU {mtu}: large packets between nodes are lost"),
+                Some("run the agent with --mtu auto (or at most the tailnet MTU); new pods get the new MTU"),
+            );
+        }
+    }
+
+    // Files.
+    let (nf_path, cl_path) = (v.node_file.clone(), v.conflist.clone());
+    match node_file {
+        Ok(Some(_)) => {}
+        Ok(None) => find(
+            &mut v,
+            Severity::Error,
+            format!("the node file {nf_path} is missing: the plugin cannot set up pods"),
+            Some("the agent writes it once it knows the pod CIDRs and the MTU"),
+        ),
+        Err(e) => find(&mut v, Severity::Error, e.to_string(), Some("the agent rewrites it")),
+    }
+    if !v.conflist_present {
+        find(
+            &mut v,
+            Severity::Error,
+            format!("no CNI configuration at {cl_path}: the runtime does not use HeadCNI"),
+            Some("headcni install (the chart's init container) writes it"),
+        );
+    } else if let Some(first) = live.files.first_conflist.as_deref()
+        && first != args.conflist_name
+    {
+        find(
+            &mut v,
+            Severity::Warning,
+            format!(
+                "{first} sorts before {} in {}: the runtime uses the first configuration",
+                args.conflist_name,
+                args.conf_dir.display()
+            ),
+            Some("remove the other network's configuration, or rename HeadCNI's to sort first"),
+        );
+    }
+    v.problems.sort_by_key(|p| std::cmp::Reverse(p.severity));
+    v
+}

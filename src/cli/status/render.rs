@@ -1,0 +1,112 @@
+//! The screen of `headcni status`: the view, one line a part, then the problems with fixes.
+
+use super::{IpamView, StatusView};
+use crate::agent::report::Severity;
+use std::io::Write;
+
+fn yes(b: Option<bool>, t: &str, f: &str) -> String {
+    match b {
+        Some(true) => t.into(),
+        Some(false) => f.into(),
+        None => "unknown".into(),
+    }
+}
+
+/// Writes the view as the screen a person reads.
+pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
+    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    writeln!(out, "HeadCNI on {}", v.node.as_deref().unwrap_or("this node"))?;
+    let agent = match (v.agent_running, v.agent_report_age_secs, v.agent_ready) {
+        (true, Some(age), Some(_)) if v.uninstall.is_some() => {
+            format!("uninstalling, teardown {} (reported {age}s ago)", v.uninstall.as_deref().unwrap_or("-"))
+        }
+        (true, Some(age), Some(ready)) => {
+            format!("running, {} (reported {age}s ago)", if ready { "ready" } else { "not ready" })
+        }
+        (false, Some(age), _) => format!("not reporting (last report {age}s ago)"),
+        _ => "no report".into(),
+    };
+    writeln!(out, "  agent        {agent}")?;
+    writeln!(
+        out,
+        "  tailnet      {} as {} ({}) via {}",
+        dash(&v.backend_state),
+        dash(&v.tailnet_hostname),
+        dash(&v.tailscale_ips.join(", ")),
+        dash(&v.control_url)
+    )?;
+    writeln!(
+        out,
+        "  prefs        accept-routes {}, subnet SNAT {}",
+        yes(v.accept_routes, "on", "OFF"),
+        yes(v.snat_subnet_routes, "ON", "off")
+    )?;
+    writeln!(out, "  pod CIDRs    {} (from {})", dash(&v.pod_cidrs.join(", ")), dash(&v.pod_cidr_source))?;
+    for r in &v.routes {
+        writeln!(
+            out,
+            "  route        {}: {}, {} ({})",
+            r.cidr,
+            yes(r.advertised, "advertised", "NOT advertised"),
+            yes(r.approved, "approved", "NOT approved"),
+            if v.approval == "api" { "approved by the agent" } else { "approval by policy" }
+        )?;
+    }
+    if v.peers.is_empty() {
+        writeln!(out, "  peers        none")?;
+    }
+    for p in &v.peers {
+        writeln!(
+            out,
+            "  peer         {} {}{}: {}",
+            p.hostname,
+            p.tailscale_ips.first().map(String::as_str).unwrap_or("-"),
+            if p.online { "" } else { " (offline)" },
+            if p.routes.is_empty() { "no routes".into() } else { format!("accepting {}", p.routes.join(", ")) }
+        )?;
+    }
+    writeln!(
+        out,
+        "  MTU          pod {}, {} {}",
+        v.pod_mtu.map(|m| m.to_string()).unwrap_or("-".into()),
+        v.tailnet_interface.as_deref().unwrap_or("tailnet"),
+        v.tailnet_mtu.map(|m| m.to_string()).unwrap_or("-".into())
+    )?;
+    let fwd6 = if v.forwarding_ipv6.is_some() {
+        format!(", ipv6 {}", yes(v.forwarding_ipv6, "on", "OFF"))
+    } else {
+        String::new()
+    };
+    writeln!(out, "  forwarding   ipv4 {}{fwd6}", yes(v.forwarding_ipv4, "on", "OFF"))?;
+    writeln!(out, "  ip rules     {}", if v.rules.is_empty() { "none".into() } else { v.rules.join(", ") })?;
+    let masq = match v.masquerade_enabled {
+        Some(false) => "disabled".to_string(),
+        _ if v.masquerade_tables.is_empty() => "no table".to_string(),
+        _ => v.masquerade_tables.join(", "),
+    };
+    writeln!(out, "  masquerade   {masq}")?;
+    writeln!(out, "  node file    {} ({})", v.node_file, if v.node_file_present { "present" } else { "MISSING" })?;
+    writeln!(out, "  conflist     {} ({})", v.conflist, if v.conflist_present { "present" } else { "MISSING" })?;
+    writeln!(
+        out,
+        "  IPAM         {}",
+        v.ipam.as_ref().map(IpamView::text).unwrap_or_else(|| "no conflist to read it from".into())
+    )?;
+    if v.problems.is_empty() {
+        writeln!(out, "All good.")?;
+    } else {
+        writeln!(out, "Problems:")?;
+        for p in &v.problems {
+            let tag = match p.severity {
+                Severity::Error => "ERROR",
+                Severity::Warning => "WARN ",
+                Severity::Waiting => "WAIT ",
+            };
+            writeln!(out, "  {tag} {}", p.message)?;
+            if let Some(fix) = &p.fix {
+                writeln!(out, "        → {fix}")?;
+            }
+        }
+    }
+    Ok(())
+}
