@@ -6,6 +6,7 @@
 
 use crate::cni::{CniVersion, is_safe_name};
 use crate::fsutil::{self, Durability};
+use crate::ipam::allocator::Strategy;
 use crate::nodefile::{MAX_MTU, MIN_MTU};
 use crate::plugin::PLUGIN_NAME;
 use crate::plugin::config::PluginConfig;
@@ -40,12 +41,15 @@ pub enum IpamKind {
     HostLocal,
 }
 
-/// Allocation strategy of headcni-ipam.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Strategy {
-    Sequential,
-    Random,
-    Dense,
+/// The allocation strategies of headcni-ipam as `--strategy` values, spelled as in the config.
+impl clap::ValueEnum for Strategy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Strategy::Sequential, Strategy::Random, Strategy::Dense]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -111,7 +115,7 @@ pub struct InstallArgs {
 
 /// What changed on disk.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
+pub struct FileChanges {
     pub changed: Vec<PathBuf>,
     pub unchanged: Vec<PathBuf>,
 }
@@ -183,12 +187,7 @@ impl InstallArgs {
         match self.ipam {
             IpamKind::HeadcniIpam => {
                 ipam.insert("type".into(), json!("headcni-ipam"));
-                let strategy = match self.strategy {
-                    Strategy::Sequential => "sequential",
-                    Strategy::Random => "random",
-                    Strategy::Dense => "dense",
-                };
-                ipam.insert("allocation_strategy".into(), json!(strategy));
+                ipam.insert("allocation_strategy".into(), json!(self.strategy.as_str()));
             }
             IpamKind::HostLocal => {
                 ipam.insert("type".into(), json!("host-local"));
@@ -314,7 +313,7 @@ fn same_content(path: &Path, data: &[u8]) -> bool {
     fs::read(path).map(|old| old == data).unwrap_or(false)
 }
 
-fn install_binary(source: &Path, bin_dir: &Path, out: &mut Outcome) -> Result<(), InstallError> {
+fn install_binary(source: &Path, bin_dir: &Path, out: &mut FileChanges) -> Result<(), InstallError> {
     let target = bin_dir.join(PLUGIN_NAME);
     let data = fs::read(source).map_err(io_err("reading", source))?;
     if same_content(&target, &data) {
@@ -328,7 +327,7 @@ fn install_binary(source: &Path, bin_dir: &Path, out: &mut Outcome) -> Result<()
     Ok(())
 }
 
-fn install_symlink(bin_dir: &Path, out: &mut Outcome) -> Result<(), InstallError> {
+fn install_symlink(bin_dir: &Path, out: &mut FileChanges) -> Result<(), InstallError> {
     let link = bin_dir.join(crate::ipam::PLUGIN_NAME);
     match fs::read_link(&link) {
         Ok(target) if target == Path::new(PLUGIN_NAME) => {
@@ -349,7 +348,7 @@ fn install_symlink(bin_dir: &Path, out: &mut Outcome) -> Result<(), InstallError
     Ok(())
 }
 
-fn install_conflist(path: &Path, text: &str, out: &mut Outcome) -> Result<(), InstallError> {
+fn install_conflist(path: &Path, text: &str, out: &mut FileChanges) -> Result<(), InstallError> {
     match fs::read_to_string(path) {
         Ok(old) if old == text => {
             out.unchanged.push(path.to_path_buf());
@@ -376,13 +375,13 @@ fn is_ours(conflist: &str) -> bool {
 }
 
 /// Installs (or, with --uninstall, removes) HeadCNI on this node.
-pub fn run(args: &InstallArgs, source: &Path) -> Result<Outcome, InstallError> {
+pub fn run(args: &InstallArgs, source: &Path) -> Result<FileChanges, InstallError> {
     if args.uninstall {
         args.validate()?;
         return uninstall(args);
     }
     let text = args.render(&common_versions(args)?)?;
-    let mut out = Outcome::default();
+    let mut out = FileChanges::default();
     for dir in [&args.bin_dir, &args.conf_dir] {
         fsutil::ensure_dir(dir, 0o755).map_err(io_err("creating", dir))?;
     }
@@ -392,8 +391,8 @@ pub fn run(args: &InstallArgs, source: &Path) -> Result<Outcome, InstallError> {
     Ok(out)
 }
 
-fn uninstall(args: &InstallArgs) -> Result<Outcome, InstallError> {
-    let mut out = Outcome::default();
+fn uninstall(args: &InstallArgs) -> Result<FileChanges, InstallError> {
+    let mut out = FileChanges::default();
     let conflist = args.conflist_path();
     if let Ok(text) = fs::read_to_string(&conflist) {
         if is_ours(&text) {

@@ -1,7 +1,7 @@
 //! Undoing what HeadCNI changed on a node: the routes it added to tailscaled's AdvertiseRoutes
 //! and approved in Headscale (only those, from the agent's state record), its policy rules and
-//! its nftables tables. Used by `headcni agent --cleanup` ([`Scope::Full`]) and by the agent
-//! itself when the uninstall signal arrives ([`Scope::Uninstall`]).
+//! its nftables tables. Used by `headcni agent --cleanup` ([`CleanupScope::Full`]) and by the agent
+//! itself when the uninstall signal arrives ([`CleanupScope::Uninstall`]).
 //!
 //! The uninstall keeps the node file (`<run_dir>/subnet.env`): the CNI plugin stays installed
 //! until the nodes are drained, and with the node file its STATUS keeps answering "available"
@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 
 /// How much to undo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
+pub enum CleanupScope {
     /// Everything, the node file and the status file included (`--cleanup`).
     Full,
     /// Everything but the node file and the status file (the uninstall signal).
@@ -36,7 +36,7 @@ pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: HostNetwork>(
     ts: &T,
     hs: Option<&H>,
     dp: &D,
-    scope: Scope,
+    scope: CleanupScope,
 ) -> Vec<String> {
     let mut errors = Vec::new();
     let state_path = state::path_in(&cfg.state_dir);
@@ -116,8 +116,8 @@ pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: HostNetwork>(
         Err(e) => errors.push(format!("removing nft tables: {e}")),
     }
     let files = match scope {
-        Scope::Full => vec![crate::nodefile::path_in(&cfg.run_dir), report::path_in(&cfg.run_dir)],
-        Scope::Uninstall => Vec::new(),
+        CleanupScope::Full => vec![crate::nodefile::path_in(&cfg.run_dir), report::path_in(&cfg.run_dir)],
+        CleanupScope::Uninstall => Vec::new(),
     };
     for path in files {
         match std::fs::remove_file(&path) {

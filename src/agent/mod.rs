@@ -262,7 +262,7 @@ pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let ts = SocketLocalApi::new(&cfg.tailscale_socket);
     let hs = headscale_client(&cfg)?;
     let dp = KernelHostNetwork::current()?.with_sysctl_root(cfg.sysctl_root.clone());
-    let errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::Scope::Full).await;
+    let errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::CleanupScope::Full).await;
     if errors.is_empty() {
         log::info!("cleanup done");
         Ok(0)

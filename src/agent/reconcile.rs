@@ -27,7 +27,7 @@
 //!
 //! - Normal: passes as above. An unreadable or missing ConfigMap changes nothing (it is
 //!   reported as a warning).
-//! - TearingDown: the cleanup of [`super::cleanup`] with [`Scope::Uninstall`] (routes and
+//! - TearingDown: the cleanup of [`super::cleanup`] with [`CleanupScope::Uninstall`] (routes and
 //!   approvals HeadCNI added, its rules and nft tables; the node file stays). No pass runs, so
 //!   nothing is advertised. Readiness keeps its value until the cleanup succeeded: the hook
 //!   waits for ready agents to turn not ready, which must mean "done".
@@ -35,7 +35,7 @@
 //! - Only an explicit "false" leaves teardown: a ConfigMap that disappears (Helm deletes it
 //!   after the hook) or cannot be read keeps the agent torn down.
 
-use super::cleanup::{Scope, cleanup_with};
+use super::cleanup::{CleanupScope, cleanup_with};
 use super::config::{AgentConfig, check_pod_cidrs, outside_cluster};
 use super::hostnet::{self, HostNetwork, masquerade_specs};
 use super::metrics::Metrics;
@@ -258,7 +258,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             self.mode = Mode::TearingDown;
         }
         if self.mode == Mode::TearingDown {
-            let errors = cleanup_with(&self.cfg, &self.ts, self.hs.as_ref(), &self.dp, Scope::Uninstall).await;
+            let errors = cleanup_with(&self.cfg, &self.ts, self.hs.as_ref(), &self.dp, CleanupScope::Uninstall).await;
             // The record changed under the reconciler.
             self.state = None;
             self.approval_confirmed = None;

@@ -52,7 +52,7 @@ pub enum HookError {
 
 /// How the hook ended without an API failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum HookOutcome {
     /// No agent is ready any more: each withdrew its node's routes.
     Done,
     /// The ConfigMap does not exist: the agents cannot be told.
@@ -125,7 +125,7 @@ pub async fn run(
     daemonset: &ObjectRef,
     timeout: Duration,
     poll: Duration,
-) -> Result<Outcome, HookError> {
+) -> Result<HookOutcome, HookError> {
     let deadline = Instant::now() + timeout;
     let cm_what = configmap.to_string();
     let patch = json!({ "data": { DATA_KEY: "true" } });
@@ -147,7 +147,7 @@ pub async fn run(
                     "{cm_what} does not exist: the agents cannot be told to withdraw their routes; after the \
                      uninstall run `headcni agent --cleanup` on every node"
                 );
-                return Ok(Outcome::NoSignal);
+                return Ok(HookOutcome::NoSignal);
             }
             Err(e) if e.is_transient() && Instant::now() + teardown::backoff(failures) < deadline => {
                 if failures == 0 {
@@ -170,7 +170,7 @@ pub async fn run(
                 let (ready, desired) = counts(&ds).map_err(|msg| HookError::Invalid { what: ds_what.clone(), msg })?;
                 if ready == 0 {
                     log::info!("no agent of {ds_what} is ready any more: every node withdrew its routes");
-                    return Ok(Outcome::Done);
+                    return Ok(HookOutcome::Done);
                 }
                 if last != Some((ready, desired)) {
                     log::info!("waiting for {ready} of {desired} agents of {ds_what} to withdraw their routes");
@@ -179,12 +179,12 @@ pub async fn run(
                 if Instant::now() >= deadline {
                     let selector = selector(&ds);
                     let pods = list_ready_pods(kube, daemonset, &selector).await;
-                    return Ok(Outcome::TimedOut { ready, desired, pods, selector });
+                    return Ok(HookOutcome::TimedOut { ready, desired, pods, selector });
                 }
             }
             Err(KubeError::NotFound { .. }) => {
                 log::warn!("{ds_what} does not exist: no agent to wait for");
-                return Ok(Outcome::NoDaemonSet);
+                return Ok(HookOutcome::NoDaemonSet);
             }
             Err(e) if e.is_transient() => {
                 if !failing {
@@ -244,7 +244,7 @@ pub fn main(args: TeardownArgs) -> i32 {
     };
     let timeout = Duration::from_secs(args.timeout);
     match rt.block_on(run(&kube, &configmap, &daemonset, timeout, POLL_INTERVAL)) {
-        Ok(Outcome::TimedOut { ready, desired, pods, selector }) => {
+        Ok(HookOutcome::TimedOut { ready, desired, pods, selector }) => {
             let which = match pods {
                 Some(p) if !p.is_empty() => format!(": {}", p.join(", ")),
                 _ => {
@@ -383,7 +383,7 @@ mod tests {
             return;
         };
         let (cm, ds) = refs();
-        assert_eq!(run(&kube, &cm, &ds, Duration::from_secs(10), FAST).await.unwrap(), Outcome::Done);
+        assert_eq!(run(&kube, &cm, &ds, Duration::from_secs(10), FAST).await.unwrap(), HookOutcome::Done);
         assert_eq!(c.lock().unwrap().cm["data"]["teardown"], "true");
         let seen = server.seen.lock().unwrap().clone();
         assert_eq!(seen[0].method, hyper::Method::PATCH);
@@ -400,7 +400,7 @@ mod tests {
         };
         let (cm, ds) = refs();
         let out = run(&kube, &cm, &ds, Duration::from_millis(300), FAST).await.unwrap();
-        let Outcome::TimedOut { ready, desired, pods, selector } = out else { panic!("{out:?}") };
+        let HookOutcome::TimedOut { ready, desired, pods, selector } = out else { panic!("{out:?}") };
         assert_eq!((ready, desired, pods), (2, 3, None), "the chart's Role may not list pods");
         assert!(selector.contains("app.kubernetes.io/component=agent"));
 
@@ -411,7 +411,7 @@ mod tests {
         ]}));
         let out = run(&kube, &cm, &ds, Duration::from_millis(200), FAST).await.unwrap();
         assert!(
-            matches!(out, Outcome::TimedOut { pods: Some(ref p), .. } if p == &["headcni-x7k2p (node-3)"]),
+            matches!(out, HookOutcome::TimedOut { pods: Some(ref p), .. } if p == &["headcni-x7k2p (node-3)"]),
             "{out:?}"
         );
     }
@@ -426,7 +426,7 @@ mod tests {
         // Transient failures are retried.
         c.lock().unwrap().patch_failures =
             vec![(503, r#"{"kind":"Status","message":"etcdserver: leader changed","code":503}"#.into())];
-        assert_eq!(run(&kube, &cm, &ds, Duration::from_secs(10), FAST).await.unwrap(), Outcome::Done);
+        assert_eq!(run(&kube, &cm, &ds, Duration::from_secs(10), FAST).await.unwrap(), HookOutcome::Done);
 
         // A refusal is an error at once, naming what the Role lacks.
         c.lock().unwrap().patch_failures = vec![(403, fixture("status-forbidden-configmap.json"))];
@@ -435,8 +435,8 @@ mod tests {
 
         // No ConfigMap, no DaemonSet: warnings, not errors.
         let missing = ObjectRef::parse(Kind::ConfigMap, "--configmap", "kube-system/other").unwrap();
-        assert_eq!(run(&kube, &missing, &ds, Duration::from_secs(1), FAST).await.unwrap(), Outcome::NoSignal);
+        assert_eq!(run(&kube, &missing, &ds, Duration::from_secs(1), FAST).await.unwrap(), HookOutcome::NoSignal);
         c.lock().unwrap().ds_missing = true;
-        assert_eq!(run(&kube, &cm, &ds, Duration::from_secs(1), FAST).await.unwrap(), Outcome::NoDaemonSet);
+        assert_eq!(run(&kube, &cm, &ds, Duration::from_secs(1), FAST).await.unwrap(), HookOutcome::NoDaemonSet);
     }
 }

@@ -3,7 +3,7 @@
 //! (`POST /api/v1/node/{id}/approve_routes`); older servers (the `/api/v1/routes` API) are
 //! detected and reported, never driven.
 
-use super::http::{ClientError, Endpoint, Request};
+use super::http::{ClientError, Endpoint, HttpRequest};
 use super::secret::{SecretError, SecretSource};
 use hyper::header::{AUTHORIZATION, HeaderValue};
 use hyper::{Method, StatusCode};
@@ -129,7 +129,7 @@ impl RestHeadscale {
         Self { url: endpoint.to_string(), endpoint, api_key }
     }
 
-    async fn call(&self, what: &str, req: Request) -> Result<hyper::body::Bytes, HeadscaleError> {
+    async fn call(&self, what: &str, req: HttpRequest) -> Result<hyper::body::Bytes, HeadscaleError> {
         let key = self.api_key.load("Headscale API key")?;
         let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
             .map_err(|_| HeadscaleError::Unauthorized { status: StatusCode::UNAUTHORIZED })?;
@@ -160,7 +160,7 @@ impl RestHeadscale {
 
 impl HeadscaleApi for RestHeadscale {
     async fn version(&self) -> Result<Option<String>, HeadscaleError> {
-        match self.call("GET /version", Request::new(Method::GET, "/version")).await {
+        match self.call("GET /version", HttpRequest::new(Method::GET, "/version")).await {
             Ok(body) => Ok(serde_json::from_slice::<Value>(&body)
                 .ok()
                 .and_then(|v| v.get("version").and_then(Value::as_str).map(str::to_string))),
@@ -171,7 +171,7 @@ impl HeadscaleApi for RestHeadscale {
 
     async fn nodes(&self) -> Result<Vec<HsNode>, HeadscaleError> {
         let what = "GET /api/v1/node";
-        let body = self.call(what, Request::new(Method::GET, "/api/v1/node").limit(64 << 20)).await?;
+        let body = self.call(what, HttpRequest::new(Method::GET, "/api/v1/node").limit(64 << 20)).await?;
         let list: NodeList =
             serde_json::from_slice(&body).map_err(|source| HeadscaleError::Decode { what: what.into(), source })?;
         Ok(list.nodes)
@@ -187,7 +187,7 @@ impl HeadscaleApi for RestHeadscale {
         }
         let what = format!("POST /api/v1/node/{node_id}/approve_routes");
         let routes: Vec<String> = routes.iter().map(ToString::to_string).collect();
-        let req = Request::new(Method::POST, format!("/api/v1/node/{node_id}/approve_routes"))
+        let req = HttpRequest::new(Method::POST, format!("/api/v1/node/{node_id}/approve_routes"))
             .json(&json!({ "routes": routes }));
         let body = match self.call(&what, req).await {
             // A server without the endpoint: grpc-gateway answers 404 "Not Found" (or 501).

@@ -65,7 +65,7 @@ impl std::fmt::Debug for Endpoint {
 }
 
 /// One request. Header values that carry secrets must be marked sensitive by the caller.
-pub struct Request {
+pub struct HttpRequest {
     pub method: Method,
     pub path: String,
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -74,7 +74,7 @@ pub struct Request {
     pub limit: usize,
 }
 
-impl Request {
+impl HttpRequest {
     pub fn new(method: Method, path: impl Into<String>) -> Self {
         Self {
             method,
@@ -207,7 +207,7 @@ impl Endpoint {
     }
 
     /// Sends one request and reads the whole answer, within the request's deadline.
-    pub async fn send(&self, req: Request) -> Result<Response, ClientError> {
+    pub async fn send(&self, req: HttpRequest) -> Result<Response, ClientError> {
         let target = self.display.clone();
         let timeout = req.timeout;
         let limit = req.limit;
@@ -224,7 +224,7 @@ impl Endpoint {
     /// Sends one request and answers as soon as the status line and headers are in (within the
     /// request's deadline); the body is then read piece by piece (a Kubernetes watch). The
     /// request's limit applies to each line of the body.
-    pub async fn open(&self, req: Request) -> Result<StreamingResponse, ClientError> {
+    pub async fn open(&self, req: HttpRequest) -> Result<StreamingResponse, ClientError> {
         let target = self.display.clone();
         let timeout = req.timeout;
         match tokio::time::timeout(timeout, self.open_inner(req)).await {
@@ -233,7 +233,7 @@ impl Endpoint {
         }
     }
 
-    async fn open_inner(&self, req: Request) -> Result<StreamingResponse, ClientError> {
+    async fn open_inner(&self, req: HttpRequest) -> Result<StreamingResponse, ClientError> {
         let target = self.display.clone();
         let http_err = |source| ClientError::Http { target: target.clone(), source };
         let stream = self.connect().await?;
@@ -530,16 +530,16 @@ mod tests {
         });
         let (server, url) = testserver::tcp(handler).await;
         let ep = Endpoint::from_url(&url, None).unwrap();
-        let r = ep.send(Request::new(Method::POST, "/a?b=c").json(&serde_json::json!({"k": 1}))).await.unwrap();
+        let r = ep.send(HttpRequest::new(Method::POST, "/a?b=c").json(&serde_json::json!({"k": 1}))).await.unwrap();
         assert_eq!(r.status, 201);
         assert_eq!(&r.body[..], b"POST /a?b=c");
         assert_eq!(server.seen.lock().unwrap()[0].body, b"{\"k\":1}");
-        let err = ep.send(Request::new(Method::GET, "/big").limit(100)).await.unwrap_err();
+        let err = ep.send(HttpRequest::new(Method::GET, "/big").limit(100)).await.unwrap_err();
         assert!(matches!(err, ClientError::TooLarge { .. }), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
         let missing = Endpoint::unix(&dir.path().join("nope.sock"), "local");
-        let err = missing.send(Request::new(Method::GET, "/")).await.unwrap_err();
+        let err = missing.send(HttpRequest::new(Method::GET, "/")).await.unwrap_err();
         assert!(err.is_unreachable(), "{err}");
     }
 
@@ -551,16 +551,16 @@ mod tests {
         });
         let (_server, url) = testserver::tcp(handler).await;
         let ep = Endpoint::from_url(&url, None).unwrap();
-        let mut r = ep.open(Request::new(Method::GET, "/w")).await.unwrap();
+        let mut r = ep.open(HttpRequest::new(Method::GET, "/w")).await.unwrap();
         assert_eq!(r.status, 200);
         let mut lines = Vec::new();
         while let Some(line) = r.next_line().await.unwrap() {
             lines.push(String::from_utf8(line).unwrap());
         }
         assert_eq!(lines, vec!["one", " two ", "last"], "blank lines skipped, CRLF and a last line without one");
-        let mut r = ep.open(Request::new(Method::GET, "/long").limit(100)).await.unwrap();
+        let mut r = ep.open(HttpRequest::new(Method::GET, "/long").limit(100)).await.unwrap();
         assert!(matches!(r.next_line().await.unwrap_err(), ClientError::TooLarge { limit: 100, .. }));
-        let r = ep.open(Request::new(Method::GET, "/long")).await.unwrap();
+        let r = ep.open(HttpRequest::new(Method::GET, "/long")).await.unwrap();
         assert_eq!(r.collect(1000).await.unwrap().body.len(), 507);
     }
 

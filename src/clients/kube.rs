@@ -10,7 +10,7 @@
 //! comes out, the shape of kube-rs's `Api<K>` with `get`, `patch` and `watch`, so that a move to
 //! kube-rs changes this module and the types its callers decode, not their logic.
 
-use super::http::{self, ClientError, Endpoint, Request, StreamingResponse};
+use super::http::{self, ClientError, Endpoint, HttpRequest, StreamingResponse};
 use super::secret::{self, SecretSource};
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, StatusCode};
@@ -299,7 +299,7 @@ impl Kube {
         }
     }
 
-    fn authorize(&self, mut req: Request) -> Result<Request, KubeError> {
+    fn authorize(&self, mut req: HttpRequest) -> Result<HttpRequest, KubeError> {
         if let Auth::Token(src) = &self.auth {
             let token = src.load("Kubernetes token")?;
             let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
@@ -310,7 +310,7 @@ impl Kube {
         Ok(req.header(ACCEPT, HeaderValue::from_static("application/json")))
     }
 
-    async fn send(&self, req: Request) -> Result<http::Response, KubeError> {
+    async fn send(&self, req: HttpRequest) -> Result<http::Response, KubeError> {
         let req = self.authorize(req)?;
         self.endpoint
             .send(req)
@@ -327,7 +327,7 @@ impl Kube {
 
     /// The object as the server sent it (for callers that validate it themselves).
     pub async fn get_raw(&self, obj: &ObjectRef) -> Result<Vec<u8>, KubeError> {
-        let req = Request::new(Method::GET, &obj.path()).timeout(REQUEST_TIMEOUT).limit(obj.kind.answer_limit());
+        let req = HttpRequest::new(Method::GET, &obj.path()).timeout(REQUEST_TIMEOUT).limit(obj.kind.answer_limit());
         let resp = self.send(req).await?;
         check(&obj.to_string(), &resp)?;
         Ok(resp.body.to_vec())
@@ -338,7 +338,7 @@ impl Kube {
         let what = format!("the {}s in {namespace} labelled {label_selector}", kind.as_str());
         let path = format!("{}?labelSelector={}", kind.collection(namespace), percent_encode(label_selector));
         let resp =
-            self.send(Request::new(Method::GET, &path).timeout(REQUEST_TIMEOUT).limit(kind.answer_limit())).await?;
+            self.send(HttpRequest::new(Method::GET, &path).timeout(REQUEST_TIMEOUT).limit(kind.answer_limit())).await?;
         check(&what, &resp)?;
         serde_json::from_slice(&resp.body).map_err(|e| KubeError::Invalid { what, msg: format!("not JSON: {e}") })
     }
@@ -346,7 +346,7 @@ impl Kube {
     /// Applies a JSON merge patch (RFC 7386) to the object. Answers the patched object.
     pub async fn merge_patch(&self, obj: &ObjectRef, patch: &Value) -> Result<Value, KubeError> {
         let what = obj.to_string();
-        let mut req = Request::new(Method::PATCH, &obj.path()).timeout(REQUEST_TIMEOUT).limit(4 << 20);
+        let mut req = HttpRequest::new(Method::PATCH, &obj.path()).timeout(REQUEST_TIMEOUT).limit(4 << 20);
         req.body = Some(patch.to_string().into_bytes());
         let req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/merge-patch+json"));
         let resp = self.send(req).await?;
@@ -365,7 +365,7 @@ impl Kube {
     ) -> Result<WatchStream, KubeError> {
         let what = &obj.to_string();
         let path = obj.watch_path(resource_version, timeout_secs);
-        let req = self.authorize(Request::new(Method::GET, &path).timeout(REQUEST_TIMEOUT).limit(1 << 20))?;
+        let req = self.authorize(HttpRequest::new(Method::GET, &path).timeout(REQUEST_TIMEOUT).limit(1 << 20))?;
         let stream = self
             .endpoint
             .open(req)

@@ -6,7 +6,7 @@
 //! of the LocalAPI (tsnet), not on the unix socket, so it is not sent. Writes need root or
 //! tailscaled's operator user; tailscaled answers 403 otherwise.
 
-use super::http::{ClientError, Endpoint, Request};
+use super::http::{ClientError, Endpoint, HttpRequest};
 use super::secret::Secret;
 use hyper::{Method, StatusCode};
 use ipnetwork::IpNetwork;
@@ -267,7 +267,7 @@ impl SocketLocalApi {
         &self.socket
     }
 
-    async fn call(&self, what: &str, req: Request) -> Result<hyper::body::Bytes, TailscaleError> {
+    async fn call(&self, what: &str, req: HttpRequest) -> Result<hyper::body::Bytes, TailscaleError> {
         let resp = self.endpoint.send(req).await.map_err(|e| {
             if e.is_unreachable() {
                 TailscaleError::Unreachable { socket: self.socket.clone(), source: e }
@@ -297,32 +297,32 @@ impl SocketLocalApi {
 impl LocalApi for SocketLocalApi {
     async fn status(&self) -> Result<Status, TailscaleError> {
         let what = "GET /localapi/v0/status";
-        let body = self.call(what, Request::new(Method::GET, "/localapi/v0/status").limit(64 << 20)).await?;
+        let body = self.call(what, HttpRequest::new(Method::GET, "/localapi/v0/status").limit(64 << 20)).await?;
         Self::decode(what, &body)
     }
 
     async fn prefs(&self) -> Result<Prefs, TailscaleError> {
         let what = "GET /localapi/v0/prefs";
-        let body = self.call(what, Request::new(Method::GET, "/localapi/v0/prefs")).await?;
+        let body = self.call(what, HttpRequest::new(Method::GET, "/localapi/v0/prefs")).await?;
         Ok(Prefs::from_json(Self::decode(what, &body)?))
     }
 
     async fn edit_prefs(&self, edit: &PrefsEdit) -> Result<Prefs, TailscaleError> {
         let what = "PATCH /localapi/v0/prefs";
-        let body = self.call(what, Request::new(Method::PATCH, "/localapi/v0/prefs").json(&edit.to_json())).await?;
+        let body = self.call(what, HttpRequest::new(Method::PATCH, "/localapi/v0/prefs").json(&edit.to_json())).await?;
         Ok(Prefs::from_json(Self::decode(what, &body)?))
     }
 
     async fn start(&self, auth_key: &Secret, prefs: Value) -> Result<(), TailscaleError> {
         let what = "POST /localapi/v0/start";
         let body = json!({"AuthKey": auth_key.expose(), "UpdatePrefs": prefs});
-        let req = Request::new(Method::POST, "/localapi/v0/start").json(&body).timeout(Duration::from_secs(30));
+        let req = HttpRequest::new(Method::POST, "/localapi/v0/start").json(&body).timeout(Duration::from_secs(30));
         self.call(what, req).await.map(|_| ())
     }
 
     async fn login(&self) -> Result<(), TailscaleError> {
         let what = "POST /localapi/v0/login-interactive";
-        let req = Request::new(Method::POST, "/localapi/v0/login-interactive").timeout(Duration::from_secs(30));
+        let req = HttpRequest::new(Method::POST, "/localapi/v0/login-interactive").timeout(Duration::from_secs(30));
         self.call(what, req).await.map(|_| ())
     }
 }

@@ -348,9 +348,9 @@ pub fn main(plugin: &dyn Plugin, prepare: &dyn Fn(Option<Command>, &[u8])) -> i3
     run(plugin, &ProcessEnv, &mut input.as_slice(), &mut stdout)
 }
 
-type Outcome = (Option<CniVersion>, Result<Option<Value>, CniError>);
+type Dispatched = (Option<CniVersion>, Result<Option<Value>, CniError>);
 
-fn dispatch(plugin: &dyn Plugin, env: &dyn Env, stdin: &mut dyn Read) -> Outcome {
+fn dispatch(plugin: &dyn Plugin, env: &dyn Env, stdin: &mut dyn Read) -> Dispatched {
     let command = match env.var("CNI_COMMAND") {
         None => return (None, Err(CniError::invalid_env("CNI_COMMAND is not set"))),
         Some(c) => match Command::parse(&c) {

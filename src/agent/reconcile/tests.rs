@@ -2,7 +2,7 @@
 //! behaviour is proven against real tailscaled and Headscale by `tests/agent_tailnet.rs`.
 
 use super::*;
-use crate::agent::cleanup::{Scope, cleanup_with};
+use crate::agent::cleanup::{CleanupScope, cleanup_with};
 use crate::agent::config::CidrSource;
 use crate::agent::hostnet::{Changes, HostNetworkError};
 use crate::agent::node::NodeError;
@@ -729,7 +729,7 @@ async fn cleanup_undoes_only_what_headcni_did() {
     reconciler(&w, &cidrs, &ts, Some(&hs), &dp).reconcile().await;
     assert_eq!(ts.routes(), vec!["192.168.7.0/24", "10.244.1.0/24"]);
 
-    let errors = cleanup_with(&w.cfg, &ts, Some(&hs), &dp, Scope::Full).await;
+    let errors = cleanup_with(&w.cfg, &ts, Some(&hs), &dp, CleanupScope::Full).await;
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(ts.routes(), vec!["192.168.7.0/24"], "the operator's route stays");
     {
@@ -742,14 +742,14 @@ async fn cleanup_undoes_only_what_headcni_did() {
     assert!(!nodefile::path_in(&w.cfg.run_dir).exists());
     assert!(!state::path_in(&w.cfg.state_dir).exists());
     // Twice is fine.
-    assert!(cleanup_with(&w.cfg, &ts, Some(&hs), &dp, Scope::Full).await.is_empty());
+    assert!(cleanup_with(&w.cfg, &ts, Some(&hs), &dp, CleanupScope::Full).await.is_empty());
 
     // tailscaled unreachable: the failure is reported and the record kept for a retry.
     let w = world(|_| {});
     let ts = FakeTs::running(&[]);
     reconciler(&w, &cidrs, &ts, None, &dp).reconcile().await;
     ts.lock().reachable = false;
-    let errors = cleanup_with(&w.cfg, &ts, None::<&FakeHs>, &dp, Scope::Full).await;
+    let errors = cleanup_with(&w.cfg, &ts, None::<&FakeHs>, &dp, CleanupScope::Full).await;
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(state(&w).advertised_routes, nets(&["10.244.1.0/24"]));
     let _ = &w.dir;
