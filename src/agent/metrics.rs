@@ -5,6 +5,7 @@
 //! scrape) under a lock, and the spool deletes what it hands out, so each event counts once.
 //! The agent's own state is exported as gauges, set after every reconcile pass.
 
+use super::report::Step;
 use crate::events::{self, Event};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -16,9 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 type Labels = Vec<(&'static str, String)>;
-
-/// Names of the reconcile steps (the `step` label).
-pub const STEPS: &[&str] = &["pod_cidrs", "tailscale", "prefs", "approval", "dataplane", "node_file", "state"];
 
 pub struct Metrics {
     registry: Registry,
@@ -106,8 +104,8 @@ impl Metrics {
         );
         registry.register("pod_mtu", "MTU given to pod interfaces (0 until known)", pod_mtu.clone());
         registry.register("ready", "1 when the node file is written and the pod CIDRs are advertised", ready.clone());
-        for step in STEPS {
-            reconcile_errors.get_or_create(&vec![("step", step.to_string())]).set(0);
+        for step in Step::ALL {
+            reconcile_errors.get_or_create(&vec![("step", step.as_str().to_string())]).set(0);
         }
         for fam in [false, true] {
             ip_allocations.get_or_create(&family_label(fam)).inc_by(0);
@@ -173,10 +171,11 @@ impl Metrics {
         }
     }
 
-    pub fn set_step(&self, step: &str, failing: bool) {
-        self.reconcile_errors.get_or_create(&vec![("step", step.to_string())]).set(i64::from(failing));
+    pub fn set_step(&self, step: Step, failing: bool) {
+        let label = vec![("step", step.as_str().to_string())];
+        self.reconcile_errors.get_or_create(&label).set(i64::from(failing));
         if failing {
-            self.reconcile_failures.get_or_create(&vec![("step", step.to_string())]).inc();
+            self.reconcile_failures.get_or_create(&label).inc();
         }
     }
 
@@ -233,7 +232,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Metrics::new(dir.path());
         m.set_backend_state("Running");
-        m.set_step("approval", true);
+        m.set_step(Step::Approval, true);
         m.routes_pending_approval.set(1);
         let text = m.encode();
         assert!(text.contains("headcni_tailnet_backend_state{state=\"Running\"} 1"));

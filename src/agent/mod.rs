@@ -45,7 +45,7 @@ use teardown::{Signal, SignalState, SignalWatcher};
 /// The pod CIDR source picked by the configuration.
 pub enum CidrSourceImpl {
     Static(StaticCidrs),
-    Node(NodeCidrs),
+    Node(Box<NodeCidrs>),
 }
 
 impl PodCidrSource for CidrSourceImpl {
@@ -99,8 +99,8 @@ fn cidr_source(cfg: &AgentConfig) -> anyhow::Result<CidrSourceImpl> {
     let name = cfg.node_name.clone().unwrap_or_default();
     Ok(match &cfg.cidr_source {
         CidrSource::Static(c) => CidrSourceImpl::Static(StaticCidrs(c.clone())),
-        CidrSource::InCluster => CidrSourceImpl::Node(NodeCidrs::in_cluster(&name)?),
-        CidrSource::Kubeconfig(p) => CidrSourceImpl::Node(NodeCidrs::from_kubeconfig(&name, p)?),
+        CidrSource::InCluster => CidrSourceImpl::Node(Box::new(NodeCidrs::in_cluster(&name)?)),
+        CidrSource::Kubeconfig(p) => CidrSourceImpl::Node(Box::new(NodeCidrs::from_kubeconfig(&name, p)?)),
     })
 }
 

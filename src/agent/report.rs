@@ -111,17 +111,104 @@ impl AgentReport {
     }
 }
 
+/// The steps of a pass, as the metrics count their failures
+/// (`headcni_reconcile_errors{step="..."}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    PodCidrs,
+    Tailscale,
+    Prefs,
+    Approval,
+    Dataplane,
+    NodeFile,
+    State,
+}
+
+impl Step {
+    pub const ALL: [Step; 7] =
+        [Step::PodCidrs, Step::Tailscale, Step::Prefs, Step::Approval, Step::Dataplane, Step::NodeFile, Step::State];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::PodCidrs => "pod_cidrs",
+            Step::Tailscale => "tailscale",
+            Step::Prefs => "prefs",
+            Step::Approval => "approval",
+            Step::Dataplane => "dataplane",
+            Step::NodeFile => "node_file",
+            Step::State => "state",
+        }
+    }
+}
+
+/// What a problem is about: a step or one part of it, or the uninstall machinery. Its text
+/// ([`ProblemId::as_str`]: "step" or "step/part") is the id in the status file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProblemId {
+    PodCidrs,
+    Tailscale,
+    Prefs,
+    /// tailscaled is logged in to another server than --headscale-url.
+    PrefsControlUrl,
+    Approval,
+    Forwarding,
+    Rules,
+    Masquerade,
+    Mtu,
+    NodeFile,
+    State,
+    /// The cleanup under the uninstall signal.
+    Teardown,
+    /// The uninstall signal cannot be read.
+    UninstallSignal,
+}
+
+impl ProblemId {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemId::PodCidrs => "pod_cidrs",
+            ProblemId::Tailscale => "tailscale",
+            ProblemId::Prefs => "prefs",
+            ProblemId::PrefsControlUrl => "prefs/control_url",
+            ProblemId::Approval => "approval",
+            ProblemId::Forwarding => "dataplane/forwarding",
+            ProblemId::Rules => "dataplane/rules",
+            ProblemId::Masquerade => "dataplane/masquerade",
+            ProblemId::Mtu => "dataplane/mtu",
+            ProblemId::NodeFile => "node_file",
+            ProblemId::State => "state",
+            ProblemId::Teardown => "teardown",
+            ProblemId::UninstallSignal => "uninstall_signal",
+        }
+    }
+
+    /// The step this problem counts against in the metrics (none for the uninstall's).
+    pub fn step(self) -> Option<Step> {
+        Some(match self {
+            ProblemId::PodCidrs => Step::PodCidrs,
+            ProblemId::Tailscale => Step::Tailscale,
+            ProblemId::Prefs | ProblemId::PrefsControlUrl => Step::Prefs,
+            ProblemId::Approval => Step::Approval,
+            ProblemId::Forwarding | ProblemId::Rules | ProblemId::Masquerade | ProblemId::Mtu => Step::Dataplane,
+            ProblemId::NodeFile => Step::NodeFile,
+            ProblemId::State => Step::State,
+            ProblemId::Teardown | ProblemId::UninstallSignal => return None,
+        })
+    }
+}
+
 struct Tracked {
     report: ProblemReport,
     last_logged: Instant,
 }
 
-/// The current problems, keyed by id ("step" or "step/detail"). Each is logged when it appears
-/// or changes, reminded at most every [`Problems::REMIND`], and its end is logged once.
+/// The current problems, keyed by what they are about. Each is logged when it appears or
+/// changes, reminded at most every [`Problems::REMIND`], and its end is logged once.
 #[derive(Default)]
 pub struct Problems {
-    current: BTreeMap<String, Tracked>,
-    seen: Vec<String>,
+    current: BTreeMap<ProblemId, Tracked>,
+    seen: Vec<ProblemId>,
 }
 
 impl Problems {
@@ -132,9 +219,9 @@ impl Problems {
         self.seen.clear();
     }
 
-    pub fn report(&mut self, id: &str, severity: Severity, message: impl Into<String>, hint: Option<String>) {
+    pub fn report(&mut self, id: ProblemId, severity: Severity, message: impl Into<String>, hint: Option<String>) {
         let message = message.into();
-        self.seen.push(id.to_string());
+        self.seen.push(id);
         let now = Instant::now();
         let log_it = |p: &ProblemReport, again: bool| {
             let prefix = if again { "still: " } else { "" };
@@ -145,7 +232,7 @@ impl Problems {
                 Severity::Waiting => log::info!("{prefix}{}{hint}", p.message),
             }
         };
-        match self.current.get_mut(id) {
+        match self.current.get_mut(&id) {
             Some(t) if t.report.message == message && t.report.severity == severity => {
                 if now.duration_since(t.last_logged) >= Self::REMIND {
                     log_it(&t.report, true);
@@ -155,16 +242,16 @@ impl Problems {
                 }
             }
             _ => {
-                let report = ProblemReport { id: id.to_string(), severity, message, hint };
+                let report = ProblemReport { id: id.as_str().to_string(), severity, message, hint };
                 log_it(&report, false);
-                self.current.insert(id.to_string(), Tracked { report, last_logged: now });
+                self.current.insert(id, Tracked { report, last_logged: now });
             }
         }
     }
 
     /// Ends a pass; answers the ids that were resolved.
-    pub fn end_pass(&mut self) -> Vec<String> {
-        let gone: Vec<String> = self.current.keys().filter(|k| !self.seen.contains(k)).cloned().collect();
+    pub fn end_pass(&mut self) -> Vec<ProblemId> {
+        let gone: Vec<ProblemId> = self.current.keys().filter(|k| !self.seen.contains(k)).copied().collect();
         for id in &gone {
             if let Some(t) = self.current.remove(id) {
                 log::info!("resolved: {}", t.report.message);
@@ -185,8 +272,9 @@ impl Problems {
         v
     }
 
-    pub fn has(&self, id_prefix: &str) -> bool {
-        self.current.keys().any(|k| k == id_prefix || k.starts_with(&format!("{id_prefix}/")))
+    /// Whether an error counts against `step` now.
+    pub fn failing(&self, step: Step) -> bool {
+        self.current.iter().any(|(id, t)| id.step() == Some(step) && t.report.severity == Severity::Error)
     }
 
     pub fn worst(&self) -> Option<Severity> {
@@ -202,17 +290,17 @@ mod tests {
     fn problems_come_and_go() {
         let mut p = Problems::default();
         p.begin_pass();
-        p.report("approval", Severity::Waiting, "route pending", None);
-        p.report("dataplane/nft", Severity::Error, "nft failed", Some("check CAP_NET_ADMIN".into()));
+        p.report(ProblemId::Approval, Severity::Waiting, "route pending", None);
+        p.report(ProblemId::Masquerade, Severity::Error, "nft failed", Some("check CAP_NET_ADMIN".into()));
         assert!(p.end_pass().is_empty());
-        assert!(p.has("dataplane") && p.has("approval") && !p.has("tailscale"));
+        assert!(p.failing(Step::Dataplane) && !p.failing(Step::Approval) && !p.failing(Step::Tailscale));
         assert_eq!(p.worst(), Some(Severity::Error));
-        assert_eq!(p.list()[0].id, "dataplane/nft");
+        assert_eq!(p.list()[0].id, "dataplane/masquerade");
         p.begin_pass();
-        p.report("approval", Severity::Waiting, "route pending", None);
-        assert_eq!(p.end_pass(), vec!["dataplane/nft".to_string()]);
+        p.report(ProblemId::Approval, Severity::Waiting, "route pending", None);
+        assert_eq!(p.end_pass(), vec![ProblemId::Masquerade]);
         p.begin_pass();
-        assert_eq!(p.end_pass(), vec!["approval".to_string()]);
+        assert_eq!(p.end_pass(), vec![ProblemId::Approval]);
         assert_eq!(p.worst(), None);
     }
 

@@ -327,7 +327,7 @@ impl Kube {
 
     /// The object as the server sent it (for callers that validate it themselves).
     pub async fn get_raw(&self, obj: &ObjectRef) -> Result<Vec<u8>, KubeError> {
-        let req = HttpRequest::new(Method::GET, &obj.path()).timeout(REQUEST_TIMEOUT).limit(obj.kind.answer_limit());
+        let req = HttpRequest::new(Method::GET, obj.path()).timeout(REQUEST_TIMEOUT).limit(obj.kind.answer_limit());
         let resp = self.send(req).await?;
         check(&obj.to_string(), &resp)?;
         Ok(resp.body.to_vec())
@@ -346,7 +346,7 @@ impl Kube {
     /// Applies a JSON merge patch (RFC 7386) to the object. Answers the patched object.
     pub async fn merge_patch(&self, obj: &ObjectRef, patch: &Value) -> Result<Value, KubeError> {
         let what = obj.to_string();
-        let mut req = HttpRequest::new(Method::PATCH, &obj.path()).timeout(REQUEST_TIMEOUT).limit(4 << 20);
+        let mut req = HttpRequest::new(Method::PATCH, obj.path()).timeout(REQUEST_TIMEOUT).limit(4 << 20);
         req.body = Some(patch.to_string().into_bytes());
         let req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/merge-patch+json"));
         let resp = self.send(req).await?;

@@ -16,13 +16,15 @@ fn find(view: &mut StatusView, severity: Severity, message: impl Into<String>, f
 
 /// Builds the view from the agent's report, the live findings and the files.
 pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: u64) -> StatusView {
-    let mut v = StatusView::default();
-    v.node_file = nodefile::path_in(&args.run_dir).display().to_string();
     let node_file = &live.files.node_file;
-    v.node_file_present = matches!(node_file, Ok(Some(_)));
-    v.conflist = args.conf_dir.join(&args.conflist_name).display().to_string();
-    v.conflist_present = live.files.conflist_present;
-    v.ipam = live.files.ipam.clone();
+    let mut v = StatusView {
+        node_file: nodefile::path_in(&args.run_dir).display().to_string(),
+        node_file_present: matches!(node_file, Ok(Some(_))),
+        conflist: args.conf_dir.join(&args.conflist_name).display().to_string(),
+        conflist_present: live.files.conflist_present,
+        ipam: live.files.ipam.clone(),
+        ..StatusView::default()
+    };
     if let Some(ipam) = v.ipam.clone() {
         match (ipam.free, ipam.total, &ipam.error) {
             (_, _, Some(e)) => find(
