@@ -8,6 +8,7 @@
 //! - [`ipam`]: the `headcni-ipam` IPAM plugin and its store
 //! - [`netlink`]: the only code that talks to the kernel's network configuration
 //! - [`nodefile`], [`events`]: what the agent and the plugins share on a node
+//! - [`errors`]: the error list of best-effort operations (DEL, GC, cleanup)
 //! - [`install`]: `headcni install`, putting HeadCNI on a node
 //! - [`agent`]: the node agent (`headcni agent`) and `headcni status`
 //! - [`cli`]: the command line (`version`, and the node tools)
@@ -20,6 +21,7 @@ pub mod agent;
 pub mod cli;
 pub mod clients;
 pub mod cni;
+pub mod errors;
 pub mod events;
 pub mod fsutil;
 pub mod install;

@@ -59,6 +59,16 @@ impl CniError {
         Self::new(code::INTERNAL, msg)
     }
 
+    /// One error for a best-effort verb (DEL, GC) that went on past its failures: "<what>
+    /// finished with errors: " and every message, with the code of the first failure (the cause
+    /// the others most likely followed from). No failure, no error.
+    pub fn from_list(what: &str, failures: crate::errors::ErrorList<CniError>) -> Result<(), CniError> {
+        match failures.first() {
+            None => Ok(()),
+            Some(first) => Err(CniError::new(first.code, format!("{what} finished with errors: {failures}"))),
+        }
+    }
+
     /// The reply written to stdout for this error.
     pub fn to_reply<'a>(&'a self, cni_version: &'a str) -> ErrorReply<'a> {
         ErrorReply { cni_version, code: self.code, msg: &self.msg, details: &self.details }

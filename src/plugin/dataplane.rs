@@ -1,12 +1,17 @@
-//! The routed veth data plane (ptp style, no bridge): a veth pair per attachment, the pod's
-//! addresses without connected routes, the gateway as an on-link host route in the pod, the
-//! gateway address on the host end, and a host route to each pod address. Every function here
-//! receives netlink handles already bound to their namespaces.
+//! The plugin's data plane behind one seam: the [`Dataplane`] trait names every kernel operation
+//! ADD, DEL, CHECK and GC need, [`KernelDataplane`] does them with netlink handles bound to
+//! their namespaces (ptp style, no bridge: a veth pair per attachment, the pod's addresses
+//! without connected routes, the gateway as an on-link host route in the pod, the gateway
+//! address on the host end, a host route to each pod address), and the unit tests use an
+//! in-memory fake (`plugin::fake`). The root tests (tests/plugin_netns.rs) prove the kernel side.
 
-use crate::cni::{IpConfig, Route};
-use crate::netlink::{AddressOptions, Link, Netlink, NetlinkError, Netns, RouteSpec, Scope, sysctl};
-use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use super::attachment::{Attached, AttachmentSpec};
+use crate::cni::CniError;
+use crate::netlink::sysctl::SysctlRoot;
+use crate::netlink::{AddressOptions, Netlink, NetlinkError, Netns, RouteSpec, Scope};
+use std::cell::OnceCell;
+use std::future::Future;
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -16,151 +21,169 @@ pub enum DataplaneError {
     Sysctl { key: String, source: std::io::Error },
     #[error("link {0} vanished while being configured")]
     Vanished(String),
-    #[error("address {0} has no gateway and none can be derived from its prefix")]
-    NoGateway(IpNetwork),
+    #[error("starting the netlink runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("opening the host namespace: {0}")]
+    HostNamespace(std::io::Error),
 }
 
-const DEFAULT_V4: IpNetwork = match Ipv4Network::new_checked(Ipv4Addr::UNSPECIFIED, 0) {
-    Some(n) => IpNetwork::V4(n),
-    None => panic!("0.0.0.0/0 is a valid network"),
-};
-const DEFAULT_V6: IpNetwork = match Ipv6Network::new_checked(Ipv6Addr::UNSPECIFIED, 0) {
-    Some(n) => IpNetwork::V6(n),
-    None => panic!("::/0 is a valid network"),
-};
-
-/// Host-side veth name: "hc" and 13 hex digits of a hash of (container id, ifname). It is the
-/// same on every call, so DEL and a retried ADD find the link without any saved state.
-pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in container_id.bytes().chain([0u8]).chain(ifname.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+impl From<DataplaneError> for CniError {
+    fn from(e: DataplaneError) -> Self {
+        CniError::internal(e.to_string())
     }
-    format!("hc{:013x}", hash >> 12)
 }
 
-/// The alias stored on the host veth, naming its owner: GC deletes links whose attachment is no
-/// longer valid, and only those of its own network.
-pub fn link_alias(network: &str, container_id: &str, ifname: &str) -> String {
-    format!("headcni:{network}:{container_id}:{ifname}")
-}
-
-/// The (network, container id, ifname) of a link alias written by [`link_alias`].
-pub fn parse_link_alias(alias: &str) -> Option<(&str, &str, &str)> {
-    let rest = alias.strip_prefix("headcni:")?;
-    let (network, rest) = rest.split_once(':')?;
-    let (cid, ifname) = rest.split_once(':')?;
-    Some((network, cid, ifname))
-}
-
-/// An address with the gateway the pod routes through.
+/// A link on the host side that carries an alias (GC looks for its own among them).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodAddress {
-    pub address: IpNetwork,
-    pub gateway: IpAddr,
-}
-
-impl PodAddress {
-    /// Uses the IPAM's gateway, or the first address of the subnet as host-local does.
-    pub fn from_ipam(ip: &IpConfig) -> Result<Self, DataplaneError> {
-        let gateway = match ip.gateway {
-            Some(gw) => gw,
-            None => first_host(ip.address).ok_or(DataplaneError::NoGateway(ip.address))?,
-        };
-        Ok(Self { address: ip.address, gateway })
-    }
-
-    fn host_prefix(&self) -> u8 {
-        if self.address.is_ipv4() { 32 } else { 128 }
-    }
-
-    fn gateway_host(&self) -> IpNetwork {
-        IpNetwork::new(self.gateway, self.host_prefix()).unwrap_or(self.address)
-    }
-
-    fn pod_host(&self) -> IpNetwork {
-        IpNetwork::new(self.address.ip(), self.host_prefix()).unwrap_or(self.address)
-    }
-}
-
-fn first_host(net: IpNetwork) -> Option<IpAddr> {
-    let max_prefix = if net.is_ipv4() { 32 } else { 128 };
-    if net.prefix() + 1 >= max_prefix {
-        return None;
-    }
-    match net.network() {
-        IpAddr::V4(a) => Some(IpAddr::V4((u32::from(a) + 1).into())),
-        IpAddr::V6(a) => Some(IpAddr::V6((u128::from(a) + 1).into())),
-    }
-}
-
-/// Everything one attachment consists of.
-#[derive(Debug, Clone)]
-pub struct Attachment {
-    pub ifname: String,
-    pub host_name: String,
+pub struct HostLink {
+    pub name: String,
     pub alias: String,
-    pub mtu: u32,
-    pub addresses: Vec<PodAddress>,
-    /// Routes through the gateway of their family (from IPAM, or a default route per family).
-    pub routes: Vec<Route>,
 }
 
-impl Attachment {
-    /// The routes the pod gets: the IPAM's, or a default route for each family it has.
-    pub fn effective_routes(addresses: &[PodAddress], ipam_routes: &[Route]) -> Vec<Route> {
-        if !ipam_routes.is_empty() {
-            return ipam_routes.to_vec();
-        }
-        let mut routes = Vec::new();
-        if addresses.iter().any(|a| a.address.is_ipv4()) {
-            routes.push(Route::new(DEFAULT_V4, None));
-        }
-        if addresses.iter().any(|a| a.address.is_ipv6()) {
-            routes.push(Route::new(DEFAULT_V6, None));
-        }
-        routes
+/// Every kernel operation of the plugin. The host side is the plugin's own namespace; a pod is
+/// opened once per invocation and handed back to the operations on it.
+pub trait Dataplane {
+    /// An opened pod network namespace.
+    type Pod;
+
+    /// Opens CNI_NETNS; refuses a path that is no network namespace, and the plugin's own.
+    fn open_pod(&self, netns: &Path) -> Result<Self::Pod, CniError>;
+    /// Whether the pod already has an interface of that name.
+    fn pod_has_link(&self, pod: &Self::Pod, ifname: &str) -> Result<bool, DataplaneError>;
+    /// Turns forwarding on for the families in use (read first: most ADDs change nothing).
+    fn enable_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<(), DataplaneError>;
+    /// Creates and configures the attachment. On error the caller detaches it.
+    fn attach(&self, pod: &Self::Pod, spec: &AttachmentSpec) -> Result<Attached, DataplaneError>;
+    /// Removes the host end `host_name` (which takes the pod end with it); answers whether it
+    /// existed.
+    fn detach(&self, host_name: &str) -> Result<bool, DataplaneError>;
+    /// Every difference between the live attachment and `spec` (empty: as ADD made it).
+    fn check(
+        &self,
+        pod: &Self::Pod,
+        spec: &AttachmentSpec,
+        expected_mac: Option<&str>,
+    ) -> Result<Vec<String>, DataplaneError>;
+    /// The host's links that carry an alias.
+    fn host_links(&self) -> Result<Vec<HostLink>, DataplaneError>;
+}
+
+/// The kernel, through netlink. The runtime and the host's handle are made on first use, so a
+/// verb that needs no kernel (STATUS) costs nothing.
+#[derive(Default)]
+pub struct KernelDataplane {
+    runtime: OnceCell<tokio::runtime::Runtime>,
+    host_ns: OnceCell<Netns>,
+    host: OnceCell<Netlink>,
+}
+
+/// A pod namespace and a netlink handle bound to it.
+pub struct KernelPod {
+    ns: Netns,
+    netlink: Netlink,
+}
+
+impl KernelDataplane {
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// The gateway a route goes through: its own, or the gateway of its address family.
-    pub fn gateway_for(&self, route: &Route) -> Option<IpAddr> {
-        route
-            .gw
-            .or_else(|| self.addresses.iter().find(|a| a.address.is_ipv4() == route.dst.is_ipv4()).map(|a| a.gateway))
+    fn runtime(&self) -> Result<&tokio::runtime::Runtime, DataplaneError> {
+        if let Some(rt) = self.runtime.get() {
+            return Ok(rt);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(DataplaneError::Runtime)?;
+        Ok(self.runtime.get_or_init(|| rt))
+    }
+
+    fn block_on<T>(&self, f: impl Future<Output = Result<T, DataplaneError>>) -> Result<T, DataplaneError> {
+        self.runtime()?.block_on(f)
+    }
+
+    fn host_ns(&self) -> Result<&Netns, DataplaneError> {
+        if let Some(ns) = self.host_ns.get() {
+            return Ok(ns);
+        }
+        let ns = Netns::current().map_err(DataplaneError::HostNamespace)?;
+        Ok(self.host_ns.get_or_init(|| ns))
+    }
+
+    fn host(&self) -> Result<&Netlink, DataplaneError> {
+        if let Some(h) = self.host.get() {
+            return Ok(h);
+        }
+        let _in_runtime = self.runtime()?.enter();
+        let h = Netlink::connect()?;
+        Ok(self.host.get_or_init(|| h))
     }
 }
 
-/// The two ends of a created attachment.
-#[derive(Debug, Clone)]
-pub struct Attached {
-    pub host: Link,
-    pub pod: Link,
-}
+impl Dataplane for KernelDataplane {
+    type Pod = KernelPod;
 
-/// Turns on forwarding for the families in use (read first: most ADDs change nothing).
-pub fn enable_forwarding(addresses: &[PodAddress]) -> Result<(), DataplaneError> {
-    let mut keys = Vec::new();
-    if addresses.iter().any(|a| a.address.is_ipv4()) {
-        keys.push("ipv4/ip_forward");
+    fn open_pod(&self, netns: &Path) -> Result<KernelPod, CniError> {
+        let ns =
+            Netns::open(netns).map_err(|e| CniError::invalid_env(format!("CNI_NETNS {}: {e}", netns.display())))?;
+        let host_ns = self.host_ns()?;
+        if matches!((ns.id(), host_ns.id()), (Ok(pod), Ok(host)) if pod == host) {
+            return Err(CniError::invalid_env("CNI_NETNS is the plugin's own network namespace"));
+        }
+        let _in_runtime = self.runtime()?.enter();
+        let netlink = Netlink::connect_in(&ns).map_err(DataplaneError::from)?;
+        Ok(KernelPod { ns, netlink })
     }
-    if addresses.iter().any(|a| a.address.is_ipv6()) {
-        keys.push("ipv6/conf/all/forwarding");
+
+    fn pod_has_link(&self, pod: &KernelPod, ifname: &str) -> Result<bool, DataplaneError> {
+        self.block_on(async { Ok(pod.netlink.link(ifname).await?.is_some()) })
     }
-    for key in keys {
-        sysctl::ensure(key, "1").map_err(|source| DataplaneError::Sysctl { key: key.into(), source })?;
+
+    fn enable_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<(), DataplaneError> {
+        for (on, key) in [(ipv4, "ipv4/ip_forward"), (ipv6, "ipv6/conf/all/forwarding")] {
+            if on {
+                SysctlRoot::default()
+                    .ensure(key, "1")
+                    .map_err(|source| DataplaneError::Sysctl { key: key.into(), source })?;
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    fn attach(&self, pod: &KernelPod, spec: &AttachmentSpec) -> Result<Attached, DataplaneError> {
+        let host = self.host()?;
+        let host_ns = self.host_ns()?;
+        self.block_on(attach(host, &pod.netlink, host_ns, &pod.ns, spec))
+    }
+
+    fn detach(&self, host_name: &str) -> Result<bool, DataplaneError> {
+        let host = self.host()?;
+        self.block_on(detach(host, host_name))
+    }
+
+    fn check(
+        &self,
+        pod: &KernelPod,
+        spec: &AttachmentSpec,
+        expected_mac: Option<&str>,
+    ) -> Result<Vec<String>, DataplaneError> {
+        let host = self.host()?;
+        self.block_on(check(host, &pod.netlink, spec, expected_mac))
+    }
+
+    fn host_links(&self) -> Result<Vec<HostLink>, DataplaneError> {
+        let host = self.host()?;
+        let links = self.block_on(async { Ok(host.links().await?) })?;
+        Ok(links.into_iter().filter_map(|l| Some(HostLink { alias: l.alias?, name: l.name })).collect())
+    }
 }
 
 /// Creates and configures the attachment. On error the caller removes the host veth (which
 /// takes the pod end with it).
-pub async fn attach(
+async fn attach(
     host: &Netlink,
     pod: &Netlink,
     host_ns: &Netns,
     pod_ns: &Netns,
-    att: &Attachment,
+    att: &AttachmentSpec,
 ) -> Result<Attached, DataplaneError> {
     pod.create_veth(&att.ifname, &att.host_name, att.mtu, host_ns).await?;
     let pod_link = pod.link(&att.ifname).await?.ok_or_else(|| DataplaneError::Vanished(att.ifname.clone()))?;
@@ -175,9 +198,11 @@ pub async fn attach(
         // Duplicate address detection on the link-local addresses would hold IPv6 traffic
         // for about a second after ADD; on a point-to-point veth there is nothing to detect.
         let host_key = format!("ipv6/conf/{}/accept_dad", att.host_name);
-        sysctl::ensure(&host_key, "0").map_err(|source| DataplaneError::Sysctl { key: host_key, source })?;
+        SysctlRoot::default()
+            .ensure(&host_key, "0")
+            .map_err(|source| DataplaneError::Sysctl { key: host_key, source })?;
         let pod_key = format!("ipv6/conf/{}/accept_dad", att.ifname);
-        sysctl::SysctlRoot::default()
+        SysctlRoot::default()
             .ensure_in(Some(pod_ns), &pod_key, "0")
             .map_err(|source| DataplaneError::Sysctl { key: pod_key.clone(), source })?;
     }
@@ -209,7 +234,7 @@ pub async fn attach(
 }
 
 /// Removes the host end (and with it the pod end); answers whether it existed.
-pub async fn detach(host: &Netlink, host_name: &str) -> Result<bool, DataplaneError> {
+async fn detach(host: &Netlink, host_name: &str) -> Result<bool, DataplaneError> {
     match host.link(host_name).await? {
         Some(link) => Ok(host.delete_link(link.index).await?),
         None => Ok(false),
@@ -217,10 +242,10 @@ pub async fn detach(host: &Netlink, host_name: &str) -> Result<bool, DataplaneEr
 }
 
 /// Compares the live attachment with what ADD reported; returns every difference found.
-pub async fn check(
+async fn check(
     host: &Netlink,
     pod: &Netlink,
-    att: &Attachment,
+    att: &AttachmentSpec,
     expected_mac: Option<&str>,
 ) -> Result<Vec<String>, DataplaneError> {
     let mut problems = Vec::new();
@@ -278,50 +303,4 @@ pub async fn check(
         }
     }
     Ok(problems)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_names_are_stable_distinct_and_short() {
-        let a = host_veth_name("0123456789abcdef", "eth0");
-        assert_eq!(a, host_veth_name("0123456789abcdef", "eth0"));
-        assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
-        assert_ne!(a, host_veth_name("0123456789abcdee", "eth0"));
-        // The separator keeps ("ab","c") and ("a","bc") apart.
-        assert_ne!(host_veth_name("ab", "c"), host_veth_name("a", "bc"));
-        assert_eq!(a.len(), 15);
-        assert!(a.starts_with("hc"));
-    }
-
-    #[test]
-    fn alias_round_trips() {
-        let alias = link_alias("net-1", "abc.def_1", "eth0");
-        assert_eq!(parse_link_alias(&alias), Some(("net-1", "abc.def_1", "eth0")));
-        assert_eq!(parse_link_alias("something else"), None);
-    }
-
-    #[test]
-    fn gateway_defaults_to_the_first_address() {
-        let ip = IpConfig { address: "10.244.1.7/24".parse().unwrap(), gateway: None, interface: None };
-        assert_eq!(PodAddress::from_ipam(&ip).unwrap().gateway, "10.244.1.1".parse::<IpAddr>().unwrap());
-        let ip6 = IpConfig { address: "fd00::7/64".parse().unwrap(), gateway: None, interface: None };
-        assert_eq!(PodAddress::from_ipam(&ip6).unwrap().gateway, "fd00::1".parse::<IpAddr>().unwrap());
-        let host = IpConfig { address: "10.0.0.7/32".parse().unwrap(), gateway: None, interface: None };
-        assert!(PodAddress::from_ipam(&host).is_err());
-    }
-
-    #[test]
-    fn default_routes_per_family_unless_ipam_gives_routes() {
-        let addrs = vec![
-            PodAddress { address: "10.0.0.2/24".parse().unwrap(), gateway: "10.0.0.1".parse().unwrap() },
-            PodAddress { address: "fd00::2/64".parse().unwrap(), gateway: "fd00::1".parse().unwrap() },
-        ];
-        let routes = Attachment::effective_routes(&addrs, &[]);
-        assert_eq!(routes.iter().map(|r| r.dst.to_string()).collect::<Vec<_>>(), ["0.0.0.0/0", "::/0"]);
-        let ipam = vec![Route::new("10.96.0.0/12".parse().unwrap(), None)];
-        assert_eq!(Attachment::effective_routes(&addrs, &ipam), ipam);
-    }
 }

@@ -1,15 +1,31 @@
 //! The `headcni` CNI plugin: ADD, DEL, CHECK, STATUS and GC for routed veth attachments, with
 //! the IPAM delegated to `host-local`, `headcni-ipam` or any IPAM plugin on CNI_PATH.
+//!
+//! - this file: the verbs' logic, over two seams;
+//! - [`config`]: the plugin's configuration, resolved against the node file;
+//! - [`attachment`]: what one attachment is (names, addresses, routes), pure;
+//! - [`dataplane`]: the kernel operations behind the [`Dataplane`] trait ([`KernelDataplane`]);
+//! - [`ipam`]: the IPAM delegation behind the [`IpamDelegate`] trait ([`DelegatedIpam`]).
+//!
+//! With the seams' fakes (`fake`) the verbs, the rollback of a failed ADD included, are unit
+//! tested without root; tests/plugin_netns.rs runs them against the kernel.
 
+pub mod attachment;
 pub mod config;
 pub mod dataplane;
+#[cfg(test)]
+mod fake;
+pub mod ipam;
+#[cfg(test)]
+mod tests;
 
-use crate::cni::{self, CniError, CniResult, Command, Interface, IpConfig, Request, code, delegate};
+use crate::cni::{self, CniError, CniResult, Command, Interface, IpConfig, Request, code};
+use crate::errors::ErrorList;
 use crate::events::{self, Event};
-use crate::netlink::{Netlink, NetlinkError, Netns};
+use attachment::{Attached, AttachmentSpec, PodAddress};
 use config::{Network, PluginConfig};
-use dataplane::{Attachment, DataplaneError, PodAddress};
-use serde_json::{Map, Value};
+pub use dataplane::{Dataplane, DataplaneError, KernelDataplane};
+pub use ipam::{DelegatedIpam, IpamDelegate};
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Instant;
@@ -17,129 +33,95 @@ use std::time::Instant;
 /// Name of the plugin binary and of its `type` in a conflist.
 pub const PLUGIN_NAME: &str = "headcni";
 
-impl From<DataplaneError> for CniError {
-    fn from(e: DataplaneError) -> Self {
-        CniError::internal(e.to_string())
-    }
-}
-
-impl From<NetlinkError> for CniError {
-    fn from(e: NetlinkError) -> Self {
-        CniError::internal(e.to_string())
-    }
-}
-
-/// The `headcni` plugin.
+/// The `headcni` plugin over its two seams: the kernel and the IPAM delegate.
 #[derive(Debug, Default)]
-pub struct HeadCni;
-
-fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| CniError::internal(format!("starting the netlink runtime: {e}")))
-}
-
-fn open_netns(req: &Request) -> Result<Netns, CniError> {
-    let path = req.netns.as_deref().ok_or_else(|| CniError::invalid_env("CNI_NETNS is required"))?;
-    Netns::open(path).map_err(|e| CniError::invalid_env(format!("CNI_NETNS {}: {e}", path.display())))
-}
-
-/// Runs the IPAM delegate named in the config: `headcni-ipam` in this very process (the same
-/// code and result as exec'ing it, without the fork and exec), anything else through CNI_PATH
-/// as the spec describes. A delegate built before spec 1.1 gets its newest version for
-/// ADD/DEL/CHECK, and is skipped for STATUS and GC, which it does not know.
-fn ipam(
-    req: &Request,
-    ipam_config: Map<String, Value>,
-    kind: &str,
-    command: Command,
-) -> Result<Option<Value>, CniError> {
-    let sub = Request { command, ..req.with_config(ipam_config) };
-    if kind == crate::ipam::PLUGIN_NAME {
-        return crate::ipam::run_in_process(&sub);
-    }
-    if matches!(command, Command::Status | Command::Gc)
-        && !delegate::versions(&sub, kind)?.contains(&cni::CniVersion::V1_1_0)
-    {
-        log::debug!("IPAM plugin {kind} predates {command}; nothing to forward");
-        return Ok(None);
-    }
-    delegate::exec_negotiated(&sub, kind, command)
+pub struct HeadCni<D = KernelDataplane, I = DelegatedIpam> {
+    dataplane: D,
+    ipam: I,
 }
 
 fn record(cfg: &PluginConfig, events: &[Event]) {
     events::record(&cfg.run_dir, events);
 }
 
-impl HeadCni {
-    fn attachment(req: &Request, net: &Network, addresses: Vec<PodAddress>, ipam_routes: &[cni::Route]) -> Attachment {
-        let routes = Attachment::effective_routes(&addresses, ipam_routes);
-        Attachment {
+fn pod_netns(req: &Request) -> Result<&Path, CniError> {
+    req.netns.as_deref().ok_or_else(|| CniError::invalid_env("CNI_NETNS is required"))
+}
+
+impl<D: Dataplane, I: IpamDelegate> HeadCni<D, I> {
+    pub fn new(dataplane: D, ipam: I) -> Self {
+        Self { dataplane, ipam }
+    }
+
+    fn spec(req: &Request, net: &Network, addresses: Vec<PodAddress>, ipam_routes: &[cni::Route]) -> AttachmentSpec {
+        let routes = AttachmentSpec::effective_routes(&addresses, ipam_routes);
+        AttachmentSpec {
             ifname: req.ifname.clone(),
-            host_name: dataplane::host_veth_name(&req.container_id, &req.ifname),
-            alias: dataplane::link_alias(&req.network, &req.container_id, &req.ifname),
+            host_name: attachment::host_veth_name(&req.container_id, &req.ifname),
+            alias: attachment::link_alias(&req.network, &req.container_id, &req.ifname),
             mtu: net.mtu,
             addresses,
             routes,
         }
     }
 
+    fn ipam(
+        &self,
+        req: &Request,
+        cfg: &PluginConfig,
+        config: serde_json::Map<String, serde_json::Value>,
+        command: Command,
+    ) -> Result<Option<serde_json::Value>, CniError> {
+        self.ipam.run(req, config, &cfg.ipam.kind, command)
+    }
+
     fn add_attachment(&self, req: &Request, cfg: &PluginConfig) -> Result<CniResult, CniError> {
         let net = cfg.resolve(req, &[])?;
-        let rt = runtime()?;
-        let pod_ns = open_netns(req)?;
-        let host_ns = Netns::current().map_err(|e| CniError::internal(format!("opening the host namespace: {e}")))?;
-        if matches!((pod_ns.id(), host_ns.id()), (Ok(pod), Ok(host)) if pod == host) {
-            return Err(CniError::invalid_env("CNI_NETNS is the plugin's own network namespace"));
+        let pod = self.dataplane.open_pod(pod_netns(req)?)?;
+        if self.dataplane.pod_has_link(&pod, &req.ifname)? {
+            return Err(CniError::new(
+                code::INTERFACE_EXISTS,
+                format!("interface {} already exists in {}", req.ifname, pod_netns(req)?.display()),
+            ));
         }
-        let host_name = dataplane::host_veth_name(&req.container_id, &req.ifname);
+        let host_name = attachment::host_veth_name(&req.container_id, &req.ifname);
+        // A host end without its pod end is what a killed ADD leaves behind: ours to remove.
+        self.dataplane.detach(&host_name)?;
 
-        rt.block_on(async {
-            let host = Netlink::connect()?;
-            let pod = Netlink::connect_in(&pod_ns)?;
-            if pod.link(&req.ifname).await?.is_some() {
-                return Err(CniError::new(
-                    code::INTERFACE_EXISTS,
-                    format!("interface {} already exists in {}", req.ifname, pod_ns.path().display()),
-                ));
+        let ipam_out = self
+            .ipam(req, cfg, net.ipam_config.clone(), Command::Add)?
+            .ok_or_else(|| CniError::internal(format!("IPAM plugin {} returned no result", cfg.ipam.kind)))?;
+        let outcome = (|| {
+            let ipam_result = CniResult::from_value(&ipam_out)?;
+            if ipam_result.ips.is_empty() {
+                return Err(CniError::internal(format!("IPAM plugin {} returned no address", cfg.ipam.kind)));
             }
-            // A host end without its pod end is what a killed ADD leaves behind: ours to remove.
-            dataplane::detach(&host, &host_name).await?;
-
-            let ipam_out = ipam(req, net.ipam_config.clone(), &cfg.ipam.kind, Command::Add)?
-                .ok_or_else(|| CniError::internal(format!("IPAM plugin {} returned no result", cfg.ipam.kind)))?;
-            let outcome = async {
-                let ipam_result = CniResult::from_value(&ipam_out)?;
-                if ipam_result.ips.is_empty() {
-                    return Err(CniError::internal(format!("IPAM plugin {} returned no address", cfg.ipam.kind)));
-                }
-                let addresses = ipam_result.ips.iter().map(PodAddress::from_ipam).collect::<Result<Vec<_>, _>>()?;
-                let att = Self::attachment(req, &net, addresses, &ipam_result.routes);
-                dataplane::enable_forwarding(&att.addresses)?;
-                let attached = dataplane::attach(&host, &pod, &host_ns, &pod_ns, &att).await?;
-                Ok(Self::result(req, &net, cfg, &att, &attached, &ipam_result))
+            let addresses = ipam_result.ips.iter().map(PodAddress::from_ipam).collect::<Result<Vec<_>, _>>()?;
+            let spec = Self::spec(req, &net, addresses, &ipam_result.routes);
+            let ipv4 = spec.addresses.iter().any(|a| a.address.is_ipv4());
+            let ipv6 = spec.addresses.iter().any(|a| a.address.is_ipv6());
+            self.dataplane.enable_forwarding(ipv4, ipv6)?;
+            let attached = self.dataplane.attach(&pod, &spec)?;
+            Ok(Self::result(req, &net, cfg, &spec, &attached, &ipam_result))
+        })();
+        if let Err(err) = &outcome {
+            log::warn!("ADD {} failed, rolling back: {err}", req.container_id);
+            if let Err(e) = self.dataplane.detach(&host_name) {
+                log::error!("rollback: removing {host_name}: {e}");
             }
-            .await;
-            if let Err(err) = &outcome {
-                log::warn!("ADD {} failed, rolling back: {err}", req.container_id);
-                if let Err(e) = dataplane::detach(&host, &host_name).await {
-                    log::error!("rollback: removing {host_name}: {e}");
-                }
-                if let Err(e) = ipam(req, net.ipam_config.clone(), &cfg.ipam.kind, Command::Del) {
-                    log::error!("rollback: releasing the address: {e}");
-                }
+            if let Err(e) = self.ipam(req, cfg, net.ipam_config.clone(), Command::Del) {
+                log::error!("rollback: releasing the address: {e}");
             }
-            outcome
-        })
+        }
+        outcome
     }
 
     fn result(
         req: &Request,
         net: &Network,
         cfg: &PluginConfig,
-        att: &Attachment,
-        attached: &dataplane::Attached,
+        att: &AttachmentSpec,
+        attached: &Attached,
         ipam_result: &CniResult,
     ) -> CniResult {
         let interfaces = vec![
@@ -173,7 +155,7 @@ impl HeadCni {
     }
 }
 
-impl cni::Plugin for HeadCni {
+impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let started = Instant::now();
         let cfg = PluginConfig::from_request(req)?;
@@ -199,63 +181,48 @@ impl cni::Plugin for HeadCni {
     }
 
     /// Best effort: releases the address and removes the veth pair, tolerating everything
-    /// already gone; reports every failure together.
+    /// already gone; reports every failure together ([`CniError::from_list`]).
     fn del(&self, req: &Request) -> Result<(), CniError> {
         let cfg = PluginConfig::from_request(req)?;
         let prev = req.prev_result().unwrap_or_else(|e| {
             log::warn!("DEL {}: ignoring unreadable prevResult: {e}", req.container_id);
             None
         });
-        let mut failures: Vec<CniError> = Vec::new();
+        let mut failures: ErrorList<CniError> = ErrorList::new();
 
         match cfg.resolve(req, &config::subnets_of(prev.as_ref())) {
-            Ok(net) => match ipam(req, net.ipam_config, &cfg.ipam.kind, Command::Del) {
-                Ok(_) => {
-                    if Self::delegates_ip_events(&cfg) {
-                        let evs: Vec<Event> = prev
-                            .iter()
-                            .flat_map(|p| p.ips.iter())
-                            .map(|ip| Event::IpReleased { ipv6: ip.address.is_ipv6() })
-                            .collect();
-                        record(&cfg, &evs);
-                    }
+            Ok(net) => {
+                if failures.keep(self.ipam(req, &cfg, net.ipam_config, Command::Del)).is_some()
+                    && Self::delegates_ip_events(&cfg)
+                {
+                    let evs: Vec<Event> = prev
+                        .iter()
+                        .flat_map(|p| p.ips.iter())
+                        .map(|ip| Event::IpReleased { ipv6: ip.address.is_ipv6() })
+                        .collect();
+                    record(&cfg, &evs);
                 }
-                Err(e) => failures.push(e),
-            },
+            }
             // Nothing tells which range to release from; headcni-ipam releases by container
             // and needs none, others get the config as it is.
             Err(_) => {
-                if let Err(e) = ipam(req, req.config.clone(), &cfg.ipam.kind, Command::Del) {
-                    failures.push(e);
-                }
+                failures.keep(self.ipam(req, &cfg, req.config.clone(), Command::Del));
             }
         }
 
-        let host_name = dataplane::host_veth_name(&req.container_id, &req.ifname);
-        match runtime().and_then(|rt| {
-            rt.block_on(async {
-                let host = Netlink::connect()?;
-                Ok(dataplane::detach(&host, &host_name).await?)
-            })
-        }) {
-            Ok(existed) => log::info!(
+        let host_name = attachment::host_veth_name(&req.container_id, &req.ifname);
+        if let Some(existed) = failures.keep(self.dataplane.detach(&host_name).map_err(CniError::from)) {
+            log::info!(
                 "DEL {} {}: veth {host_name} {}",
                 req.container_id,
                 req.ifname,
                 if existed { "removed" } else { "already gone" }
-            ),
-            Err(e) => failures.push(e),
+            );
         }
-
-        match failures.len() {
-            0 => Ok(()),
-            _ => {
-                record(&cfg, &[Event::NetworkError { operation: "del".into() }]);
-                let code = failures[0].code;
-                let msg = failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-                Err(CniError::new(code, format!("DEL finished with errors: {msg}")))
-            }
+        if !failures.is_empty() {
+            record(&cfg, &[Event::NetworkError { operation: "del".into() }]);
         }
+        CniError::from_list("DEL", failures)
     }
 
     fn check(&self, req: &Request) -> Result<(), CniError> {
@@ -263,7 +230,7 @@ impl cni::Plugin for HeadCni {
         let prev =
             req.prev_result()?.ok_or_else(|| CniError::invalid_config("CHECK needs prevResult (the result of ADD)"))?;
         let net = cfg.resolve(req, &config::subnets_of(Some(&prev)))?;
-        ipam(req, net.ipam_config.clone(), &cfg.ipam.kind, Command::Check)?;
+        self.ipam(req, &cfg, net.ipam_config.clone(), Command::Check)?;
 
         let pod_index =
             prev.interfaces.iter().position(|i| i.name == req.ifname && i.sandbox.is_some()).ok_or_else(|| {
@@ -284,16 +251,12 @@ impl cni::Plugin for HeadCni {
             .filter(|ip| ip.interface.is_none_or(|i| i == pod_index))
             .map(PodAddress::from_ipam)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut att = Self::attachment(req, &net, addresses, &prev.routes);
+        let mut spec = Self::spec(req, &net, addresses, &prev.routes);
         // A later plugin in the chain (tuning) may have changed the MTU and said so.
-        att.mtu = pod_iface.mtu.unwrap_or(net.mtu);
+        spec.mtu = pod_iface.mtu.unwrap_or(net.mtu);
 
-        let pod_ns = open_netns(req)?;
-        let problems = runtime()?.block_on(async {
-            let host = Netlink::connect()?;
-            let pod = Netlink::connect_in(&pod_ns)?;
-            Ok::<_, CniError>(dataplane::check(&host, &pod, &att, pod_iface.mac.as_deref()).await?)
-        })?;
+        let pod = self.dataplane.open_pod(pod_netns(req)?)?;
+        let problems = self.dataplane.check(&pod, &spec, pod_iface.mac.as_deref())?;
         if problems.is_empty() {
             Ok(())
         } else {
@@ -309,56 +272,44 @@ impl cni::Plugin for HeadCni {
         let net = cfg
             .resolve(req, &[])
             .map_err(|e| if e.code == code::TRY_AGAIN_LATER { CniError::new(code::NOT_AVAILABLE, e.msg) } else { e })?;
-        ipam(req, net.ipam_config, &cfg.ipam.kind, Command::Status).map(|_| ())
+        self.ipam(req, &cfg, net.ipam_config, Command::Status).map(|_| ())
     }
 
     /// Removes this network's veth pairs whose attachment is no longer valid, then forwards GC
-    /// to the IPAM delegate. Keeps going past failures and reports them all.
+    /// to the IPAM delegate. Keeps going past failures and reports them all
+    /// ([`CniError::from_list`]).
     fn gc(&self, req: &Request) -> Result<(), CniError> {
         let cfg = PluginConfig::from_request(req)?;
         let valid: HashSet<(String, String)> =
             req.valid_attachments()?.into_iter().map(|a| (a.container_id, a.ifname)).collect();
-        let mut failures: Vec<String> = Vec::new();
+        let mut failures: ErrorList<CniError> = ErrorList::new();
 
-        let removed = runtime().and_then(|rt| {
-            rt.block_on(async {
-                let host = Netlink::connect()?;
-                let mut removed = 0;
-                for link in host.links().await? {
-                    let Some((network, cid, ifname)) = link.alias.as_deref().and_then(dataplane::parse_link_alias)
-                    else {
-                        continue;
-                    };
-                    if network != req.network || valid.contains(&(cid.to_string(), ifname.to_string())) {
-                        continue;
-                    }
-                    match host.delete_link(link.index).await {
-                        Ok(_) => removed += 1,
-                        Err(e) => failures.push(format!("removing stale {}: {e}", link.name)),
-                    }
+        let mut removed = 0;
+        if let Some(links) = failures.keep(self.dataplane.host_links().map_err(CniError::from)) {
+            for link in links {
+                let Some((network, cid, ifname)) = attachment::parse_link_alias(&link.alias) else { continue };
+                if network != req.network || valid.contains(&(cid.to_string(), ifname.to_string())) {
+                    continue;
                 }
-                Ok::<_, CniError>(removed)
-            })
-        });
-        match removed {
-            Ok(n) if n > 0 => log::info!("GC removed {n} stale veth pairs of network {}", req.network),
-            Ok(_) => {}
-            Err(e) => failures.push(e.to_string()),
+                match self.dataplane.detach(&link.name) {
+                    Ok(_) => removed += 1,
+                    Err(e) => failures.push(CniError::internal(format!("removing stale {}: {e}", link.name))),
+                }
+            }
+        }
+        if removed > 0 {
+            log::info!("GC removed {removed} stale veth pairs of network {}", req.network);
         }
 
         let ipam_config = cfg.resolve(req, &[]).map(|n| n.ipam_config).unwrap_or_else(|_| req.config.clone());
-        if let Err(e) = ipam(req, ipam_config, &cfg.ipam.kind, Command::Gc) {
-            failures.push(e.to_string());
-        }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(CniError::internal(format!("GC finished with errors: {}", failures.join("; "))))
-        }
+        failures.keep(self.ipam(req, &cfg, ipam_config, Command::Gc));
+        CniError::from_list("GC", failures)
     }
 }
 
-/// Entry point of the plugin role: env, stdin and stdout of the process.
+/// Entry point of the plugin role: env, stdin and stdout of the process, the kernel, and the
+/// IPAM plugin the configuration names.
 pub fn main() -> i32 {
-    cni::main(&HeadCni, &|command, config| crate::logging::init_plugin(PLUGIN_NAME, command, config))
+    let plugin = HeadCni::new(KernelDataplane::new(), DelegatedIpam);
+    cni::main(&plugin, &|command, config| crate::logging::init_plugin(PLUGIN_NAME, command, config))
 }

@@ -1,0 +1,177 @@
+//! What one routed veth attachment is, before any kernel is asked: the names of its host end
+//! (stable, so DEL and GC need no saved state), the pod's addresses with their gateways, and the
+//! routes the pod gets. Pure: [`super::dataplane`] puts it into the kernel.
+
+use crate::cni::{CniError, IpConfig, Route};
+use crate::netlink::Link;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+const DEFAULT_V4: IpNetwork = match Ipv4Network::new_checked(Ipv4Addr::UNSPECIFIED, 0) {
+    Some(n) => IpNetwork::V4(n),
+    None => panic!("0.0.0.0/0 is a valid network"),
+};
+const DEFAULT_V6: IpNetwork = match Ipv6Network::new_checked(Ipv6Addr::UNSPECIFIED, 0) {
+    Some(n) => IpNetwork::V6(n),
+    None => panic!("::/0 is a valid network"),
+};
+
+/// Host-side veth name: "hc" and 13 hex digits of a hash of (container id, ifname). It is the
+/// same on every call, so DEL and a retried ADD find the link without any saved state.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in container_id.bytes().chain([0u8]).chain(ifname.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("hc{:013x}", hash >> 12)
+}
+
+/// The alias stored on the host veth, naming its owner: GC deletes links whose attachment is no
+/// longer valid, and only those of its own network.
+pub fn link_alias(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("headcni:{network}:{container_id}:{ifname}")
+}
+
+/// The (network, container id, ifname) of a link alias written by [`link_alias`].
+pub fn parse_link_alias(alias: &str) -> Option<(&str, &str, &str)> {
+    let rest = alias.strip_prefix("headcni:")?;
+    let (network, rest) = rest.split_once(':')?;
+    let (cid, ifname) = rest.split_once(':')?;
+    Some((network, cid, ifname))
+}
+
+/// An address with the gateway the pod routes through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAddress {
+    pub address: IpNetwork,
+    pub gateway: IpAddr,
+}
+
+impl PodAddress {
+    /// Uses the IPAM's gateway, or the first address of the subnet as host-local does.
+    pub fn from_ipam(ip: &IpConfig) -> Result<Self, CniError> {
+        let gateway = match ip.gateway {
+            Some(gw) => gw,
+            None => first_host(ip.address).ok_or_else(|| {
+                CniError::internal(format!(
+                    "address {} has no gateway and none can be derived from its prefix",
+                    ip.address
+                ))
+            })?,
+        };
+        Ok(Self { address: ip.address, gateway })
+    }
+
+    fn host_prefix(&self) -> u8 {
+        if self.address.is_ipv4() { 32 } else { 128 }
+    }
+
+    pub fn gateway_host(&self) -> IpNetwork {
+        IpNetwork::new(self.gateway, self.host_prefix()).unwrap_or(self.address)
+    }
+
+    pub fn pod_host(&self) -> IpNetwork {
+        IpNetwork::new(self.address.ip(), self.host_prefix()).unwrap_or(self.address)
+    }
+}
+
+fn first_host(net: IpNetwork) -> Option<IpAddr> {
+    let max_prefix = if net.is_ipv4() { 32 } else { 128 };
+    if net.prefix() + 1 >= max_prefix {
+        return None;
+    }
+    match net.network() {
+        IpAddr::V4(a) => Some(IpAddr::V4((u32::from(a) + 1).into())),
+        IpAddr::V6(a) => Some(IpAddr::V6((u128::from(a) + 1).into())),
+    }
+}
+
+/// Everything one attachment consists of: what ADD creates and CHECK compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentSpec {
+    pub ifname: String,
+    pub host_name: String,
+    pub alias: String,
+    pub mtu: u32,
+    pub addresses: Vec<PodAddress>,
+    /// Routes through the gateway of their family (from IPAM, or a default route per family).
+    pub routes: Vec<Route>,
+}
+
+impl AttachmentSpec {
+    /// The routes the pod gets: the IPAM's, or a default route for each family it has.
+    pub fn effective_routes(addresses: &[PodAddress], ipam_routes: &[Route]) -> Vec<Route> {
+        if !ipam_routes.is_empty() {
+            return ipam_routes.to_vec();
+        }
+        let mut routes = Vec::new();
+        if addresses.iter().any(|a| a.address.is_ipv4()) {
+            routes.push(Route::new(DEFAULT_V4, None));
+        }
+        if addresses.iter().any(|a| a.address.is_ipv6()) {
+            routes.push(Route::new(DEFAULT_V6, None));
+        }
+        routes
+    }
+
+    /// The gateway a route goes through: its own, or the gateway of its address family.
+    pub fn gateway_for(&self, route: &Route) -> Option<IpAddr> {
+        route
+            .gw
+            .or_else(|| self.addresses.iter().find(|a| a.address.is_ipv4() == route.dst.is_ipv4()).map(|a| a.gateway))
+    }
+}
+
+/// The two ends of a created attachment.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub host: Link,
+    pub pod: Link,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_stable_distinct_and_short() {
+        let a = host_veth_name("0123456789abcdef", "eth0");
+        assert_eq!(a, host_veth_name("0123456789abcdef", "eth0"));
+        assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
+        assert_ne!(a, host_veth_name("0123456789abcdee", "eth0"));
+        // The separator keeps ("ab","c") and ("a","bc") apart.
+        assert_ne!(host_veth_name("ab", "c"), host_veth_name("a", "bc"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("hc"));
+    }
+
+    #[test]
+    fn alias_round_trips() {
+        let alias = link_alias("net-1", "abc.def_1", "eth0");
+        assert_eq!(parse_link_alias(&alias), Some(("net-1", "abc.def_1", "eth0")));
+        assert_eq!(parse_link_alias("something else"), None);
+    }
+
+    #[test]
+    fn gateway_defaults_to_the_first_address() {
+        let ip = IpConfig { address: "10.244.1.7/24".parse().unwrap(), gateway: None, interface: None };
+        assert_eq!(PodAddress::from_ipam(&ip).unwrap().gateway, "10.244.1.1".parse::<IpAddr>().unwrap());
+        let ip6 = IpConfig { address: "fd00::7/64".parse().unwrap(), gateway: None, interface: None };
+        assert_eq!(PodAddress::from_ipam(&ip6).unwrap().gateway, "fd00::1".parse::<IpAddr>().unwrap());
+        let host = IpConfig { address: "10.0.0.7/32".parse().unwrap(), gateway: None, interface: None };
+        assert!(PodAddress::from_ipam(&host).is_err());
+    }
+
+    #[test]
+    fn default_routes_per_family_unless_ipam_gives_routes() {
+        let addrs = vec![
+            PodAddress { address: "10.0.0.2/24".parse().unwrap(), gateway: "10.0.0.1".parse().unwrap() },
+            PodAddress { address: "fd00::2/64".parse().unwrap(), gateway: "fd00::1".parse().unwrap() },
+        ];
+        let routes = AttachmentSpec::effective_routes(&addrs, &[]);
+        assert_eq!(routes.iter().map(|r| r.dst.to_string()).collect::<Vec<_>>(), ["0.0.0.0/0", "::/0"]);
+        let ipam = vec![Route::new("10.96.0.0/12".parse().unwrap(), None)];
+        assert_eq!(AttachmentSpec::effective_routes(&addrs, &ipam), ipam);
+    }
+}
