@@ -64,6 +64,15 @@ impl<E> IntoIterator for ErrorList<E> {
     }
 }
 
+impl<'a, E> IntoIterator for &'a ErrorList<E> {
+    type Item = &'a E;
+    type IntoIter = std::slice::Iter<'a, E>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.errors.iter()
+    }
+}
+
 /// Every message, in order, separated by "; ".
 impl<E: fmt::Display> fmt::Display for ErrorList<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

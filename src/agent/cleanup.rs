@@ -16,6 +16,7 @@ use super::hostnet::{self, HostNetwork};
 use super::reconcile;
 use super::report;
 use super::state::{self, AgentState};
+use crate::errors::ErrorList;
 use crate::clients::headscale::HeadscaleApi;
 use crate::clients::localapi::{LocalApi, PrefsEdit};
 use ipnetwork::IpNetwork;
@@ -30,15 +31,16 @@ pub enum CleanupScope {
     Uninstall,
 }
 
-/// Undoes HeadCNI's changes over the seams; answers the failures. Every step runs.
+/// Undoes HeadCNI's changes over the seams; answers the failures. Every step runs, whatever
+/// failed before it.
 pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: HostNetwork>(
     cfg: &AgentConfig,
     ts: &T,
     hs: Option<&H>,
     dp: &D,
     scope: CleanupScope,
-) -> Vec<String> {
-    let mut errors = Vec::new();
+) -> ErrorList<String> {
+    let mut errors = ErrorList::new();
     let state_path = state::path_in(&cfg.state_dir);
     let mut st = match AgentState::load(&state_path) {
         Ok(s) => Some(s),

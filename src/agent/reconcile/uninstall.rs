@@ -89,7 +89,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             } else {
                 self.fail(
                     ProblemId::Teardown,
-                    format!("uninstall: {}", errors.join("; ")),
+                    format!("uninstall: {errors}"),
                     Some("retried; the uninstall hook waits for this agent until its timeout"),
                 );
             }
