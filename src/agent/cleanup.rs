@@ -16,9 +16,9 @@ use super::hostnet::{self, HostNetwork};
 use super::reconcile;
 use super::report;
 use super::state::{self, AgentState};
-use crate::errors::ErrorList;
 use crate::clients::headscale::HeadscaleApi;
 use crate::clients::localapi::{LocalApi, PrefsEdit};
+use crate::errors::ErrorList;
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
 

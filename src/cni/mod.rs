@@ -5,6 +5,7 @@
 
 pub mod delegate;
 pub mod error;
+pub mod fields;
 pub mod types;
 pub mod version;
 

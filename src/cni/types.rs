@@ -2,6 +2,7 @@
 //! requested version), DNS settings, and the attachment identity used by GC.
 
 use super::error::{CniError, code};
+use super::fields::{self, FieldError};
 use super::version::CniVersion;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -74,120 +75,119 @@ pub struct CniResult {
     pub dns: Dns,
 }
 
-fn decode_err(field: &str, detail: impl std::fmt::Display) -> CniError {
-    CniError::new(code::DECODE_FAILURE, format!("invalid result: field \"{field}\": {detail}"))
+/// A result field that cannot be decoded: code 6.
+fn undecodable(e: FieldError) -> CniError {
+    CniError::new(code::DECODE_FAILURE, format!("invalid result: {e}"))
 }
 
-fn opt_str(obj: &Map<String, Value>, key: &str, field: &str) -> Result<Option<String>, CniError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(decode_err(field, format!("expected a string, got {other}"))),
+fn missing(field: &str, key: &str) -> CniError {
+    undecodable(FieldError::new(field, format!("has no \"{key}\"")))
+}
+
+/// `obj`'s fields, read as the result decoder wants them: errors are decode failures, and a
+/// number 0 counts as unset (as the spec's optional numbers do).
+struct ResultFields<'a> {
+    obj: &'a Map<String, Value>,
+    field: &'a str,
+}
+
+impl ResultFields<'_> {
+    fn name(&self, key: &str) -> String {
+        format!("{}.{key}", self.field)
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, CniError> {
+        fields::string(self.obj, key, &self.name(key)).map(|v| v.map(str::to_string)).map_err(undecodable)
+    }
+
+    fn number(&self, key: &str) -> Result<Option<u32>, CniError> {
+        fields::number(self.obj, key, &self.name(key)).map(|v| v.filter(|n| *n != 0)).map_err(undecodable)
+    }
+
+    fn ip(&self, key: &str) -> Result<Option<IpAddr>, CniError> {
+        self.string(key)?.map(|t| fields::ip(&t, &self.name(key)).map_err(undecodable)).transpose()
+    }
+
+    fn cidr(&self, key: &str) -> Result<IpNetwork, CniError> {
+        let text = self.string(key)?.ok_or_else(|| missing(self.field, key))?;
+        fields::cidr(&text, &self.name(key)).map_err(undecodable)
     }
 }
 
-fn opt_u32(obj: &Map<String, Value>, key: &str, field: &str) -> Result<Option<u32>, CniError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .map(|n| if n == 0 { None } else { Some(n) })
-            .ok_or_else(|| decode_err(field, format!("expected a non-negative integer, got {n}"))),
-        Some(other) => Err(decode_err(field, format!("expected a number, got {other}"))),
-    }
-}
+/// A JSON object.
+type Object = Map<String, Value>;
 
-fn parse_ip(text: &str, field: &str) -> Result<IpAddr, CniError> {
-    text.parse().map_err(|_| decode_err(field, format!("\"{text}\" is not an IP address")))
-}
-
-fn parse_net(text: &str, field: &str) -> Result<IpNetwork, CniError> {
-    text.parse().map_err(|_| decode_err(field, format!("\"{text}\" is not an address/prefix")))
+/// The items of list `key`, each an object, with its field name ("ips[2]").
+fn objects<'a>(obj: &'a Object, key: &str) -> Result<Vec<(String, &'a Object)>, CniError> {
+    let list = fields::list(obj, key, key).map_err(undecodable)?.unwrap_or_default();
+    list.iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = format!("{key}[{i}]");
+            let o = fields::item_object(item, &field).map_err(undecodable)?;
+            Ok((field, o))
+        })
+        .collect()
 }
 
 impl CniResult {
     /// Decodes a result of any supported version (the per-IP "version" field of 0.x is ignored).
     pub fn from_value(value: &Value) -> Result<Self, CniError> {
-        let obj = value.as_object().ok_or_else(|| decode_err("result", "expected an object"))?;
+        let obj = value.as_object().ok_or_else(|| undecodable(FieldError::new("result", "must be an object")))?;
         let mut result = CniResult::default();
 
-        if let Some(list) = obj.get("interfaces").filter(|v| !v.is_null()) {
-            let list = list.as_array().ok_or_else(|| decode_err("interfaces", "expected a list"))?;
-            for (i, item) in list.iter().enumerate() {
-                let field = format!("interfaces[{i}]");
-                let o = item.as_object().ok_or_else(|| decode_err(&field, "expected an object"))?;
-                result.interfaces.push(Interface {
-                    name: opt_str(o, "name", &field)?.ok_or_else(|| decode_err(&field, "missing \"name\""))?,
-                    mac: opt_str(o, "mac", &field)?,
-                    mtu: opt_u32(o, "mtu", &field)?,
-                    sandbox: opt_str(o, "sandbox", &field)?,
-                    socket_path: opt_str(o, "socketPath", &field)?,
-                    pci_id: opt_str(o, "pciID", &field)?,
-                });
-            }
+        for (field, o) in objects(obj, "interfaces")? {
+            let f = ResultFields { obj: o, field: &field };
+            result.interfaces.push(Interface {
+                name: f.string("name")?.ok_or_else(|| missing(&field, "name"))?,
+                mac: f.string("mac")?,
+                mtu: f.number("mtu")?,
+                sandbox: f.string("sandbox")?,
+                socket_path: f.string("socketPath")?,
+                pci_id: f.string("pciID")?,
+            });
         }
 
-        if let Some(list) = obj.get("ips").filter(|v| !v.is_null()) {
-            let list = list.as_array().ok_or_else(|| decode_err("ips", "expected a list"))?;
-            for (i, item) in list.iter().enumerate() {
-                let field = format!("ips[{i}]");
-                let o = item.as_object().ok_or_else(|| decode_err(&field, "expected an object"))?;
-                let address =
-                    opt_str(o, "address", &field)?.ok_or_else(|| decode_err(&field, "missing \"address\""))?;
-                let gateway = opt_str(o, "gateway", &field)?;
-                let interface = match o.get("interface") {
-                    None | Some(Value::Null) => None,
-                    Some(v) => Some(
-                        v.as_u64()
-                            .and_then(|n| usize::try_from(n).ok())
-                            .ok_or_else(|| decode_err(&field, "\"interface\" must be an index"))?,
-                    ),
-                };
-                if let Some(idx) = interface
-                    && idx >= result.interfaces.len()
-                {
-                    return Err(decode_err(&field, format!("interface index {idx} out of range")));
-                }
-                result.ips.push(IpConfig {
-                    address: parse_net(&address, &field)?,
-                    gateway: gateway.map(|g| parse_ip(&g, &field)).transpose()?,
-                    interface,
-                });
+        for (field, o) in objects(obj, "ips")? {
+            let f = ResultFields { obj: o, field: &field };
+            let address = f.cidr("address")?;
+            let gateway = f.ip("gateway")?;
+            // An index, where 0 is a value.
+            let interface =
+                fields::number(o, "interface", &f.name("interface")).map_err(undecodable)?.map(|n| n as usize);
+            if let Some(idx) = interface
+                && idx >= result.interfaces.len()
+            {
+                return Err(undecodable(FieldError::new(
+                    &field,
+                    format!("names interface {idx}, which does not exist"),
+                )));
             }
+            result.ips.push(IpConfig { address, gateway, interface });
         }
 
-        if let Some(list) = obj.get("routes").filter(|v| !v.is_null()) {
-            let list = list.as_array().ok_or_else(|| decode_err("routes", "expected a list"))?;
-            for (i, item) in list.iter().enumerate() {
-                let field = format!("routes[{i}]");
-                let o = item.as_object().ok_or_else(|| decode_err(&field, "expected an object"))?;
-                let dst = opt_str(o, "dst", &field)?.ok_or_else(|| decode_err(&field, "missing \"dst\""))?;
-                let gw = opt_str(o, "gw", &field)?;
-                // Unlike the other numbers, scope 0 ("global") is a value, not "unset".
-                let scope = match o.get("scope") {
-                    None | Some(Value::Null) => None,
-                    Some(v) => Some(
-                        v.as_u64()
-                            .and_then(|s| u8::try_from(s).ok())
-                            .ok_or_else(|| decode_err(&field, "scope must be 0..255"))?,
-                    ),
-                };
-                result.routes.push(Route {
-                    dst: parse_net(&dst, &field)?,
-                    gw: gw.map(|g| parse_ip(&g, &field)).transpose()?,
-                    mtu: opt_u32(o, "mtu", &field)?,
-                    advmss: opt_u32(o, "advmss", &field)?,
-                    priority: opt_u32(o, "priority", &field)?,
-                    table: opt_u32(o, "table", &field)?,
-                    scope,
-                });
-            }
+        for (field, o) in objects(obj, "routes")? {
+            let f = ResultFields { obj: o, field: &field };
+            // Unlike the other numbers, scope 0 ("global") is a value, not "unset".
+            let scope = fields::number(o, "scope", &f.name("scope"))
+                .map_err(undecodable)?
+                .map(|s| u8::try_from(s).map_err(|_| undecodable(FieldError::new(&f.name("scope"), "must be 0..255"))))
+                .transpose()?;
+            result.routes.push(Route {
+                dst: f.cidr("dst")?,
+                gw: f.ip("gw")?,
+                mtu: f.number("mtu")?,
+                advmss: f.number("advmss")?,
+                priority: f.number("priority")?,
+                table: f.number("table")?,
+                scope,
+            });
         }
 
-        if let Some(dns) = obj.get("dns").filter(|v| !v.is_null()) {
-            result.dns = serde_json::from_value(dns.clone()).map_err(|e| decode_err("dns", e))?;
+        if let Some(dns) = fields::get(obj, "dns") {
+            result.dns = serde_json::from_value(dns.clone()).map_err(|e| {
+                undecodable(FieldError::new("dns", format!("must be {{nameservers, domain, search, options}}: {e}")))
+            })?;
         }
         Ok(result)
     }

@@ -12,7 +12,7 @@
 use super::IpamError;
 use super::allocator::Strategy;
 use super::state::{Family, RangeSpec, SetSpec, offset};
-use crate::cni::{Dns, Request, Route};
+use crate::cni::{Dns, Request, Route, fields};
 use ipnetwork::IpNetwork;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
@@ -39,28 +39,19 @@ fn invalid(msg: impl Into<String>) -> IpamError {
 }
 
 fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).filter(|v| !v.is_null())
+    fields::get(obj, key)
 }
 
 fn string<'a>(obj: &'a Map<String, Value>, key: &str, field: &str) -> Result<Option<&'a str>, IpamError> {
-    match get(obj, key) {
-        None => Ok(None),
-        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.trim())),
-        Some(other) => Err(invalid(format!("{field} must be a string, got {other}"))),
-    }
+    Ok(fields::string(obj, key, field)?)
 }
 
 fn ip(text: &str, field: &str) -> Result<IpAddr, IpamError> {
-    text.parse().map_err(|_| invalid(format!("{field} \"{text}\" is not an IP address")))
+    Ok(fields::ip(text, field)?)
 }
 
 fn abs_dir(obj: &Map<String, Value>, key: &str, field: &str) -> Result<Option<PathBuf>, IpamError> {
-    match string(obj, key, field)? {
-        None => Ok(None),
-        Some(p) if p.starts_with('/') && !p.split('/').any(|c| c == "..") => Ok(Some(PathBuf::from(p))),
-        Some(p) => Err(invalid(format!("{field} \"{p}\" must be an absolute path without \"..\""))),
-    }
+    Ok(fields::abs_path(obj, key, field)?)
 }
 
 fn last_address(net: &IpNetwork) -> IpAddr {

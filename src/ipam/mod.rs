@@ -61,6 +61,13 @@ pub enum IpamError {
     Unavailable(String),
 }
 
+/// A configuration field that is wrong.
+impl From<cni::fields::FieldError> for IpamError {
+    fn from(e: cni::fields::FieldError) -> Self {
+        IpamError::Config(e.to_string())
+    }
+}
+
 impl From<IpamError> for CniError {
     fn from(e: IpamError) -> Self {
         let code = match &e {

@@ -2,7 +2,7 @@
 //! validated with errors that name the offending field, and resolved against the node file for
 //! whatever the config leaves to the agent (pod CIDRs, MTU).
 
-use crate::cni::{CniError, Dns, Request, code};
+use crate::cni::{CniError, Dns, Request, code, fields};
 use crate::nodefile::{self, MAX_MTU, MIN_MTU, NodeFile};
 use ipnetwork::IpNetwork;
 use serde_json::{Map, Value, json};
@@ -52,32 +52,19 @@ fn invalid(msg: impl Into<String>) -> CniError {
 }
 
 fn get<'a>(conf: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    conf.get(key).filter(|v| !v.is_null())
+    fields::get(conf, key)
 }
 
 fn string(conf: &Map<String, Value>, key: &str, field: &str) -> Result<Option<String>, CniError> {
-    match get(conf, key) {
-        None => Ok(None),
-        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.trim().to_string())),
-        Some(other) => Err(invalid(format!("{field} must be a string, got {other}"))),
-    }
+    Ok(fields::string(conf, key, field)?.map(str::to_string))
 }
 
 fn boolean(conf: &Map<String, Value>, key: &str, default: bool) -> Result<bool, CniError> {
-    match get(conf, key) {
-        None => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(invalid(format!("{key} must be true or false, got {other}"))),
-    }
+    Ok(fields::boolean(conf, key, key)?.unwrap_or(default))
 }
 
 fn abs_path(conf: &Map<String, Value>, key: &str) -> Result<Option<PathBuf>, CniError> {
-    match string(conf, key, key)? {
-        None => Ok(None),
-        Some(p) if p.starts_with('/') && !p.split('/').any(|c| c == "..") => Ok(Some(PathBuf::from(p))),
-        Some(p) => Err(invalid(format!("{key} \"{p}\" must be an absolute path without \"..\""))),
-    }
+    Ok(fields::abs_path(conf, key, key)?)
 }
 
 /// Parses a CIDR that must name a network (no host bits), e.g. pod_cidr.
@@ -109,7 +96,7 @@ fn cidr_list(conf: &Map<String, Value>, key: &str) -> Result<Vec<IpNetwork>, Cni
 }
 
 fn parse_ip(text: &str, field: &str) -> Result<IpAddr, CniError> {
-    text.parse().map_err(|_| invalid(format!("{field} \"{text}\" is not an IP address")))
+    Ok(fields::ip(text, field)?)
 }
 
 /// Checks one host-local style range object: subnet, and rangeStart/rangeEnd/gateway inside it.
