@@ -9,7 +9,8 @@
 # Installs what it needs into a cache directory (HEADCNI_CACHE, default
 # /var/cache/headcni-peers): helm built with 'go install', kubernetes-validate
 # from PyPI in two virtualenvs (one release that still ships the 1.20 schemas,
-# and a current one). Exits non-zero on any failure.
+# and a current one). The checks run as tests of integration/lib/testing.sh's runner;
+# exits non-zero when any fails.
 
 # 'cond && ok ... || bad ...' is safe here: ok always returns 0.
 # shellcheck disable=SC2015
@@ -21,41 +22,38 @@ HELM_VERSION=v3.22.0
 KV_OLD=1.28.3   # a kubernetes-validate release that still ships the 1.20 schemas (checked below)
 KV_NEW=1.37.0   # a current release; its newest schema version is found at run time
 OLDEST_K8S=1.20
-
-START=$(date +%s)
-PASSED=0 FAILED=0
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/headcni-chart-check.XXXXXXXX")
 trap 'rm -rf -- "$WORK"' EXIT
-
-say() { printf '%s\n' "$*"; }
-ok() { PASSED=$((PASSED + 1)); say "ok   $*"; }
-bad() { FAILED=$((FAILED + 1)); say "FAIL $*"; }
+export HC_STATE_DIR=$WORK/state
+# shellcheck source=lib/testing.sh
+source "$ROOT/integration/lib/testing.sh"
+say() { hc_log "$*"; }
 
 # ------------------------------------------------------------------ tools
 mkdir -p "$CACHE"
 HELM=$CACHE/helm-$HELM_VERSION/helm
 if [[ ! -x $HELM ]]; then
-    say "building helm $HELM_VERSION into $CACHE/helm-$HELM_VERSION (a few minutes)"
-    command -v go >/dev/null || { say "go is needed to build helm"; exit 1; }
-    mkdir -p "$CACHE/helm-$HELM_VERSION"
-    (
-        flock 9
-        [[ -x $HELM ]] || GOBIN=$CACHE/helm-$HELM_VERSION GOFLAGS=-buildvcs=false \
-            nice -n 10 go install -p 1 "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-    ) 9>"$CACHE/helm-$HELM_VERSION.lock"
+	say "building helm $HELM_VERSION into $CACHE/helm-$HELM_VERSION (a few minutes)"
+	command -v go >/dev/null || { say "go is needed to build helm"; exit 1; }
+	mkdir -p "$CACHE/helm-$HELM_VERSION"
+	(
+		flock 9
+		[[ -x $HELM ]] || GOBIN=$CACHE/helm-$HELM_VERSION GOFLAGS=-buildvcs=false \
+			nice -n 10 go install -p 1 "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+	) 9>"$CACHE/helm-$HELM_VERSION.lock"
 fi
 "$HELM" version --short >/dev/null
 
 venv_for() { # version -> path of a virtualenv with kubernetes-validate==version
-    local v=$1 dir=$CACHE/kubernetes-validate-$1
-    if [[ ! -f $dir/.complete ]]; then
-        say "installing kubernetes-validate $v into $dir" >&2
-        rm -rf -- "$dir"
-        python3 -m venv "$dir" >&2
-        "$dir/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$v" >&2
-        touch "$dir/.complete"
-    fi
-    printf '%s' "$dir"
+	local v=$1 dir=$CACHE/kubernetes-validate-$1
+	if [[ ! -f $dir/.complete ]]; then
+		say "installing kubernetes-validate $v into $dir" >&2
+		rm -rf -- "$dir"
+		python3 -m venv "$dir" >&2
+		"$dir/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$v" >&2
+		touch "$dir/.complete"
+	fi
+	printf '%s' "$dir"
 }
 KV_OLD_DIR=$(venv_for "$KV_OLD")
 KV_NEW_DIR=$(venv_for "$KV_NEW")
@@ -323,88 +321,95 @@ logLevel: debug
 EOF
 
 render() { # set-name, kube-version, out
-    "$HELM" template headcni "$ROOT/chart" --namespace kube-system \
-        -f "$VS/$1.yaml" --kube-version "$2" >"$3" 2>"$3.err"
+	"$HELM" template headcni "$ROOT/chart" --namespace kube-system \
+		-f "$VS/$1.yaml" --kube-version "$2" >"$3" 2>"$3.err"
 }
 
-say "--- lint, render and validate"
-for vs in "$VS"/*.yaml; do
-    name=$(basename "$vs" .yaml)
-    if "$HELM" lint --strict "$ROOT/chart" -f "$vs" >"$WORK/lint.out" 2>&1; then
-        ok "helm lint --strict ($name)"
-    else
-        bad "helm lint --strict ($name)"; sed 's/^/    /' "$WORK/lint.out"
-    fi
-    for pair in "$OLDEST_K8S:$KV_OLD_DIR" "$NEWEST_K8S:$KV_NEW_DIR"; do
-        k8s=${pair%%:*} venv=${pair#*:}
-        out=$WORK/render-$name-$k8s.yaml
-        if ! render "$name" "$k8s.0" "$out"; then
-            bad "helm template ($name, Kubernetes $k8s)"; sed 's/^/    /' "$out.err"; continue
-        fi
-        if grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$out"; then
-            bad "plain key text in the rendered manifests ($name)"
-        fi
-        if "$venv/bin/python" "$WORK/check_manifests.py" "$out" "$k8s" "$AUTH_KEY" "$API_KEY" >"$WORK/check.out" 2>&1; then
-            ok "rendered manifests valid for Kubernetes $k8s, no secret outside the Secret ($name)"
-        else
-            bad "rendered manifests ($name, Kubernetes $k8s)"; cat "$WORK/check.out"
-        fi
-    done
-done
+# helm lint --strict, and every value set rendered for the oldest and the newest Kubernetes and validated
+t_render() {
+	for vs in "$VS"/*.yaml; do
+		name=$(basename "$vs" .yaml)
+		if "$HELM" lint --strict "$ROOT/chart" -f "$vs" >"$WORK/lint.out" 2>&1; then
+			ok "helm lint --strict ($name)"
+		else
+			bad "helm lint --strict ($name)"; sed 's/^/    /' "$WORK/lint.out"
+		fi
+		for pair in "$OLDEST_K8S:$KV_OLD_DIR" "$NEWEST_K8S:$KV_NEW_DIR"; do
+			k8s=${pair%%:*} venv=${pair#*:}
+			out=$WORK/render-$name-$k8s.yaml
+			if ! render "$name" "$k8s.0" "$out"; then
+				bad "helm template ($name, Kubernetes $k8s)"; sed 's/^/    /' "$out.err"; continue
+			fi
+			if grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$out"; then
+				bad "plain key text in the rendered manifests ($name)"
+			fi
+			if "$venv/bin/python" "$WORK/check_manifests.py" "$out" "$k8s" "$AUTH_KEY" "$API_KEY" >"$WORK/check.out" 2>&1; then
+				ok "rendered manifests valid for Kubernetes $k8s, no secret outside the Secret ($name)"
+			else
+				bad "rendered manifests ($name, Kubernetes $k8s)"; cat "$WORK/check.out"
+			fi
+		done
+	done
+}
 
 # Facts of specific value sets (newest render).
 expect_in() { # set, description, fixed string
-    if grep -qF -- "$3" "$WORK/render-$1-$NEWEST_K8S.yaml"; then ok "$2 ($1)"; else bad "$2 ($1): '$3' not rendered"; fi
+	if grep -qF -- "$3" "$WORK/render-$1-$NEWEST_K8S.yaml"; then ok "$2 ($1)"; else bad "$2 ($1): '$3' not rendered"; fi
 }
 expect_not_in() {
-    if grep -qF -- "$3" "$WORK/render-$1-$NEWEST_K8S.yaml"; then bad "$2 ($1): '$3' rendered"; else ok "$2 ($1)"; fi
+	if grep -qF -- "$3" "$WORK/render-$1-$NEWEST_K8S.yaml"; then bad "$2 ($1): '$3' rendered"; else ok "$2 ($1)"; fi
 }
-expect_in defaults "host mode uses the host tailscaled socket" "--tailscale-socket=/var/run/tailscale/tailscaled.sock"
-expect_not_in defaults "no key: no Secret rendered" "kind: Secret"
-expect_not_in defaults "no key: no key file flag" "--auth-key-file"
-expect_in keys "auth key passed as a file" "--auth-key-file=/etc/headcni/keys/auth-key"
-expect_in keys "API key passed as a file" "--api-key-file=/etc/headcni/keys/api-key"
-expect_in keys "checksum annotation restarts agents on key change" "checksum/secret:"
-expect_in keys "pre-delete hook" "helm.sh/hook: pre-delete"
-expect_in keys "agent watches the teardown signal" "--teardown-configmap=kube-system/headcni-teardown"
-expect_in keys "install init container" "- install"
-expect_in keys "system-node-critical" 'priorityClassName: "system-node-critical"'
-expect_in keys "maxUnavailable" "maxUnavailable: 1"
-expect_in sidecar "sidecar tailscaled container" "name: tailscaled"
-expect_in sidecar "sidecar socket shared with the agent" "--socket=/run/headcni/tailscale/tailscaled.sock"
-expect_in sidecar "sidecar state on the node" "path: /var/lib/headcni/tailscale"
-expect_in sidecar "TUN device" "type: CharDevice"
-# shellcheck disable=SC2016 # a literal $(NODE_NAME), expanded by the kubelet
-expect_in sidecar "per-node hostname" '--hostname=k8s-$(NODE_NAME)'
-expect_in sidecar "dual-stack cluster CIDR list" "--cluster-cidr=fd00:10:244::/56"
-expect_not_in sidecar "sidecar unprivileged by default" "privileged: true"
-expect_in sidecar-privileged "sidecar privileged on request" "privileged: true"
-expect_in existing-secret "existing Secret mounted" "secretName: my-headscale-keys"
-expect_in existing-secret "existing Secret key mapping" "key: preauth"
-expect_not_in existing-secret "no chart Secret with existingSecret" "kind: Secret"
-expect_in ipam-dense "dense strategy passed to install" "--strategy=dense"
-expect_in ipam-dense "fixed MTU" "--mtu=1280"
-expect_in ipam-dense "DNS options" "--dns-option=ndots:5"
-expect_in host-local "host-local IPAM" "--ipam=host-local"
-expect_not_in host-local "no strategy with host-local" "--strategy="
-expect_in host-local "portmap off" "--portmap=false"
-expect_in host-local "custom CNI dir" "path: /var/lib/example/cni/net.d"
-expect_in servicemonitor "ServiceMonitor rendered" "kind: ServiceMonitor"
-expect_in servicemonitor "metrics port" "--metrics-port=9153"
-expect_in servicemonitor "metrics path" "path: /custom-metrics"
-expect_in custom-resources "digest image" "registry.example/headcni@sha256:"
-expect_in custom-resources "custom CPU limit" 'cpu: "1"'
-expect_in custom-resources "pod CIDR override" "--pod-cidr=fd00:10:244:7::/64"
-expect_in custom-resources "probe host follows a loopback bind" 'host: "127.0.0.1"'
-expect_in custom-resources "CA file" "--headscale-ca-file=/etc/headcni/ca/ca.crt"
-expect_in custom-resources "extra toleration kept" "example.com/dedicated"
-expect_not_in custom-resources "teardown disabled" "helm.sh/hook"
-expect_not_in custom-resources "privileged agent needs no /proc/sys mount" "--proc-sys-dir"
 
-say "--- the binary accepts every flag the chart passes (subcommands that exist)"
-BIN=${HEADCNI_BIN:-$ROOT/target/x86_64-unknown-linux-musl/release/headcni}
-[[ -x $BIN ]] || BIN=$ROOT/target/release/headcni
-"$KV_NEW_DIR/bin/python" - "$WORK"/render-*-"$NEWEST_K8S".yaml >"$WORK/chart-flags" <<'PY'
+# facts of specific value sets (newest render)
+t_render_facts() {
+	expect_in defaults "host mode uses the host tailscaled socket" "--tailscale-socket=/var/run/tailscale/tailscaled.sock"
+	expect_not_in defaults "no key: no Secret rendered" "kind: Secret"
+	expect_not_in defaults "no key: no key file flag" "--auth-key-file"
+	expect_in keys "auth key passed as a file" "--auth-key-file=/etc/headcni/keys/auth-key"
+	expect_in keys "API key passed as a file" "--api-key-file=/etc/headcni/keys/api-key"
+	expect_in keys "checksum annotation restarts agents on key change" "checksum/secret:"
+	expect_in keys "pre-delete hook" "helm.sh/hook: pre-delete"
+	expect_in keys "agent watches the teardown signal" "--teardown-configmap=kube-system/headcni-teardown"
+	expect_in keys "install init container" "- install"
+	expect_in keys "system-node-critical" 'priorityClassName: "system-node-critical"'
+	expect_in keys "maxUnavailable" "maxUnavailable: 1"
+	expect_in sidecar "sidecar tailscaled container" "name: tailscaled"
+	expect_in sidecar "sidecar socket shared with the agent" "--socket=/run/headcni/tailscale/tailscaled.sock"
+	expect_in sidecar "sidecar state on the node" "path: /var/lib/headcni/tailscale"
+	expect_in sidecar "TUN device" "type: CharDevice"
+	# shellcheck disable=SC2016 # a literal $(NODE_NAME), expanded by the kubelet
+	expect_in sidecar "per-node hostname" '--hostname=k8s-$(NODE_NAME)'
+	expect_in sidecar "dual-stack cluster CIDR list" "--cluster-cidr=fd00:10:244::/56"
+	expect_not_in sidecar "sidecar unprivileged by default" "privileged: true"
+	expect_in sidecar-privileged "sidecar privileged on request" "privileged: true"
+	expect_in existing-secret "existing Secret mounted" "secretName: my-headscale-keys"
+	expect_in existing-secret "existing Secret key mapping" "key: preauth"
+	expect_not_in existing-secret "no chart Secret with existingSecret" "kind: Secret"
+	expect_in ipam-dense "dense strategy passed to install" "--strategy=dense"
+	expect_in ipam-dense "fixed MTU" "--mtu=1280"
+	expect_in ipam-dense "DNS options" "--dns-option=ndots:5"
+	expect_in host-local "host-local IPAM" "--ipam=host-local"
+	expect_not_in host-local "no strategy with host-local" "--strategy="
+	expect_in host-local "portmap off" "--portmap=false"
+	expect_in host-local "custom CNI dir" "path: /var/lib/example/cni/net.d"
+	expect_in servicemonitor "ServiceMonitor rendered" "kind: ServiceMonitor"
+	expect_in servicemonitor "metrics port" "--metrics-port=9153"
+	expect_in servicemonitor "metrics path" "path: /custom-metrics"
+	expect_in custom-resources "digest image" "registry.example/headcni@sha256:"
+	expect_in custom-resources "custom CPU limit" 'cpu: "1"'
+	expect_in custom-resources "pod CIDR override" "--pod-cidr=fd00:10:244:7::/64"
+	expect_in custom-resources "probe host follows a loopback bind" 'host: "127.0.0.1"'
+	expect_in custom-resources "CA file" "--headscale-ca-file=/etc/headcni/ca/ca.crt"
+	expect_in custom-resources "extra toleration kept" "example.com/dedicated"
+	expect_not_in custom-resources "teardown disabled" "helm.sh/hook"
+	expect_not_in custom-resources "privileged agent needs no /proc/sys mount" "--proc-sys-dir"
+}
+
+# the binary accepts every flag the chart passes (subcommands that exist)
+t_flags() {
+	BIN=${HEADCNI_BIN:-$ROOT/target/x86_64-unknown-linux-musl/release/headcni}
+	[[ -x $BIN ]] || BIN=$ROOT/target/release/headcni
+	"$KV_NEW_DIR/bin/python" - "$WORK"/render-*-"$NEWEST_K8S".yaml >"$WORK/chart-flags" <<'PY'
 import sys, yaml
 seen = set()
 for path in sys.argv[1:]:
@@ -422,29 +427,29 @@ for path in sys.argv[1:]:
 for sub, flag in sorted(seen):
     print(sub, flag)
 PY
-if [[ ! -x $BIN ]]; then
-    say "skip: no headcni binary built ($BIN)"
-else
-    mapfile -t subs < <(cut -d' ' -f1 "$WORK/chart-flags" | sort -u)
-    for sub in "${subs[@]}"; do
-        help=$("$BIN" "$sub" --help 2>&1 || true)
-        if ! grep -q -- "--help" <<<"$help"; then
-            say "skip: headcni $sub has no --help yet"
-            continue
-        fi
-        missing=""
-        while read -r s flag; do
-            [[ $s == "$sub" ]] || continue
-            grep -qE -- "(^|[^-[:alnum:]])${flag}([^-[:alnum:]]|$)" <<<"$help" || missing+=" $flag"
-        done <"$WORK/chart-flags"
-        [[ -z $missing ]] && ok "headcni $sub knows every flag the chart passes" ||
-            bad "headcni $sub lacks flags the chart passes:$missing"
-    done
-fi
+	if [[ ! -x $BIN ]]; then
+		skip "no headcni binary built ($BIN)"
+	else
+		mapfile -t subs < <(cut -d' ' -f1 "$WORK/chart-flags" | sort -u)
+		for sub in "${subs[@]}"; do
+			help=$("$BIN" "$sub" --help 2>&1 || true)
+			if ! grep -q -- "--help" <<<"$help"; then
+				say "skip: headcni $sub has no --help yet"
+				continue
+			fi
+			missing=""
+			while read -r s flag; do
+				[[ $s == "$sub" ]] || continue
+				grep -qE -- "(^|[^-[:alnum:]])${flag}([^-[:alnum:]]|$)" <<<"$help" || missing+=" $flag"
+			done <"$WORK/chart-flags"
+			[[ -z $missing ]] && ok "headcni $sub knows every flag the chart passes" ||
+				bad "headcni $sub lacks flags the chart passes:$missing"
+		done
+	fi
+}
 
-say "--- the validator itself catches faults"
 mutate() { # description, python expression applied to the DaemonSet document d
-    "$KV_NEW_DIR/bin/python" - "$WORK/render-keys-$NEWEST_K8S.yaml" "$WORK/mutated.yaml" "$2" <<'PY'
+	"$KV_NEW_DIR/bin/python" - "$WORK/render-keys-$NEWEST_K8S.yaml" "$WORK/mutated.yaml" "$2" <<'PY'
 import sys, yaml
 src, dst, expr = sys.argv[1:4]
 docs = [d for d in yaml.safe_load_all(open(src)) if d]
@@ -453,74 +458,83 @@ for d in docs:
         exec(expr, {"d": d, "c": d["spec"]["template"]["spec"]["containers"][0]})
 yaml.safe_dump_all(docs, open(dst, "w"))
 PY
-    if "$KV_NEW_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/mutated.yaml" "$NEWEST_K8S" "$AUTH_KEY" "$API_KEY" >/dev/null 2>&1; then
-        bad "validator misses $1"
-    else
-        ok "validator catches $1"
-    fi
+	if "$KV_NEW_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/mutated.yaml" "$NEWEST_K8S" "$AUTH_KEY" "$API_KEY" >/dev/null 2>&1; then
+		bad "validator misses $1"
+	else
+		ok "validator catches $1"
+	fi
 }
-mutate "a key in an env value" "c['env'].append({'name': 'HEADSCALE_AUTH_KEY', 'value': '$AUTH_KEY'})"
-mutate "a key fed from a Secret into env" "c['env'].append({'name': 'K', 'valueFrom': {'secretKeyRef': {'name': 's', 'key': 'k'}}})"
-mutate "a key as an argument" "c['args'].append('--auth-key=x')"
-mutate "a misspelt field" "d['spec']['template']['spec']['hostNetwrk'] = True"
-mutate "a secret volume readable by all" "[v['secret'].__setitem__('defaultMode', 0o644) for v in d['spec']['template']['spec']['volumes'] if 'secret' in v]"
-mutate "a hostPath without type" "d['spec']['template']['spec']['volumes'][0]['hostPath'].pop('type')"
-mutate "a container without dropped capabilities" "c['securityContext']['capabilities'].pop('drop')"
 
-say "--- the values schema and the chart's own checks reject bad input"
+# the validator itself catches faults
+t_validator() {
+	mutate "a key in an env value" "c['env'].append({'name': 'HEADSCALE_AUTH_KEY', 'value': '$AUTH_KEY'})"
+	mutate "a key fed from a Secret into env" "c['env'].append({'name': 'K', 'valueFrom': {'secretKeyRef': {'name': 's', 'key': 'k'}}})"
+	mutate "a key as an argument" "c['args'].append('--auth-key=x')"
+	mutate "a misspelt field" "d['spec']['template']['spec']['hostNetwrk'] = True"
+	mutate "a secret volume readable by all" "[v['secret'].__setitem__('defaultMode', 0o644) for v in d['spec']['template']['spec']['volumes'] if 'secret' in v]"
+	mutate "a hostPath without type" "d['spec']['template']['spec']['volumes'][0]['hostPath'].pop('type')"
+	mutate "a container without dropped capabilities" "c['securityContext']['capabilities'].pop('drop')"
+}
+
 reject() { # description, expected message fragment, helm --set arguments...
-    local what=$1 want=$2; shift 2
-    if "$HELM" template headcni "$ROOT/chart" "$@" >/dev/null 2>"$WORK/reject.err"; then
-        bad "rejects $what: rendered"
-    elif grep -qF -- "$want" "$WORK/reject.err"; then
-        ok "rejects $what"
-    else
-        bad "rejects $what: message lacks '$want'"; sed 's/^/    /' "$WORK/reject.err"
-    fi
+	local what=$1 want=$2; shift 2
+	if "$HELM" template headcni "$ROOT/chart" "$@" >/dev/null 2>"$WORK/reject.err"; then
+		bad "rejects $what: rendered"
+	elif grep -qF -- "$want" "$WORK/reject.err"; then
+		ok "rejects $what"
+	else
+		bad "rejects $what: message lacks '$want'"; sed 's/^/    /' "$WORK/reject.err"
+	fi
 }
-reject "MTU below 576" "/config/network/mtu" --set config.network.mtu=575
-reject "MTU above 9000" "/config/network/mtu" --set config.network.mtu=9001
-reject "MTU word other than auto" "/config/network/mtu" --set config.network.mtu=automatic
-reject "unknown strategy" "/config/ipam/strategy" --set config.ipam.strategy=dence
-reject "unknown IPAM type" "/config/ipam/type" --set config.ipam.type=calico-ipam
-reject "unknown tailscaled mode" "/config/tailscale/mode" --set config.tailscale.mode=daemon
-reject "metrics port 0" "/metrics/port" --set metrics.port=0
-reject "metrics port 65536" "/metrics/port" --set metrics.port=65536
-reject "misspelt key" "additional properties" --set config.ipam.stratgy=dense
-reject "misspelt top-level key" "additional properties" --set nodeselector.a=b
-reject "bad CIDR" "/config/network/clusterCIDR" --set config.network.clusterCIDR=10.244.0.0/33
-reject "URL without scheme" "/config/headscale/url" --set config.headscale.url=headscale.example
-reject "unknown log level" "/logLevel" --set logLevel=verbose
-reject "tag without tag: prefix" "/config/tailscale/tags" --set "config.tailscale.tags={headcni}"
-reject "bad resource quantity" "/agent/resources" --set agent.resources.requests.memory=lots
-reject "existingSecret together with a key" "leave config.headscale.authKey" \
-    --set config.headscale.url=https://h.example --set config.headscale.existingSecret=s --set config.headscale.authKey=k
-reject "key without URL" "config.headscale.url is required" --set config.headscale.authKey=k
-reject "hostname shared by every node" "/config/tailscale/hostname" --set config.tailscale.hostname=node
-reject "ServiceMonitor without Service" "needs metrics.service.enabled" \
-    --set metrics.serviceMonitor.enabled=true --set metrics.service.enabled=false
-reject "sidecar socket in the host tailscaled's directory" "sidecar mode must not" \
-    --set config.tailscale.mode=sidecar --set config.tailscale.socket=/var/run/tailscale/tailscaled.sock
-reject "Kubernetes older than 1.20" "kubeVersion" --kube-version 1.19.0
 
-say "--- NOTES.txt renders"
-cp -r "$ROOT/chart" "$WORK/notes-chart"
-printf 'notes: |\n{{ include (print $.Template.BasePath "/NOTES.txt") . | indent 2 }}\n' \
-    >"$WORK/notes-chart/templates/zz-notes.yaml"
-for name in defaults keys sidecar existing-secret custom-resources; do
-    if "$HELM" template headcni "$WORK/notes-chart" -f "$VS/$name.yaml" \
-        --show-only templates/zz-notes.yaml >"$WORK/notes.out" 2>&1 &&
-        grep -q "rollout status daemonset/" "$WORK/notes.out" &&
-        ! grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$WORK/notes.out"; then
-        ok "NOTES.txt ($name)"
-    else
-        bad "NOTES.txt ($name)"; sed 's/^/    /' "$WORK/notes.out"
-    fi
-done
-grep -q "autoApprovers" <("$HELM" template headcni "$WORK/notes-chart" -f "$VS/sidecar.yaml" --show-only templates/zz-notes.yaml) &&
-    ok "NOTES.txt explains autoApprovers without an API key" || bad "NOTES.txt lacks the autoApprovers hint"
+# the values schema and the chart's own checks reject bad input
+t_schema() {
+	reject "MTU below 576" "/config/network/mtu" --set config.network.mtu=575
+	reject "MTU above 9000" "/config/network/mtu" --set config.network.mtu=9001
+	reject "MTU word other than auto" "/config/network/mtu" --set config.network.mtu=automatic
+	reject "unknown strategy" "/config/ipam/strategy" --set config.ipam.strategy=dence
+	reject "unknown IPAM type" "/config/ipam/type" --set config.ipam.type=calico-ipam
+	reject "unknown tailscaled mode" "/config/tailscale/mode" --set config.tailscale.mode=daemon
+	reject "metrics port 0" "/metrics/port" --set metrics.port=0
+	reject "metrics port 65536" "/metrics/port" --set metrics.port=65536
+	reject "misspelt key" "additional properties" --set config.ipam.stratgy=dense
+	reject "misspelt top-level key" "additional properties" --set nodeselector.a=b
+	reject "bad CIDR" "/config/network/clusterCIDR" --set config.network.clusterCIDR=10.244.0.0/33
+	reject "URL without scheme" "/config/headscale/url" --set config.headscale.url=headscale.example
+	reject "unknown log level" "/logLevel" --set logLevel=verbose
+	reject "tag without tag: prefix" "/config/tailscale/tags" --set "config.tailscale.tags={headcni}"
+	reject "bad resource quantity" "/agent/resources" --set agent.resources.requests.memory=lots
+	reject "existingSecret together with a key" "leave config.headscale.authKey" \
+		--set config.headscale.url=https://h.example --set config.headscale.existingSecret=s --set config.headscale.authKey=k
+	reject "key without URL" "config.headscale.url is required" --set config.headscale.authKey=k
+	reject "hostname shared by every node" "/config/tailscale/hostname" --set config.tailscale.hostname=node
+	reject "ServiceMonitor without Service" "needs metrics.service.enabled" \
+		--set metrics.serviceMonitor.enabled=true --set metrics.service.enabled=false
+	reject "sidecar socket in the host tailscaled's directory" "sidecar mode must not" \
+		--set config.tailscale.mode=sidecar --set config.tailscale.socket=/var/run/tailscale/tailscaled.sock
+	reject "Kubernetes older than 1.20" "kubeVersion" --kube-version 1.19.0
+}
 
-say "--- deploy-with-helm.sh"
+# NOTES.txt renders
+t_notes() {
+	cp -r "$ROOT/chart" "$WORK/notes-chart"
+	printf 'notes: |\n{{ include (print $.Template.BasePath "/NOTES.txt") . | indent 2 }}\n' \
+		>"$WORK/notes-chart/templates/zz-notes.yaml"
+	for name in defaults keys sidecar existing-secret custom-resources; do
+		if "$HELM" template headcni "$WORK/notes-chart" -f "$VS/$name.yaml" \
+			--show-only templates/zz-notes.yaml >"$WORK/notes.out" 2>&1 &&
+			grep -q "rollout status daemonset/" "$WORK/notes.out" &&
+			! grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$WORK/notes.out"; then
+			ok "NOTES.txt ($name)"
+		else
+			bad "NOTES.txt ($name)"; sed 's/^/    /' "$WORK/notes.out"
+		fi
+	done
+	grep -q "autoApprovers" <("$HELM" template headcni "$WORK/notes-chart" -f "$VS/sidecar.yaml" --show-only templates/zz-notes.yaml) &&
+		ok "NOTES.txt explains autoApprovers without an API key" || bad "NOTES.txt lacks the autoApprovers hint"
+}
+
+# deploy-with-helm.sh against a helm that records its arguments, then runs the real one.
 DEPLOY=$ROOT/deploy-with-helm.sh
 # A helm that records its arguments, then runs the real one.
 mkdir -p "$WORK/bin"
@@ -534,93 +548,99 @@ chmod +x "$WORK/bin/helm"
 export HELM_WRAPPED=$WORK/bin/helm
 
 deploy() { # runs the script; stdout -> $WORK/deploy.out, stderr -> $WORK/deploy.err
-    HELM=$HELM_WRAPPED KUBECTL=${KUBECTL_STUB:-/nonexistent} TMPDIR=$WORK/tmp "$DEPLOY" "$@" \
-        >"$WORK/deploy.out" 2>"$WORK/deploy.err"
+	HELM=$HELM_WRAPPED KUBECTL=${KUBECTL_STUB:-/nonexistent} TMPDIR=$WORK/tmp "$DEPLOY" "$@" \
+		>"$WORK/deploy.out" 2>"$WORK/deploy.err"
 }
 mkdir -p "$WORK/tmp"
 
-if deploy --help && grep -q -- "--dry-run" "$WORK/deploy.out"; then ok "--help"; else bad "--help"; fi
-
-: >"$WORK/helm-argv.log"
-if deploy -u https://headscale.example -k "$AUTH_KEY" --dry-run; then
-    if "$KV_NEW_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/deploy.out" "$NEWEST_K8S" "$AUTH_KEY" >"$WORK/check.out" 2>&1 &&
-        "$KV_OLD_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/deploy.out" "$OLDEST_K8S" "$AUTH_KEY" >>"$WORK/check.out" 2>&1; then
-        ok "--dry-run renders valid manifests for $OLDEST_K8S and $NEWEST_K8S"
-    else
-        bad "--dry-run manifests"; cat "$WORK/check.out"
-    fi
-    grep -q "secretName: headcni-headscale-keys" "$WORK/deploy.out" && ok "--dry-run points the chart at the Secret" ||
-        bad "--dry-run does not use the Secret"
-    grep -q "^# Secret kube-system/headcni-headscale-keys (keys: authKey)" "$WORK/deploy.out" &&
-        ok "--dry-run names the Secret it would create" || bad "--dry-run does not mention the Secret"
-    grep -q "^template " "$WORK/helm-argv.log" && ok "--dry-run uses helm template" || bad "--dry-run did not use helm template"
-else
-    bad "--dry-run failed"; sed 's/^/    /' "$WORK/deploy.err"
-fi
-
-printf '%s\n' "$AUTH_KEY" >"$WORK/authkey"; chmod 600 "$WORK/authkey"
-deploy -u https://headscale.example -K "$WORK/authkey" -i host-local -m 1400 --dry-run &&
-    grep -q -- "--ipam=host-local" "$WORK/deploy.out" && grep -q -- "--mtu=1400" "$WORK/deploy.out" &&
-    ok "--dry-run with -K FILE, -i host-local, -m 1400" || { bad "-K FILE dry run"; sed 's/^/    /' "$WORK/deploy.err"; }
-printf '%s\n' "$API_KEY" | deploy -u https://headscale.example -K "$WORK/authkey" -A - -s random -t sidecar --dry-run &&
-    grep -q -- "--api-key-file=" "$WORK/deploy.out" && grep -q -- "--strategy=random" "$WORK/deploy.out" &&
-    grep -q "name: tailscaled" "$WORK/deploy.out" &&
-    ok "--dry-run with the API key from stdin, -s random, -t sidecar" || { bad "stdin dry run"; sed 's/^/    /' "$WORK/deploy.err"; }
-deploy -u https://headscale.example -K <(printf '%s\n' "$AUTH_KEY") --dry-run &&
-    grep -q -- "--auth-key-file=" "$WORK/deploy.out" && ok "--dry-run with the key from a pipe (-K <(...))" ||
-    { bad "-K <(...) dry run"; sed 's/^/    /' "$WORK/deploy.err"; }
-HEADCNI_AUTH_KEY=$AUTH_KEY deploy -u https://headscale.example --dry-run &&
-    grep -q -- "--auth-key-file=" "$WORK/deploy.out" && ok "--dry-run with the key from HEADCNI_AUTH_KEY" ||
-    bad "HEADCNI_AUTH_KEY dry run"
-if grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$WORK/helm-argv.log" "$WORK"/helm-file.* 2>/dev/null; then
-    bad "a key reached helm's arguments or values files"
-else
-    ok "no key in any helm argument or values file"
-fi
-if [[ -z $(ls -A "$WORK/tmp") ]]; then ok "temporary directory removed"; else bad "temporary files left: $(ls -A "$WORK/tmp")"; fi
-
 refuse() { # description, expected stderr fragment, arguments...
-    local what=$1 want=$2; shift 2
-    if deploy "$@" </dev/null; then
-        bad "refuses $what: exited 0"
-    elif grep -qF -- "$want" "$WORK/deploy.err"; then
-        ok "refuses $what: $(head -n1 "$WORK/deploy.err" | cut -c1-110)"
-    else
-        bad "refuses $what: message lacks '$want'"; sed 's/^/    /' "$WORK/deploy.err"
-    fi
+	local what=$1 want=$2; shift 2
+	if deploy "$@" </dev/null; then
+		bad "refuses $what: exited 0"
+	elif grep -qF -- "$want" "$WORK/deploy.err"; then
+		ok "refuses $what: $(head -n1 "$WORK/deploy.err" | cut -c1-110)"
+	else
+		bad "refuses $what: message lacks '$want'"; sed 's/^/    /' "$WORK/deploy.err"
+	fi
 }
-U=(-u https://headscale.example -k "$AUTH_KEY" --dry-run)
-refuse "a missing URL" "--headscale-url is required" -k "$AUTH_KEY" --dry-run
-refuse "an ftp:// URL" "must start with https://" -u ftp://headscale.example -k "$AUTH_KEY" --dry-run
-refuse "a URL without scheme" "must start with https://" -u headscale.example -k "$AUTH_KEY" --dry-run
-refuse "plain http" "uses plain http" -u http://headscale.example -k "$AUTH_KEY" --dry-run
-refuse "a URL with user info" "not a valid URL" -u https://admin@headscale.example -k "$AUTH_KEY" --dry-run
-refuse "a URL with a bad port" "invalid port" -u https://headscale.example:70000 -k "$AUTH_KEY" --dry-run
-refuse "MTU 575" "out of range" "${U[@]}" -m 575
-refuse "MTU 9001" "out of range" "${U[@]}" -m 9001
-refuse "MTU 'big'" "must be 'auto' or a number" "${U[@]}" -m big
-refuse "an unknown strategy" "--strategy 'dence' is not supported" "${U[@]}" -s dence
-refuse "an unknown IPAM type" "--ipam-type 'calico' is not supported" "${U[@]}" -i calico
-refuse "a strategy with host-local" "applies to --ipam-type headcni-ipam only" "${U[@]}" -i host-local -s dense
-refuse "an unknown tailscaled mode" "--tailscale-mode 'daemon' is not supported" "${U[@]}" -t daemon
-refuse "a bad namespace" "not a valid namespace name" "${U[@]}" -n Kube_System
-refuse "a bad tag" "is not a tag" "${U[@]}" --tags headcni
-refuse "a bad CIDR" "is not a CIDR" "${U[@]}" --cluster-cidr 10.244.0.0
-refuse "an unknown option" "unknown option '--mtu-size'" "${U[@]}" --mtu-size 1280
-refuse "an option as a key value" "needs a value, got the option" -u https://headscale.example -k --dry-run
-refuse "two sources for one key" "not both" "${U[@]}" -K "$WORK/authkey"
-refuse "a key with spaces" "spaces or control characters" -u https://headscale.example -k "two words" --dry-run
-: >"$WORK/empty-key"
-refuse "an empty key file" "is empty" -u https://headscale.example -K "$WORK/empty-key" --dry-run
-refuse "a missing key file" "not a readable file" -u https://headscale.example -K "$WORK/nope" --dry-run
-refuse "a missing values file" "not a readable file" "${U[@]}" -f "$WORK/nope.yaml"
-refuse "a key after --" "refusing to pass a key" "${U[@]}" -- --set config.headscale.apiKey=x
-refuse "sidecar mode without a key" "sidecar mode needs a pre-auth key" -u https://headscale.example -t sidecar --dry-run
 
-# A full (not dry) run against a stand-in kubectl that plays a cluster and
-# records everything it is given, and the recording helm (its upgrade fails
-# without a cluster, so the stand-in answers 'upgrade' itself).
-cat >"$WORK/bin/kubectl" <<EOF
+# deploy-with-helm.sh: --help, a dry run, no key in any argument or file, refusals
+t_deploy() {
+	if deploy --help && grep -q -- "--dry-run" "$WORK/deploy.out"; then ok "--help"; else bad "--help"; fi
+
+	: >"$WORK/helm-argv.log"
+	if deploy -u https://headscale.example -k "$AUTH_KEY" --dry-run; then
+		if "$KV_NEW_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/deploy.out" "$NEWEST_K8S" "$AUTH_KEY" >"$WORK/check.out" 2>&1 &&
+			"$KV_OLD_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/deploy.out" "$OLDEST_K8S" "$AUTH_KEY" >>"$WORK/check.out" 2>&1; then
+			ok "--dry-run renders valid manifests for $OLDEST_K8S and $NEWEST_K8S"
+		else
+			bad "--dry-run manifests"; cat "$WORK/check.out"
+		fi
+		grep -q "secretName: headcni-headscale-keys" "$WORK/deploy.out" && ok "--dry-run points the chart at the Secret" ||
+			bad "--dry-run does not use the Secret"
+		grep -q "^# Secret kube-system/headcni-headscale-keys (keys: authKey)" "$WORK/deploy.out" &&
+			ok "--dry-run names the Secret it would create" || bad "--dry-run does not mention the Secret"
+		grep -q "^template " "$WORK/helm-argv.log" && ok "--dry-run uses helm template" || bad "--dry-run did not use helm template"
+	else
+		bad "--dry-run failed"; sed 's/^/    /' "$WORK/deploy.err"
+	fi
+
+	printf '%s\n' "$AUTH_KEY" >"$WORK/authkey"; chmod 600 "$WORK/authkey"
+	deploy -u https://headscale.example -K "$WORK/authkey" -i host-local -m 1400 --dry-run &&
+		grep -q -- "--ipam=host-local" "$WORK/deploy.out" && grep -q -- "--mtu=1400" "$WORK/deploy.out" &&
+		ok "--dry-run with -K FILE, -i host-local, -m 1400" || { bad "-K FILE dry run"; sed 's/^/    /' "$WORK/deploy.err"; }
+	printf '%s\n' "$API_KEY" | deploy -u https://headscale.example -K "$WORK/authkey" -A - -s random -t sidecar --dry-run &&
+		grep -q -- "--api-key-file=" "$WORK/deploy.out" && grep -q -- "--strategy=random" "$WORK/deploy.out" &&
+		grep -q "name: tailscaled" "$WORK/deploy.out" &&
+		ok "--dry-run with the API key from stdin, -s random, -t sidecar" || { bad "stdin dry run"; sed 's/^/    /' "$WORK/deploy.err"; }
+	deploy -u https://headscale.example -K <(printf '%s\n' "$AUTH_KEY") --dry-run &&
+		grep -q -- "--auth-key-file=" "$WORK/deploy.out" && ok "--dry-run with the key from a pipe (-K <(...))" ||
+		{ bad "-K <(...) dry run"; sed 's/^/    /' "$WORK/deploy.err"; }
+	HEADCNI_AUTH_KEY=$AUTH_KEY deploy -u https://headscale.example --dry-run &&
+		grep -q -- "--auth-key-file=" "$WORK/deploy.out" && ok "--dry-run with the key from HEADCNI_AUTH_KEY" ||
+		bad "HEADCNI_AUTH_KEY dry run"
+	if grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$WORK/helm-argv.log" "$WORK"/helm-file.* 2>/dev/null; then
+		bad "a key reached helm's arguments or values files"
+	else
+		ok "no key in any helm argument or values file"
+	fi
+	if [[ -z $(ls -A "$WORK/tmp") ]]; then ok "temporary directory removed"; else bad "temporary files left: $(ls -A "$WORK/tmp")"; fi
+
+	U=(-u https://headscale.example -k "$AUTH_KEY" --dry-run)
+	refuse "a missing URL" "--headscale-url is required" -k "$AUTH_KEY" --dry-run
+	refuse "an ftp:// URL" "must start with https://" -u ftp://headscale.example -k "$AUTH_KEY" --dry-run
+	refuse "a URL without scheme" "must start with https://" -u headscale.example -k "$AUTH_KEY" --dry-run
+	refuse "plain http" "uses plain http" -u http://headscale.example -k "$AUTH_KEY" --dry-run
+	refuse "a URL with user info" "not a valid URL" -u https://admin@headscale.example -k "$AUTH_KEY" --dry-run
+	refuse "a URL with a bad port" "invalid port" -u https://headscale.example:70000 -k "$AUTH_KEY" --dry-run
+	refuse "MTU 575" "out of range" "${U[@]}" -m 575
+	refuse "MTU 9001" "out of range" "${U[@]}" -m 9001
+	refuse "MTU 'big'" "must be 'auto' or a number" "${U[@]}" -m big
+	refuse "an unknown strategy" "--strategy 'dence' is not supported" "${U[@]}" -s dence
+	refuse "an unknown IPAM type" "--ipam-type 'calico' is not supported" "${U[@]}" -i calico
+	refuse "a strategy with host-local" "applies to --ipam-type headcni-ipam only" "${U[@]}" -i host-local -s dense
+	refuse "an unknown tailscaled mode" "--tailscale-mode 'daemon' is not supported" "${U[@]}" -t daemon
+	refuse "a bad namespace" "not a valid namespace name" "${U[@]}" -n Kube_System
+	refuse "a bad tag" "is not a tag" "${U[@]}" --tags headcni
+	refuse "a bad CIDR" "is not a CIDR" "${U[@]}" --cluster-cidr 10.244.0.0
+	refuse "an unknown option" "unknown option '--mtu-size'" "${U[@]}" --mtu-size 1280
+	refuse "an option as a key value" "needs a value, got the option" -u https://headscale.example -k --dry-run
+	refuse "two sources for one key" "not both" "${U[@]}" -K "$WORK/authkey"
+	refuse "a key with spaces" "spaces or control characters" -u https://headscale.example -k "two words" --dry-run
+	: >"$WORK/empty-key"
+	refuse "an empty key file" "is empty" -u https://headscale.example -K "$WORK/empty-key" --dry-run
+	refuse "a missing key file" "not a readable file" -u https://headscale.example -K "$WORK/nope" --dry-run
+	refuse "a missing values file" "not a readable file" "${U[@]}" -f "$WORK/nope.yaml"
+	refuse "a key after --" "refusing to pass a key" "${U[@]}" -- --set config.headscale.apiKey=x
+	refuse "sidecar mode without a key" "sidecar mode needs a pre-auth key" -u https://headscale.example -t sidecar --dry-run
+}
+
+# deploy-with-helm.sh: full runs against a stand-in cluster (Secret, digest, rotation)
+t_deploy_full() {
+	# A full (not dry) run against a stand-in kubectl that plays a cluster and
+	# records everything it is given, and the recording helm (its upgrade fails
+	# without a cluster, so the stand-in answers 'upgrade' itself).
+	cat >"$WORK/bin/kubectl" <<EOF
 #!/usr/bin/env bash
 printf '%s\n' "\$*" >>"$WORK/kubectl-argv.log"
 args=" \$* "
@@ -644,8 +664,8 @@ case \$args in
   *) echo "stand-in kubectl: unexpected: \$*" >&2; exit 1 ;;
 esac
 EOF
-chmod +x "$WORK/bin/kubectl"
-cat >"$WORK/bin/helm-full" <<EOF
+	chmod +x "$WORK/bin/kubectl"
+	cat >"$WORK/bin/helm-full" <<EOF
 #!/usr/bin/env bash
 printf '%s\n' "\$*" >>"$WORK/helm-argv.log"
 if [[ \$1 == upgrade ]]; then
@@ -655,56 +675,55 @@ if [[ \$1 == upgrade ]]; then
 fi
 exec "$HELM" "\$@"
 EOF
-chmod +x "$WORK/bin/helm-full"
-: >"$WORK/helm-argv.log"; : >"$WORK/kubectl-argv.log"
-full_run() {
-    HELM=$WORK/bin/helm-full KUBECTL=$WORK/bin/kubectl TMPDIR=$WORK/tmp "$DEPLOY" "$@" \
-        >"$WORK/deploy.out" 2>"$WORK/deploy.err"
+	chmod +x "$WORK/bin/helm-full"
+	: >"$WORK/helm-argv.log"; : >"$WORK/kubectl-argv.log"
+	full_run() {
+		HELM=$WORK/bin/helm-full KUBECTL=$WORK/bin/kubectl TMPDIR=$WORK/tmp "$DEPLOY" "$@" \
+			>"$WORK/deploy.out" 2>"$WORK/deploy.err"
+	}
+	if printf '%s\n' "$API_KEY" | full_run -u https://headscale.example -K "$WORK/authkey" -A - -n kube-system -r net; then
+		ok "full run (stand-in cluster) succeeds"
+		expected=$(printf '%s' "$AUTH_KEY" | base64 | tr -d '\n')
+		grep -q "^  authKey: $expected\$" "$WORK/secret-created.yaml" &&
+			grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
+			ok "Secret manifest holds both keys" || bad "Secret manifest content"
+		[[ $(cat "$WORK/secret-file-mode") == 600 ]] && ok "Secret manifest written 0600" || bad "Secret manifest mode $(cat "$WORK/secret-file-mode")"
+		grep -q "^upgrade --install net " "$WORK/helm-argv.log" && ok "helm upgrade --install" || bad "no helm upgrade --install"
+		"$KV_NEW_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/full-render.yaml" "$NEWEST_K8S" "$AUTH_KEY" "$API_KEY" >"$WORK/check.out" 2>&1 &&
+			grep -q "secretName: net-headscale-keys" "$WORK/full-render.yaml" &&
+			grep -q -- "--api-key-file=" "$WORK/full-render.yaml" &&
+			ok "installed manifests use the Secret, valid, no key outside it" || { bad "full-run manifests"; cat "$WORK/check.out"; }
+	else
+		bad "full run failed"; sed 's/^/    /' "$WORK/deploy.err"
+	fi
+	digest() { sed -n 's/^ *checksum\/headscale-keys: *//p' "$WORK/full-render.yaml" | tr -d '"'; }
+	digest1=$(digest)
+	[[ $digest1 =~ ^[0-9a-f]{64}$ ]] && ok "pod annotation carries a digest of the keys" || bad "no keys digest annotation"
+	# Second run without keys: the existing Secret is reused, both keys kept.
+	if full_run -u https://headscale.example -n kube-system -r net -m 1280; then
+		[[ $(tail -n1 "$WORK/secret-ops") == replaced ]] &&
+			grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
+			grep -q -- "--api-key-file=" "$WORK/full-render.yaml" &&
+			ok "a re-run without keys keeps the Secret's keys" || bad "re-run lost the keys"
+		[[ $(digest) == "$digest1" ]] && ok "unchanged keys: same digest, no restart" || bad "digest changed without a key change"
+	else
+		bad "re-run failed"; sed 's/^/    /' "$WORK/deploy.err"
+	fi
+	# Third run with a new pre-auth key: the digest changes, so the agents restart.
+	if printf '%s\n' "${AUTH_KEY}2" | full_run -u https://headscale.example -K - -n kube-system -r net; then
+		[[ $(digest) != "$digest1" ]] &&
+			grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
+			ok "a new key changes the digest and keeps the other key" || bad "new key: digest unchanged or API key lost"
+	else
+		bad "third run failed"; sed 's/^/    /' "$WORK/deploy.err"
+	fi
+	if grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$WORK/helm-argv.log" "$WORK/kubectl-argv.log" "$WORK"/helm-file.* "$WORK/deploy.out" "$WORK/deploy.err"; then
+		bad "a key reached an argument list, a values file or the output"
+	else
+		ok "no key in kubectl/helm arguments, values files or output"
+	fi
+	if [[ -z $(ls -A "$WORK/tmp") ]]; then ok "temporary directory removed after full runs"; else bad "temporary files left"; fi
 }
-if printf '%s\n' "$API_KEY" | full_run -u https://headscale.example -K "$WORK/authkey" -A - -n kube-system -r net; then
-    ok "full run (stand-in cluster) succeeds"
-    expected=$(printf '%s' "$AUTH_KEY" | base64 | tr -d '\n')
-    grep -q "^  authKey: $expected\$" "$WORK/secret-created.yaml" &&
-        grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
-        ok "Secret manifest holds both keys" || bad "Secret manifest content"
-    [[ $(cat "$WORK/secret-file-mode") == 600 ]] && ok "Secret manifest written 0600" || bad "Secret manifest mode $(cat "$WORK/secret-file-mode")"
-    grep -q "^upgrade --install net " "$WORK/helm-argv.log" && ok "helm upgrade --install" || bad "no helm upgrade --install"
-    "$KV_NEW_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/full-render.yaml" "$NEWEST_K8S" "$AUTH_KEY" "$API_KEY" >"$WORK/check.out" 2>&1 &&
-        grep -q "secretName: net-headscale-keys" "$WORK/full-render.yaml" &&
-        grep -q -- "--api-key-file=" "$WORK/full-render.yaml" &&
-        ok "installed manifests use the Secret, valid, no key outside it" || { bad "full-run manifests"; cat "$WORK/check.out"; }
-else
-    bad "full run failed"; sed 's/^/    /' "$WORK/deploy.err"
-fi
-digest() { sed -n 's/^ *checksum\/headscale-keys: *//p' "$WORK/full-render.yaml" | tr -d '"'; }
-digest1=$(digest)
-[[ $digest1 =~ ^[0-9a-f]{64}$ ]] && ok "pod annotation carries a digest of the keys" || bad "no keys digest annotation"
-# Second run without keys: the existing Secret is reused, both keys kept.
-if full_run -u https://headscale.example -n kube-system -r net -m 1280; then
-    [[ $(tail -n1 "$WORK/secret-ops") == replaced ]] &&
-        grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
-        grep -q -- "--api-key-file=" "$WORK/full-render.yaml" &&
-        ok "a re-run without keys keeps the Secret's keys" || bad "re-run lost the keys"
-    [[ $(digest) == "$digest1" ]] && ok "unchanged keys: same digest, no restart" || bad "digest changed without a key change"
-else
-    bad "re-run failed"; sed 's/^/    /' "$WORK/deploy.err"
-fi
-# Third run with a new pre-auth key: the digest changes, so the agents restart.
-if printf '%s\n' "${AUTH_KEY}2" | full_run -u https://headscale.example -K - -n kube-system -r net; then
-    [[ $(digest) != "$digest1" ]] &&
-        grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
-        ok "a new key changes the digest and keeps the other key" || bad "new key: digest unchanged or API key lost"
-else
-    bad "third run failed"; sed 's/^/    /' "$WORK/deploy.err"
-fi
-if grep -qF -e "$AUTH_KEY" -e "$API_KEY" "$WORK/helm-argv.log" "$WORK/kubectl-argv.log" "$WORK"/helm-file.* "$WORK/deploy.out" "$WORK/deploy.err"; then
-    bad "a key reached an argument list, a values file or the output"
-else
-    ok "no key in kubectl/helm arguments, values files or output"
-fi
-if [[ -z $(ls -A "$WORK/tmp") ]]; then ok "temporary directory removed after full runs"; else bad "temporary files left"; fi
 
-ELAPSED=$(($(date +%s) - START))
-say "chart-check: ${ELAPSED}s"
-say "$PASSED passed, $FAILED failed"
-[[ $FAILED -eq 0 ]]
+tr_run render render_facts flags validator schema notes deploy deploy_full
+tr_summary "chart-check: Kubernetes $OLDEST_K8S and $NEWEST_K8S, helm $HELM_VERSION"

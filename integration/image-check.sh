@@ -7,7 +7,8 @@
 #
 # Podman runs with private storage under the cache directory (HEADCNI_CACHE,
 # default /var/cache/headcni-peers) and the settings these machines need: vfs
-# storage, runc, cgroupfs, no network. Exits non-zero on any failure.
+# storage, runc, cgroupfs, no network. The checks run as tests of
+# integration/lib/testing.sh's runner; exits non-zero when any fails.
 
 # 'cond && ok ... || bad ...' is safe here: ok always returns 0.
 # shellcheck disable=SC2015
@@ -19,28 +20,22 @@ TARGET=x86_64-unknown-linux-musl
 BIN=${HEADCNI_BIN:-$ROOT/target/$TARGET/release/headcni}
 IMAGE=localhost/headcni-image-check:$$
 
-START=$(date +%s)
-PASSED=0 FAILED=0
-say() { printf '%s\n' "$*"; }
-ok() { PASSED=$((PASSED + 1)); say "ok   $*"; }
-bad() { FAILED=$((FAILED + 1)); say "FAIL $*"; }
+command -v podman >/dev/null || { echo "podman is needed (apt-get install podman)" >&2; exit 1; }
 
-command -v podman >/dev/null || { say "podman is needed (apt-get install podman)"; exit 1; }
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/headcni-image-check.XXXXXXXX")
+export HC_STATE_DIR=$WORK/state
+# shellcheck source=lib/testing.sh
+source "$ROOT/integration/lib/testing.sh"
+say() { hc_log "$*"; }
 
 # ------------------------------------------------------------------ binary
 if [[ ! -x $BIN ]]; then
-    say "building $BIN"
-    (cd "$ROOT" && CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-gcc} \
-        cargo build --release --locked --target "$TARGET")
-fi
-if readelf -lW "$BIN" 2>/dev/null | grep -q 'INTERP'; then
-    bad "$BIN is dynamically linked: a FROM scratch image cannot run it"
-else
-    ok "binary is static ($(du -h "$BIN" | cut -f1))"
+	say "building $BIN"
+	(cd "$ROOT" && CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-gcc} \
+		cargo build --release --locked --target "$TARGET")
 fi
 
 # ------------------------------------------------------------------ podman
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/headcni-image-check.XXXXXXXX")
 PODMAN_DIR=$CACHE/podman
 mkdir -p "$PODMAN_DIR/root" "$PODMAN_DIR/runroot"
 cat >"$WORK/containers.conf" <<'EOF'
@@ -54,14 +49,14 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOF
 pm() {
-    CONTAINERS_CONF=$WORK/containers.conf podman --root "$PODMAN_DIR/root" --runroot "$PODMAN_DIR/runroot" \
-        --storage-driver vfs --cgroup-manager cgroupfs --runtime runc "$@"
+	CONTAINERS_CONF=$WORK/containers.conf podman --root "$PODMAN_DIR/root" --runroot "$PODMAN_DIR/runroot" \
+		--storage-driver vfs --cgroup-manager cgroupfs --runtime runc "$@"
 }
 cleanup() {
-    pm rm -f headcni-image-check-$$ >/dev/null 2>&1 || true
-    pm rmi -f "$IMAGE" >/dev/null 2>&1 || true
-    pm image prune -f >/dev/null 2>&1 || true
-    rm -rf -- "$WORK"
+	pm rm -f headcni-image-check-$$ >/dev/null 2>&1 || true
+	pm rmi -f "$IMAGE" >/dev/null 2>&1 || true
+	pm image prune -f >/dev/null 2>&1 || true
+	rm -rf -- "$WORK"
 }
 trap cleanup EXIT
 
@@ -71,70 +66,92 @@ ln -s headcni "$WORK/context/rootfs/headcni-ipam"
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -n1)
 REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
 
-if pm build --network=none --pull=never -f "$ROOT/Dockerfile" -t "$IMAGE" \
-    --build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" \
-    --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    "$WORK/context" >"$WORK/build.log" 2>&1; then
-    ok "podman build (offline, FROM scratch)"
-else
-    bad "podman build"; sed 's/^/    /' "$WORK/build.log"
-    say "$PASSED passed, $FAILED failed"; exit 1
-fi
-
 run() { pm run --rm --network none --cap-drop ALL --read-only --security-opt no-new-privileges "$@"; }
 
-want=$("$BIN" version)
-got=$(run "$IMAGE" 2>&1) && [[ $got == "$want" ]] && ok "default command prints the version: $got" ||
-    bad "default command: got '$got', want '$want'"
-got=$(run "$IMAGE" version 2>&1) && [[ $got == "$want" ]] && ok "headcni version" || bad "headcni version: '$got'"
-[[ $want == *"$VERSION"* ]] && ok "version matches Cargo.toml ($VERSION)" || bad "version '$want' lacks $VERSION"
+# The binary is static: a FROM scratch image has no loader.
+t_static() {
+	if readelf -lW "$BIN" 2>/dev/null | grep -q 'INTERP'; then
+		bad "$BIN is dynamically linked: a FROM scratch image cannot run it"
+	else
+		ok "binary is static ($(du -h "$BIN" | cut -f1))"
+	fi
+}
 
-entry=$(pm image inspect --format '{{json .Config.Entrypoint}} {{json .Config.Cmd}} {{.Config.User}}' "$IMAGE")
-[[ $entry == '["/headcni"] ["version"] 0:0' ]] && ok "entrypoint /headcni, command version, user 0:0" ||
-    bad "entrypoint/cmd/user: $entry"
-label=$(pm image inspect --format '{{index .Labels "org.opencontainers.image.version"}} {{index .Labels "org.opencontainers.image.licenses"}}' "$IMAGE")
-[[ $label == "$VERSION MIT" ]] && ok "OCI labels (version, licence)" || bad "labels: $label"
+# podman build, offline, FROM scratch.
+t_build() {
+	if pm build --network=none --pull=never -f "$ROOT/Dockerfile" -t "$IMAGE" \
+		--build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" \
+		--build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+		"$WORK/context" >"$WORK/build.log" 2>&1; then
+		ok "podman build (offline, FROM scratch)"
+	else
+		sed 's/^/    /' "$WORK/build.log"
+		hc_die "podman build failed"
+	fi
+	touch "$WORK/image-built"
+}
 
-pm create --name headcni-image-check-$$ "$IMAGE" >/dev/null
-pm export headcni-image-check-$$ | tar -tvf - >"$WORK/files" 2>/dev/null || true
-pm rm -f headcni-image-check-$$ >/dev/null
-grep -Eq '^l.* headcni-ipam -> headcni$' "$WORK/files" && ok "headcni-ipam is a relative link to headcni" ||
-    { bad "headcni-ipam link"; sed 's/^/    /' "$WORK/files"; }
-grep -Eq '^-rwxr-xr-x .* headcni$' "$WORK/files" && ok "headcni is executable" || bad "headcni mode"
-names=$(awk '{ if ($1 ~ /^l/) print $(NF-2); else print $NF }' "$WORK/files" | sed 's|/$||' | sort)
-say "     files: $(tr '\n' ' ' <<<"$names")"
-extra=$(grep -Ev '^(headcni|headcni-ipam)$' <<<"$names" || true)
-[[ -z $extra ]] && ok "nothing else in the image" || bad "unexpected files: $extra"
-size=$(pm image inspect --format '{{.Size}}' "$IMAGE")
-say "     image size: $((size / 1024)) KiB"
+# needs_image : skip the test when the image could not be built.
+needs_image() { [[ -f "$WORK/image-built" ]] || skip "no image (t_build failed)"; }
 
-# ------------------------------------------------------------------ install
-# The chained plugins of a node whose CNI plugins come from the upstream releases (static, spec
-# 1.1.0); integration/lib/peers.sh builds them.
-PLUGINS=${CNI_PLUGINS_DIR:-$CACHE/cni-plugins-v1.10.0}
-if [[ ! -x $PLUGINS/portmap || ! -x $PLUGINS/bandwidth ]]; then
-    bad "static portmap and bandwidth missing in $PLUGINS (integration/lib/peers.sh ensure builds them)"
-else
-    H=$WORK/host
-    mkdir -p "$H/opt/cni/bin" "$H/etc/cni/net.d"
-    cp "$PLUGINS/portmap" "$PLUGINS/bandwidth" "$H/opt/cni/bin/"
-    printf '{"cniVersion":"1.0.0","name":"other","plugins":[{"type":"bridge"}]}\n' >"$H/etc/cni/net.d/20-other.conflist"
-    cp "$H/etc/cni/net.d/20-other.conflist" "$WORK/other.orig"
-    # The chart's default install arguments, with the host directories mounted
-    # at the same paths inside the container as the chart does.
-    install_run() {
-        run -v "$H/opt/cni/bin:/opt/cni/bin" -v "$H/etc/cni/net.d:/etc/cni/net.d" --user 0:0 "$IMAGE" \
-            install --bin-dir=/opt/cni/bin --conf-dir=/etc/cni/net.d --conflist-name=10-headcni.conflist \
-            --network-name=headcni --ipam=headcni-ipam --strategy=sequential --mtu=auto --run-dir=/run/headcni \
-            --portmap=true --bandwidth=true "$@"
-    }
-    if install_run >"$WORK/install.log" 2>&1; then
-        ok "headcni install (no capability, read-only root)"
-        cmp -s "$BIN" "$H/opt/cni/bin/headcni" && [[ -x $H/opt/cni/bin/headcni ]] &&
-            ok "binary installed" || bad "installed binary differs or is not executable"
-        [[ $(readlink "$H/opt/cni/bin/headcni-ipam") == headcni ]] && ok "headcni-ipam link is relative" ||
-            bad "headcni-ipam link: $(readlink "$H/opt/cni/bin/headcni-ipam" || echo missing)"
-        python3 - "$H/etc/cni/net.d/10-headcni.conflist" <<'PY' && ok "conflist parses, network headcni, plugin headcni" || bad "conflist content"
+# The image runs: version, entrypoint, labels, and nothing in it but the binary and its link.
+t_image() {
+	needs_image
+	want=$("$BIN" version)
+	got=$(run "$IMAGE" 2>&1) && [[ $got == "$want" ]] && ok "default command prints the version: $got" ||
+		bad "default command: got '$got', want '$want'"
+	got=$(run "$IMAGE" version 2>&1) && [[ $got == "$want" ]] && ok "headcni version" || bad "headcni version: '$got'"
+	[[ $want == *"$VERSION"* ]] && ok "version matches Cargo.toml ($VERSION)" || bad "version '$want' lacks $VERSION"
+
+	entry=$(pm image inspect --format '{{json .Config.Entrypoint}} {{json .Config.Cmd}} {{.Config.User}}' "$IMAGE")
+	[[ $entry == '["/headcni"] ["version"] 0:0' ]] && ok "entrypoint /headcni, command version, user 0:0" ||
+		bad "entrypoint/cmd/user: $entry"
+	label=$(pm image inspect --format '{{index .Labels "org.opencontainers.image.version"}} {{index .Labels "org.opencontainers.image.licenses"}}' "$IMAGE")
+	[[ $label == "$VERSION MIT" ]] && ok "OCI labels (version, licence)" || bad "labels: $label"
+
+	pm create --name headcni-image-check-$$ "$IMAGE" >/dev/null
+	pm export headcni-image-check-$$ | tar -tvf - >"$WORK/files" 2>/dev/null || true
+	pm rm -f headcni-image-check-$$ >/dev/null
+	grep -Eq '^l.* headcni-ipam -> headcni$' "$WORK/files" && ok "headcni-ipam is a relative link to headcni" ||
+		{ bad "headcni-ipam link"; sed 's/^/    /' "$WORK/files"; }
+	grep -Eq '^-rwxr-xr-x .* headcni$' "$WORK/files" && ok "headcni is executable" || bad "headcni mode"
+	names=$(awk '{ if ($1 ~ /^l/) print $(NF-2); else print $NF }' "$WORK/files" | sed 's|/$||' | sort)
+	say "     files: $(tr '\n' ' ' <<<"$names")"
+	extra=$(grep -Ev '^(headcni|headcni-ipam)$' <<<"$names" || true)
+	[[ -z $extra ]] && ok "nothing else in the image" || bad "unexpected files: $extra"
+	size=$(pm image inspect --format '{{.Size}}' "$IMAGE")
+	say "     image size: $((size / 1024)) KiB"
+}
+
+# headcni install and --uninstall from the image, with the chart's container settings.
+t_install() {
+	needs_image
+	# The chained plugins of a node whose CNI plugins come from the upstream releases (static, spec
+	# 1.1.0); integration/lib/peers.sh builds them.
+	PLUGINS=${CNI_PLUGINS_DIR:-$CACHE/cni-plugins-v1.10.0}
+	if [[ ! -x $PLUGINS/portmap || ! -x $PLUGINS/bandwidth ]]; then
+		bad "static portmap and bandwidth missing in $PLUGINS (integration/lib/peers.sh ensure builds them)"
+	else
+		H=$WORK/host
+		mkdir -p "$H/opt/cni/bin" "$H/etc/cni/net.d"
+		cp "$PLUGINS/portmap" "$PLUGINS/bandwidth" "$H/opt/cni/bin/"
+		printf '{"cniVersion":"1.0.0","name":"other","plugins":[{"type":"bridge"}]}\n' >"$H/etc/cni/net.d/20-other.conflist"
+		cp "$H/etc/cni/net.d/20-other.conflist" "$WORK/other.orig"
+		# The chart's default install arguments, with the host directories mounted
+		# at the same paths inside the container as the chart does.
+		install_run() {
+			run -v "$H/opt/cni/bin:/opt/cni/bin" -v "$H/etc/cni/net.d:/etc/cni/net.d" --user 0:0 "$IMAGE" \
+				install --bin-dir=/opt/cni/bin --conf-dir=/etc/cni/net.d --conflist-name=10-headcni.conflist \
+				--network-name=headcni --ipam=headcni-ipam --strategy=sequential --mtu=auto --run-dir=/run/headcni \
+				--portmap=true --bandwidth=true "$@"
+		}
+		if install_run >"$WORK/install.log" 2>&1; then
+			ok "headcni install (no capability, read-only root)"
+			cmp -s "$BIN" "$H/opt/cni/bin/headcni" && [[ -x $H/opt/cni/bin/headcni ]] &&
+				ok "binary installed" || bad "installed binary differs or is not executable"
+			[[ $(readlink "$H/opt/cni/bin/headcni-ipam") == headcni ]] && ok "headcni-ipam link is relative" ||
+				bad "headcni-ipam link: $(readlink "$H/opt/cni/bin/headcni-ipam" || echo missing)"
+			python3 - "$H/etc/cni/net.d/10-headcni.conflist" <<'PY' && ok "conflist parses, network headcni, plugin headcni" || bad "conflist content"
 import json, sys
 c = json.load(open(sys.argv[1]))
 assert c["name"] == "headcni", c
@@ -142,23 +159,23 @@ assert c["plugins"][0]["type"] == "headcni", c
 assert c["plugins"][0]["ipam"]["type"] == "headcni-ipam", c
 assert "1.1.0" in c["cniVersions"], c  # the static plugins were asked from inside the image
 PY
-        cmp -s "$WORK/other.orig" "$H/etc/cni/net.d/20-other.conflist" && ok "other conflist untouched" || bad "other conflist changed"
-        before=$(stat -c %Y.%i "$H/etc/cni/net.d/10-headcni.conflist")
-        sleep 1
-        install_run >>"$WORK/install.log" 2>&1 && [[ $(stat -c %Y.%i "$H/etc/cni/net.d/10-headcni.conflist") == "$before" ]] &&
-            ok "second install leaves an unchanged conflist alone" || bad "second install rewrote the conflist"
-        if install_run --uninstall >>"$WORK/install.log" 2>&1 &&
-            [[ ! -e $H/etc/cni/net.d/10-headcni.conflist && ! -e $H/opt/cni/bin/headcni && ! -L $H/opt/cni/bin/headcni-ipam ]] &&
-            cmp -s "$WORK/other.orig" "$H/etc/cni/net.d/20-other.conflist"; then
-            ok "install --uninstall removes exactly what it installed"
-        else
-            bad "install --uninstall"; find "$H" -mindepth 1 | sed 's/^/    /'
-        fi
-    else
-        bad "headcni install"; sed 's/^/    /' "$WORK/install.log"
-    fi
-fi
+			cmp -s "$WORK/other.orig" "$H/etc/cni/net.d/20-other.conflist" && ok "other conflist untouched" || bad "other conflist changed"
+			before=$(stat -c %Y.%i "$H/etc/cni/net.d/10-headcni.conflist")
+			sleep 1
+			install_run >>"$WORK/install.log" 2>&1 && [[ $(stat -c %Y.%i "$H/etc/cni/net.d/10-headcni.conflist") == "$before" ]] &&
+				ok "second install leaves an unchanged conflist alone" || bad "second install rewrote the conflist"
+			if install_run --uninstall >>"$WORK/install.log" 2>&1 &&
+				[[ ! -e $H/etc/cni/net.d/10-headcni.conflist && ! -e $H/opt/cni/bin/headcni && ! -L $H/opt/cni/bin/headcni-ipam ]] &&
+				cmp -s "$WORK/other.orig" "$H/etc/cni/net.d/20-other.conflist"; then
+				ok "install --uninstall removes exactly what it installed"
+			else
+				bad "install --uninstall"; find "$H" -mindepth 1 | sed 's/^/    /'
+			fi
+		else
+			bad "headcni install"; sed 's/^/    /' "$WORK/install.log"
+		fi
+	fi
+}
 
-say "image-check: $(($(date +%s) - START))s"
-say "$PASSED passed, $FAILED failed"
-[[ $FAILED -eq 0 ]]
+tr_run static build image install
+tr_summary "image-check: $IMAGE"

@@ -1,10 +1,13 @@
 # shellcheck shell=bash
-# integration/lib/testing.sh: a tiny test runner for tests.sh and runtime-tests.sh.
+# integration/lib/testing.sh: the test runner of every script in integration/ (tests.sh,
+# runtime-tests.sh, chart-check.sh, image-check.sh).
 #
 # A test is a shell function t_NAME. It runs in a subshell of its own (its
 # variables do not leak; a failure ends only that test), with errexit on:
 # any failing command or hc_die fails it, and the reason is kept. Tests
 # report what they measured with `note TEXT` and skip with `skip REASON`.
+# A test made of many small checks reports each with `ok TEXT` or `bad TEXT`:
+# every check runs, and the test fails at its end when any was bad.
 # Daemons a test starts are recorded in the run's journal like any other,
 # so teardown stops them whatever happens.
 #
@@ -28,6 +31,15 @@ skip() {
 	exit 77
 }
 
+# ok TEXT : one check of the current test passed.
+ok() { hc_log "ok   $*"; }
+
+# bad TEXT : one check of the current test failed; the test goes on and fails at its end.
+bad() {
+	printf '%s\n' "$*" >>"$TR_BAD"
+	hc_log "FAIL $*"
+}
+
 # tr_exists NAME : t_NAME is defined.
 tr_exists() { declare -F "t_$1" >/dev/null; }
 
@@ -35,9 +47,11 @@ _tr_one() {
 	local name=$1 t0 rc=0
 	TR_NOTES=$HC_STATE_DIR/tests/$name.notes
 	TR_REASON=$HC_STATE_DIR/tests/$name.reason
+	TR_BAD=$HC_STATE_DIR/tests/$name.bad
 	mkdir -p "$HC_STATE_DIR/tests"
 	: >"$TR_NOTES"
 	: >"$TR_REASON"
+	: >"$TR_BAD"
 	hc_log "===== test $name"
 	t0=$(hc_now)
 	# A foreground subshell (a Ctrl-C reaches it and the harness alike), with
@@ -59,6 +73,10 @@ _tr_one() {
 			exit 1
 		}
 		"t_$name"
+		if [[ -s "$TR_BAD" ]]; then
+			printf '%s checks failed: %s\n' "$(wc -l <"$TR_BAD")" "$(paste -sd ';' "$TR_BAD")" >"$TR_REASON"
+			exit 1
+		fi
 	)
 	rc=$?
 	set -e
