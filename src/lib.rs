@@ -3,15 +3,21 @@
 //! One multi-call binary carries every role; [`Role::detect`] picks it before any argument
 //! parsing, and `main.rs` does nothing else.
 //!
-//! - [`cni`]: the CNI protocol (no Linux networking)
+//! - [`cni`]: the CNI protocol (no Linux networking, nothing of HeadCNI's own config)
 //! - [`plugin`]: the `headcni` CNI plugin (routed veth pairs)
-//! - [`ipam`]: the `headcni-ipam` IPAM plugin and its store
-//! - [`netlink`]: the only code that talks to the kernel's network configuration
-//! - [`nodefile`], [`events`]: what the agent and the plugins share on a node
-//! - [`errors`]: the error list of best-effort operations (DEL, GC, cleanup)
+//! - [`ipam`]: the `headcni-ipam` IPAM plugin, its pure allocator and its store
+//! - [`netlink`]: the only code that talks to the kernel's network configuration or enters a
+//!   network namespace
+//! - [`nodefile`], [`events`]: what the agent and the plugins share on a node (the only way
+//!   they meet)
+//! - [`agent`]: the node daemon (`headcni agent`)
+//! - [`clients`]: HTTP, Kubernetes, Headscale and tailscaled's LocalAPI, shared by the roles
+//! - [`cli`]: the command line and its commands (`status`, `teardown`)
 //! - [`install`]: `headcni install`, putting HeadCNI on a node
-//! - [`agent`]: the node agent (`headcni agent`) and `headcni status`
-//! - [`cli`]: the command line (`version`, and the node tools)
+//! - [`errors`]: the error list of best-effort operations (DEL, GC, cleanup)
+//! - [`fsutil`], [`logging`]: files written safely, and each role's logging
+//!
+//! ARCHITECTURE.md draws the map and states the rules; tests/boundaries.rs checks them.
 
 #![forbid(unsafe_code)]
 #![deny(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]

@@ -86,7 +86,7 @@ const RULES: &[Rule] = &[
         says: "plugin/ and agent/ never import each other (they meet in the node file and the event spool)",
         under: &["src/agent"],
         except: &[],
-        forbidden: &["crate::plugin"],
+        forbidden: &["crate::plugin", "crate::cli"],
     },
     Rule {
         says: "clients/ are shared by the roles and know none of them",

@@ -1,18 +1,19 @@
-//! `headcni agent`: the node agent (a DaemonSet pod on the host network) that makes the tailnet
-//! the pod network of its node, and `headcni status`, which shows what it did.
+//! `headcni agent`: the node daemon (a DaemonSet pod on the host network) that makes the tailnet
+//! the pod network of its node. It owns the reconcile loop and everything the loop keeps on the
+//! node; the clients it talks through are [`crate::clients`], the commands that only look at or
+//! signal it are [`crate::cli`].
 //!
+//! - [`config`]: the flags and their validation
 //! - [`node`]: the node's pod CIDRs (flag, or the Kubernetes Node)
-//! - [`tailscale`]: tailscaled's LocalAPI (status, prefs, the zero-config join)
-//! - [`headscale`]: Headscale's REST API (approving this node's own routes)
-//! - [`dataplane`]: forwarding, policy rules, masquerade tables, the tailnet MTU
-//! - [`reconcile`]: the loop that keeps all of it as wanted
-//! - [`metrics`], [`http`]: Prometheus metrics and the health probes
-//! - [`state`]: what HeadCNI added (so that it withdraws only that)
+//! - [`reconcile`]: the loop that keeps all of it as wanted (join and backoff, routes, the
+//!   uninstall state machine, publishing)
+//! - [`hostnet`]: the host's network as the agent keeps it: forwarding, policy rules,
+//!   masquerade tables, the tailnet MTU
+//! - [`state`]: what HeadCNI added outside the node (so that it withdraws only that)
 //! - [`cleanup`]: undoing it (`--cleanup`, and the uninstall)
-//! - [`teardown`]: the uninstall signal (a ConfigMap the agent follows); [`hook`]: `headcni
-//!   teardown`, the chart's pre-delete hook that raises it and waits for the agents
-//! - [`report`], [`status`]: the published status and `headcni status`
-//! - [`kube`]: the Kubernetes API; [`client`], [`secret`], [`config`]: plumbing
+//! - [`teardown`]: the uninstall signal (a ConfigMap the agent follows)
+//! - [`report`]: the published status file and the problem list
+//! - [`metrics`], [`serve`]: Prometheus metrics and the HTTP server with the health probes
 //!
 //! SIGTERM stops the agent and leaves the node as it is: pods keep working while the agent is
 //! restarted or upgraded. The uninstall signal makes every agent undo its node's changes (but

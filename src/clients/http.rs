@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.1 client for the agent's three peers (tailscaled's LocalAPI over a unix
+//! A minimal HTTP/1.1 client for HeadCNI's three peers (tailscaled's LocalAPI over a unix
 //! socket, Headscale and the Kubernetes API over TCP or TLS): one connection per request,
 //! a deadline on the whole exchange and a cap on the answer's size ([`Endpoint::send`]), or,
 //! for a Kubernetes watch, a deadline on the answer's head and a cap on each line of a body
