@@ -188,9 +188,9 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let (watcher, mut signal_rx) = match &cfg.teardown_configmap {
         Some(cm) => {
             let kube = kube::Kube::from_kubeconfig_or_in_cluster(cfg.kubeconfig.as_deref())
-                .map_err(|e| anyhow::anyhow!("--teardown-configmap {cm}: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("--teardown-configmap {}/{}: {e}", cm.namespace, cm.name))?;
             let (w, rx) = SignalWatcher::new(kube, cm.clone());
-            log::info!("following the uninstall signal in ConfigMap {cm}");
+            log::info!("following the uninstall signal in {cm}");
             (Some(tokio::spawn(w.run())), rx)
         }
         None => (None, no_signal_rx),

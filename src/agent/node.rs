@@ -142,6 +142,7 @@ pub struct NodeCidrs {
 impl NodeCidrs {
     /// Node `name` through `kube`.
     pub fn new(name: &str, kube: Kube) -> Result<Self, NodeError> {
+        validate_node_name(name).map_err(NodeError::Setup)?;
         let node = ObjectRef::node(name).map_err(|e| NodeError::Setup(e.to_string()))?;
         Ok(Self { node, kube })
     }
