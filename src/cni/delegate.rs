@@ -61,7 +61,7 @@ pub fn exec(req: &Request, kind: &str, command: Command) -> Result<Option<Value>
 /// The spec versions a plugin reports for VERSION.
 pub fn versions(req: &Request, kind: &str) -> Result<Vec<CniVersion>, CniError> {
     #[derive(serde::Deserialize)]
-    struct Reply {
+    struct VersionAnswer {
         #[serde(rename = "supportedVersions", default)]
         supported: Vec<String>,
     }
@@ -70,7 +70,7 @@ pub fn versions(req: &Request, kind: &str) -> Result<Vec<CniVersion>, CniError> 
         ..req.clone()
     };
     let out = exec(&probe, kind, Command::Version)?.unwrap_or(Value::Null);
-    let reply: Reply = serde_json::from_value(out)
+    let reply: VersionAnswer = serde_json::from_value(out)
         .map_err(|e| CniError::new(code::DECODE_FAILURE, format!("plugin \"{kind}\" answered VERSION with {e}")))?;
     Ok(reply.supported.iter().filter_map(|v| CniVersion::parse(v)).collect())
 }

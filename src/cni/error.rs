@@ -101,14 +101,14 @@ pub struct ErrorReply<'a> {
 /// Parses an error reply printed by a delegated plugin.
 pub fn parse_reply(stdout: &[u8]) -> Option<CniError> {
     #[derive(serde::Deserialize)]
-    struct Reply {
+    struct ErrorReply {
         code: u32,
         #[serde(default)]
         msg: String,
         #[serde(default)]
         details: String,
     }
-    let reply: Reply = serde_json::from_slice(stdout).ok()?;
+    let reply: ErrorReply = serde_json::from_slice(stdout).ok()?;
     Some(CniError { code: reply.code, msg: reply.msg, details: reply.details })
 }
 
