@@ -9,8 +9,7 @@ use super::attachment::{Attached, AttachmentSpec};
 use crate::cni::CniError;
 use crate::netlink::sysctl::SysctlRoot;
 use crate::netlink::{AddressOptions, Netlink, NetlinkError, Netns, RouteSpec, Scope};
-use std::cell::OnceCell;
-use std::future::Future;
+use std::cell::RefCell;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,15 +65,43 @@ pub trait Dataplane {
     ) -> Result<Vec<String>, DataplaneError>;
     /// The host's links that carry an alias.
     fn host_links(&self) -> Result<Vec<HostLink>, DataplaneError>;
+    /// Ends the invocation's kernel work: what the operations kept open (sockets, a runtime)
+    /// is released before the result is written.
+    fn close(&self) {}
 }
 
-/// The kernel, through netlink. The runtime and the host's handle are made on first use, so a
-/// verb that needs no kernel (STATUS) costs nothing.
+/// The kernel, through netlink. The runtime, the host's namespace and its handle are made on
+/// first use (a verb that needs no kernel, STATUS, costs nothing) and dropped by
+/// [`Dataplane::close`], before the result is written.
 #[derive(Default)]
 pub struct KernelDataplane {
-    runtime: OnceCell<tokio::runtime::Runtime>,
-    host_ns: OnceCell<Netns>,
-    host: OnceCell<Netlink>,
+    session: RefCell<Option<Session>>,
+}
+
+/// What one invocation's kernel work runs on.
+struct Session {
+    runtime: tokio::runtime::Runtime,
+    host_ns: Netns,
+    host: Option<Netlink>,
+}
+
+impl Session {
+    fn start() -> Result<Self, DataplaneError> {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(DataplaneError::Runtime)?;
+        let host_ns = Netns::current().map_err(DataplaneError::HostNamespace)?;
+        Ok(Self { runtime, host_ns, host: None })
+    }
+
+    /// The runtime, the host's handle (connected on first use) and the host's namespace.
+    fn with_host(&mut self) -> Result<(&tokio::runtime::Runtime, &Netlink, &Netns), DataplaneError> {
+        if self.host.is_none() {
+            let _in_runtime = self.runtime.enter();
+            self.host = Some(Netlink::connect()?);
+        }
+        let host = self.host.as_ref().ok_or_else(|| DataplaneError::Vanished("the host's netlink handle".into()))?;
+        Ok((&self.runtime, host, &self.host_ns))
+    }
 }
 
 /// A pod namespace and a netlink handle bound to it.
@@ -88,33 +115,13 @@ impl KernelDataplane {
         Self::default()
     }
 
-    fn runtime(&self) -> Result<&tokio::runtime::Runtime, DataplaneError> {
-        if let Some(rt) = self.runtime.get() {
-            return Ok(rt);
-        }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().map_err(DataplaneError::Runtime)?;
-        Ok(self.runtime.get_or_init(|| rt))
-    }
-
-    fn block_on<T>(&self, f: impl Future<Output = Result<T, DataplaneError>>) -> Result<T, DataplaneError> {
-        self.runtime()?.block_on(f)
-    }
-
-    fn host_ns(&self) -> Result<&Netns, DataplaneError> {
-        if let Some(ns) = self.host_ns.get() {
-            return Ok(ns);
-        }
-        let ns = Netns::current().map_err(DataplaneError::HostNamespace)?;
-        Ok(self.host_ns.get_or_init(|| ns))
-    }
-
-    fn host(&self) -> Result<&Netlink, DataplaneError> {
-        if let Some(h) = self.host.get() {
-            return Ok(h);
-        }
-        let _in_runtime = self.runtime()?.enter();
-        let h = Netlink::connect()?;
-        Ok(self.host.get_or_init(|| h))
+    fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> Result<T, DataplaneError>) -> Result<T, DataplaneError> {
+        let mut guard = self.session.borrow_mut();
+        let session = match guard.take() {
+            Some(s) => guard.insert(s),
+            None => guard.insert(Session::start()?),
+        };
+        f(session)
     }
 }
 
@@ -124,17 +131,21 @@ impl Dataplane for KernelDataplane {
     fn open_pod(&self, netns: &Path) -> Result<KernelPod, CniError> {
         let ns =
             Netns::open(netns).map_err(|e| CniError::invalid_env(format!("CNI_NETNS {}: {e}", netns.display())))?;
-        let host_ns = self.host_ns()?;
-        if matches!((ns.id(), host_ns.id()), (Ok(pod), Ok(host)) if pod == host) {
-            return Err(CniError::invalid_env("CNI_NETNS is the plugin's own network namespace"));
+        let pod = self.with_session(|s| {
+            if matches!((ns.id(), s.host_ns.id()), (Ok(pod), Ok(host)) if pod == host) {
+                return Ok(None);
+            }
+            let _in_runtime = s.runtime.enter();
+            Ok(Some(Netlink::connect_in(&ns)?))
+        })?;
+        match pod {
+            Some(netlink) => Ok(KernelPod { ns, netlink }),
+            None => Err(CniError::invalid_env("CNI_NETNS is the plugin's own network namespace")),
         }
-        let _in_runtime = self.runtime()?.enter();
-        let netlink = Netlink::connect_in(&ns).map_err(DataplaneError::from)?;
-        Ok(KernelPod { ns, netlink })
     }
 
     fn pod_has_link(&self, pod: &KernelPod, ifname: &str) -> Result<bool, DataplaneError> {
-        self.block_on(async { Ok(pod.netlink.link(ifname).await?.is_some()) })
+        self.with_session(|s| s.runtime.block_on(async { Ok(pod.netlink.link(ifname).await?.is_some()) }))
     }
 
     fn enable_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<(), DataplaneError> {
@@ -149,14 +160,17 @@ impl Dataplane for KernelDataplane {
     }
 
     fn attach(&self, pod: &KernelPod, spec: &AttachmentSpec) -> Result<Attached, DataplaneError> {
-        let host = self.host()?;
-        let host_ns = self.host_ns()?;
-        self.block_on(attach(host, &pod.netlink, host_ns, &pod.ns, spec))
+        self.with_session(|s| {
+            let (runtime, host, host_ns) = s.with_host()?;
+            runtime.block_on(attach(host, &pod.netlink, host_ns, &pod.ns, spec))
+        })
     }
 
     fn detach(&self, host_name: &str) -> Result<bool, DataplaneError> {
-        let host = self.host()?;
-        self.block_on(detach(host, host_name))
+        self.with_session(|s| {
+            let (runtime, host, _) = s.with_host()?;
+            runtime.block_on(detach(host, host_name))
+        })
     }
 
     fn check(
@@ -165,14 +179,22 @@ impl Dataplane for KernelDataplane {
         spec: &AttachmentSpec,
         expected_mac: Option<&str>,
     ) -> Result<Vec<String>, DataplaneError> {
-        let host = self.host()?;
-        self.block_on(check(host, &pod.netlink, spec, expected_mac))
+        self.with_session(|s| {
+            let (runtime, host, _) = s.with_host()?;
+            runtime.block_on(check(host, &pod.netlink, spec, expected_mac))
+        })
     }
 
     fn host_links(&self) -> Result<Vec<HostLink>, DataplaneError> {
-        let host = self.host()?;
-        let links = self.block_on(async { Ok(host.links().await?) })?;
+        let links = self.with_session(|s| {
+            let (runtime, host, _) = s.with_host()?;
+            Ok(runtime.block_on(host.links())?)
+        })?;
         Ok(links.into_iter().filter_map(|l| Some(HostLink { alias: l.alias?, name: l.name })).collect())
+    }
+
+    fn close(&self) {
+        self.session.borrow_mut().take();
     }
 }
 

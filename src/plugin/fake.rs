@@ -59,6 +59,8 @@ pub struct DataplaneFailures {
 pub struct FakeDataplane {
     pub kernel: RefCell<FakeKernel>,
     pub fail: RefCell<DataplaneFailures>,
+    /// How often a verb ended its kernel work ([`Dataplane::close`]).
+    pub closes: std::cell::Cell<usize>,
 }
 
 impl FakeDataplane {
@@ -189,6 +191,10 @@ impl Dataplane for FakeDataplane {
         }
         let k = self.kernel.borrow();
         Ok(k.host.iter().map(|(name, end)| HostLink { name: name.clone(), alias: end.alias.clone() }).collect())
+    }
+
+    fn close(&self) {
+        self.closes.set(self.closes.get() + 1);
     }
 }
 

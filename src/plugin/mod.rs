@@ -160,6 +160,7 @@ impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
         let started = Instant::now();
         let cfg = PluginConfig::from_request(req)?;
         let outcome = self.add_attachment(req, &cfg);
+        self.dataplane.close();
         match &outcome {
             Ok(result) => {
                 let mut evs = vec![Event::PodSetup { seconds: started.elapsed().as_secs_f64() }];
@@ -211,7 +212,9 @@ impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
         }
 
         let host_name = attachment::host_veth_name(&req.container_id, &req.ifname);
-        if let Some(existed) = failures.keep(self.dataplane.detach(&host_name).map_err(CniError::from)) {
+        let detached = self.dataplane.detach(&host_name).map_err(CniError::from);
+        self.dataplane.close();
+        if let Some(existed) = failures.keep(detached) {
             log::info!(
                 "DEL {} {}: veth {host_name} {}",
                 req.container_id,
@@ -256,7 +259,10 @@ impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
         spec.mtu = pod_iface.mtu.unwrap_or(net.mtu);
 
         let pod = self.dataplane.open_pod(pod_netns(req)?)?;
-        let problems = self.dataplane.check(&pod, &spec, pod_iface.mac.as_deref())?;
+        let problems = self.dataplane.check(&pod, &spec, pod_iface.mac.as_deref());
+        drop(pod);
+        self.dataplane.close();
+        let problems = problems?;
         if problems.is_empty() {
             Ok(())
         } else {
@@ -297,6 +303,7 @@ impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
                 }
             }
         }
+        self.dataplane.close();
         if removed > 0 {
             log::info!("GC removed {removed} stale veth pairs of network {}", req.network);
         }

@@ -84,6 +84,7 @@ fn add_creates_the_pair_and_answers_the_result() {
     assert_eq!(kernel.host[&host_name].link.spec.mtu, 1280);
     assert!(kernel.forwarding_v4 && !kernel.forwarding_v6);
     assert_eq!(s.ipam().calls(), [Command::Add]);
+    assert_eq!(s.dp().closes.get(), 1, "the kernel work ended before the result is written");
 }
 
 #[test]
@@ -166,6 +167,7 @@ fn del_releases_and_removes_and_may_repeat() {
     s.plugin.del(&del).unwrap();
     s.plugin.del(&s.request("DEL", "ctr-a", None, &s.conf(json!({})))).unwrap();
     assert_eq!(s.ipam().calls(), [Command::Add, Command::Del, Command::Del, Command::Del]);
+    assert_eq!(s.dp().closes.get(), 4);
 }
 
 #[test]
