@@ -128,7 +128,46 @@ fn rust_files(root: &Path, under: &str, out: &mut Vec<PathBuf>) {
 
 /// The code of a file, comments blanked (line numbers stay), grouped imports expanded.
 fn code_lines(text: &str) -> Vec<String> {
-    text.lines().map(|line| expand_groups(without_comment(line))).collect()
+    let mut lines: Vec<String> = text.lines().map(|l| without_comment(l).to_string()).collect();
+    let joined = lines.join("\n");
+    for prefix in ["crate::{", "super::{"] {
+        let head = &prefix[..prefix.len() - 1];
+        let mut from = 0;
+        while let Some(at) = joined[from..].find(prefix) {
+            let start = from + at + prefix.len();
+            let line = joined[..start].matches('\n').count();
+            for item in group_items(&joined[start..]) {
+                lines[line].push(' ');
+                lines[line].push_str(head);
+                lines[line].push_str(&item);
+            }
+            from = start;
+        }
+    }
+    lines
+}
+
+/// The top-level items of a `{a, b::{c, d}, e}` group, given the text after its `{`, across
+/// lines (rustfmt breaks long groups).
+fn group_items(after_brace: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut depth = 0;
+    for c in after_brace.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => break,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    items.push(current);
+    items.iter().map(|i| i.split_whitespace().collect::<String>()).filter(|i| !i.is_empty()).collect()
 }
 
 /// The line up to a `//` that is not inside a string literal.
@@ -146,29 +185,6 @@ fn without_comment(line: &str) -> &str {
         i += 1;
     }
     line
-}
-
-/// `crate::{a, b::c}` becomes `crate::{a, b::c} crate::a crate::b::c` (same for `super::`).
-fn expand_groups(line: &str) -> String {
-    let mut out = line.to_string();
-    for prefix in ["crate::{", "super::{"] {
-        let mut rest = line;
-        while let Some(at) = rest.find(prefix) {
-            let inner = &rest[at + prefix.len()..];
-            let end = inner.find('}').unwrap_or(inner.len());
-            let head = &prefix[..prefix.len() - 1];
-            for item in inner[..end].split(',') {
-                let item = item.trim();
-                if !item.is_empty() {
-                    out.push(' ');
-                    out.push_str(head);
-                    out.push_str(item);
-                }
-            }
-            rest = &inner[end..];
-        }
-    }
-    out
 }
 
 fn is_word(c: char) -> bool {
@@ -242,6 +258,11 @@ fn a_broken_rule_is_found() {
     let found = violations(rule, "src/plugin/x.rs", text);
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].starts_with("src/plugin/x.rs:2: \"crate::agent\""), "{found:?}");
+    // A group rustfmt broke across lines, nested groups inside it.
+    let text = "use crate::{\n    cni::{self, Request},\n    agent::{config, report},\n};\n";
+    let found = violations(rule, "src/plugin/x.rs", text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].starts_with("src/plugin/x.rs:1: \"crate::agent\""), "{found:?}");
 
     let allocator = RULES.iter().find(|r| r.under == ["src/ipam/allocator.rs"]).unwrap();
     let found =
