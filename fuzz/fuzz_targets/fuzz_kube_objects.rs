@@ -1,20 +1,22 @@
-//! The other Kubernetes answers HeadCNI reads (the uninstall signal ConfigMap, watch events,
-//! the DaemonSet's counts and selector, a pod list) never make it panic.
+//! The other Kubernetes answers HeadCNI reads (the uninstall signal ConfigMap, the DaemonSet's
+//! counts and selector, a pod list), decoded as the client decodes them, never make it panic.
 #![no_main]
 
-use headcni::agent::hook::{counts, ready_pods, selector};
-use headcni::agent::kube::parse_watch_event;
 use headcni::agent::teardown::signal_of;
+use headcni::cli::teardown::{counts, ready_pods, selector};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(event) = parse_watch_event(data) {
-        let _ = signal_of(&event.object);
+    if let Ok(cm) = serde_json::from_slice::<ConfigMap>(data) {
+        let _ = signal_of(&cm);
     }
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
-        let _ = signal_of(&value);
-        let _ = counts(&value);
-        let _ = selector(&value);
-        let _ = ready_pods(&value);
+    if let Ok(ds) = serde_json::from_slice::<DaemonSet>(data) {
+        let _ = counts(&ds);
+        let _ = selector(&ds);
+    }
+    if let Ok(pods) = serde_json::from_slice::<Vec<Pod>>(data) {
+        let _ = ready_pods(&pods);
     }
 });

@@ -68,6 +68,12 @@ impl PodCidrSource for CidrSourceImpl {
             Self::Node(n) => n.refresh_interval(),
         }
     }
+    async fn changed(&self) {
+        match self {
+            Self::Static(s) => s.changed().await,
+            Self::Node(n) => n.changed().await,
+        }
+    }
 }
 
 fn system_hostname() -> String {
@@ -96,12 +102,22 @@ pub fn headscale_client(cfg: &AgentConfig) -> anyhow::Result<Option<RestHeadscal
     Ok(Some(RestHeadscale::new(endpoint, key.clone())))
 }
 
-fn cidr_source(cfg: &AgentConfig) -> anyhow::Result<CidrSourceImpl> {
+/// The Kubernetes client, when the configuration reads anything from Kubernetes (one client for
+/// all: the Node's watch and the uninstall signal's share its connections).
+async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<Option<kube::Kube>> {
+    let needed = !matches!(cfg.cidr_source, CidrSource::Static(_)) || cfg.teardown_configmap.is_some();
+    if !needed {
+        return Ok(None);
+    }
+    Ok(Some(kube::Kube::from_kubeconfig_or_in_cluster(cfg.kubeconfig.as_deref()).await?))
+}
+
+fn cidr_source(cfg: &AgentConfig, kube: Option<&kube::Kube>) -> anyhow::Result<CidrSourceImpl> {
     let name = cfg.node_name.clone().unwrap_or_default();
-    Ok(match &cfg.cidr_source {
-        CidrSource::Static(c) => CidrSourceImpl::Static(StaticCidrs(c.clone())),
-        CidrSource::InCluster => CidrSourceImpl::Node(Box::new(NodeCidrs::in_cluster(&name)?)),
-        CidrSource::Kubeconfig(p) => CidrSourceImpl::Node(Box::new(NodeCidrs::from_kubeconfig(&name, p)?)),
+    Ok(match (&cfg.cidr_source, kube) {
+        (CidrSource::Static(c), _) => CidrSourceImpl::Static(StaticCidrs(c.clone())),
+        (_, Some(kube)) => CidrSourceImpl::Node(Box::new(NodeCidrs::new(&name, kube.clone())?)),
+        (_, None) => anyhow::bail!("no Kubernetes client for the Node's pod CIDRs"),
     })
 }
 
@@ -174,9 +190,10 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         })
     };
 
+    let kube = kube_client(&cfg).await?;
     let mut rec = Reconciler::new(
         cfg.clone(),
-        cidr_source(&cfg)?,
+        cidr_source(&cfg, kube.as_ref())?,
         SocketLocalApi::new(&cfg.tailscale_socket),
         headscale_client(&cfg)?,
         KernelHostNetwork::current()?.with_sysctl_root(cfg.sysctl_root.clone()),
@@ -185,15 +202,13 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     );
     // Without a signal the loop reads this one, which says Unknown for ever.
     let (_no_signal_tx, no_signal_rx) = tokio::sync::watch::channel(SignalState::default());
-    let (watcher, mut signal_rx) = match &cfg.teardown_configmap {
-        Some(cm) => {
-            let kube = kube::Kube::from_kubeconfig_or_in_cluster(cfg.kubeconfig.as_deref())
-                .map_err(|e| anyhow::anyhow!("--teardown-configmap {}/{}: {e}", cm.namespace, cm.name))?;
-            let (w, rx) = SignalWatcher::new(kube, cm.clone());
+    let (watcher, mut signal_rx) = match (&cfg.teardown_configmap, &kube) {
+        (Some(cm), Some(kube)) => {
+            let (w, rx) = SignalWatcher::new(kube.clone(), cm.clone());
             log::info!("following the uninstall signal in {cm}");
             (Some(tokio::spawn(w.run())), rx)
         }
-        None => (None, no_signal_rx),
+        _ => (None, no_signal_rx),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -242,6 +257,8 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
             _ = tokio::time::sleep(delay) => {}
             // A new reading (e.g. "true") is acted on at once.
             Ok(()) = signal_rx.changed() => {}
+            // So is a change of the Node (its pod CIDR assigned).
+            () = rec.cidr_source().changed() => {}
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }

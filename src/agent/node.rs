@@ -1,20 +1,19 @@
 //! The node's pod CIDRs: from `--pod-cidr`, or from `spec.podCIDR(s)` of this node's Node object
-//! in the Kubernetes API (one GET through [`crate::clients::kube`], with the in-cluster service account or
-//! a kubeconfig). Node data is untrusted: every CIDR is parsed, checked canonical and at most one
-//! per family, and anything odd is an error rather than a guess.
-//!
-//! podCIDRs are immutable once set (the API server refuses changes), so polling is enough:
-//! often while none is assigned, rarely afterwards.
+//! in the Kubernetes API, followed by a watch of that one Node (through [`crate::clients::kube`],
+//! with the in-cluster service account or a kubeconfig): the assignment is seen the moment the
+//! controller-manager makes it, and the reconcile loop is woken for it. Node data is untrusted:
+//! every CIDR is parsed, checked canonical and at most one per family, and anything odd is an
+//! error rather than a guess.
 
 use crate::clients::kube::{Kube, KubeError, ObjectRef};
-use hyper::StatusCode;
 use ipnetwork::IpNetwork;
-use serde_json::Value;
+use k8s_openapi::api::core::v1::Node;
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
+use tokio::sync::watch;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NodeError {
     #[error("{0}")]
     Setup(String),
@@ -23,11 +22,11 @@ pub enum NodeError {
     #[error("Node {name} does not exist (is NODE_NAME / --node-name right?)")]
     NotFound { name: String },
     #[error(
-        "the Kubernetes API refused to read Node {name} ({status}: {msg}): the agent's service account needs \"get\" on nodes"
+        "the Kubernetes API refused to read Node {name} ({status}: {msg}): the agent's service account needs \"get\", \"list\" and \"watch\" on nodes"
     )]
-    Denied { name: String, status: StatusCode, msg: String },
+    Denied { name: String, status: u16, msg: String },
     #[error("the Kubernetes API answered {status} for Node {name}: {msg}")]
-    Status { name: String, status: StatusCode, msg: String },
+    Status { name: String, status: u16, msg: String },
     #[error("Node {name}: {msg}")]
     Invalid { name: String, msg: String },
 }
@@ -40,6 +39,11 @@ pub trait PodCidrSource: Send + Sync {
     fn kind(&self) -> &'static str;
     /// How often to ask again once CIDRs are known.
     fn refresh_interval(&self) -> Duration;
+    /// Resolves when what [`Self::pod_cidrs`] answers may have changed (never, for a fixed
+    /// source): the loop runs a pass at once instead of waiting for its timer.
+    fn changed(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// `--pod-cidr`: fixed.
@@ -58,7 +62,7 @@ impl PodCidrSource for StaticCidrs {
     }
 }
 
-/// Checks a node name before it goes into a URL path (RFC 1123 subdomain).
+/// Checks a node name before it names anything (RFC 1123 subdomain).
 pub fn validate_node_name(name: &str) -> Result<(), String> {
     if crate::clients::kube::is_dns_subdomain(name) {
         Ok(())
@@ -91,36 +95,16 @@ pub fn validate_pod_cidrs(list: &[String]) -> Result<Vec<IpNetwork>, String> {
     Ok(nets)
 }
 
-/// The pod CIDRs of a Node object (JSON from the API server). `Ok(None)`: none assigned yet.
-pub fn parse_node(name: &str, body: &[u8]) -> Result<Option<Vec<IpNetwork>>, NodeError> {
+/// The pod CIDRs of Node `name`. `Ok(None)`: none assigned yet.
+pub fn node_pod_cidrs(name: &str, node: &Node) -> Result<Option<Vec<IpNetwork>>, NodeError> {
     let invalid = |msg: String| NodeError::Invalid { name: name.to_string(), msg };
-    let node: Value = serde_json::from_slice(body).map_err(|e| invalid(format!("not JSON: {e}")))?;
-    if node.get("kind").and_then(Value::as_str).is_some_and(|k| k != "Node") {
-        return Err(invalid("the answer is not a Node".into()));
-    }
-    match node.pointer("/metadata/name").and_then(Value::as_str) {
+    match node.metadata.name.as_deref() {
         Some(n) if n == name => {}
         other => return Err(invalid(format!("the answer names node {other:?}"))),
     }
-    let spec = match node.get("spec") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Object(spec)) => spec,
-        Some(_) => return Err(invalid("spec is not an object".into())),
-    };
-    let single = match spec.get("podCIDR") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(invalid("spec.podCIDR is not a string".into())),
-    };
-    let list: Vec<String> = match spec.get("podCIDRs") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| invalid("spec.podCIDRs holds a non-string".into())))
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(invalid("spec.podCIDRs is not a list".into())),
-    };
+    let Some(spec) = &node.spec else { return Ok(None) };
+    let single = spec.pod_cidr.clone().filter(|s| !s.is_empty());
+    let list = spec.pod_cidrs.clone().unwrap_or_default();
     let list = match (single, list.is_empty()) {
         (None, true) => return Ok(None),
         (Some(s), true) => vec![s],
@@ -132,19 +116,73 @@ pub fn parse_node(name: &str, body: &[u8]) -> Result<Option<Vec<IpNetwork>>, Nod
     validate_pod_cidrs(&list).map(Some).map_err(invalid)
 }
 
-/// A client for one Node.
-#[derive(Debug, Clone)]
+/// The pod CIDRs of a Node object as JSON (what the API server sends). `Ok(None)`: none
+/// assigned yet.
+pub fn parse_node(name: &str, body: &[u8]) -> Result<Option<Vec<IpNetwork>>, NodeError> {
+    let invalid = |msg: String| NodeError::Invalid { name: name.to_string(), msg };
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    if value.get("kind").and_then(serde_json::Value::as_str).is_some_and(|k| k != "Node") {
+        return Err(invalid("the answer is not a Node".into()));
+    }
+    let node: Node = serde_json::from_value(value).map_err(|e| invalid(format!("not a Node: {e}")))?;
+    node_pod_cidrs(name, &node)
+}
+
+/// What the watch of the Node last said (`None` before its first answer).
+type Reading = Option<Result<Option<Vec<IpNetwork>>, NodeError>>;
+
+/// One Node, followed by a watch.
+#[derive(Debug)]
 pub struct NodeCidrs {
-    node: ObjectRef,
-    kube: Kube,
+    name: String,
+    /// The pass reads it (marking the reading seen); between passes the loop waits on it.
+    reading: tokio::sync::Mutex<watch::Receiver<Reading>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NodeCidrs {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn node_error(name: &str, e: KubeError) -> NodeError {
+    let name = name.to_string();
+    match e {
+        KubeError::NotFound { .. } => NodeError::NotFound { name },
+        KubeError::Denied { status, msg, .. } => NodeError::Denied { name, status, msg },
+        KubeError::Status { status, msg, .. } => NodeError::Status { name, status, msg },
+        e => e.into(),
+    }
 }
 
 impl NodeCidrs {
-    /// Node `name` through `kube`.
+    /// Node `name` through `kube`: starts its watch (needs a tokio runtime).
     pub fn new(name: &str, kube: Kube) -> Result<Self, NodeError> {
         validate_node_name(name).map_err(NodeError::Setup)?;
         let node = ObjectRef::node(name).map_err(|e| NodeError::Setup(e.to_string()))?;
-        Ok(Self { node, kube })
+        let (tx, reading) = watch::channel(None);
+        let owned = name.to_string();
+        let task = tokio::spawn(async move {
+            use futures::StreamExt;
+            let events = kube.watch_object::<Node>(&node);
+            futures::pin_mut!(events);
+            while let Some(event) = events.next().await {
+                let next = match event {
+                    Ok(Some(n)) => node_pod_cidrs(&owned, &n),
+                    Ok(None) => Err(NodeError::NotFound { name: owned.clone() }),
+                    // Pod CIDRs never change once assigned: while the API cannot be read, the
+                    // last answer stands (the watch goes on trying).
+                    Err(e) if matches!(*tx.borrow(), Some(Ok(_))) => {
+                        log::debug!("watch of Node {owned}: {e}");
+                        continue;
+                    }
+                    Err(e) => Err(node_error(&owned, e)),
+                };
+                tx.send_replace(Some(next));
+            }
+        });
+        Ok(Self { name: name.to_string(), reading: tokio::sync::Mutex::new(reading), task })
     }
 
     /// The in-cluster service account.
@@ -154,25 +192,30 @@ impl NodeCidrs {
     }
 
     /// The current context of a kubeconfig file.
-    pub fn from_kubeconfig(name: &str, path: &Path) -> Result<Self, NodeError> {
+    pub async fn from_kubeconfig(name: &str, path: &Path) -> Result<Self, NodeError> {
         validate_node_name(name).map_err(NodeError::Setup)?;
-        Self::new(name, Kube::from_kubeconfig(path)?)
+        Self::new(name, Kube::from_kubeconfig(path).await?)
     }
 
     pub fn node_name(&self) -> &str {
-        &self.node.name
+        &self.name
     }
 }
 
 impl PodCidrSource for NodeCidrs {
+    /// The watch's latest answer; before its first one, waits for it (at most a request's
+    /// deadline).
     async fn pod_cidrs(&self) -> Result<Option<Vec<IpNetwork>>, NodeError> {
-        let name = self.node.name.clone();
-        match self.kube.get_raw(&self.node).await {
-            Ok(body) => parse_node(&name, &body),
-            Err(KubeError::NotFound { .. }) => Err(NodeError::NotFound { name }),
-            Err(KubeError::Denied { status, msg, .. }) => Err(NodeError::Denied { name, status, msg }),
-            Err(KubeError::Status { status, msg, .. }) => Err(NodeError::Status { name, status, msg }),
-            Err(e) => Err(e.into()),
+        let mut rx = self.reading.lock().await;
+        let first = tokio::time::timeout(crate::clients::kube::REQUEST_TIMEOUT, rx.wait_for(Option::is_some)).await;
+        match first {
+            Ok(Ok(reading)) => reading.clone().unwrap_or_else(|| Err(NodeError::Setup("no reading".into()))),
+            Ok(Err(_)) => Err(NodeError::Setup(format!("the watch of Node {} ended", self.name))),
+            Err(_) => Err(NodeError::Kube(KubeError::Unreachable(format!(
+                "Node {}: no answer within {:?}",
+                self.name,
+                crate::clients::kube::REQUEST_TIMEOUT
+            )))),
         }
     }
 
@@ -182,6 +225,13 @@ impl PodCidrSource for NodeCidrs {
 
     fn refresh_interval(&self) -> Duration {
         Duration::from_secs(300)
+    }
+
+    async fn changed(&self) {
+        let mut rx = self.reading.lock().await;
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -234,21 +284,40 @@ mod tests {
         }
     }
 
+    /// A fake API server: LIST of nodes by name from `nodes` (403 for "denied"), every WATCH
+    /// answered 410 Gone (the watcher relists after its backoff).
+    fn node_api(nodes: Vec<(String, Vec<u8>)>, token: &'static str) -> testserver::Handler {
+        Arc::new(move |s| {
+            if s.headers.get("authorization").map(|h| h.as_bytes()) != Some(format!("Bearer {token}").as_bytes()) {
+                return (401, r#"{"kind":"Status","message":"Unauthorized","code":401}"#.into());
+            }
+            if !s.path.starts_with("/api/v1/nodes?") {
+                return (404, r#"{"kind":"Status","message":"not found","code":404}"#.into());
+            }
+            if s.path.contains("watch=true") {
+                return (410, r#"{"kind":"Status","message":"too old","reason":"Expired","code":410}"#.into());
+            }
+            if s.path.contains("metadata.name%3Ddenied") {
+                return (403, r#"{"kind":"Status","message":"nodes is forbidden: User \"system:serviceaccount:kube-system:headcni\" cannot list resource \"nodes\"","code":403}"#.into());
+            }
+            let items: Vec<String> = nodes
+                .iter()
+                .filter(|(n, _)| s.path.contains(&format!("metadata.name%3D{n}")))
+                .map(|(_, body)| String::from_utf8(body.clone()).unwrap())
+                .collect();
+            (
+                200,
+                format!(
+                    r#"{{"kind":"NodeList","apiVersion":"v1","metadata":{{"resourceVersion":"7"}},"items":[{}]}}"#,
+                    items.join(",")
+                ),
+            )
+        })
+    }
+
     #[tokio::test]
-    async fn gets_the_node_with_the_token() {
-        let node = fixture("node-ipv4.json");
-        let handler: testserver::Handler = Arc::new(move |s| {
-            if s.headers.get("authorization").map(|h| h.as_bytes()) != Some(b"Bearer t0ken") {
-                return (401, r#"{"kind":"Status","message":"Unauthorized"}"#.into());
-            }
-            match s.path.as_str() {
-                "/api/v1/nodes/node-1" => (200, String::from_utf8(node.clone()).unwrap()),
-                "/api/v1/nodes/denied" => {
-                    (403, r#"{"kind":"Status","message":"nodes \"denied\" is forbidden: User \"system:serviceaccount:kube-system:headcni\" cannot get resource \"nodes\""}"#.into())
-                }
-                _ => (404, r#"{"kind":"Status","message":"not found"}"#.into()),
-            }
-        });
+    async fn follows_the_node_with_the_kubeconfig_token() {
+        let handler = node_api(vec![("node-1".into(), fixture("node-ipv4.json"))], "t0ken");
         let (_server, url) = testserver::tcp(handler).await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("tok"), "t0ken").unwrap();
@@ -257,12 +326,12 @@ mod tests {
              clusters: [{{name: k, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: u, user: {{tokenFile: tok}}}}]\n"
         );
         std::fs::write(dir.path().join("config"), kc).unwrap();
-        let c = NodeCidrs::from_kubeconfig("node-1", &dir.path().join("config")).unwrap();
+        let c = NodeCidrs::from_kubeconfig("node-1", &dir.path().join("config")).await.unwrap();
         assert_eq!(c.pod_cidrs().await.unwrap(), Some(nets(&["10.244.1.0/24"])));
-        let c = NodeCidrs::from_kubeconfig("denied", &dir.path().join("config")).unwrap();
+        let c = NodeCidrs::from_kubeconfig("denied", &dir.path().join("config")).await.unwrap();
         let err = c.pod_cidrs().await.unwrap_err().to_string();
-        assert!(err.contains("needs \"get\" on nodes"), "{err}");
-        let c = NodeCidrs::from_kubeconfig("node-9", &dir.path().join("config")).unwrap();
+        assert!(err.contains("\"watch\" on nodes"), "{err}");
+        let c = NodeCidrs::from_kubeconfig("node-9", &dir.path().join("config")).await.unwrap();
         assert!(matches!(c.pod_cidrs().await.unwrap_err(), NodeError::NotFound { .. }));
     }
 
@@ -276,20 +345,14 @@ mod tests {
             eprintln!("test skipped: no openssl tool to make certificates");
             return;
         }
-        let node = fixture("node-ipv4.json");
-        let handler: testserver::Handler = Arc::new(move |s| match (s.path.as_str(), s.headers.get("authorization")) {
-            ("/api/v1/nodes/node-1", Some(a)) if a.as_bytes() == b"Bearer sa-token" => {
-                (200, String::from_utf8(node.clone()).unwrap())
-            }
-            _ => (401, r#"{"message":"Unauthorized"}"#.into()),
-        });
+        let handler = node_api(vec![("node-1".into(), fixture("node-ipv4.json"))], "sa-token");
         let chain = std::fs::read(pki.join("srv.crt")).unwrap();
         let key = std::fs::read(pki.join("srv.key")).unwrap();
         let (_server, port) = testserver::tls(handler, &chain, &key).await;
         let sa = dir.path().join("sa");
         std::fs::create_dir_all(&sa).unwrap();
         std::fs::copy(pki.join("ca.crt"), sa.join("ca.crt")).unwrap();
-        std::fs::write(sa.join("token"), "sa-token\n").unwrap();
+        std::fs::write(sa.join("token"), "sa-token").unwrap();
         let env = |k: &str| match k {
             "KUBERNETES_SERVICE_HOST" => Some("127.0.0.1".to_string()),
             "KUBERNETES_SERVICE_PORT" => Some(port.to_string()),
@@ -297,14 +360,11 @@ mod tests {
         };
         let c = NodeCidrs::new("node-1", Kube::in_cluster_at(&sa, env).unwrap()).unwrap();
         assert_eq!(c.pod_cidrs().await.unwrap(), Some(nets(&["10.244.1.0/24"])));
-        // The token is read at every request: a rotated token is used at once.
-        std::fs::write(sa.join("token"), "rotated").unwrap();
-        assert!(matches!(c.pod_cidrs().await.unwrap_err(), NodeError::Denied { .. }));
         // A server the service account's CA did not sign is refused.
         std::fs::copy(other.join("ca.crt"), sa.join("ca.crt")).unwrap();
         let c = NodeCidrs::new("node-1", Kube::in_cluster_at(&sa, env).unwrap()).unwrap();
-        let err = c.pod_cidrs().await.unwrap_err().to_string();
-        assert!(err.contains("TLS handshake"), "{err}");
+        let err = c.pod_cidrs().await.unwrap_err();
+        assert!(matches!(err, NodeError::Kube(KubeError::Unreachable(_))), "{err}");
     }
 
     proptest! {

@@ -14,7 +14,9 @@
 use crate::agent::teardown::{self, DATA_KEY, Signal};
 use crate::clients::kube::{InvalidRef, Kind, Kube, KubeError, ObjectRef};
 use clap::Args;
-use serde_json::{Value, json};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -70,47 +72,38 @@ pub enum HookOutcome {
     },
 }
 
-/// (ready, desired) of a DaemonSet object; absent counts are 0 (the API omits zeros).
-pub fn counts(ds: &Value) -> Result<(u64, u64), String> {
-    let status = match ds.get("status") {
-        None | Some(Value::Null) => return Ok((0, 0)),
-        Some(Value::Object(s)) => s,
-        Some(_) => return Err("status is not an object".into()),
-    };
-    let num = |key: &str| match status.get(key) {
-        None | Some(Value::Null) => Ok(0),
-        Some(v) => v.as_u64().ok_or_else(|| format!("status.{key} is not a count")),
-    };
-    Ok((num("numberReady")?, num("desiredNumberScheduled")?))
+/// (ready, desired) of a DaemonSet; absent counts are 0 (the API omits zeros).
+pub fn counts(ds: &DaemonSet) -> (u64, u64) {
+    let count = |n: i32| u64::try_from(n).unwrap_or(0);
+    ds.status.as_ref().map_or((0, 0), |s| (count(s.number_ready), count(s.desired_number_scheduled)))
 }
 
 /// The DaemonSet's spec.selector.matchLabels as a label selector ("k=v,k2=v2").
-pub fn selector(ds: &Value) -> String {
+pub fn selector(ds: &DaemonSet) -> String {
     let mut parts: Vec<String> = ds
-        .pointer("/spec/selector/matchLabels")
-        .and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|v| format!("{k}={v}"))).collect())
+        .spec
+        .selector
+        .match_labels
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
         .unwrap_or_default();
     parts.sort();
     parts.join(",")
 }
 
-/// "pod (node)" for each ready pod of a PodList.
-pub fn ready_pods(list: &Value) -> Vec<String> {
-    let items = list.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
-    let mut out: Vec<String> = items
+/// "pod (node)" for each ready pod.
+pub fn ready_pods(pods: &[Pod]) -> Vec<String> {
+    let mut out: Vec<String> = pods
         .iter()
         .filter(|p| {
-            p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
-                c.iter().any(|c| {
-                    c.get("type").and_then(Value::as_str) == Some("Ready")
-                        && c.get("status").and_then(Value::as_str) == Some("True")
-                })
-            })
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         })
         .map(|p| {
-            let name = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?");
-            let node = p.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("?");
+            let name = p.metadata.name.as_deref().unwrap_or("?");
+            let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("?");
             format!("{name} ({node})")
         })
         .collect();
@@ -131,9 +124,9 @@ pub async fn run(
     let patch = json!({ "data": { DATA_KEY: "true" } });
     let mut failures = 0u32;
     loop {
-        match kube.merge_patch(configmap, &patch).await {
+        match kube.merge_patch::<ConfigMap>(configmap, &patch).await {
             Ok(object) => {
-                if teardown::signal_of(&object) != Ok(Signal::Teardown) {
+                if teardown::signal_of(&object) != Signal::Teardown {
                     return Err(HookError::Invalid {
                         what: cm_what,
                         msg: format!("the patched ConfigMap does not say data.{DATA_KEY}=\"true\""),
@@ -164,10 +157,10 @@ pub async fn run(
     let mut last: Option<(u64, u64)> = None;
     let mut failing = false;
     loop {
-        match kube.get(daemonset).await {
+        match kube.get::<DaemonSet>(daemonset).await {
             Ok(ds) => {
                 failing = false;
-                let (ready, desired) = counts(&ds).map_err(|msg| HookError::Invalid { what: ds_what.clone(), msg })?;
+                let (ready, desired) = counts(&ds);
                 if ready == 0 {
                     log::info!("no agent of {ds_what} is ready any more: every node withdrew its routes");
                     return Ok(HookOutcome::Done);
@@ -207,7 +200,7 @@ async fn list_ready_pods(kube: &Kube, daemonset: &ObjectRef, selector: &str) -> 
     if selector.is_empty() {
         return None;
     }
-    match kube.list(Kind::Pod, &daemonset.namespace, selector).await {
+    match kube.list::<Pod>(&daemonset.namespace, selector).await {
         Ok(list) => Some(ready_pods(&list)),
         Err(e) => {
             log::debug!("listing the agents' pods: {e}");
@@ -228,17 +221,17 @@ pub fn main(args: TeardownArgs) -> i32 {
             return 2;
         }
     };
-    let kube = match Kube::from_kubeconfig_or_in_cluster(args.kubeconfig.as_deref()) {
-        Ok(k) => k,
-        Err(e) => {
-            log::error!("{e}");
-            return 1;
-        }
-    };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             log::error!("starting the runtime: {e}");
+            return 1;
+        }
+    };
+    let kube = match rt.block_on(Kube::from_kubeconfig_or_in_cluster(args.kubeconfig.as_deref())) {
+        Ok(k) => k,
+        Err(e) => {
+            log::error!("{e}");
             return 1;
         }
     };
@@ -271,6 +264,7 @@ mod tests {
     use super::*;
     use crate::clients::http::testserver;
     use crate::clients::kube::testpki;
+    use serde_json::Value;
     use std::sync::{Arc, Mutex};
 
     fn fixture(name: &str) -> String {
@@ -301,7 +295,12 @@ mod tests {
                 return (401, r#"{"kind":"Status","message":"Unauthorized","code":401}"#.into());
             }
             let mut c = c.lock().unwrap();
-            match (s.method.as_str(), s.path.as_str()) {
+            // kube-rs ends object paths with "?" and its (possibly empty) parameters.
+            let path = match s.path.split_once('?') {
+                Some((p, "")) => p,
+                _ => s.path.as_str(),
+            };
+            match (s.method.as_str(), path) {
                 ("PATCH", "/api/v1/namespaces/kube-system/configmaps/headcni-teardown") => {
                     if !c.patch_failures.is_empty() {
                         return c.patch_failures.remove(0);
@@ -325,12 +324,14 @@ mod tests {
                     }
                     (200, ds.to_string())
                 }
-                ("GET", p) if p.starts_with("/api/v1/namespaces/kube-system/pods?labelSelector=") => match &c.pods {
+                ("GET", p) if p.starts_with("/api/v1/namespaces/kube-system/pods?") => match &c.pods {
                     Some(list) => {
-                        assert_eq!(
-                            p,
-                            "/api/v1/namespaces/kube-system/pods?labelSelector=app.kubernetes.io%2Fcomponent%3Dagent\
-                             %2Capp.kubernetes.io%2Finstance%3Dheadcni%2Capp.kubernetes.io%2Fname%3Dheadcni"
+                        assert!(
+                            p.contains(
+                                "labelSelector=app.kubernetes.io%2Fcomponent%3Dagent\
+                                 %2Capp.kubernetes.io%2Finstance%3Dheadcni%2Capp.kubernetes.io%2Fname%3Dheadcni"
+                            ),
+                            "{p}"
                         );
                         (200, list.to_string())
                     }
@@ -356,22 +357,24 @@ mod tests {
 
     #[test]
     fn recorded_daemonset() {
-        let ds: Value = serde_json::from_str(&fixture("daemonset-agents-ready.json")).unwrap();
-        assert_eq!(counts(&ds), Ok((3, 3)));
+        let ds: DaemonSet = serde_json::from_str(&fixture("daemonset-agents-ready.json")).unwrap();
+        assert_eq!(counts(&ds), (3, 3));
         assert_eq!(
             selector(&ds),
             "app.kubernetes.io/component=agent,app.kubernetes.io/instance=headcni,app.kubernetes.io/name=headcni"
         );
-        assert_eq!(counts(&json!({"status": {}})), Ok((0, 0)));
-        assert_eq!(counts(&json!({})), Ok((0, 0)));
-        assert!(counts(&json!({"status": {"numberReady": "3"}})).is_err());
-        let pods = json!({"items": [
+        let ds = |v: Value| serde_json::from_value::<DaemonSet>(v);
+        assert_eq!(counts(&ds(json!({"status": {}})).unwrap()), (0, 0), "the API may omit zeros");
+        assert_eq!(counts(&ds(json!({})).unwrap()), (0, 0));
+        assert!(ds(json!({"status": {"numberReady": "3"}})).is_err());
+        let pods: Vec<Pod> = serde_json::from_value(json!([
             {"metadata": {"name": "headcni-b"}, "spec": {"nodeName": "node-2"},
              "status": {"conditions": [{"type": "Ready", "status": "True"}]}},
             {"metadata": {"name": "headcni-a"}, "spec": {"nodeName": "node-1"},
              "status": {"conditions": [{"type": "Ready", "status": "False"}]}},
             {"metadata": {"name": "headcni-c"}, "spec": {"nodeName": "node-3"}}
-        ]});
+        ]))
+        .unwrap();
         assert_eq!(ready_pods(&pods), vec!["headcni-b (node-2)"]);
     }
 

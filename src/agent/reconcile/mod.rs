@@ -154,6 +154,11 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         }
     }
 
+    /// Where the pod CIDRs come from (the loop waits on its changes between passes).
+    pub fn cidr_source(&self) -> &K {
+        &self.cidrs
+    }
+
     pub fn report(&self) -> &AgentReport {
         &self.report
     }
