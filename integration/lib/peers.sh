@@ -219,7 +219,11 @@ _build_kube() {
 	gomod=$(_peers_go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | jq -er .GoMod) || return 1
 	{
 		printf 'require k8s.io/kubernetes %s\n\nreplace (\n' "$KUBE_VERSION"
-		awk '$2 == "=>" && $3 ~ /^\.\/staging\// {printf "\t%s => %s %s\n", $1, $1, v}' v="$stage" "$gomod"
+		# only the staging modules it requires (sample-controller and
+		# sample-cli-plugin are replaced but never required, nor published
+		# for every release)
+		awk '$2 == "v0.0.0" {req[$1] = 1}
+			$2 == "=>" && $3 ~ /^\.\/staging\// && req[$1] {printf "\t%s => %s %s\n", $1, $1, v}' v="$stage" "$gomod"
 		printf ')\n'
 	} >>go.mod
 	grep -q 'k8s.io/client-go => k8s.io/client-go' go.mod || {
