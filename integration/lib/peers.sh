@@ -61,25 +61,27 @@ export KUBE_VERSION KUBE_BIN_DIR ETCD_BIN COREDNS_BIN
 # Debian package -> a file that proves it is installed (dpkg -s is the truth;
 # the file is only used in messages).
 HC_APT_PACKAGES=(
-	iproute2 nftables iptables conntrack openssl
+	iproute2 nftables iptables
 	podman containerd runc containernetworking-plugins
 	busybox-static iperf3 socat iputils-ping jq curl util-linux
 	ca-certificates
 )
 
-peers_missing_apt() {
+peers_missing_apt() { # [PACKAGE...] (default: HC_APT_PACKAGES)
 	local p
-	for p in "${HC_APT_PACKAGES[@]}"; do
+	(($#)) || set -- "${HC_APT_PACKAGES[@]}"
+	for p in "$@"; do
 		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep '^install ok installed$' >/dev/null ||
 			printf '%s\n' "$p"
 	done
 }
 
-peers_install_apt() {
+peers_install_apt() { # [PACKAGE...] (default: HC_APT_PACKAGES)
 	local -a missing
-	mapfile -t missing < <(peers_missing_apt)
+	(($#)) || set -- "${HC_APT_PACKAGES[@]}"
+	mapfile -t missing < <(peers_missing_apt "$@")
 	if ((${#missing[@]} == 0)); then
-		hc_log "apt: all ${#HC_APT_PACKAGES[@]} packages present"
+		hc_log "apt: all $# packages present"
 		return 0
 	fi
 	hc_log "apt: installing ${missing[*]}"
@@ -260,10 +262,10 @@ _build_coredns() { _build_from_module "$1" github.com/coredns/coredns "$COREDNS_
 # peers_build_kube : the Kubernetes peers, with a throwaway Go module and
 # build cache (removed when done, also on failure).
 peers_build_kube() {
-	local c missing=0
-	for c in "${KUBE_COMMANDS[@]}" e2e.test agnhost; do [[ -x "$KUBE_BIN_DIR/$c" ]] || missing=1; done
-	[[ -x "$ETCD_BIN" && -x "$COREDNS_BIN" ]] || missing=1
-	((missing)) || return 0
+	local c absent=0
+	for c in "${KUBE_COMMANDS[@]}" e2e.test agnhost; do [[ -x "$KUBE_BIN_DIR/$c" ]] || absent=1; done
+	[[ -x "$ETCD_BIN" && -x "$COREDNS_BIN" ]] || absent=1
+	((absent)) || return 0
 	mkdir -p "$HC_PEERS_CACHE"
 	local gotmp
 	gotmp=$(mktemp -d "$HC_PEERS_CACHE/.gocache-kube.XXXXXX")
@@ -281,11 +283,16 @@ peers_build_kube() {
 	return "$rc"
 }
 
+# Debian packages only the kubernetes stage needs: certificates, kube-proxy's conntrack, and
+# the programs the e2e images are made of (lib/kimages.sh).
+HC_KUBE_APT_PACKAGES=(openssl conntrack bind9-dnsutils netcat-openbsd wget procps)
+
 # peers_ensure_kube : what the kubernetes stage needs on top of peers_ensure.
 peers_ensure_kube() {
 	hc_require_root
 	local t0
 	t0=$(hc_now)
+	peers_install_apt "${HC_KUBE_APT_PACKAGES[@]}"
 	peers_build_kube
 	_peers_locked_build "helm-$HELM_VERSION" "$HELM_BIN" _build_helm
 	hc_log "kubernetes peers ready in $(hc_since "$t0")s: kubernetes $KUBE_VERSION, etcd $ETCD_VERSION, coredns $COREDNS_VERSION, helm $HELM_VERSION"

@@ -122,7 +122,7 @@ disabled_plugins = [
 
 [plugins]
   [plugins."io.containerd.grpc.v1.cri"]
-    sandbox_image = "$HC_IMAGE_REF"
+    sandbox_image = "${HC_CTD_SANDBOX_IMAGE:-$HC_IMAGE_REF}"
     stream_server_address = "127.0.0.1"
     stream_server_port = "0"
     enable_selinux = false

@@ -1,0 +1,554 @@
+#!/usr/bin/env bash
+# integration/kube-tests.sh: HeadCNI under a real Kubernetes (see integration/README.md).
+#
+# Setup: peers (Kubernetes v1.37.2 and the rest, built once), the images, the underlay,
+# Headscale (no autoApprovers: routes are approved by the agents' API key), a control plane
+# and 2 nodes with containerd, kubelet and kube-proxy; then HeadCNI as a user installs it:
+# deploy-with-helm.sh of chart/, the DaemonSet's init container running `headcni install`
+# into each node's CNI directories and the agent joining the tailnet; CoreDNS. Then, in order:
+#
+#   install           the conflist and binaries are where the kubelet's runtime looks; each agent
+#                     read its Node's podCIDR, advertised it and had it approved; Ready nodes
+#   rbac              the agent's ServiceAccount may do what it needs and no more (real authorizer)
+#   deployment        a Deployment spread over every node; pod to pod across nodes, the receiver
+#                     sees the sender's own address
+#   service           a ClusterIP Service through kube-proxy reaches the pods of every node
+#   dns               CoreDNS answers a Service's name; a pod reaches it by name
+#   hostport          a hostPort through the chained portmap plugin, from another node
+#   first_packet      from a pod's creation to its first packet answered by a pod on another node
+#   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
+#                     cross-node traffic flows (longest gap measured)
+#   apiserver_restart the API server restarted during a rollout; pods stay connected
+#   kubelet_restart   a node's kubelet restarted; pods stay connected
+#   token_rotation    the agent's service-account token rotates (new signing key, the old tokens
+#                     refused); the agent takes the new one and keeps working
+#   node_join         a third kubelet joins later; its pods reach the others
+#   node_delete       a deleted Node's route is withdrawn
+#   uninstall         `helm uninstall`: the pre-delete hook, every route withdrawn, HeadCNI's files
+#                     gone from the nodes
+#
+# usage: integration/kube-tests.sh [--prefix P] [--keep] [--list] [TEST...]
+# env: HC_KEEP_STATE=1 (keep logs), HEADCNI_MUSL_BIN (use this static binary, no build)
+# Exits non-zero when any test fails; tears down on exit, error and Ctrl-C, then checks that
+# nothing of the run is left on the machine (namespaces, mounts, processes, cgroups, files).
+# shellcheck disable=SC2317 # test functions and helpers are called by name (tr_run, hc_wait_for)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ALL_TESTS=(install rbac deployment service dns hostport first_packet upgrade apiserver_restart
+	kubelet_restart token_rotation node_join node_delete uninstall)
+# shellcheck source=lib/args.sh
+source "$here/lib/args.sh"
+declare -a WANT=()
+tr_parse_args "$@"
+
+export HC_PREFIX=${HC_PREFIX:-hck}
+export HC_NODES=2
+# Routes are approved by the agents' API key, not by the policy.
+export HC_HS_AUTOAPPROVE=0
+# shellcheck source=lib/peers.sh
+source "$here/lib/peers.sh"
+# shellcheck source=lib/kube.sh
+source "$here/lib/kube.sh"
+# shellcheck source=lib/testing.sh
+source "$here/lib/testing.sh"
+
+hc_require_root
+
+NS=hctest
+
+# --- helpers ------------------------------------------------------------------------
+
+# kube_pod_node NS POD : the index of the node the pod runs on.
+kube_pod_node() {
+	local n
+	n=$(kubectl -n "$1" get pod "$2" -o jsonpath='{.spec.nodeName}')
+	printf '%s\n' "${n#node-}"
+}
+
+# kube_pod_where NS POD : "pod:I:NETNS", the pod's network namespace as the checks name it.
+kube_pod_where() {
+	local i id netns
+	i=$(kube_pod_node "$1" "$2")
+	id=$(node_crictl "$i" pods --namespace "$1" --name "^$2\$" --state ready -q | head -n1)
+	[[ -n "$id" ]] || return 1
+	netns=$(node_crictl "$i" inspectp "$id" |
+		jq -er '.info.runtimeSpec.linux.namespaces[] | select(.type=="network") | .path')
+	printf 'pod:%s:%s\n' "$i" "${netns##*/}"
+}
+
+# pods_on NS SELECTOR NODE_INDEX : names of the selected pods on that node.
+pods_on() {
+	kubectl -n "$1" get pods -l "$2" --field-selector "spec.nodeName=node-$3,status.phase=Running" \
+		-o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}'
+}
+
+# curl_from NS POD URL : GET from inside the pod (its own curl).
+curl_from() { kube_exec "$1" "$2" curl -fsS --max-time 5 "$3"; }
+
+# web_pair : sets A (a web pod on node 1), B (one on node 2) and their addresses.
+web_pair() {
+	A=$(pods_on "$NS" app=web 1 | head -n1)
+	B=$(pods_on "$NS" app=web 2 | head -n1)
+	[[ -n "$A" && -n "$B" ]] || hc_die "no web pod on node 1 or node 2"
+	A_IP=$(kube_pod_ip "$NS" "$A")
+	B_IP=$(kube_pod_ip "$NS" "$B")
+}
+
+# every web pod on node 1 reaches every web pod on node 2 (ICMP, from its own netns)
+cross_node_ok() {
+	local a b
+	for a in $(pods_on "$NS" app=web 1); do
+		for b in $(pods_on "$NS" app=web 2); do
+			ping_ok "$(kube_pod_where "$NS" "$a")" "$(kube_pod_ip "$NS" "$b")" 1 || return 1
+		done
+	done
+}
+
+# hs views through the REST API the agent uses (camelCase)
+hs_rest_nodes() { hs_api "$HC_STATE_DIR/apikey" GET node; }
+hs_approved_of() {
+	hs_rest_nodes | jq -r --arg h "$1" \
+		'[.nodes[] | select(.givenName==$h or .name==$h) | (.approvedRoutes // [])[]] | sort | join(",")'
+}
+hs_available_of() {
+	hs_rest_nodes | jq -r --arg h "$1" \
+		'[.nodes[] | select(.givenName==$h or .name==$h) | (.availableRoutes // [])[]] | sort | join(",")'
+}
+
+# helm_upgrade ARGS... : `helm upgrade` of the release with its values and ARGS.
+helm_upgrade() {
+	helm upgrade "$KUBE_HC_RELEASE" "$HC_REPO_DIR/chart" -n "$KUBE_HC_NS" --reuse-values "$@" \
+		>>"$HC_STATE_DIR/logs/helm.log" 2>&1
+}
+
+# web_deploy REPLICAS : the test Deployment (agnhost netexec) spread over the nodes, and its Service.
+web_deploy() {
+	kubectl apply -f - >/dev/null <<EOF
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: $NS}
+spec:
+  replicas: $1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule,
+         labelSelector: {matchLabels: {app: web}}}
+      containers:
+      - name: web
+        image: $KUBE_AGNHOST_IMAGE
+        args: [netexec, --http-port=8080, --udp-port=8081]
+        ports: [{containerPort: 8080}]
+        readinessProbe:
+          httpGet: {path: /healthz, port: 8080}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: $NS}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+EOF
+}
+
+# --- setup ----------------------------------------------------------------------------
+
+T_START=$(hc_now)
+hc_log "== setup"
+peers_ensure
+kube_prepare
+ROOT_BEFORE=$(topo_root_view)
+hc_state_init
+hc_install_traps
+kimg_headcni
+T_SETUP=$(hc_now)
+topo_up
+topo_node_add "$KUBE_CP"
+hs_up_with_keys
+kube_cluster_up "$HC_NODES"
+T_KUBELETS=$(hc_since "$T_SETUP")
+# No node is Ready before HeadCNI: its runtime has no network config yet.
+for ((i = 1; i <= HC_NODES; i++)); do
+	! kube_node_ready "$i" || hc_die "node-$i is Ready before any CNI network exists"
+done
+T_DEPLOY=$(hc_now)
+kube_headcni_deploy --wait
+kube_wait_nodes_ready "$HC_NODES" 90 || hc_die "the nodes did not turn Ready after HeadCNI was installed"
+READY_S=$(hc_since "$T_DEPLOY")
+kube_headcni_rollout_wait 90 || hc_die "the HeadCNI DaemonSet did not roll out"
+kube_coredns
+kubectl create namespace "$NS" >/dev/null
+kubectl -n kube-system rollout status deployment/coredns --timeout=90s >/dev/null ||
+	hc_die "CoreDNS did not become ready"
+SETUP_S=$(hc_since "$T_SETUP")
+hc_log "setup: kubelets registered after ${T_KUBELETS}s, nodes Ready ${READY_S}s after deploy-with-helm.sh, whole setup ${SETUP_S}s"
+
+# --- tests ----------------------------------------------------------------------------
+
+t_install() {
+	local i cidr pod
+	for ((i = 1; i <= HC_NODES; i++)); do
+		node_exec "$i" test -x /opt/cni/bin/headcni || hc_die "node $i: no /opt/cni/bin/headcni"
+		node_exec "$i" test -L /opt/cni/bin/headcni-ipam || hc_die "node $i: no headcni-ipam link"
+		node_exec "$i" jq -e '.plugins[0].type == "headcni"' "/etc/cni/net.d/$HC_CONFLIST" >/dev/null ||
+			hc_die "node $i: no HeadCNI conflist"
+		cidr=$(kube_node_pod_cidr "$i")
+		cidr_has "$HC_CLUSTER_CIDR" "${cidr%/*}" || hc_die "node $i: podCIDR $cidr outside $HC_CLUSTER_CIDR"
+		# the agent took the Node's podCIDR (no --pod-cidr in the chart's defaults)
+		grep -qx "HEADCNI_POD_CIDRS=$cidr" "$(hcni_node_file "$i")" ||
+			hc_die "node $i: node file does not carry the Node's podCIDR $cidr: $(cat "$(hcni_node_file "$i")")"
+		[[ ",$(hs_approved_of "node-$i")," == *",$cidr,"* ]] || hc_die "node-$i: $cidr not approved in Headscale"
+		pod=$(kube_agent_pod "$i")
+		note "node-$i: podCIDR $cidr, agent $pod, approved: $(hs_approved_of "node-$i")"
+	done
+	# each node reaches the other's pod CIDR through tailscale0 (table 52), and through nothing else
+	for ((i = 1; i <= HC_NODES; i++)); do
+		local j
+		for ((j = 1; j <= HC_NODES; j++)); do
+			((i == j)) && continue
+			cidr=$(kube_node_pod_cidr "$j")
+			hc_wait_for 20 "node $i has $cidr in table 52" node_route_in_table52 "$i" "$cidr" ||
+				hc_die "node $i: no tailnet route to $cidr"
+			ip -n "$(node_ns "$i")" route show table main | grep -q "^$cidr" &&
+				hc_die "node $i: a main-table route to $cidr exists besides the tailnet's"
+		done
+	done
+	note "nodes Ready ${READY_S}s after deploy-with-helm.sh started; setup ${SETUP_S}s"
+}
+
+t_rbac() {
+	local sa="system:serviceaccount:$KUBE_HC_NS:$KUBE_HC_RELEASE" td="$KUBE_HC_RELEASE-teardown" v
+	local -a yes=("get nodes" "list nodes" "watch nodes"
+		"get configmaps/$td -n $KUBE_HC_NS" "watch configmaps/$td -n $KUBE_HC_NS")
+	local -a no=("patch nodes" "update nodes" "delete nodes" "update nodes/status" "create pods"
+		"get secrets -n $KUBE_HC_NS" "list secrets -A" "get configmaps/kube-root-ca.crt -n $KUBE_HC_NS"
+		"patch configmaps/$td -n $KUBE_HC_NS" "create configmaps -n $KUBE_HC_NS" "list pods -A"
+		"get daemonsets -n $KUBE_HC_NS" "create serviceaccounts/token -n $KUBE_HC_NS")
+	for v in "${yes[@]}"; do
+		# shellcheck disable=SC2086 # the verb lines are split on purpose
+		kubectl auth can-i $v --as="$sa" >/dev/null 2>&1 || hc_die "the agent may not: $v"
+	done
+	for v in "${no[@]}"; do
+		# shellcheck disable=SC2086
+		! kubectl auth can-i $v --as="$sa" >/dev/null 2>&1 || hc_die "the agent may, and must not: $v"
+	done
+	note "${#yes[@]} needed verbs allowed, ${#no[@]} others refused (kubectl auth can-i --as=$sa)"
+}
+
+t_deployment() {
+	local n=$((2 * HC_NODES)) i a b seen
+	web_deploy "$n"
+	kubectl -n "$NS" rollout status deployment/web --timeout=90s >/dev/null || hc_die "web did not roll out"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		[[ -n "$(pods_on "$NS" app=web "$i")" ]] || hc_die "no web pod on node $i"
+	done
+	for a in $(pods_on "$NS" app=web 1); do
+		for b in $(pods_on "$NS" app=web 2); do
+			seen=$(curl_from "$NS" "$a" "http://$(kube_pod_ip "$NS" "$b"):8080/clientip") ||
+				hc_die "$a -> $b failed"
+			[[ "${seen%:*}" == "$(kube_pod_ip "$NS" "$a")" ]] ||
+				hc_die "$b saw $a as ${seen%:*}, not its own address $(kube_pod_ip "$NS" "$a")"
+			seen=$(curl_from "$NS" "$b" "http://$(kube_pod_ip "$NS" "$a"):8080/clientip") ||
+				hc_die "$b -> $a failed"
+			[[ "${seen%:*}" == "$(kube_pod_ip "$NS" "$b")" ]] ||
+				hc_die "$a saw $b as ${seen%:*}, not its own address"
+		done
+	done
+	note "$n web pods over $HC_NODES nodes; every pair across nodes connects both ways, with the pods' own source addresses"
+}
+
+t_service() {
+	local ip k host
+	local -A nodes_seen=()
+	web_pair
+	ip=$(kubectl -n "$NS" get service web -o jsonpath='{.spec.clusterIP}')
+	cidr_has "$KUBE_SERVICE_CIDR" "$ip" || hc_die "ClusterIP $ip outside $KUBE_SERVICE_CIDR"
+	for ((k = 0; k < 30; k++)); do
+		host=$(curl_from "$NS" "$A" "http://$ip/hostname") || hc_die "GET http://$ip/hostname from $A failed"
+		nodes_seen[$(kube_pod_node "$NS" "$host")]=1
+	done
+	((${#nodes_seen[@]} == HC_NODES)) || hc_die "30 requests to $ip reached pods of nodes ${!nodes_seen[*]} only"
+	note "ClusterIP $ip: 30 requests from node 1 answered by pods of nodes ${!nodes_seen[*]}"
+}
+
+t_dns() {
+	local ip got
+	web_pair
+	ip=$(kubectl -n "$NS" get service web -o jsonpath='{.spec.clusterIP}')
+	got=$(kube_exec "$NS" "$A" dig +short +search "web.$NS.svc.$KUBE_CLUSTER_DOMAIN" | tail -n1)
+	[[ "$got" == "$ip" ]] || hc_die "web.$NS.svc resolves to '$got', not $ip"
+	got=$(kube_exec "$NS" "$B" getent hosts web | awk '{print $1}')
+	[[ "$got" == "$ip" ]] || hc_die "'web' (search path) resolves to '$got' on node 2, not $ip"
+	curl_from "$NS" "$B" "http://web/hostname" >/dev/null || hc_die "http://web/ failed from $B"
+	note "CoreDNS ($KUBE_DNS_IP) answers web.$NS.svc = $ip from pods on both nodes"
+}
+
+t_hostport() {
+	local seen
+	kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: hostport, namespace: $NS}
+spec:
+  nodeName: node-1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: $KUBE_AGNHOST_IMAGE
+    args: [netexec, --http-port=8080, --udp-port=-1]
+    ports: [{containerPort: 8080, hostPort: 18080}]
+    readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 1}
+EOF
+	kubectl -n "$NS" wait --for=condition=Ready pod/hostport --timeout=60s >/dev/null || hc_die "hostport pod not ready"
+	seen=$(node_exec 2 curl -fsS --max-time 5 "http://$(node_addr 1):18080/clientip") ||
+		hc_die "node 2 -> node 1's hostPort 18080 failed"
+	note "node-2 -> $(node_addr 1):18080 answered by the pod (it saw ${seen%:*})"
+	web_pair
+	seen=$(curl_from "$NS" "$B" "http://$(node_addr 1):18080/hostname") || hc_die "pod on node 2 -> hostPort failed"
+	[[ "$seen" == hostport ]] || hc_die "hostPort answered by '$seen'"
+	kubectl -n "$NS" delete pod hostport --wait=false >/dev/null
+}
+
+# The time from `kubectl create` of a pod on node 1 until its first ICMP echo to a pod on
+# node 2 is answered (measured in the pod: the same clock as the harness).
+t_first_packet() {
+	local k n=${KUBE_FIRST_PACKET_PODS:-10} t0 t1 name
+	local -a ds=()
+	web_pair
+	for ((k = 1; k <= n; k++)); do
+		name=fp$k
+		t0=$(date +%s.%N)
+		kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name, namespace: $NS}
+spec:
+  nodeName: node-1
+  terminationGracePeriodSeconds: 1
+  restartPolicy: Never
+  containers:
+  - name: probe
+    image: $KUBE_AGNHOST_IMAGE
+    command: [/bin/bash, -c, 'until ping -n -c1 -W1 -i0.05 $B_IP >/dev/null 2>&1; do :; done; date +%s.%N']
+EOF
+		kubectl -n "$NS" wait --for=jsonpath='{.status.phase}'=Succeeded "pod/$name" --timeout=60s >/dev/null ||
+			hc_die "pod $name never reached $B_IP"
+		t1=$(kubectl -n "$NS" logs "$name" | tail -n1)
+		ds+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')")
+		kubectl -n "$NS" delete pod "$name" --wait=false >/dev/null
+	done
+	local stats
+	stats=$(printf '%s\n' "${ds[@]}" | sort -n | awk '{v[NR]=$1} END {m=(NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2; p=v[int(0.9*NR+0.999)]; printf "median %.2f s, p90 %.2f s, min %.2f s, max %.2f s (n=%d)", m, p, v[1], v[NR], NR}')
+	note "pod created -> first packet answered across nodes: $stats"
+}
+
+# _rollout_one_at_a_time : the agents' new pods were created one after the other, each only
+# once the previous one was Ready (maxUnavailable 1).
+_rollout_one_at_a_time() {
+	local lines prev_ready="" c r
+	lines=$(kubectl -n "$KUBE_HC_NS" get pods -l app.kubernetes.io/component=agent -o json |
+		jq -r '.items[] | [.metadata.creationTimestamp, ((.status.conditions // [])[] | select(.type=="Ready") | .lastTransitionTime)] | @tsv' | sort)
+	while IFS=$'\t' read -r c r; do
+		if [[ -n "$prev_ready" && "$c" < "$prev_ready" ]]; then
+			hc_warn "an agent pod was created at $c, before the previous one was Ready ($prev_ready)"
+			return 1
+		fi
+		prev_ready=$r
+	done <<<"$lines"
+}
+
+t_upgrade() {
+	local f=$HC_STATE_DIR/tests/upgrade.ping gap before after
+	web_pair
+	before=$(kubectl -n "$KUBE_HC_NS" get ds "$KUBE_HC_RELEASE" -o jsonpath='{.metadata.generation}')
+	pinger_start "$(kube_pod_where "$NS" "$A")" "$B_IP" "$f"
+	helm_upgrade --set logLevel=debug || hc_die "helm upgrade failed"
+	kube_headcni_rollout_wait 180 || hc_die "the upgraded DaemonSet did not roll out"
+	sleep 2
+	pinger_stop "$f"
+	after=$(kubectl -n "$KUBE_HC_NS" get ds "$KUBE_HC_RELEASE" -o jsonpath='{.metadata.generation}')
+	((after > before)) || hc_die "helm upgrade did not change the DaemonSet"
+	_rollout_one_at_a_time || hc_die "the agents were not rolled one node at a time"
+	gap=$(pinger_gap "$f")
+	read -r g ok sent <<<"$gap"
+	((ok > 0)) || hc_die "no ping answered during the upgrade"
+	cross_node_ok || hc_die "pods across nodes disconnected after the upgrade"
+	note "helm upgrade --set logLevel=debug: agents rolled one at a time; pod traffic across nodes: longest gap ${g}s ($ok of $sent answered)"
+}
+
+t_apiserver_restart() {
+	local f=$HC_STATE_DIR/tests/apiserver.ping
+	web_pair
+	pinger_start "$(kube_pod_where "$NS" "$A")" "$B_IP" "$f"
+	kubectl -n "$KUBE_HC_NS" rollout restart "daemonset/$KUBE_HC_RELEASE" >/dev/null
+	sleep 2
+	kube_apiserver_stop
+	sleep 5
+	kube_apiserver_start
+	kube_headcni_rollout_wait 180 || hc_die "the rollout did not complete after the API server restart"
+	pinger_stop "$f"
+	read -r g ok sent <<<"$(pinger_gap "$f")"
+	cross_node_ok || hc_die "pods across nodes disconnected"
+	note "API server down 5 s during a rollout: rollout completed; pod traffic longest gap ${g}s ($ok of $sent)"
+}
+
+t_kubelet_restart() {
+	local f=$HC_STATE_DIR/tests/kubelet.ping
+	web_pair
+	pinger_start "$(kube_pod_where "$NS" "$A")" "$B_IP" "$f"
+	kube_kubelet_stop 1
+	sleep 3
+	kube_kubelet_start 1
+	hc_wait_for 60 "node-1 Ready again" kube_node_ready 1 || hc_die "node-1 not Ready after its kubelet restarted"
+	sleep 2
+	pinger_stop "$f"
+	read -r g ok sent <<<"$(pinger_gap "$f")"
+	cross_node_ok || hc_die "pods across nodes disconnected"
+	# a new pod on the restarted node works
+	kubectl -n "$NS" scale deployment/web --replicas=$((2 * HC_NODES + 1)) >/dev/null
+	kubectl -n "$NS" rollout status deployment/web --timeout=60s >/dev/null || hc_die "scale-up after the restart failed"
+	kubectl -n "$NS" scale deployment/web --replicas=$((2 * HC_NODES)) >/dev/null
+	note "kubelet of node 1 down 3 s: pod traffic longest gap ${g}s ($ok of $sent); new pods start"
+}
+
+# the agent's projected token file on node I, as the kubelet wrote it
+_agent_token_file() {
+	local uid
+	uid=$(kubectl -n "$KUBE_HC_NS" get pod "$(kube_agent_pod "$1")" -o jsonpath='{.metadata.uid}')
+	printf '%s/root/pods/%s/volumes/kubernetes.io~projected/kube-api-access/token\n' "$(kube_node_dir "$1")" "$uid"
+}
+
+_file_changed() { [[ "$(sha256sum <"$1")" != "$2" ]]; } # FILE OLD-DIGEST
+
+t_token_rotation() {
+	local i tok since
+	local -A before=()
+	for ((i = 1; i <= HC_NODES; i++)); do
+		tok=$(_agent_token_file "$i")
+		[[ -s "$tok" ]] || hc_die "node $i: no projected token at $tok"
+		before[$i]=$(sha256sum <"$tok")
+	done
+	# A new signing key, and only it verifies: every token issued so far is refused.
+	_kube_key "$KUBE_PKI/sa2.key"
+	openssl pkey -in "$KUBE_PKI/sa2.key" -pubout -out "$KUBE_PKI/sa2.pub" 2>/dev/null
+	since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+	kube_apiserver_stop
+	KUBE_SA_VERIFY_KEYS=$KUBE_PKI/sa2.pub KUBE_SA_SIGNING_KEY=$KUBE_PKI/sa2.key kube_apiserver_start
+	# The kubelets fetch new tokens when they start (their token cache is in memory).
+	for ((i = 1; i <= HC_NODES; i++)); do
+		kube_kubelet_stop "$i"
+		kube_kubelet_start "$i"
+	done
+	for ((i = 1; i <= HC_NODES; i++)); do
+		tok=$(_agent_token_file "$i")
+		hc_wait_for 90 "node $i: a new token in the agent's volume" _file_changed "$tok" "${before[$i]}" ||
+			hc_die "node $i: the kubelet did not rotate the agent's token"
+	done
+	# The agents must now use the new token: each still follows its teardown signal and its
+	# Node (a watch re-established after the API server restart), and no request is refused
+	# with 401 after the new token arrived.
+	sleep 20
+	for ((i = 1; i <= HC_NODES; i++)); do
+		local pod n401
+		pod=$(kube_agent_pod "$i")
+		n401=$(kubectl -n "$KUBE_HC_NS" logs "$pod" -c agent --since-time="$since" 2>/dev/null |
+			grep -ciE '401|unauthori[sz]ed' || true)
+		kubectl -n "$KUBE_HC_NS" get pod "$pod" -o jsonpath='{.status.containerStatuses[?(@.name=="agent")].ready}' |
+			grep -qx true || hc_die "node $i: the agent is not ready after the token rotation"
+		note "node $i: agent $pod: $n401 log lines with 401/Unauthorized since the key change"
+		local last
+		last=$(kubectl -n "$KUBE_HC_NS" logs "$pod" -c agent --since=10s 2>/dev/null | grep -ciE '401|unauthori[sz]ed' || true)
+		((last == 0)) || hc_die "node $i: the agent is still refused (401) 20 s after its token was rotated"
+	done
+	cross_node_ok || hc_die "pods across nodes disconnected"
+}
+
+t_node_join() {
+	local i=3 pod ip k
+	topo_node_add "$i"
+	kube_node_up "$i"
+	hc_wait_for 90 "node-3 Ready" kube_node_ready "$i" || hc_die "node-3 did not turn Ready"
+	kube_headcni_rollout_wait 90 || hc_die "no agent on node-3"
+	kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: n3, namespace: $NS, labels: {app: n3}}
+spec:
+  nodeName: node-3
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: probe, image: $KUBE_AGNHOST_IMAGE, args: [pause]}
+EOF
+	kubectl -n "$NS" wait --for=condition=Ready pod/n3 --timeout=60s >/dev/null || hc_die "pod n3 not ready"
+	web_pair
+	for ip in "$A_IP" "$B_IP"; do
+		hc_wait_for 30 "n3 reaches $ip" ping_ok "$(kube_pod_where "$NS" n3)" "$ip" 1 ||
+			hc_die "pod on node-3 does not reach $ip"
+	done
+	ip=$(kube_pod_ip "$NS" n3)
+	for k in "$A" "$B"; do
+		kube_exec "$NS" "$k" ping -n -c1 -W2 "$ip" >/dev/null || hc_die "$k does not reach node-3's pod $ip"
+	done
+	note "node-3 joined (podCIDR $(kube_node_pod_cidr 3)); its pod $ip reaches and is reached by nodes 1 and 2"
+}
+
+t_node_delete() {
+	kubectl get node node-3 >/dev/null 2>&1 || skip "needs node-3 (node_join)"
+	local cidr
+	cidr=$(kube_node_pod_cidr 3)
+	kubectl -n "$NS" delete pod n3 --wait=false >/dev/null 2>&1 || true
+	kubectl delete node node-3 >/dev/null
+	hc_wait_for 60 "node-1 loses the route to $cidr" bash -c "! ip -n '$(node_ns 1)' route show table 52 | grep -q '^$cidr'" ||
+		hc_die "node-3's $cidr still routed on node 1 60 s after its Node was deleted (approved: $(hs_approved_of node-3))"
+	note "Node node-3 deleted: $cidr withdrawn from the others' tables"
+}
+
+t_uninstall() {
+	local i out
+	local -A cidrs=()
+	for ((i = 1; i <= HC_NODES; i++)); do cidrs[$i]=$(kube_node_pod_cidr "$i"); done
+	out=$(helm uninstall "$KUBE_HC_RELEASE" -n "$KUBE_HC_NS" --wait --timeout 5m 2>&1) ||
+		hc_die "helm uninstall failed: $out"
+	grep -qi 'uninstalled' <<<"$out" || hc_die "helm uninstall said: $out"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		[[ -z "$(hs_approved_of "node-$i")" ]] || hc_die "node-$i: still approved in Headscale: $(hs_approved_of "node-$i")"
+		[[ -z "$(hs_available_of "node-$i")" ]] || hc_die "node-$i: still advertises $(hs_available_of "node-$i")"
+		local j
+		for ((j = 1; j <= HC_NODES; j++)); do
+			((i == j)) && continue
+			hc_wait_for 20 "node $i drops ${cidrs[$j]}" bash -c "! ip -n '$(node_ns "$i")' route show table 52 | grep -q '^${cidrs[$j]}'" ||
+				hc_die "node $i still routes ${cidrs[$j]} after the uninstall"
+		done
+	done
+	note "helm uninstall: pre-delete hook ran; every node's route withdrawn and unapproved"
+	local -a left=()
+	for ((i = 1; i <= HC_NODES; i++)); do
+		local f
+		for f in /opt/cni/bin/headcni /opt/cni/bin/headcni-ipam "/etc/cni/net.d/$HC_CONFLIST"; do
+			node_exec "$i" test -e "$f" && left+=("node-$i:$f")
+		done
+	done
+	((${#left[@]} == 0)) || hc_die "HeadCNI's files are still on the nodes after helm uninstall: ${left[*]}"
+}
+
+tr_run "${WANT[@]}"
+rc=0
+tr_summary "kube-tests.sh: prefix $HC_PREFIX, Kubernetes $KUBE_VERSION, setup ${SETUP_S} s" || rc=1
+
+if [[ "${HC_KEEP:-0}" == 1 ]]; then
+	cat <<EOF
+
+Left running (--keep). Look around:
+  ip netns exec $(node_ns "$KUBE_CP") $KUBE_BIN_DIR/kubectl --kubeconfig $KUBE_ADMIN_KUBECONFIG get nodes,pods -A -o wide
+  nsenter -t $(node_ctx_pid 1) -n -m -- bash                     # a shell on node 1
+Tear down:
+  $here/teardown.sh $HC_PREFIX
+EOF
+fi
+tr_finish "$rc" kube-tests.sh
+exit "$TR_RC"
