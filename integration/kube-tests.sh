@@ -158,35 +158,10 @@ EOF
 
 # --- setup ----------------------------------------------------------------------------
 
-T_START=$(hc_now)
-hc_log "== setup"
-peers_ensure
-kube_prepare
-ROOT_BEFORE=$(topo_root_view)
-hc_state_init
-hc_install_traps
-kimg_headcni
-T_SETUP=$(hc_now)
-topo_up
-topo_node_add "$KUBE_CP"
-hs_up_with_keys
-kube_cluster_up "$HC_NODES"
-T_KUBELETS=$(hc_since "$T_SETUP")
-# No node is Ready before HeadCNI: its runtime has no network config yet.
-for ((i = 1; i <= HC_NODES; i++)); do
-	! kube_node_ready "$i" || hc_die "node-$i is Ready before any CNI network exists"
-done
-T_DEPLOY=$(hc_now)
-kube_headcni_deploy --wait
-kube_wait_nodes_ready "$HC_NODES" 90 || hc_die "the nodes did not turn Ready after HeadCNI was installed"
-READY_S=$(hc_since "$T_DEPLOY")
-kube_headcni_rollout_wait 90 || hc_die "the HeadCNI DaemonSet did not roll out"
-kube_coredns
+kube_harness_up
 kubectl create namespace "$NS" >/dev/null
-kubectl -n kube-system rollout status deployment/coredns --timeout=90s >/dev/null ||
-	hc_die "CoreDNS did not become ready"
-SETUP_S=$(hc_since "$T_SETUP")
-hc_log "setup: kubelets registered after ${T_KUBELETS}s, nodes Ready ${READY_S}s after deploy-with-helm.sh, whole setup ${SETUP_S}s"
+READY_S=$KUBE_READY_S
+SETUP_S=$KUBE_SETUP_S
 
 # --- tests ----------------------------------------------------------------------------
 

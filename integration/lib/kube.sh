@@ -546,3 +546,43 @@ kube_exec() {
 	shift 2
 	kubectl -n "$ns" exec "$pod" -- "$@"
 }
+
+# --- the whole harness, as the scripts start it -------------------------------------------
+
+# kube_harness_up : everything up to a cluster with HeadCNI and CoreDNS: peers and images,
+# the run's state dir and traps, the HeadCNI image, underlay, Headscale, control plane,
+# $HC_NODES nodes, `deploy-with-helm.sh`, CoreDNS. Sets T_START, T_SETUP, ROOT_BEFORE (for
+# tr_finish), KUBE_KUBELETS_S (kubelets registered), KUBE_READY_S (deploy until every node
+# Ready) and KUBE_SETUP_S (the whole setup after the builds).
+# shellcheck disable=SC2034 # read by the calling scripts
+kube_harness_up() {
+	local i t_deploy
+	T_START=$(hc_now)
+	hc_log "== setup"
+	peers_ensure
+	kube_prepare
+	ROOT_BEFORE=$(topo_root_view)
+	hc_state_init
+	hc_install_traps
+	kimg_headcni
+	T_SETUP=$(hc_now)
+	topo_up
+	topo_node_add "$KUBE_CP"
+	hs_up_with_keys
+	kube_cluster_up "$HC_NODES"
+	KUBE_KUBELETS_S=$(hc_since "$T_SETUP")
+	# No node is Ready before HeadCNI: its runtime has no network config yet.
+	for ((i = 1; i <= HC_NODES; i++)); do
+		! kube_node_ready "$i" || hc_die "node-$i is Ready before any CNI network exists"
+	done
+	t_deploy=$(hc_now)
+	kube_headcni_deploy --wait
+	kube_wait_nodes_ready "$HC_NODES" 90 || hc_die "the nodes did not turn Ready after HeadCNI was installed"
+	KUBE_READY_S=$(hc_since "$t_deploy")
+	kube_headcni_rollout_wait 90 || hc_die "the HeadCNI DaemonSet did not roll out"
+	kube_coredns
+	kubectl -n kube-system rollout status deployment/coredns --timeout=90s >/dev/null ||
+		hc_die "CoreDNS did not become ready"
+	KUBE_SETUP_S=$(hc_since "$T_SETUP")
+	hc_log "setup: kubelets registered after ${KUBE_KUBELETS_S}s, nodes Ready ${KUBE_READY_S}s after deploy-with-helm.sh started, whole setup ${KUBE_SETUP_S}s"
+}
