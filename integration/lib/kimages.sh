@@ -22,7 +22,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # shellcheck source=peers.sh
 source "$(dirname "${BASH_SOURCE[0]}")/peers.sh"
 
-KUBE_PAUSE_IMAGE=${KUBE_PAUSE_IMAGE:-registry.k8s.io/pause:3.10}
+KUBE_PAUSE_IMAGE=${KUBE_PAUSE_IMAGE:-registry.k8s.io/pause:3.10.2} # the one e2e.test v1.37.2 names
 KUBE_COREDNS_IMAGE=${KUBE_COREDNS_IMAGE:-registry.k8s.io/coredns/coredns:$COREDNS_VERSION}
 KUBE_AGNHOST_IMAGE=${KUBE_AGNHOST_IMAGE:-} # from e2e.test --list-images (kimg_list)
 export KUBE_PAUSE_IMAGE KUBE_COREDNS_IMAGE
@@ -51,7 +51,9 @@ kimg_list() {
 	cat "$f"
 }
 
-kimg_agnhost_ref() { kimg_list | grep -E '/agnhost:' | head -n1; }
+# the newest upstream agnhost (e2e.test also names an old one in a private registry, which
+# must stay missing: a test checks that pulling it fails)
+kimg_agnhost_ref() { kimg_list | grep -E '^registry\.k8s\.io/e2e-test-images/agnhost:' | sort -V | tail -n1; }
 
 # _kimg_copy_with_libs ROOTFS PATH... : programs into ROOTFS/usr/bin (symlinks resolved) and
 # their shared libraries (and the loader) at their own paths.
@@ -170,7 +172,7 @@ kimg_ensure() {
 		-keyout "$tmp/agnhost/localhost.key" -out "$tmp/agnhost/localhost.crt" 2>/dev/null
 	local ref
 	while read -r ref; do
-		[[ "$ref" == */agnhost:* ]] || continue
+		[[ "$ref" == registry.k8s.io/e2e-test-images/agnhost:* ]] || continue
 		_kimg_build "$KIMG_DIR/$(_kimg_file "$ref")" "$ref" "$tmp/agnhost" \
 			--change 'ENTRYPOINT ["/agnhost"]' --change 'CMD ["pause"]' --change 'ENV PATH=/usr/bin:/bin'
 	done < <(kimg_list)
@@ -179,14 +181,14 @@ kimg_ensure() {
 	# always give their own command to these; the web servers are served by agnhost)
 	while read -r ref; do
 		case "$ref" in
-		*/agnhost:* | */pause:*) continue ;;
+		*/agnhost:* | */pause:* | invalid.*) continue ;;
 		*/httpd:* | */nginx:*)
 			# a web server on port 80, like the real ones
 			_kimg_build "$KIMG_DIR/$(_kimg_file "$ref")" "$ref" "$tmp/agnhost" \
 				--change 'ENTRYPOINT ["/agnhost"]' --change 'CMD ["netexec","--http-port=80","--udp-port=-1"]' \
 				--change 'ENV PATH=/usr/bin:/bin'
 			;;
-		*/busybox:* | */jessie-dnsutils:* | */nonroot:* | */nautilus:* | */kitten:* | */perl:* | */ipc-utils:*)
+		*/e2e-test-images/busybox:* | */jessie-dnsutils:* | */glibc-dns-testing:* | */nautilus:* | */kitten:*)
 			_kimg_build "$KIMG_DIR/$(_kimg_file "$ref")" "$ref" "$tmp/toolbox" \
 				--change 'CMD ["/bin/sh"]' --change 'ENV PATH=/usr/bin:/bin'
 			;;
@@ -260,7 +262,7 @@ kimg_headcni() {
 	HC_IMAGE_HEADCNI=localhost/headcni:$(sha256sum "$bin" | cut -c1-12)
 	HC_IMAGE_HEADCNI_ARCHIVE=$HC_STATE_DIR/images/headcni.tar
 	export HC_IMAGE_HEADCNI HC_IMAGE_HEADCNI_ARCHIVE
-	mkdir -p "$HC_STATE_DIR/images/context/rootfs"
+	mkdir -p "$HC_STATE_DIR/images/context/rootfs" "$HC_STATE_DIR/logs"
 	install -m 0755 "$bin" "$HC_STATE_DIR/images/context/rootfs/headcni"
 	ln -sfn headcni "$HC_STATE_DIR/images/context/rootfs/headcni-ipam"
 	local store=$HC_STATE_DIR/images/podman

@@ -38,6 +38,8 @@ KUBE_ADMIN_KUBECONFIG=$KUBE_DIR/admin.kubeconfig
 # The registry that answers nothing: a closed port on the node's loopback. A pull of a
 # missing image then fails at once instead of waiting for DNS.
 KUBE_NO_REGISTRY=http://127.0.0.1:9
+# overlayfs: a container's root file system is not a copy of its image (agnhost is 64 MB)
+export HC_CTD_SNAPSHOTTER=${HC_CTD_SNAPSHOTTER:-overlayfs}
 
 kube_api_addr() { node_addr "$KUBE_CP"; }
 kube_api_url() { printf 'https://%s:%s\n' "$(kube_api_addr)" "$KUBE_API_PORT"; }
@@ -112,7 +114,7 @@ kube_pki() {
 	openssl pkey -in "$KUBE_PKI/sa.key" -pubout -out "$KUBE_PKI/sa.pub" 2>/dev/null
 	_kube_cert apiserver "/CN=kube-apiserver" server \
 		"IP:$(kube_api_addr),IP:$KUBE_API_SERVICE_IP,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.$KUBE_CLUSTER_DOMAIN,DNS:localhost"
-	_kube_cert apiserver-kubelet-client "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client" client
+	_kube_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" client
 	_kube_cert admin "/O=system:masters/CN=kubernetes-admin" client
 	_kube_cert controller-manager "/CN=system:kube-controller-manager" client
 	_kube_cert scheduler "/CN=system:kube-scheduler" client
@@ -143,7 +145,7 @@ _kube_api_ready() {
 kube_etcd_start() {
 	mkdir -p "$KUBE_DIR/etcd"
 	chmod 0700 "$KUBE_DIR/etcd"
-	node_spawn "$KUBE_CP" etcd "$ETCD_BIN" --name harness --data-dir "$KUBE_DIR/etcd" \
+	node_spawn "$KUBE_CP" etcd env -u ETCD_BIN "$ETCD_BIN" --name harness --data-dir "$KUBE_DIR/etcd" \
 		--listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
 		--listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
 		--initial-cluster harness=http://127.0.0.1:2380 --listen-metrics-urls http://127.0.0.1:2381 \
@@ -250,10 +252,33 @@ kube_images_import() {
 	mapfile -t archives < <(kimg_archives "$which")
 	archives+=("$HC_IMAGE_HEADCNI_ARCHIVE")
 	for a in "${archives[@]}"; do
-		node_ctr "$i" images import --snapshotter native "$a" >/dev/null ||
+		node_ctr "$i" images import --snapshotter "$HC_CTD_SNAPSHOTTER" "$a" >/dev/null ||
 			hc_die "node $i: importing $a failed"
 	done
 	hc_log "node $i: ${#archives[@]} images imported ($(hc_since "$t0")s)"
+}
+
+# Where the pods' cgroups go. With KUBE_CGROUPS_PER_QOS=true the kubelet puts every pod under
+# the node's cgroup (<P>-nI/kubepods/...), which teardown empties and removes; with false,
+# containerd puts them at the top (k8s.io/<id>) and removes them with the containers.
+KUBE_CGROUPS_PER_QOS=${KUBE_CGROUPS_PER_QOS:-true}
+_kube_cgroup_config() {
+	local i=$1 d
+	if [[ "$KUBE_CGROUPS_PER_QOS" == true ]]; then
+		_rt_cgroup_record "$i"
+		for d in /sys/fs/cgroup/*/; do
+			[[ -f "$d/cgroup.procs" ]] && mkdir -p "$d$(node_cgroup "$i")"
+		done
+		# a new cpuset cgroup starts with no CPU and no memory node: give it the machine's
+		d=/sys/fs/cgroup/cpuset/$(node_cgroup "$i")
+		if [[ -f "$d/cpuset.cpus" && -z "$(<"$d/cpuset.cpus")" ]]; then
+			cat /sys/fs/cgroup/cpuset/cpuset.cpus >"$d/cpuset.cpus"
+			cat /sys/fs/cgroup/cpuset/cpuset.mems >"$d/cpuset.mems"
+		fi
+		printf 'cgroupsPerQOS: true\ncgroupRoot: /%s\n' "$(node_cgroup "$i")"
+	else
+		printf 'cgroupsPerQOS: false\n'
+	fi
 }
 
 # kube_kubelet_config I : node I's kubelet configuration.
@@ -274,7 +299,7 @@ tlsCertFile: $KUBE_PKI/kubelet-serving-$name.crt
 tlsPrivateKeyFile: $KUBE_PKI/kubelet-serving-$name.key
 containerRuntimeEndpoint: unix://$(ctd_sock "$i")
 cgroupDriver: cgroupfs
-cgroupsPerQOS: false
+$(_kube_cgroup_config "$i")
 enforceNodeAllocatable: []
 failCgroupV1: false
 failSwapOn: false

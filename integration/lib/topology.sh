@@ -281,11 +281,9 @@ topo_root_view() {
 		echo "# mounts of the run"
 		findmnt -rn -o TARGET | grep -E "^$HC_STATE_ROOT/$HC_PREFIX(/|$)|^/run/netns/$HC_PREFIX-" || true
 		echo "# processes of the run (daemons, containerd shims: their command lines name the state dir)"
-		ps -eo args= | grep -F "$HC_STATE_ROOT/$HC_PREFIX/" | grep -v -e '^grep ' || true
+		pgrep -a -f "$HC_STATE_ROOT/$HC_PREFIX/" | cut -d' ' -f2- || true
 		echo "# cgroups of the run"
 		ls -d /sys/fs/cgroup/*/"$HC_PREFIX"-n* /sys/fs/cgroup/"$HC_PREFIX"-n* 2>/dev/null || true
-		# pods the kubelets left outside the nodes' cgroups
-		ls -d /sys/fs/cgroup/*/k8s.io/* 2>/dev/null | sed "s|^|$HC_PREFIX-pod-cgroup: |" || true
 		echo "# mount points"
 		for d in $HC_NODE_BIND_DIRS; do [[ -e "$d" ]] && echo "$d"; done
 		echo "# resolver"
