@@ -275,7 +275,7 @@ spec:
   containers:
   - name: web
     image: $KUBE_AGNHOST_IMAGE
-    args: [netexec, --http-port=8080, --udp-port=-1]
+    args: [netexec, --http-port=8080]
     ports: [{containerPort: 8080, hostPort: 18080}]
     readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 1}
 EOF
