@@ -157,6 +157,17 @@ kube_etcd_start() {
 # KUBE_SA_VERIFY_KEYS, KUBE_SA_SIGNING_KEY: the service-account keys (the token-rotation test
 # restarts it with a new signing key)
 kube_apiserver_start() {
+	# The audit log records what the service accounts of kube-system do (the token-rotation
+	# test reads which token the agents authenticated with, and when).
+	[[ -f "$KUBE_DIR/audit-policy.yaml" ]] || cat >"$KUBE_DIR/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts:$KUBE_HC_NS"]
+- level: None
+EOF
 	local sa_keys=${KUBE_SA_VERIFY_KEYS:-$KUBE_PKI/sa.pub} sign=${KUBE_SA_SIGNING_KEY:-$KUBE_PKI/sa.key}
 	node_spawn "$KUBE_CP" kube-apiserver "$KUBE_BIN_DIR/kube-apiserver" \
 		--etcd-servers=http://127.0.0.1:2379 \
@@ -172,12 +183,15 @@ kube_apiserver_start() {
 		--kubelet-preferred-address-types=InternalIP \
 		--service-account-issuer="https://kubernetes.default.svc.$KUBE_CLUSTER_DOMAIN" \
 		--service-account-key-file="$sa_keys" --service-account-signing-key-file="$sign" \
+		--audit-policy-file="$KUBE_DIR/audit-policy.yaml" --audit-log-path="$KUBE_DIR/audit.log" \
+		--audit-log-format=json --audit-log-maxsize=100 \
 		--profiling=false --event-ttl=30m --v="${KUBE_LOG_V:-1}"
 	hc_wait_daemon 60 kube-apiserver "kube-apiserver /readyz" _kube_api_ready ||
 		hc_die "kube-apiserver did not become ready"
 }
 
-kube_apiserver_stop() { hc_stop_label kube-apiserver 20; }
+# (it stops listening at once on SIGTERM, yet its process may take over 20 s to exit)
+kube_apiserver_stop() { hc_stop_label kube-apiserver 5; }
 
 kube_controllers_start() {
 	node_spawn "$KUBE_CP" kube-controller-manager "$KUBE_BIN_DIR/kube-controller-manager" \
