@@ -197,6 +197,10 @@ t_install() {
 		done
 	done
 	note "nodes Ready ${READY_S}s after deploy-with-helm.sh started; setup ${SETUP_S}s"
+	# A node must not turn Ready (containerd 1.6: as soon as a conflist is in its conf dir)
+	# before the plugin can attach pods (the agent's node file, which its STATUS checks).
+	((${#KUBE_READY_EARLY[@]} == 0)) ||
+		hc_die "Ready before the plugin's STATUS was good (conflist written before the agent had joined): ${KUBE_READY_EARLY[*]}"
 }
 
 t_rbac() {
@@ -485,7 +489,10 @@ t_node_delete() {
 	kubectl get node node-3 >/dev/null 2>&1 || skip "needs node-3 (node_join)"
 	local cidr
 	cidr=$(kube_node_pod_cidr 3)
+	# the node is decommissioned: its kubelet stops, its Node is deleted (its agent's container
+	# and its tailscaled are still there, as on a machine not yet switched off)
 	kubectl -n "$NS" delete pod n3 --wait=false >/dev/null 2>&1 || true
+	kube_kubelet_stop 3
 	kubectl delete node node-3 >/dev/null
 	hc_wait_for 60 "node-1 loses the route to $cidr" bash -c "! ip -n '$(node_ns 1)' route show table 52 | grep -q '^$cidr'" ||
 		hc_die "node-3's $cidr still routed on node 1 60 s after its Node was deleted (approved: $(hs_approved_of node-3))"

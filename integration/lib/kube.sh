@@ -592,7 +592,8 @@ kube_exec() {
 # the run's state dir and traps, the HeadCNI image, underlay, Headscale, control plane,
 # $HC_NODES nodes, `deploy-with-helm.sh`, CoreDNS. Sets T_START, T_SETUP, ROOT_BEFORE (for
 # tr_finish), KUBE_KUBELETS_S (kubelets registered), KUBE_READY_S (deploy until every node
-# Ready) and KUBE_SETUP_S (the whole setup after the builds).
+# Ready), KUBE_READY_EARLY (the nodes that turned Ready while the plugin could not attach a pod
+# yet: no node file) and KUBE_SETUP_S (the whole setup after the builds).
 # shellcheck disable=SC2034 # read by the calling scripts
 kube_harness_up() {
 	local i t_deploy
@@ -615,9 +616,30 @@ kube_harness_up() {
 		! kube_node_ready "$i" || hc_die "node-$i is Ready before any CNI network exists"
 	done
 	t_deploy=$(hc_now)
-	kube_headcni_deploy --wait
-	kube_wait_nodes_ready "$HC_NODES" 90 || hc_die "the nodes did not turn Ready after HeadCNI was installed"
+	kube_headcni_deploy --wait &
+	local deploy_pid=$! left
+	# Watch each node turn Ready, and whether the plugin could already attach pods then (the
+	# node file the agent writes once it has joined: what the plugin's STATUS checks).
+	KUBE_READY_EARLY=()
+	local -A seen=()
+	local deadline=$(($(date +%s) + 90))
+	while :; do
+		left=0
+		for ((i = 1; i <= HC_NODES; i++)); do
+			[[ -n "${seen[$i]:-}" ]] && continue
+			if kube_node_ready "$i"; then
+				seen[$i]=1
+				[[ -s "$(hcni_node_file "$i")" ]] || KUBE_READY_EARLY+=("node-$i")
+			else
+				left=1
+			fi
+		done
+		((left)) || break
+		(($(date +%s) < deadline)) || hc_die "the nodes did not turn Ready after HeadCNI was installed"
+		sleep 0.2
+	done
 	KUBE_READY_S=$(hc_since "$t_deploy")
+	wait "$deploy_pid" || hc_die "deploy-with-helm.sh failed"
 	kube_headcni_rollout_wait 90 || hc_die "the HeadCNI DaemonSet did not roll out"
 	kube_coredns
 	kubectl -n kube-system rollout status deployment/coredns --timeout=90s >/dev/null ||
