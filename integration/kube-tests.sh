@@ -9,6 +9,7 @@
 #
 #   install           the conflist and binaries are where the kubelet's runtime looks; each agent
 #                     read its Node's podCIDR, advertised it and had it approved; Ready nodes
+#   ready_order       no node turns Ready before its plugin can attach pods (the agent's node file)
 #   rbac              the agent's ServiceAccount may do what it needs and no more (real authorizer)
 #   deployment        a Deployment spread over every node; pod to pod across nodes, the receiver
 #                     sees the sender's own address
@@ -28,14 +29,15 @@
 #                     gone from the nodes
 #
 # usage: integration/kube-tests.sh [--prefix P] [--keep] [--list] [TEST...]
-# env: HC_KEEP_STATE=1 (keep logs), HEADCNI_MUSL_BIN (use this static binary, no build)
+# env: HC_KEEP_STATE=1 (keep logs), HEADCNI_MUSL_BIN (use this static binary, no build),
+#      TR_STRICT=1 (the known failures listed below fail the run too)
 # Exits non-zero when any test fails; tears down on exit, error and Ctrl-C, then checks that
 # nothing of the run is left on the machine (namespaces, mounts, processes, cgroups, files).
 # shellcheck disable=SC2317 # test functions and helpers are called by name (tr_run, hc_wait_for)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install rbac deployment service dns hostport first_packet upgrade apiserver_restart
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet upgrade apiserver_restart
 	kubelet_restart token_rotation node_join node_delete uninstall)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
@@ -56,6 +58,14 @@ source "$here/lib/testing.sh"
 hc_require_root
 
 NS=hctest
+
+# Tests that fail today because of a HeadCNI defect (see the test's comment); they run in full,
+# show as XFAIL, and fail the run as XPASS once the defect is fixed. TR_STRICT=1: plain FAIL.
+TR_KNOWN_FAILING=(
+	[ready_order]="the DaemonSet's init container writes the conflist before the agent has joined"
+	[node_delete]="no agent withdraws the route of a Node that was deleted"
+	[uninstall]="helm uninstall leaves headcni, headcni-ipam and the conflist on every node"
+)
 
 # --- helpers ------------------------------------------------------------------------
 
@@ -197,10 +207,15 @@ t_install() {
 		done
 	done
 	note "nodes Ready ${READY_S}s after deploy-with-helm.sh started; setup ${SETUP_S}s"
-	# A node must not turn Ready (containerd 1.6: as soon as a conflist is in its conf dir)
-	# before the plugin can attach pods (the agent's node file, which its STATUS checks).
+}
+
+# A node must not turn Ready (containerd 1.6: as soon as a conflist is in its conf dir) before
+# the plugin can attach pods (the agent's node file, which the plugin's STATUS checks). Watched
+# during the setup's deploy (kube_harness_up).
+t_ready_order() {
 	((${#KUBE_READY_EARLY[@]} == 0)) ||
-		hc_die "Ready before the plugin's STATUS was good (conflist written before the agent had joined): ${KUBE_READY_EARLY[*]}"
+		hc_die "Ready before the plugin's STATUS was good (the conflist is written before the agent has joined): ${KUBE_READY_EARLY[*]}"
+	note "every node turned Ready only once its agent had written the node file"
 }
 
 t_rbac() {
