@@ -27,6 +27,8 @@
 #   node_delete       a deleted Node's route is withdrawn
 #   uninstall         `helm uninstall`: the pre-delete hook, every route withdrawn, HeadCNI's files
 #                     gone from the nodes
+#   helm_install      HeadCNI again with plain `helm upgrade --install` of chart/, the keys from
+#                     an existing Secret; routes approved again, pods connected
 #
 # usage: integration/kube-tests.sh [--prefix P] [--keep] [--list] [TEST...]
 # env: HC_KEEP_STATE=1 (keep logs), HEADCNI_MUSL_BIN (use this static binary, no build),
@@ -38,7 +40,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet upgrade apiserver_restart
-	kubelet_restart token_rotation node_join node_delete uninstall)
+	kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
 declare -a WANT=()
@@ -124,6 +126,7 @@ hs_approved_of() {
 	hs_rest_nodes | jq -r --arg h "$1" \
 		'[.nodes[] | select(.givenName==$h or .name==$h) | (.approvedRoutes // [])[]] | sort | join(",")'
 }
+_approved_has() { [[ ",$(hs_approved_of "$1")," == *",$2,"* ]]; } # HOSTNAME CIDR
 hs_available_of() {
 	hs_rest_nodes | jq -r --arg h "$1" \
 		'[.nodes[] | select(.givenName==$h or .name==$h) | (.availableRoutes // [])[]] | sort | join(",")'
@@ -540,6 +543,28 @@ t_uninstall() {
 		done
 	done
 	((${#left[@]} == 0)) || hc_die "HeadCNI's files are still on the nodes after helm uninstall: ${left[*]}"
+}
+
+# After the uninstall: HeadCNI again with plain `helm upgrade --install` of chart/ (no script),
+# its keys from the Secret deploy-with-helm.sh made (helm uninstall leaves it: not the chart's).
+t_helm_install() {
+	local secret="$KUBE_HC_RELEASE-headscale-keys" i cidr
+	kubectl -n "$KUBE_HC_NS" get secret "$secret" >/dev/null || skip "needs the Secret of deploy-with-helm.sh"
+	! helm status "$KUBE_HC_RELEASE" -n "$KUBE_HC_NS" >/dev/null 2>&1 || skip "the release is installed (run after uninstall)"
+	helm upgrade --install "$KUBE_HC_RELEASE" "$HC_REPO_DIR/chart" -n "$KUBE_HC_NS" \
+		-f "$KUBE_DIR/headcni-values.yaml" \
+		--set config.headscale.url="$HC_HS_URL" \
+		--set config.headscale.existingSecret="$secret" \
+		--set config.headscale.existingSecretKeys.apiKey=apiKey \
+		--wait --timeout 3m >>"$HC_STATE_DIR/logs/helm.log" 2>&1 || hc_die "helm upgrade --install failed"
+	kube_headcni_rollout_wait 120 || hc_die "the DaemonSet did not roll out"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		cidr=$(kube_node_pod_cidr "$i")
+		hc_wait_for 30 "node-$i: $cidr approved again" _approved_has "node-$i" "$cidr" ||
+			hc_die "node-$i: $cidr not approved after the reinstall"
+	done
+	hc_wait_for 30 "pods across nodes connected again" cross_node_ok || hc_die "pods across nodes not connected after the reinstall"
+	note "plain helm upgrade --install (keys from an existing Secret): routes approved again, pods connected"
 }
 
 tr_run "${WANT[@]}"
