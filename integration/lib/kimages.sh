@@ -212,6 +212,12 @@ kimg_ensure() {
 	chmod -R u+rwX "$tmp" 2>/dev/null || true
 	rm -rf "$tmp"
 	touch "$KIMG_DIR/.complete"
+	# the images of an earlier key (another version or another revision of this file) are
+	# never used again: only the current set is kept
+	local old
+	for old in "$HC_PEERS_CACHE"/kube-images-*; do
+		[[ "$old" == "$KIMG_DIR" || ! -d "$old" ]] || rm -rf -- "$old"
+	done
 	exec {_kimg_lock}>&-
 	hc_log "kube images: built in $(hc_since "$t0")s ($(du -sh "$KIMG_DIR" | cut -f1))"
 }
