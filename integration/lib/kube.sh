@@ -14,7 +14,7 @@
 #
 # Nodes reach each other's pod CIDRs only through the tailnet: the harness adds no route
 # between them. HeadCNI itself arrives as a user installs it: `helm upgrade --install` of
-# chart/ (lib/kube-headcni.sh).
+# chart/ with deploy-with-helm.sh (kube_headcni_deploy below).
 #
 # Certificates are made with openssl (EC P-256): a CA, the service-account key pair, the API
 # server's serving certificate, client certificates for the admin, the controller-manager,
