@@ -64,9 +64,7 @@ NS=hctest
 # Tests that fail today because of a HeadCNI defect (see the test's comment); they run in full,
 # show as XFAIL, and fail the run as XPASS once the defect is fixed. TR_STRICT=1: plain FAIL.
 TR_KNOWN_FAILING=(
-	[ready_order]="the DaemonSet's init container writes the conflist before the agent has joined"
 	[node_delete]="no agent withdraws the route of a Node that was deleted"
-	[uninstall]="helm uninstall leaves headcni, headcni-ipam and the conflist on every node"
 )
 
 # --- helpers ------------------------------------------------------------------------

@@ -96,6 +96,12 @@ pub struct InstallArgs {
     /// Run directory shared with the agent (node file, metrics events).
     #[arg(long, env = "HEADCNI_RUN_DIR", default_value = crate::nodefile::DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
+    /// Write the conflist into this directory instead of --conf-dir, for `headcni agent
+    /// --publish-conflist` to move into --conf-dir once the node can attach pods: a runtime
+    /// that takes a conflist's presence for network readiness (containerd 1.6, CRI-O) then
+    /// waits for the agent.
+    #[arg(long, env = "HEADCNI_INSTALL_STAGE_DIR")]
+    pub stage_dir: Option<PathBuf>,
     /// IPAM data directory (headcni-ipam: default /var/lib/headcni/ipam).
     #[arg(long, env = "HEADCNI_INSTALL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -135,6 +141,12 @@ impl InstallArgs {
         check_path("run-dir", &self.run_dir)?;
         if let Some(p) = &self.data_dir {
             check_path("data-dir", p)?;
+        }
+        if let Some(p) = &self.stage_dir {
+            check_path("stage-dir", p)?;
+            if p == &self.conf_dir {
+                return Err(InstallError::Invalid("--stage-dir must not be --conf-dir".into()));
+            }
         }
         if let Some(p) = &self.log_file {
             check_path("log-file", p)?;
@@ -255,8 +267,14 @@ impl InstallArgs {
         Ok(text)
     }
 
+    /// Where the runtime reads the conflist.
     fn conflist_path(&self) -> PathBuf {
         self.conf_dir.join(&self.conflist_name)
+    }
+
+    /// Where install writes it: the stage directory when one is given.
+    fn written_conflist_path(&self) -> PathBuf {
+        self.stage_dir.as_deref().unwrap_or(&self.conf_dir).join(&self.conflist_name)
     }
 }
 
@@ -382,32 +400,69 @@ pub fn run(args: &InstallArgs, source: &Path) -> Result<FileChanges, InstallErro
     }
     let text = args.render(&common_versions(args)?)?;
     let mut out = FileChanges::default();
-    for dir in [&args.bin_dir, &args.conf_dir] {
+    let conflist = args.written_conflist_path();
+    for dir in [&args.bin_dir, conflist.parent().unwrap_or(&args.conf_dir)] {
         fsutil::ensure_dir(dir, 0o755).map_err(io_err("creating", dir))?;
     }
     install_binary(source, &args.bin_dir, &mut out)?;
     install_symlink(&args.bin_dir, &mut out)?;
-    install_conflist(&args.conflist_path(), &text, &mut out)?;
+    install_conflist(&conflist, &text, &mut out)?;
     Ok(out)
 }
 
-fn uninstall(args: &InstallArgs) -> Result<FileChanges, InstallError> {
+/// Puts the running binary and the headcni-ipam link into `bin_dir` (what install does, for the
+/// agent that puts back what an uninstall it then saw called off had removed).
+pub fn install_binaries(bin_dir: &Path) -> Result<FileChanges, InstallError> {
+    let source = std::env::current_exe().map_err(io_err("finding the running binary", Path::new("/proc/self/exe")))?;
     let mut out = FileChanges::default();
-    let conflist = args.conflist_path();
-    if let Ok(text) = fs::read_to_string(&conflist) {
-        if is_ours(&text) {
-            fs::remove_file(&conflist).map_err(io_err("removing", &conflist))?;
-            out.changed.push(conflist);
-        } else {
-            log::warn!("{} is not HeadCNI's conflist; left in place", conflist.display());
+    install_binary(&source, bin_dir, &mut out)?;
+    install_symlink(bin_dir, &mut out)?;
+    Ok(out)
+}
+
+/// Puts the conflist `staged` (written by `install --stage-dir`) at `target`, atomically, when
+/// it is not there already; answers whether anything changed. A `target` that is another
+/// network's conflist is left alone (an error).
+pub fn publish_conflist(staged: &Path, target: &Path) -> Result<bool, InstallError> {
+    let text = fs::read_to_string(staged).map_err(io_err("reading", staged))?;
+    if !is_ours(&text) {
+        return Err(InstallError::Foreign {
+            path: staged.to_path_buf(),
+            why: "its first plugin is not headcni".into(),
+        });
+    }
+    let mut out = FileChanges::default();
+    install_conflist(target, &text, &mut out)?;
+    Ok(!out.changed.is_empty())
+}
+
+fn uninstall(args: &InstallArgs) -> Result<FileChanges, InstallError> {
+    let mut conflists = vec![args.conflist_path()];
+    conflists.extend(args.stage_dir.as_ref().map(|_| args.written_conflist_path()));
+    remove_installed(Some(&args.bin_dir), &conflists)
+}
+
+/// Removes what install puts on a node: the conflists given (only HeadCNI's own), and the
+/// headcni-ipam link and the headcni binary in `bin_dir`; answers what it removed.
+pub fn remove_installed(bin_dir: Option<&Path>, conflists: &[PathBuf]) -> Result<FileChanges, InstallError> {
+    let mut out = FileChanges::default();
+    for conflist in conflists {
+        if let Ok(text) = fs::read_to_string(conflist) {
+            if is_ours(&text) {
+                fs::remove_file(conflist).map_err(io_err("removing", conflist))?;
+                out.changed.push(conflist.clone());
+            } else {
+                log::warn!("{} is not HeadCNI's conflist; left in place", conflist.display());
+            }
         }
     }
-    let link = args.bin_dir.join(crate::ipam::PLUGIN_NAME);
+    let Some(bin_dir) = bin_dir else { return Ok(out) };
+    let link = bin_dir.join(crate::ipam::PLUGIN_NAME);
     if fs::read_link(&link).map(|t| t == Path::new(PLUGIN_NAME)).unwrap_or(false) {
         fs::remove_file(&link).map_err(io_err("removing", &link))?;
         out.changed.push(link);
     }
-    let bin = args.bin_dir.join(PLUGIN_NAME);
+    let bin = bin_dir.join(PLUGIN_NAME);
     if bin.is_file() {
         fs::remove_file(&bin).map_err(io_err("removing", &bin))?;
         out.changed.push(bin);

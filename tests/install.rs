@@ -144,3 +144,35 @@ fn a_chained_plugin_that_cannot_start_here_means_spec_1_0_0() {
     assert_eq!(v["cniVersion"], "1.0.0");
     assert_eq!(v["cniVersions"], serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"]));
 }
+
+#[test]
+fn a_staged_conflist_waits_for_the_agent_and_uninstall_removes_both() {
+    if !Path::new("/usr/lib/cni/portmap").exists() {
+        eprintln!("skipped: needs the standard plugins in /usr/lib/cni (containernetworking-plugins)");
+        return;
+    }
+    let d = Dirs::new();
+    let stage = d.root.path().join("run/staged");
+    ok(d.install(&["--stage-dir", stage.to_str().unwrap()]));
+    let published = d.conf().join("10-headcni.conflist");
+    let staged = stage.join("10-headcni.conflist");
+    assert!(staged.is_file(), "the conflist is staged");
+    assert!(!published.exists(), "nothing in the runtime's conf dir until the agent publishes it");
+    assert!(d.bin().join("headcni").is_file(), "the binaries are installed at once");
+
+    assert!(headcni::install::publish_conflist(&staged, &published).unwrap());
+    assert_eq!(fs::read(&published).unwrap(), fs::read(&staged).unwrap());
+    assert!(!headcni::install::publish_conflist(&staged, &published).unwrap(), "published once");
+    // Another network's conflist under the same name is never overwritten.
+    fs::write(&published, b"{\"name\":\"other\",\"plugins\":[{\"type\":\"flannel\"}]}").unwrap();
+    assert!(headcni::install::publish_conflist(&staged, &published).is_err());
+    fs::remove_file(&published).unwrap();
+    headcni::install::publish_conflist(&staged, &published).unwrap();
+
+    ok(d.install(&["--stage-dir", stage.to_str().unwrap(), "--uninstall"]));
+    assert!(!published.exists() && !staged.exists() && !d.bin().join("headcni").exists());
+    assert!(d.conf().join("05-other.conflist").exists() && d.bin().join("flannel").exists());
+
+    let bad = d.install(&["--stage-dir", d.conf().to_str().unwrap()]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--stage-dir"));
+}

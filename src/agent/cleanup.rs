@@ -3,15 +3,16 @@
 //! its nftables tables. Used by `headcni agent --cleanup` ([`CleanupScope::Full`]) and by the agent
 //! itself when the uninstall signal arrives ([`CleanupScope::Uninstall`]).
 //!
-//! The uninstall keeps the node file (`<run_dir>/subnet.env`): the CNI plugin stays installed
-//! until the nodes are drained, and with the node file its STATUS keeps answering "available"
-//! (the kubelet keeps the node's network Ready, so running pods are not evicted), ADD and DEL
-//! keep working for pods on the node, and the pods keep their addresses and their connectivity
-//! within the node. What ends is what the uninstall is for: traffic to other nodes' pods (the
-//! routes are withdrawn) and masqueraded traffic leaving the cluster (the nftables tables are
-//! removed). `--cleanup` removes the node file too: it is for a node that leaves HeadCNI.
+//! Where the agent manages HeadCNI's files in the runtime's CNI directories (the chart's
+//! `--publish-conflist`, `--cni-bin-dir`), both scopes remove them: the conflist first, so the
+//! runtime stops creating pods on this network and reports the node's network not ready, then
+//! `headcni` and `headcni-ipam`. Pods already running keep their addresses and their
+//! connectivity within the node; what ends is traffic to other nodes' pods (the routes are
+//! withdrawn) and masqueraded traffic leaving the cluster (the nftables tables are removed).
+//! The uninstall keeps the node file (`<run_dir>/subnet.env`); `--cleanup` removes it too: it is
+//! for a node that leaves HeadCNI.
 
-use super::config::AgentConfig;
+use super::config::{AgentConfig, CniFiles};
 use super::hostnet::{self, HostNetwork};
 use super::reconcile;
 use super::report;
@@ -116,6 +117,20 @@ pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: HostNetwork>(
         Ok(n) if n > 0 => log::info!("removed {n} nft tables"),
         Ok(_) => {}
         Err(e) => errors.push(format!("removing nft tables: {e}")),
+    }
+    // HeadCNI's files in the runtime's CNI directories: the conflist first (the runtime stops
+    // creating pods on this network), then the binaries. The uninstall keeps the staged
+    // conflist (in the run dir): an uninstall called off puts everything back from it.
+    if cfg.cni_files != CniFiles::default() {
+        let conflists = cfg.cni_files.conflists(scope == CleanupScope::Full);
+        match crate::install::remove_installed(cfg.cni_files.bin_dir.as_deref(), &conflists) {
+            Ok(out) => {
+                for p in out.changed {
+                    log::info!("removed {}", p.display());
+                }
+            }
+            Err(e) => errors.push(format!("removing HeadCNI's CNI files: {e}")),
+        }
     }
     let files = match scope {
         CleanupScope::Full => vec![crate::nodefile::path_in(&cfg.run_dir), report::path_in(&cfg.run_dir)],

@@ -89,10 +89,45 @@ pub struct AgentArgs {
     /// reconciling and answers not ready, until it is "false" again.
     #[arg(long, env = "HEADCNI_TEARDOWN_CONFIGMAP", value_name = "NAMESPACE/NAME")]
     pub teardown_configmap: Option<String>,
+    /// The conflist `headcni install --stage-dir` prepared: the agent puts it into
+    /// --cni-conf-dir once the node file is written (the node's network turns ready only when
+    /// the plugin can attach pods), and removes it on the uninstall signal.
+    #[arg(long, env = "HEADCNI_PUBLISH_CONFLIST")]
+    pub publish_conflist: Option<PathBuf>,
+    /// The runtime's CNI configuration directory (the host's, mounted at the same path).
+    #[arg(long, env = "HEADCNI_CNI_CONF_DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// The runtime's CNI binary directory: the uninstall signal and --cleanup remove headcni
+    /// and headcni-ipam from it.
+    #[arg(long, env = "HEADCNI_CNI_BIN_DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
     /// Withdraw the routes HeadCNI advertised and approved, remove its rules, nft tables and
     /// node file, and exit.
     #[arg(long)]
     pub cleanup: bool,
+}
+
+/// HeadCNI's files in the runtime's CNI directories, as the agent manages them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CniFiles {
+    /// (staged conflist, where it is published).
+    pub conflist: Option<(PathBuf, PathBuf)>,
+    /// The directory holding headcni and headcni-ipam.
+    pub bin_dir: Option<PathBuf>,
+}
+
+impl CniFiles {
+    /// The published conflist, and with `staged_too` the staged one.
+    pub fn conflists(&self, staged_too: bool) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Some((staged, published)) = &self.conflist {
+            out.push(published.clone());
+            if staged_too {
+                out.push(staged.clone());
+            }
+        }
+        out
+    }
 }
 
 /// Where the pod CIDRs come from.
@@ -127,6 +162,7 @@ pub struct AgentConfig {
     pub teardown_configmap: Option<ObjectRef>,
     /// --kubeconfig; `None`: the in-cluster service account.
     pub kubeconfig: Option<PathBuf>,
+    pub cni_files: CniFiles,
     pub cleanup: bool,
 }
 
@@ -302,6 +338,26 @@ impl AgentConfig {
                 ObjectRef::parse(Kind::ConfigMap, "--teardown-configmap", v).map_err(|e| ConfigError(e.to_string()))?,
             ),
         };
+        let absolute = |flag: &str, p: &Option<PathBuf>| -> Result<Option<PathBuf>, ConfigError> {
+            match p.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+                None => Ok(None),
+                Some(p) if p.is_absolute() && p.file_name().is_some() => Ok(Some(p.clone())),
+                Some(p) => Err(ConfigError(format!("{flag} {} must be an absolute path", p.display()))),
+            }
+        };
+        let conf_dir = absolute("--cni-conf-dir", &args.cni_conf_dir)?;
+        let conflist = match (absolute("--publish-conflist", &args.publish_conflist)?, conf_dir) {
+            (Some(staged), Some(dir)) => {
+                let published = dir.join(staged.file_name().unwrap_or_default());
+                if published == staged {
+                    return Err(ConfigError("--publish-conflist must not be inside --cni-conf-dir".into()));
+                }
+                Some((staged, published))
+            }
+            (Some(_), None) => return Err(ConfigError("--publish-conflist needs --cni-conf-dir".into())),
+            (None, _) => None,
+        };
+        let cni_files = CniFiles { conflist, bin_dir: absolute("--cni-bin-dir", &args.cni_bin_dir)? };
         Ok(Self {
             node_name,
             cidr_source,
@@ -324,6 +380,7 @@ impl AgentConfig {
             sysctl_root,
             teardown_configmap,
             kubeconfig: args.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
+            cni_files,
             cleanup: args.cleanup,
         })
     }

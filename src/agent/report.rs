@@ -157,6 +157,8 @@ pub enum ProblemId {
     Masquerade,
     Mtu,
     NodeFile,
+    /// The conflist put where the runtime reads it (--publish-conflist).
+    Conflist,
     State,
     /// The cleanup under the uninstall signal.
     Teardown,
@@ -177,6 +179,7 @@ impl ProblemId {
             ProblemId::Masquerade => "dataplane/masquerade",
             ProblemId::Mtu => "dataplane/mtu",
             ProblemId::NodeFile => "node_file",
+            ProblemId::Conflist => "node_file/conflist",
             ProblemId::State => "state",
             ProblemId::Teardown => "teardown",
             ProblemId::UninstallSignal => "uninstall_signal",
@@ -191,7 +194,7 @@ impl ProblemId {
             ProblemId::Prefs | ProblemId::PrefsControlUrl => Step::Prefs,
             ProblemId::Approval => Step::Approval,
             ProblemId::Forwarding | ProblemId::Rules | ProblemId::Masquerade | ProblemId::Mtu => Step::Dataplane,
-            ProblemId::NodeFile => Step::NodeFile,
+            ProblemId::NodeFile | ProblemId::Conflist => Step::NodeFile,
             ProblemId::State => Step::State,
             ProblemId::Teardown | ProblemId::UninstallSignal => return None,
         })

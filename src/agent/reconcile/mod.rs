@@ -241,6 +241,9 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             (Some(pods), Some(mtu)) => self.step_node_file(pods, mtu),
             _ => nodefile::path_in(&self.cfg.run_dir).exists(),
         };
+        // The runtime sees the network as ready once the conflist is there: only after the node
+        // file, which is what lets the plugin attach pods.
+        let written = written && self.step_conflist();
 
         // Report.
         if let Some(st) = &status {
@@ -414,6 +417,27 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             }
         };
         (mtu, link)
+    }
+
+    /// Publishes the staged conflist (--publish-conflist); true when none is managed or it is
+    /// in place.
+    fn step_conflist(&mut self) -> bool {
+        let Some((staged, published)) = self.cfg.cni_files.conflist.clone() else { return true };
+        match crate::install::publish_conflist(&staged, &published) {
+            Ok(true) => {
+                log::info!("published the conflist {} (the node's pod network is ready)", published.display());
+                true
+            }
+            Ok(false) => true,
+            Err(e) => {
+                self.fail(
+                    ProblemId::Conflist,
+                    e.to_string(),
+                    Some("the install init container stages the conflist; the agent needs the CNI conf dir mounted"),
+                );
+                false
+            }
+        }
     }
 
     fn step_node_file(&mut self, pods: &[IpNetwork], mtu: u32) -> bool {

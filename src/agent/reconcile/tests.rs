@@ -339,6 +339,7 @@ fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
         sysctl_root: Default::default(),
         teardown_configmap: None,
         kubeconfig: None,
+        cni_files: Default::default(),
         cleanup: false,
     };
     tweak(&mut cfg);
@@ -978,4 +979,78 @@ async fn an_unreadable_signal_is_a_warning_and_the_agent_runs_normally() {
     assert_eq!(ts.routes(), vec!["10.244.1.0/24"]);
     r.pass(&signal(Signal::Normal)).await;
     assert!(r.report().problems.is_empty(), "resolved once readable");
+}
+
+/// The chart's layout: install staged the conflist in the run dir and put the binaries in the
+/// bin dir; the agent publishes the conflist into the conf dir.
+fn with_cni_files(c: &mut AgentConfig) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let root = c.run_dir.parent().unwrap().to_path_buf();
+    let (stage, conf, bin) = (root.join("run/staged"), root.join("net.d"), root.join("bin"));
+    for d in [&stage, &conf, &bin] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(
+        stage.join("10-headcni.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"headcni","plugins":[{"type":"headcni"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(bin.join("headcni"), b"binary").unwrap();
+    std::os::unix::fs::symlink("headcni", bin.join("headcni-ipam")).unwrap();
+    c.cni_files = crate::agent::config::CniFiles {
+        conflist: Some((stage.join("10-headcni.conflist"), conf.join("10-headcni.conflist"))),
+        bin_dir: Some(bin.clone()),
+    };
+    (stage.join("10-headcni.conflist"), conf.join("10-headcni.conflist"), bin)
+}
+
+#[tokio::test]
+async fn the_conflist_appears_only_once_pods_can_be_attached() {
+    let mut paths = None;
+    let w = world(|c| paths = Some(with_cni_files(c)));
+    let (staged, published, _) = paths.unwrap();
+    let (cidrs, ts, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&[]), FakeDp::with_link(1280));
+    cidrs.set(Ok(None));
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    assert!(!nodefile::path_in(&w.cfg.run_dir).exists());
+    assert!(!published.exists(), "no pod CIDR yet: the runtime must not see the network as ready");
+    assert!(!r.report().ready);
+
+    cidrs.set(Ok(Some(vec![net("10.244.1.0/24")])));
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    assert_eq!(r.reconcile().await, PassOutcome::Converged, "{:?}", r.report().problems);
+    assert!(nodefile::path_in(&w.cfg.run_dir).exists());
+    assert_eq!(std::fs::read(&published).unwrap(), std::fs::read(&staged).unwrap());
+    assert!(r.report().ready);
+
+    // Another network's conflist where HeadCNI's belongs: a problem, not ready, left alone.
+    std::fs::write(&published, r#"{"name":"other","plugins":[{"type":"flannel"}]}"#).unwrap();
+    r.reconcile().await;
+    assert!(!r.report().ready);
+    assert!(r.report().problems.iter().any(|p| p.id == "node_file/conflist"), "{:?}", r.report().problems);
+    assert!(std::fs::read_to_string(&published).unwrap().contains("flannel"));
+}
+
+#[tokio::test]
+async fn the_uninstall_removes_the_cni_files_and_a_rollback_puts_them_back() {
+    let mut paths = None;
+    let w = world(|c| paths = Some(with_cni_files(c)));
+    let (staged, published, bin) = paths.unwrap();
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&[]);
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    assert_eq!(r.pass(&signal(Signal::Normal)).await, PassOutcome::Converged, "{:?}", r.report().problems);
+    assert!(published.exists());
+
+    assert_eq!(r.pass(&signal(Signal::Teardown)).await, PassOutcome::Converged);
+    assert_eq!(r.mode(), Mode::TornDown);
+    assert!(!published.exists(), "the runtime no longer sees HeadCNI's network");
+    assert!(!bin.join("headcni").exists() && std::fs::symlink_metadata(bin.join("headcni-ipam")).is_err());
+    assert!(staged.exists(), "kept in the run dir for a rollback");
+
+    assert_eq!(r.pass(&signal(Signal::Normal)).await, PassOutcome::Converged, "{:?}", r.report().problems);
+    assert!(published.exists(), "republished");
+    assert_eq!(std::fs::read(bin.join("headcni")).unwrap(), std::fs::read(std::env::current_exe().unwrap()).unwrap());
+    assert_eq!(std::fs::read_link(bin.join("headcni-ipam")).unwrap(), std::path::Path::new("headcni"));
 }

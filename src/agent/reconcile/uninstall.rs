@@ -44,8 +44,15 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         self.reconcile().await
     }
 
-    /// Leaves teardown: everything cached about what was advertised or approved is stale.
+    /// Leaves teardown: everything cached about what was advertised or approved is stale, and
+    /// the binaries the uninstall removed go back (the pass republishes the conflist).
     pub(super) fn resume(&mut self) {
+        if let Some(dir) = self.cfg.cni_files.bin_dir.clone() {
+            match crate::install::install_binaries(&dir) {
+                Ok(out) => out.changed.iter().for_each(|p| log::info!("put back {}", p.display())),
+                Err(e) => log::error!("putting HeadCNI's binaries back into {}: {e}", dir.display()),
+            }
+        }
         self.mode = Mode::Normal;
         self.state = None;
         self.approval_confirmed = None;
@@ -73,7 +80,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         if self.mode == Mode::Normal {
             log::info!(
                 "uninstall signal: withdrawing this node's routes and approvals, removing its rules and nft tables; \
-                 no more reconciling (the node file stays: running pods keep working on this node)"
+                 no more reconciling; HeadCNI's conflist and binaries leave the CNI directories (running pods keep their addresses and their traffic within this node)"
             );
             self.mode = Mode::TearingDown;
         }
