@@ -280,6 +280,9 @@ metrics:
         regex: go_.*
         action: drop
 EOF
+# The shipped k3s values, as a user passes them (with keys for a complete install).
+{ cat "$ROOT/chart/values-k3s.yaml"; printf 'config:\n  headscale:\n    url: https://headscale.example\n    authKey: %s\n' "$AUTH_KEY"; } >"$VS/k3s.yaml"
+
 cat >"$VS/custom-resources.yaml" <<EOF
 fullnameOverride: cni
 image:
@@ -371,6 +374,11 @@ t_render_facts() {
 	expect_in keys "pre-delete hook" "helm.sh/hook: pre-delete"
 	expect_in keys "agent watches the teardown signal" "--teardown-configmap=kube-system/headcni-teardown"
 	expect_in keys "install init container" "- install"
+	expect_in keys "install stages the conflist for the agent" "--stage-dir=/run/headcni/staged"
+	expect_in keys "the agent publishes it into the conf dir" "--publish-conflist=/run/headcni/staged/10-headcni.conflist"
+	expect_in k3s "k3s: the agent publishes into k3s's conf dir" "--cni-conf-dir=/var/lib/rancher/k3s/agent/etc/cni/net.d"
+	expect_in k3s "k3s: binaries into k3s's CNI bin dir" "--bin-dir=/var/lib/rancher/k3s/data/cni"
+	expect_in k3s "k3s: the host's k3s conf dir is mounted" "path: /var/lib/rancher/k3s/agent/etc/cni/net.d"
 	expect_in keys "system-node-critical" 'priorityClassName: "system-node-critical"'
 	expect_in keys "maxUnavailable" "maxUnavailable: 1"
 	expect_in sidecar "sidecar tailscaled container" "name: tailscaled"
