@@ -3,6 +3,7 @@
 //! One multi-call binary carries every role; [`Role::detect`] picks it before any argument
 //! parsing, and `main.rs` does nothing else.
 //!
+//! - [`cidr`]: the one sanity check of pod, cluster, service and IPAM ranges
 //! - [`cni`]: the CNI protocol (no Linux networking, nothing of HeadCNI's own config)
 //! - [`plugin`]: the `headcni` CNI plugin (routed veth pairs)
 //! - [`ipam`]: the `headcni-ipam` IPAM plugin, its pure allocator and its store
@@ -24,6 +25,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
+pub mod cidr;
 pub mod cli;
 pub mod clients;
 pub mod cni;

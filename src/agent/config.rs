@@ -1,9 +1,10 @@
 //! `headcni agent` flags (each also read from its environment variable) and their validation
 //! into an [`AgentConfig`].
 
-use super::hostnet::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE, overlaps};
+use super::hostnet::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE};
 use super::node::{validate_node_name, validate_pod_cidrs};
 use super::state::DEFAULT_STATE_DIR;
+use crate::cidr::overlaps;
 use crate::clients::kube::{Kind, ObjectRef};
 use crate::clients::localapi::DEFAULT_SOCKET;
 use crate::clients::secret::{Secret, SecretSource};
@@ -140,21 +141,16 @@ fn cidrs(flag: &str, list: &[String]) -> Result<Vec<IpNetwork>, ConfigError> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             let net: IpNetwork = s.parse().map_err(|_| ConfigError(format!("{flag} {s:?} is not a CIDR")))?;
-            if net.network() != net.ip() {
-                return Err(ConfigError(format!(
-                    "{flag} {s} has host bits set (did you mean {}/{}?)",
-                    net.network(),
-                    net.prefix()
-                )));
-            }
+            crate::cidr::check(&net).map_err(|e| ConfigError(format!("{flag}: {e}")))?;
             Ok(net)
         })
         .collect()
 }
 
-/// Problems that make pod CIDRs unusable: overlap with the tailnet or the service network.
-/// (Also applied to CIDRs that come from the Node at run time.)
-pub fn check_pod_cidrs(pods: &[IpNetwork], service: &[IpNetwork]) -> Result<(), String> {
+/// Problems that make pod CIDRs unusable: overlap with the tailnet or the service network, or a
+/// place outside the cluster CIDR when one is given. (Also applied to CIDRs that come from the
+/// Node at run time.)
+pub fn check_pod_cidrs(pods: &[IpNetwork], cluster: &[IpNetwork], service: &[IpNetwork]) -> Result<(), String> {
     for pod in pods {
         for tailnet in hostnet::tailnet_ranges() {
             if overlaps(pod, &tailnet) {
@@ -172,15 +168,11 @@ pub fn check_pod_cidrs(pods: &[IpNetwork], service: &[IpNetwork]) -> Result<(), 
             }
         }
     }
-    Ok(())
-}
-
-/// Pod CIDRs outside every cluster CIDR (a warning: such traffic would be masqueraded).
-pub fn outside_cluster(pods: &[IpNetwork], cluster: &[IpNetwork]) -> Vec<IpNetwork> {
-    if cluster.is_empty() {
-        return Vec::new();
-    }
-    pods.iter().filter(|p| !cluster.iter().any(|c| hostnet::covers(c, p))).copied().collect()
+    crate::cidr::check_inside_cluster(pods, cluster).map_err(|e| {
+        format!(
+            "{e}: traffic between its pods and the cluster would be masqueraded; fix --cluster-cidr or the pod CIDR"
+        )
+    })
 }
 
 fn validate_tag(tag: &str) -> Result<(), ConfigError> {
@@ -221,7 +213,7 @@ impl AgentConfig {
         let service_cidrs = cidrs("--service-cidr", &args.service_cidrs)?;
         let cidr_source = if !statics.is_empty() {
             let pods = validate_pod_cidrs(&statics).map_err(|e| ConfigError(format!("--pod-cidr: {e}")))?;
-            check_pod_cidrs(&pods, &service_cidrs).map_err(ConfigError)?;
+            check_pod_cidrs(&pods, &cluster_cidrs, &service_cidrs).map_err(ConfigError)?;
             CidrSource::Static(pods)
         } else if args.cleanup {
             CidrSource::Static(Vec::new())
@@ -449,10 +441,17 @@ mod tests {
     }
 
     #[test]
-    fn cluster_membership() {
-        let pods: Vec<IpNetwork> = vec!["10.244.1.0/24".parse().unwrap(), "10.9.0.0/24".parse().unwrap()];
-        let cluster: Vec<IpNetwork> = vec!["10.244.0.0/16".parse().unwrap()];
-        assert_eq!(outside_cluster(&pods, &cluster), vec!["10.9.0.0/24".parse::<IpNetwork>().unwrap()]);
-        assert!(outside_cluster(&pods, &[]).is_empty());
+    fn cidrs_are_sane_and_pod_cidrs_inside_the_cluster() {
+        for (args, needle) in [
+            (vec!["--pod-cidr", "128.0.0.0/1"], "too much"),
+            (vec!["--pod-cidr", "::ffff:10.0.0.0/120"], "IPv4-mapped"),
+            (vec!["--pod-cidr", "10.9.0.0/24", "--cluster-cidr", "10.244.0.0/16"], "not inside the cluster CIDR"),
+            (vec!["--pod-cidr", "10.244.1.0/24", "--cluster-cidr", "0.0.0.0/0"], "--cluster-cidr: 0.0.0.0/0"),
+            (vec!["--pod-cidr", "10.244.1.0/24", "--service-cidr", "224.0.0.0/8"], "multicast"),
+        ] {
+            let err = cfg(&args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert!(cfg(&["--pod-cidr", "10.244.1.0/24", "--cluster-cidr", "10.244.0.0/16"]).is_ok());
     }
 }

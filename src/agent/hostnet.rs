@@ -7,6 +7,7 @@
 //! Ownership: rules carry HeadCNI's protocol number ([`RULE_PROTOCOL`]) and the nf_tables tables
 //! are named [`TABLE`]; nothing else on the node is ever changed or removed.
 
+use crate::cidr::covers;
 use crate::netlink::nft::{MasqueradeSpec, Nft, NftError, NftFamily};
 use crate::netlink::sysctl::SysctlRoot;
 use crate::netlink::{Netlink, NetlinkError, Netns, RuleSpec, TABLE_MAIN};
@@ -85,16 +86,6 @@ pub fn masquerade_specs(pod_cidrs: &[IpNetwork], exempt: &[IpNetwork]) -> Vec<Ma
         });
     }
     out
-}
-
-/// Whether `outer` contains all of `inner`.
-pub fn covers(outer: &IpNetwork, inner: &IpNetwork) -> bool {
-    outer.is_ipv4() == inner.is_ipv4() && outer.prefix() <= inner.prefix() && outer.contains(inner.network())
-}
-
-/// Whether two networks share any address.
-pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
-    covers(a, b) || covers(b, a)
 }
 
 /// What the agent changed in one pass (for logs).
@@ -368,7 +359,7 @@ mod tests {
         let b: IpNetwork = "10.1.0.0/16".parse().unwrap();
         let c: IpNetwork = "fd00::/8".parse().unwrap();
         assert!(covers(&a, &b) && !covers(&b, &a));
-        assert!(overlaps(&b, &a) && !overlaps(&a, &c));
+        assert!(crate::cidr::overlaps(&b, &a) && !crate::cidr::overlaps(&a, &c));
         assert_eq!(tailnet_ranges()[0].to_string(), TAILNET_V4);
         assert_eq!(tailnet_ranges()[1].to_string(), TAILNET_V6);
     }

