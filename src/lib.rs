@@ -11,6 +11,7 @@
 //!   network namespace
 //! - [`nodefile`], [`events`]: what the agent and the plugins share on a node (the only way
 //!   they meet)
+//! - [`podguard`]: the anti-spoofing guard both the plugin and the agent keep on a node
 //! - [`agent`]: the node daemon (`headcni agent`)
 //! - [`clients`]: HTTP, Kubernetes, Headscale and tailscaled's LocalAPI, shared by the roles
 //! - [`cli`]: the command line and its commands (`status`, `teardown`)
@@ -38,6 +39,7 @@ pub mod logging;
 pub mod netlink;
 pub mod nodefile;
 pub mod plugin;
+pub mod podguard;
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -1,11 +1,12 @@
 //! Root-only: the agent's data plane against the kernel, in a namespace this test creates:
-//! forwarding, HeadCNI's tagged policy rules (and nobody else's), both masquerade tables, and
-//! the tailnet interface's MTU.
+//! forwarding, HeadCNI's tagged policy rules (and nobody else's) and what they make of routing
+//! next to Tailscale's rules and table 52, the `unreachable` route of the pod CIDR, the
+//! anti-spoofing guard, both masquerade tables, and the tailnet interface's MTU.
 
 mod common;
 
 use common::Netns;
-use headcni::agent::hostnet::{HostNetwork, KernelHostNetwork, RULE_PROTOCOL, masquerade_specs};
+use headcni::agent::hostnet::{HostNetwork, KernelHostNetwork, OWN_PROTOCOL, masquerade_specs, policy_rules};
 use headcni::netlink::nft::NftFamily;
 use headcni::netlink::sysctl::SysctlRoot;
 use ipnetwork::IpNetwork;
@@ -53,21 +54,68 @@ async fn rules_tables_forwarding_and_mtu() {
     assert!(err.contains("/net/ipv4/ip_forward"), "{err}");
 
     let pods = nets(&["10.244.1.0/24", "fd00:10:244:1::/64"]);
-    assert_eq!(dp.ensure_rules(&pods, 5200).await.unwrap().items.len(), 2);
-    assert!(dp.ensure_rules(&pods, 5200).await.unwrap().items.is_empty(), "idempotent");
+    let cluster = nets(&["10.244.0.0/16", "fd00:10:244::/56"]);
+    let rules = policy_rules(&pods, &cluster, 5200);
+    assert_eq!(dp.ensure_rules(&rules).await.unwrap().items.len(), 8, "2 own, 4 to table 52, 2 suppress");
+    assert!(dp.ensure_rules(&rules).await.unwrap().items.is_empty(), "idempotent");
+    let mut have = dp.own_rules().await.unwrap();
+    let mut want = rules.clone();
+    for l in [&mut have, &mut want] {
+        l.sort_by_key(|r| (r.priority, r.ipv6, r.dst.map(|d| d.to_string())));
+    }
+    assert_eq!(have, want, "the kernel reports the rules exactly as they were made");
     let v4 = ns.exec_ok(&["ip", "rule"]);
-    assert!(v4.contains(&format!("5200:\tfrom all to 10.244.1.0/24 lookup main proto {RULE_PROTOCOL}")), "{v4}");
+    for line in [
+        format!("5200:\tfrom all to 10.244.1.0/24 lookup main proto {OWN_PROTOCOL}"),
+        "5201:\tnot from all to 10.244.0.0/16 fwmark 0x80000/0xff0000 lookup 52 proto 104".into(),
+        "5201:\tnot from all to 100.64.0.0/10 fwmark 0x80000/0xff0000 lookup 52 proto 104".into(),
+        "5202:\tfrom all lookup main suppress_prefixlength 0 proto 104".into(),
+    ] {
+        assert!(v4.contains(&line), "{line:?} missing:\n{v4}");
+    }
     let v6 = ns.exec_ok(&["ip", "-6", "rule"]);
     assert!(v6.contains("from all to fd00:10:244:1::/64 lookup main proto 104"), "{v6}");
+    assert!(v6.contains("to fd7a:115c:a1e0::/48 fwmark 0x80000/0xff0000 lookup 52 proto 104"), "{v6}");
 
     // The pod CIDR and the priority change: the old rules go, the foreign one stays.
     let moved = nets(&["10.244.7.0/24"]);
-    dp.ensure_rules(&moved, 5190).await.unwrap();
+    dp.ensure_rules(&policy_rules(&moved, &[], 5190)).await.unwrap();
     let v4 = ns.exec_ok(&["ip", "rule"]);
     assert!(v4.contains("5190:\tfrom all to 10.244.7.0/24 lookup main proto 104"), "{v4}");
-    assert!(!v4.contains("10.244.1.0/24"), "{v4}");
+    assert!(v4.contains("5192:\tfrom all lookup main suppress_prefixlength 0 proto 104"), "{v4}");
+    assert!(!v4.contains("10.244.1.0/24") && !v4.contains("5201:") && !v4.contains("5202:"), "{v4}");
     assert!(v4.contains("to 10.9.0.0/16 lookup main"), "{v4}");
-    assert!(!ns.exec_ok(&["ip", "-6", "rule"]).contains("proto 104"));
+    assert!(!ns.exec_ok(&["ip", "-6", "rule"]).contains("fd00:10:244"));
+    dp.ensure_rules(&rules).await.unwrap();
+
+    // The unreachable route of the pod CIDR: added, kept, and never over someone else's.
+    ns.ip("link add eth0 type veth peer name eth0p");
+    ns.ip("link set eth0 up");
+    ns.ip("addr add 192.168.50.2/24 dev eth0");
+    ns.ip("route add default via 192.168.50.1");
+    assert_eq!(dp.ensure_unreachable(&pods).await.unwrap().items.len(), 2);
+    assert!(dp.ensure_unreachable(&pods).await.unwrap().items.is_empty());
+    let routes = ns.exec_ok(&["ip", "route"]);
+    assert!(routes.contains("unreachable 10.244.1.0/24 proto 104"), "{routes}");
+    let get = ns.exec(&["ip", "route", "get", "10.244.1.77"]);
+    assert!(!get.status.success(), "an unassigned pod address is unreachable, not sent to the default route");
+    ns.ip("route add 10.244.9.0/24 via 192.168.50.1");
+    let err = dp.ensure_unreachable(&nets(&["10.244.9.0/24"])).await.unwrap_err().to_string();
+    assert!(err.contains("not HeadCNI's"), "{err}");
+    assert!(ns.exec_ok(&["ip", "route"]).contains("10.244.9.0/24 via 192.168.50.1"), "someone else's route stays");
+    assert_eq!(dp.own_unreachable().await.unwrap().len(), 0, "the stale ones went first");
+    dp.ensure_unreachable(&pods).await.unwrap();
+
+    // The guard: created, complete, put back after someone flushed it.
+    assert!(!dp.guard_intact().unwrap());
+    assert_eq!(dp.ensure_guard().await.unwrap().items.len(), 1);
+    assert!(dp.guard_intact().unwrap() && dp.ensure_guard().await.unwrap().items.is_empty());
+    let guard = ns.exec_ok(&["nft", "list", "table", "inet", "headcni-guard"]);
+    assert!(guard.contains("type filter hook prerouting priority raw; policy accept;"), "{guard}");
+    assert!(guard.contains("iifname \"hc*\" fib saddr . iif oif missing counter packets 0 bytes 0 drop"), "{guard}");
+    ns.exec_ok(&["nft", "flush", "chain", "inet", "headcni-guard", "prerouting"]);
+    assert!(!dp.guard_intact().unwrap());
+    assert_eq!(dp.ensure_guard().await.unwrap().items.len(), 1);
 
     let specs = masquerade_specs(&pods, &nets(&["10.244.0.0/16", "fd00:10:244::/48"]));
     assert_eq!(dp.ensure_masquerade(&specs).await.unwrap().items.len(), 2);
@@ -77,6 +125,7 @@ async fn rules_tables_forwarding_and_mtu() {
     // Someone flushed the ruleset: the next pass puts the tables back.
     ns.exec_ok(&["nft", "flush", "ruleset"]);
     assert_eq!(dp.ensure_masquerade(&specs).await.unwrap().items.len(), 2);
+    assert_eq!(dp.ensure_guard().await.unwrap().items.len(), 1, "the guard too");
     // IPv4 only now: the ip6 table goes.
     let v4only = masquerade_specs(&nets(&["10.244.1.0/24"]), &[]);
     let c = dp.ensure_masquerade(&v4only).await.unwrap();
@@ -89,9 +138,13 @@ async fn rules_tables_forwarding_and_mtu() {
     ns.ip("link set tailscale0 name ts-custom");
     assert_eq!(dp.tailnet_link(&["100.64.0.7".parse().unwrap()]).await.unwrap(), Some(("ts-custom".into(), 1280)));
 
-    assert_eq!(dp.remove_rules().await.unwrap(), 1);
+    assert_eq!(dp.remove_rules().await.unwrap(), 8);
+    assert_eq!(dp.remove_unreachable().await.unwrap(), 2);
+    assert!(dp.remove_guard().await.unwrap());
+    assert!(!dp.remove_guard().await.unwrap());
     assert_eq!(dp.remove_masquerade().await.unwrap(), 1);
     assert_eq!(dp.remove_masquerade().await.unwrap(), 0);
     let v4 = ns.exec_ok(&["ip", "rule"]);
     assert!(!v4.contains("proto 104") && v4.contains("to 10.9.0.0/16"), "{v4}");
+    assert!(!ns.exec_ok(&["ip", "route"]).contains("proto 104"));
 }

@@ -68,6 +68,12 @@ impl PodCidrSource for CidrSourceImpl {
             Self::Node(n) => n.refresh_interval(),
         }
     }
+    fn cluster_cidrs(&self) -> Option<node::ClusterCidrs> {
+        match self {
+            Self::Static(s) => s.cluster_cidrs(),
+            Self::Node(n) => n.cluster_cidrs(),
+        }
+    }
 }
 
 fn system_hostname() -> String {

@@ -1,18 +1,25 @@
-//! The node's pod CIDRs: from `--pod-cidr`, or from `spec.podCIDR(s)` of this node's Node object
-//! in the Kubernetes API (one GET through [`crate::clients::kube`], with the in-cluster service account or
-//! a kubeconfig). Node data is untrusted: every CIDR is parsed, checked canonical and at most one
-//! per family, and anything odd is an error rather than a guess.
+//! The pod CIDRs: this node's from `--pod-cidr`, or from `spec.podCIDR(s)` of this node's Node
+//! object in the Kubernetes API (one GET through [`crate::clients::kube`], with the in-cluster
+//! service account or a kubeconfig); and, in Kubernetes mode, every other node's, from all the
+//! Node objects ([`NodeCidrs::start_cluster_watch`]: a list, then a watch). Node data is
+//! untrusted: every CIDR is parsed, checked ([`crate::cidr::check`]) and at most one per
+//! family, and anything odd is an error rather than a guess.
 //!
-//! podCIDRs are immutable once set (the API server refuses changes), so polling is enough:
-//! often while none is assigned, rarely afterwards.
+//! podCIDRs are immutable once set (the API server refuses changes), so polling this node's is
+//! enough: often while none is assigned, rarely afterwards. The others' are followed as they
+//! come: a node gets its podCIDR when it registers, before its agent can even join the tailnet,
+//! so every agent knows a new node's pod CIDR before its first packet arrives.
 
-use crate::clients::kube::{Kube, KubeError, ObjectRef};
+use crate::clients::kube::{Kind, Kube, KubeError, ObjectRef};
 use hyper::StatusCode;
 use ipnetwork::IpNetwork;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -32,6 +39,17 @@ pub enum NodeError {
     Invalid { name: String, msg: String },
 }
 
+/// What a source knows of every node's pod CIDRs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterCidrs {
+    /// Every node's accepted pod CIDRs (this node's included), sorted, each once.
+    pub cidrs: Vec<IpNetwork>,
+    /// The Nodes have been listed at least once: until then `cidrs` says nothing.
+    pub synced: bool,
+    /// Why the list may be stale (the API fails), and the Nodes whose podCIDRs were refused.
+    pub problems: Vec<String>,
+}
+
 /// Where the pod CIDRs come from (a seam for unit tests).
 pub trait PodCidrSource: Send + Sync {
     /// The node's pod CIDRs, or `None` while none is assigned.
@@ -40,6 +58,11 @@ pub trait PodCidrSource: Send + Sync {
     fn kind(&self) -> &'static str;
     /// How often to ask again once CIDRs are known.
     fn refresh_interval(&self) -> Duration;
+    /// Every node's pod CIDRs, where the source follows them (Kubernetes); `None` where it
+    /// knows only this node's (`--pod-cidr`).
+    fn cluster_cidrs(&self) -> Option<ClusterCidrs> {
+        None
+    }
 }
 
 /// `--pod-cidr`: fixed.
@@ -91,8 +114,14 @@ pub fn validate_pod_cidrs(list: &[String]) -> Result<Vec<IpNetwork>, String> {
 
 /// The pod CIDRs of a Node object (JSON from the API server). `Ok(None)`: none assigned yet.
 pub fn parse_node(name: &str, body: &[u8]) -> Result<Option<Vec<IpNetwork>>, NodeError> {
+    let node: Value = serde_json::from_slice(body)
+        .map_err(|e| NodeError::Invalid { name: name.to_string(), msg: format!("not JSON: {e}") })?;
+    node_cidrs(name, &node)
+}
+
+/// The pod CIDRs of Node `name`, decoded. `Ok(None)`: none assigned yet.
+pub fn node_cidrs(name: &str, node: &Value) -> Result<Option<Vec<IpNetwork>>, NodeError> {
     let invalid = |msg: String| NodeError::Invalid { name: name.to_string(), msg };
-    let node: Value = serde_json::from_slice(body).map_err(|e| invalid(format!("not JSON: {e}")))?;
     if node.get("kind").and_then(Value::as_str).is_some_and(|k| k != "Node") {
         return Err(invalid("the answer is not a Node".into()));
     }
@@ -130,11 +159,12 @@ pub fn parse_node(name: &str, body: &[u8]) -> Result<Option<Vec<IpNetwork>>, Nod
     validate_pod_cidrs(&list).map(Some).map_err(invalid)
 }
 
-/// A client for one Node.
+/// A client for one Node, and optionally the follower of all of them.
 #[derive(Debug, Clone)]
 pub struct NodeCidrs {
     node: ObjectRef,
     kube: Kube,
+    cluster: Option<Arc<Mutex<ClusterCidrs>>>,
 }
 
 impl NodeCidrs {
@@ -142,7 +172,7 @@ impl NodeCidrs {
     pub fn new(name: &str, kube: Kube) -> Result<Self, NodeError> {
         validate_node_name(name).map_err(NodeError::Setup)?;
         let node = ObjectRef::node(name).map_err(|e| NodeError::Setup(e.to_string()))?;
-        Ok(Self { node, kube })
+        Ok(Self { node, kube, cluster: None })
     }
 
     /// The in-cluster service account.
@@ -159,6 +189,150 @@ impl NodeCidrs {
 
     pub fn node_name(&self) -> &str {
         &self.node.name
+    }
+
+    /// Starts following every Node's pod CIDRs (a list, then a watch, again after every end)
+    /// on a task of its own; `wake` is notified whenever the set of CIDRs changes. Answers the
+    /// task (it runs until aborted).
+    pub fn start_cluster_watch(&mut self, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+        let shared = Arc::new(Mutex::new(ClusterCidrs::default()));
+        self.cluster = Some(shared.clone());
+        let watcher = ClusterWatch { kube: self.kube.clone(), shared, wake, nodes: BTreeMap::new(), failures: 0 };
+        tokio::spawn(watcher.run())
+    }
+}
+
+/// How long the server keeps one watch of the Nodes open.
+const CLUSTER_WATCH_SECONDS: u64 = 290;
+/// Longest pause between attempts while the API fails.
+const CLUSTER_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The follower of every Node's pod CIDRs.
+struct ClusterWatch {
+    kube: Kube,
+    shared: Arc<Mutex<ClusterCidrs>>,
+    wake: Arc<Notify>,
+    /// Every Node by name: its CIDRs, or why they were refused.
+    nodes: BTreeMap<String, Result<Vec<IpNetwork>, String>>,
+    failures: u32,
+}
+
+fn resource_version(object: &Value) -> Option<String> {
+    object.pointer("/metadata/resourceVersion").and_then(Value::as_str).map(str::to_string)
+}
+
+impl ClusterWatch {
+    /// What a Node object says, or `None` for an object without a name.
+    fn decode(object: &Value) -> Option<(String, Result<Vec<IpNetwork>, String>)> {
+        let name = object.pointer("/metadata/name").and_then(Value::as_str)?.to_string();
+        let cidrs = match node_cidrs(&name, object) {
+            Ok(c) => Ok(c.unwrap_or_default()),
+            Err(e) => Err(e.to_string()),
+        };
+        Some((name, cidrs))
+    }
+
+    /// Publishes the current view (`listed`: right after a list came through); wakes the loop
+    /// when the CIDRs or the sync state changed.
+    fn publish(&self, problem: Option<String>, listed: bool) {
+        let mut cidrs: Vec<IpNetwork> =
+            self.nodes.values().filter_map(|r| r.as_ref().ok()).flatten().copied().collect();
+        cidrs.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
+        cidrs.dedup();
+        let mut problems: Vec<String> = problem.into_iter().collect();
+        problems.extend(self.nodes.values().filter_map(|r| r.as_ref().err()).map(|e| format!("{e}: not exempt")));
+        let mut state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let synced = state.synced || listed;
+        let changed = state.cidrs != cidrs || state.synced != synced;
+        *state = ClusterCidrs { cidrs, synced, problems };
+        drop(state);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Lists the Nodes: answers the resource version to watch from.
+    async fn list(&mut self) -> Result<Option<String>, String> {
+        let list = self.kube.list(Kind::Node, "", "").await.map_err(|e| {
+            let hint = match e {
+                KubeError::Denied { .. } => " (the agent's service account needs list and watch on nodes)",
+                _ => "",
+            };
+            format!("listing the Nodes: {e}{hint}")
+        })?;
+        let items = list.get("items").and_then(Value::as_array).ok_or("the Node list has no items")?;
+        self.nodes = items.iter().filter_map(Self::decode).collect();
+        self.publish(None, true);
+        Ok(resource_version(&list))
+    }
+
+    /// Follows one watch until it ends.
+    async fn follow(&mut self, mut rv: Option<String>) {
+        let mut stream = match self.kube.watch_all(Kind::Node, "", rv.as_deref(), CLUSTER_WATCH_SECONDS).await {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("watching the Nodes: {e}");
+                return;
+            }
+        };
+        let idle = Duration::from_secs(CLUSTER_WATCH_SECONDS + 30);
+        loop {
+            let event = match tokio::time::timeout(idle, stream.next_event()).await {
+                Ok(Ok(Some(ev))) => ev,
+                Ok(Ok(None)) | Err(_) => return,
+                Ok(Err(e)) => {
+                    log::debug!("watch of the Nodes: {e}");
+                    return;
+                }
+            };
+            if let Some(v) = resource_version(&event.object) {
+                rv = Some(v);
+            }
+            match event.kind.as_str() {
+                "ADDED" | "MODIFIED" => {
+                    if let Some((name, cidrs)) = Self::decode(&event.object) {
+                        self.nodes.insert(name, cidrs);
+                        self.publish(None, false);
+                    }
+                }
+                "DELETED" => {
+                    if let Some((name, _)) = Self::decode(&event.object) {
+                        self.nodes.remove(&name);
+                        self.publish(None, false);
+                    }
+                }
+                "BOOKMARK" => {}
+                _ => {
+                    // ERROR: typically 410 Gone (the version expired): list afresh.
+                    log::debug!("watch of the Nodes: {} {} (at {rv:?})", event.kind, event.object);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            let rv = match self.list().await {
+                Ok(rv) => {
+                    self.failures = 0;
+                    rv
+                }
+                Err(problem) => {
+                    self.failures = self.failures.saturating_add(1);
+                    self.publish(Some(problem), false);
+                    let pause = Duration::from_secs(1).saturating_mul(1 << self.failures.min(6));
+                    tokio::time::sleep(pause.min(CLUSTER_MAX_BACKOFF)).await;
+                    continue;
+                }
+            };
+            let opened = Instant::now();
+            self.follow(rv).await;
+            // A watch that ends at once must not turn into a tight loop of lists.
+            if opened.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
     }
 }
 
@@ -180,6 +354,10 @@ impl PodCidrSource for NodeCidrs {
 
     fn refresh_interval(&self) -> Duration {
         Duration::from_secs(300)
+    }
+
+    fn cluster_cidrs(&self) -> Option<ClusterCidrs> {
+        self.cluster.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
 

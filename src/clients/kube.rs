@@ -363,9 +363,30 @@ impl Kube {
         resource_version: Option<&str>,
         timeout_secs: u64,
     ) -> Result<WatchStream, KubeError> {
-        let what = &obj.to_string();
-        let path = obj.watch_path(resource_version, timeout_secs);
-        let req = self.authorize(HttpRequest::new(Method::GET, &path).timeout(REQUEST_TIMEOUT).limit(1 << 20))?;
+        self.open_watch(&obj.to_string(), &obj.watch_path(resource_version, timeout_secs), 1 << 20).await
+    }
+
+    /// Opens a watch of every object of `kind` in `namespace` (empty for Nodes) from
+    /// `resource_version` (typically a list's), which the server ends after `timeout_secs`.
+    pub async fn watch_all(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        resource_version: Option<&str>,
+        timeout_secs: u64,
+    ) -> Result<WatchStream, KubeError> {
+        let what = format!("the {}s", kind.as_str());
+        let mut path =
+            format!("{}?watch=1&timeoutSeconds={timeout_secs}&allowWatchBookmarks=true", kind.collection(namespace));
+        if let Some(rv) = resource_version.filter(|rv| !rv.is_empty()) {
+            path.push_str("&resourceVersion=");
+            path.push_str(&percent_encode(rv));
+        }
+        self.open_watch(&what, &path, kind.answer_limit()).await
+    }
+
+    async fn open_watch(&self, what: &str, path: &str, line_limit: usize) -> Result<WatchStream, KubeError> {
+        let req = self.authorize(HttpRequest::new(Method::GET, path).timeout(REQUEST_TIMEOUT).limit(line_limit))?;
         let stream = self
             .endpoint
             .open(req)

@@ -146,7 +146,8 @@ impl Request {
     }
 
     /// The attachments GC must keep. libcni sends both the spec's key and the name of the first
-    /// 1.1 draft; an empty list means that nothing is valid.
+    /// 1.1 draft; an empty list means that nothing is valid. Neither key is an error (code 7):
+    /// a GC that does not say what is still in use must not take everything for garbage.
     pub fn valid_attachments(&self) -> Result<Vec<Attachment>, CniError> {
         for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
             if let Some(v) = self.config.get(key).filter(|v| !v.is_null()) {
@@ -155,7 +156,9 @@ impl Request {
                 });
             }
         }
-        Ok(Vec::new())
+        Err(CniError::invalid_config(
+            "GC needs \"cni.dev/valid-attachments\", the attachments still in use: without it nothing is removed",
+        ))
     }
 
     /// The configuration re-encoded, as handed to a delegated plugin.
@@ -602,6 +605,10 @@ mod tests {
             "cni.dev/attachments":[{"containerID":"a","ifname":"eth0"}]}"#;
         invoke(&p, &env(&[("CNI_COMMAND", "GC")]), conf);
         assert!(p.seen.borrow()[0].valid_attachments().unwrap().is_empty());
+        invoke(&p, &env(&[("CNI_COMMAND", "GC")]), r#"{"cniVersion":"1.1.0","name":"n"}"#);
+        let err = p.seen.borrow()[1].valid_attachments().unwrap_err();
+        assert_eq!(err.code, code::INVALID_CONFIG);
+        assert!(err.msg.contains("nothing is removed"), "{err}");
     }
 
     #[test]

@@ -229,7 +229,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         };
 
         if let Some(pods) = &pods {
-            self.step_dataplane(pods, status.as_ref()).await;
+            report.cluster_destinations = self.step_dataplane(pods).await;
         }
         let (mtu, link) = self.step_mtu(status.as_ref()).await;
         let written = match (&pods, mtu) {
@@ -327,31 +327,95 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         self.pod_cidrs.clone()
     }
 
-    async fn step_dataplane(&mut self, pods: &[IpNetwork], status: Option<&Status>) {
+    /// Where the cluster's pod traffic goes: the destinations routed to the tailnet and exempt
+    /// from masquerading. The cluster CIDR when given; else every Node's pod CIDRs (Kubernetes);
+    /// else nothing but this node's own, which is reported: pods then reach other nodes' pods
+    /// with the node's tailnet address as their source. Never a peer's tailnet routes: an exit
+    /// node advertises 0.0.0.0/0, and any peer can advertise any subnet.
+    fn cluster_destinations(&mut self) -> Vec<IpNetwork> {
+        if !self.cfg.cluster_cidrs.is_empty() {
+            if let Some(view) = self.cidrs.cluster_cidrs() {
+                let outside: Vec<String> = view
+                    .cidrs
+                    .iter()
+                    .filter(|c| crate::cidr::check_inside_cluster(&[**c], &self.cfg.cluster_cidrs).is_err())
+                    .map(ToString::to_string)
+                    .collect();
+                if !outside.is_empty() {
+                    self.warn(
+                        ProblemId::ClusterCidrs,
+                        format!(
+                            "Nodes have pod CIDRs outside --cluster-cidr ({}): {}; traffic to them is masqueraded",
+                            hostnet::join(&self.cfg.cluster_cidrs),
+                            outside.join(", ")
+                        ),
+                        None,
+                    );
+                }
+            }
+            return self.cfg.cluster_cidrs.clone();
+        }
+        match self.cidrs.cluster_cidrs() {
+            Some(view) if view.synced => {
+                if !view.problems.is_empty() {
+                    self.warn(ProblemId::ClusterCidrs, view.problems.join("; "), None);
+                }
+                view.cidrs
+            }
+            Some(view) => {
+                self.wait(
+                    ProblemId::ClusterCidrs,
+                    format!(
+                        "the other nodes' pod CIDRs are not known yet{}: traffic to their pods is masqueraded \
+                         meanwhile",
+                        view.problems.first().map(|p| format!(" ({p})")).unwrap_or_default()
+                    ),
+                    None,
+                );
+                Vec::new()
+            }
+            None => {
+                self.warn(
+                    ProblemId::ClusterCidrs,
+                    "neither --cluster-cidr nor the Kubernetes API names the cluster's pod network: only this \
+                     node's pod CIDRs are exempt from masquerading, so other nodes' pods see this node's tailnet \
+                     address as the source of its pods' traffic",
+                    Some("give --cluster-cidr (the network every node's pod CIDR lies in)"),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    async fn step_dataplane(&mut self, pods: &[IpNetwork]) -> Vec<IpNetwork> {
         let v4 = pods.iter().any(IpNetwork::is_ipv4);
         let v6 = pods.iter().any(IpNetwork::is_ipv6);
         let mut changes = Vec::new();
+        match self.dp.ensure_guard().await {
+            Ok(c) => changes.extend(c.items),
+            Err(e) => self.fail(
+                ProblemId::Guard,
+                format!("the anti-spoofing guard: {e}"),
+                Some("pods could send with any source address; nf_tables with the fib expression is required"),
+            ),
+        }
         match self.dp.ensure_forwarding(v4, v6).await {
             Ok(c) => changes.extend(c.items),
             Err(e) => self.fail(ProblemId::Forwarding, format!("turning on IP forwarding: {e}"), None),
         }
-        match self.dp.ensure_rules(pods, self.cfg.rule_priority).await {
+        let cluster = self.cluster_destinations();
+        let rules = hostnet::policy_rules(pods, &cluster, self.cfg.rule_priority);
+        match self.dp.ensure_rules(&rules).await {
             Ok(c) => changes.extend(c.items),
             Err(e) => self.fail(ProblemId::Rules, format!("policy rules: {e}"), None),
         }
+        match self.dp.ensure_unreachable(pods).await {
+            Ok(c) => changes.extend(c.items),
+            Err(e) => self.fail(ProblemId::Unreachable, format!("unreachable route for the pod CIDR: {e}"), None),
+        }
         let specs = if self.cfg.masquerade {
-            let mut exempt: Vec<IpNetwork> = self.cfg.cluster_cidrs.clone();
+            let mut exempt = cluster.clone();
             exempt.extend(self.cfg.service_cidrs.iter().copied());
-            // Without a cluster CIDR, the other nodes' pod CIDRs are known only as their routes.
-            // (With one, routes of non-cluster subnet routers stay masqueraded: they do not
-            // know the pod CIDRs.)
-            if self.cfg.cluster_cidrs.is_empty()
-                && let Some(st) = status
-            {
-                for p in st.peer.values() {
-                    exempt.extend(p.served_routes());
-                }
-            }
             masquerade_specs(pods, &exempt)
         } else {
             Vec::new()
@@ -363,6 +427,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         for c in changes {
             log::info!("data plane: {c}");
         }
+        cluster
     }
 
     async fn step_mtu(&mut self, status: Option<&Status>) -> (Option<u32>, Option<(String, u32)>) {
