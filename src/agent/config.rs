@@ -1,7 +1,7 @@
 //! `headcni agent` flags (each also read from its environment variable) and their validation
 //! into an [`AgentConfig`].
 
-use super::hostnet::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE};
+use super::hostnet::{self, DEFAULT_RULE_PRIORITY, RULE_PRIORITIES, TAILSCALE_FIRST_RULE};
 use super::node::{validate_node_name, validate_pod_cidrs};
 use super::state::DEFAULT_STATE_DIR;
 use crate::cidr::overlaps;
@@ -47,6 +47,10 @@ pub struct AgentArgs {
     /// File holding a Headscale API key: approve this node's pod CIDRs (else rely on autoApprovers).
     #[arg(long, env = "HEADCNI_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Send the API key to an http:// Headscale (in clear text): only where the path to it is
+    /// trusted (loopback, an encrypted tunnel, a test network).
+    #[arg(long, env = "HEADCNI_ALLOW_HTTP_API_KEY", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_http_api_key: bool,
     /// CA bundle (PEM) for an https Headscale with a private certificate.
     #[arg(long, env = "HEADCNI_HEADSCALE_CA_FILE")]
     pub headscale_ca_file: Option<PathBuf>,
@@ -248,6 +252,16 @@ impl AgentConfig {
         if api_key.is_some() && headscale_url.is_none() {
             return Err(ConfigError("--api-key-file needs --headscale-url".into()));
         }
+        if let Some(url) = &headscale_url
+            && api_key.is_some()
+            && url.starts_with("http://")
+            && !args.allow_http_api_key
+        {
+            return Err(ConfigError(format!(
+                "--headscale-url {url} is plain http: the API key would cross the network in clear text; use \
+                 https://, or pass --allow-http-api-key where the path to Headscale is trusted"
+            )));
+        }
 
         let hostname = match (&args.hostname, &node_name) {
             (Some(h), _) if !h.trim().is_empty() => h.trim().to_string(),
@@ -276,13 +290,18 @@ impl AgentConfig {
                 args.metrics_path
             )));
         }
-        if args.rule_priority == 0 || args.rule_priority >= 32766 {
-            return Err(ConfigError(format!("--rule-priority {} must be within 1..32765", args.rule_priority)));
+        let last_priority = 32766 - RULE_PRIORITIES;
+        if args.rule_priority == 0 || args.rule_priority > last_priority {
+            return Err(ConfigError(format!(
+                "--rule-priority {} must be within 1..{last_priority} (HeadCNI's rules take {RULE_PRIORITIES} \
+                 priorities from it on)",
+                args.rule_priority
+            )));
         }
-        if args.rule_priority >= TAILSCALE_FIRST_RULE {
+        if args.rule_priority + RULE_PRIORITIES > TAILSCALE_FIRST_RULE {
             log::warn!(
-                "--rule-priority {} is not ahead of Tailscale's rules (5210-5270): an accepted route covering this \
-                 node's pod CIDR would capture traffic to local pods",
+                "--rule-priority {} puts HeadCNI's rules behind Tailscale's (5210-5270): an accepted route covering \
+                 this node's pod CIDR, its LAN or the default route would capture the node's traffic",
                 args.rule_priority
             );
         }
@@ -418,6 +437,15 @@ mod tests {
         assert!(err.contains("--headscale-url"), "{err}");
         let err = cfg(&["--node-name", "n", "--api-key-file", "/k"]).unwrap_err().to_string();
         assert!(err.contains("--headscale-url"), "{err}");
+        // An API key over plain http: refused unless explicitly allowed.
+        let http = ["--node-name", "n", "--headscale-url", "http://hs:8080", "--api-key-file", "/k"];
+        let err = cfg(&http).unwrap_err().to_string();
+        assert!(err.contains("clear text") && err.contains("--allow-http-api-key"), "{err}");
+        let mut allowed = http.to_vec();
+        allowed.push("--allow-http-api-key");
+        assert!(cfg(&allowed).is_ok());
+        assert!(cfg(&["--node-name", "n", "--headscale-url", "https://hs", "--api-key-file", "/k"]).is_ok());
+        assert!(cfg(&["--node-name", "n", "--headscale-url", "http://hs:8080"]).is_ok(), "no API key, no risk");
     }
 
     #[test]
@@ -429,7 +457,8 @@ mod tests {
             (vec!["--node-name", "n", "--metrics-path", "/readyz"], "probe path"),
             (vec!["--node-name", "N_1"], "node name"),
             (vec!["--node-name", "n", "--headscale-url", "hs:8080"], "http://"),
-            (vec!["--node-name", "n", "--rule-priority", "0"], "1..32765"),
+            (vec!["--node-name", "n", "--rule-priority", "0"], "1..32763"),
+            (vec!["--node-name", "n", "--rule-priority", "32764"], "1..32763"),
         ] {
             let err = cfg(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

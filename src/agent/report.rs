@@ -171,6 +171,8 @@ pub enum ProblemId {
     Teardown,
     /// The uninstall signal cannot be read.
     UninstallSignal,
+    /// The metrics and probe server cannot listen.
+    MetricsServer,
 }
 
 impl ProblemId {
@@ -192,6 +194,7 @@ impl ProblemId {
             ProblemId::State => "state",
             ProblemId::Teardown => "teardown",
             ProblemId::UninstallSignal => "uninstall_signal",
+            ProblemId::MetricsServer => "metrics_server",
         }
     }
 
@@ -211,7 +214,7 @@ impl ProblemId {
             | ProblemId::Mtu => Step::Dataplane,
             ProblemId::NodeFile => Step::NodeFile,
             ProblemId::State => Step::State,
-            ProblemId::Teardown | ProblemId::UninstallSignal => return None,
+            ProblemId::Teardown | ProblemId::UninstallSignal | ProblemId::MetricsServer => return None,
         })
     }
 }

@@ -200,6 +200,9 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
     pub async fn reconcile(&mut self) -> PassOutcome {
         self.problems.begin_pass();
         self.report_signal_problem();
+        if let Some(p) = self.health.server_problem() {
+            self.warn(ProblemId::MetricsServer, p, Some("free the port, or give --metrics-port another one"));
+        }
         let mut report = AgentReport {
             version: crate::VERSION.to_string(),
             updated_at: now(),
