@@ -8,10 +8,13 @@ use ipnetwork::IpNetwork;
 use serde_json::{Map, Value, json};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Pod MTU when neither the config nor the node file sets one: Tailscale's default tun MTU.
 pub const DEFAULT_MTU: u32 = 1280;
 pub const DEFAULT_TAILSCALE_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
+/// How long a delegated (exec'd) IPAM plugin may take before it is stopped.
+pub const DEFAULT_DELEGATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
@@ -27,6 +30,8 @@ pub struct PluginConfig {
     pub run_dir: PathBuf,
     pub log_file: Option<PathBuf>,
     pub log_level: Option<String>,
+    /// `delegate_timeout` (seconds): how long an exec'd IPAM plugin may take.
+    pub delegate_timeout: Duration,
 }
 
 /// The `ipam` section: the delegate's type plus what HeadCNI needs to know about its ranges.
@@ -211,6 +216,17 @@ impl PluginConfig {
         let run_dir = abs_path(conf, "run_dir")?.unwrap_or_else(|| PathBuf::from(nodefile::DEFAULT_RUN_DIR));
         let log_file = abs_path(conf, "log_file")?;
         let log_level = string(conf, "log_level", "log_level")?;
+        let delegate_timeout = match get(conf, "delegate_timeout") {
+            None => DEFAULT_DELEGATE_TIMEOUT,
+            Some(v) => match v.as_f64() {
+                Some(secs) if (0.1..=600.0).contains(&secs) => Duration::from_secs_f64(secs),
+                _ => {
+                    return Err(invalid(format!(
+                        "delegate_timeout must be a number of seconds within 0.1..600, got {v}"
+                    )));
+                }
+            },
+        };
 
         let has_v6 = |nets: &[IpNetwork]| nets.iter().any(IpNetwork::is_ipv6);
         if !enable_ipv6 && (has_v6(&ipam.subnets) || has_v6(&pod_cidrs)) {
@@ -239,6 +255,7 @@ impl PluginConfig {
             run_dir,
             log_file,
             log_level,
+            delegate_timeout,
         })
     }
 
@@ -404,6 +421,8 @@ mod tests {
             (json!({"ipam": ipam, "enable_ipv6": "yes"}), "enable_ipv6"),
             (json!({"ipam": ipam, "headscale_url": "headscale.example"}), "headscale_url"),
             (json!({"ipam": ipam, "run_dir": "relative/dir"}), "run_dir"),
+            (json!({"ipam": ipam, "delegate_timeout": 0}), "delegate_timeout"),
+            (json!({"ipam": ipam, "delegate_timeout": "60"}), "delegate_timeout"),
             (json!({"ipam": ipam, "dns": {"nameservers": ["not-an-ip"]}}), "dns.nameservers"),
             (json!({}), "ipam is required"),
             (json!({"ipam": {"type": "../x"}}), "ipam.type"),

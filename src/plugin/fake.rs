@@ -258,6 +258,7 @@ impl IpamDelegate for FakeIpam {
         _config: Map<String, Value>,
         _kind: &str,
         command: Command,
+        _timeout: std::time::Duration,
     ) -> Result<Option<Value>, CniError> {
         let mut st = self.state.borrow_mut();
         st.calls.push(command);

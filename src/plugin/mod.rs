@@ -73,7 +73,7 @@ impl<D: Dataplane, I: IpamDelegate> HeadCni<D, I> {
         config: serde_json::Map<String, serde_json::Value>,
         command: Command,
     ) -> Result<Option<serde_json::Value>, CniError> {
-        self.ipam.run(req, config, &cfg.ipam.kind, command)
+        self.ipam.run(req, config, &cfg.ipam.kind, command, cfg.delegate_timeout)
     }
 
     fn add_attachment(&self, req: &Request, cfg: &PluginConfig) -> Result<CniResult, CniError> {
