@@ -348,7 +348,8 @@ impl Cluster {
         cmd.args(["--metrics-bind", "127.0.0.1", "--metrics-port", &METRICS_PORT.to_string()]);
         cmd.arg("--auth-key-file").arg(&auth);
         if api_key {
-            cmd.arg("--api-key-file").arg(&api);
+            // Headscale is plain http inside the test's namespaces.
+            cmd.arg("--api-key-file").arg(&api).arg("--allow-http-api-key");
         }
         cmd.env("HEADCNI_LOG_LEVEL", "info");
         node.agent = Some(Proc::spawn(
@@ -670,6 +671,7 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
         .args(["netns", "exec", &c.nodes[0].ns.name, headcni(), "agent", "--cleanup", "--headscale-url", HS_URL])
         .arg("--api-key-file")
         .arg(&api)
+        .arg("--allow-http-api-key")
         .arg("--tailscale-socket")
         .arg(c.nodes[0].socket())
         .arg("--run-dir")
