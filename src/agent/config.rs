@@ -457,8 +457,8 @@ mod tests {
             (vec!["--node-name", "n", "--metrics-path", "/readyz"], "probe path"),
             (vec!["--node-name", "N_1"], "node name"),
             (vec!["--node-name", "n", "--headscale-url", "hs:8080"], "http://"),
-            (vec!["--node-name", "n", "--rule-priority", "0"], "1..32763"),
-            (vec!["--node-name", "n", "--rule-priority", "32764"], "1..32763"),
+            (vec!["--node-name", "n", "--rule-priority", "0"], "1..32762"),
+            (vec!["--node-name", "n", "--rule-priority", "32763"], "1..32762"),
         ] {
             let err = cfg(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

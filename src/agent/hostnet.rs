@@ -9,18 +9,20 @@
 //! `--rule-priority`, 5200 by default):
 //!
 //! ```text
-//! P    to <own pod CIDR> lookup main                         local pods, whatever table 52 holds
-//! P+1  not fwmark 0x80000/0xff0000 to <X> lookup 52          X: the cluster CIDR (or the Nodes'
-//!                                                            pod CIDRs) and the tailnet ranges
-//! P+2  lookup main suppress_prefixlength 0                   anything the main table routes more
-//!                                                            specifically than by its default
-//!                                                            route stays off the tailnet
+//! P    to <own pod CIDR> lookup main                 local pods, whatever table 52 holds
+//! P+1  fwmark 0x80000/0xff0000 goto P+3              tailscaled's own packets skip the next ones
+//! P+2  to <X> lookup 52                              X: the cluster CIDR (or the Nodes' pod
+//!                                                    CIDRs) and the tailnet ranges
+//! P+3  lookup main suppress_prefixlength 0           anything the main table routes more
+//!                                                    specifically than by its default route
+//!                                                    stays off the tailnet
 //! ```
 //!
 //! So a peer that advertises this node's own LAN, or an exit node's default route, never
 //! captures the node's traffic, while traffic to other nodes' pods still goes to table 52 even
 //! where the main table has a broader route covering it. Tailscale's own packets (its bypass
-//! mark) are left to Tailscale's rules, as without HeadCNI.
+//! mark) are never sent to table 52 by these rules, as without HeadCNI (a rule can only invert
+//! its whole match, so the mark is tested by a rule of its own that jumps over the others).
 //!
 //! Ownership: rules and routes carry HeadCNI's protocol number ([`OWN_PROTOCOL`]), the
 //! nf_tables tables are named [`TABLE`] and [`crate::podguard::TABLE`]; nothing else on the node
@@ -29,7 +31,7 @@
 use crate::cidr::covers;
 use crate::netlink::nft::{MasqueradeSpec, Nft, NftError, NftFamily};
 use crate::netlink::sysctl::SysctlRoot;
-use crate::netlink::{Netlink, NetlinkError, Netns, RouteKind, RouteSpec, RuleSpec, TABLE_MAIN};
+use crate::netlink::{Netlink, NetlinkError, Netns, RouteKind, RouteSpec, RuleSpec, RuleTarget, TABLE_MAIN};
 use crate::podguard;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use std::collections::HashMap;
@@ -43,7 +45,7 @@ pub const OWN_PROTOCOL: u8 = 104;
 /// Default priority of the first rule: ahead of Tailscale's rules at 5210-5270.
 pub const DEFAULT_RULE_PRIORITY: u32 = 5200;
 /// How many consecutive priorities HeadCNI's rules take from `--rule-priority` on.
-pub const RULE_PRIORITIES: u32 = 3;
+pub const RULE_PRIORITIES: u32 = 4;
 /// Tailscale's first rule; HeadCNI's must come before it.
 pub const TAILSCALE_FIRST_RULE: u32 = 5210;
 /// Tailscale's routing table (the routes it accepted from peers).
@@ -93,15 +95,27 @@ pub fn tailnet_ranges() -> [IpNetwork; 2] {
     [TAILNET_V4_NET, TAILNET_V6_NET]
 }
 
-/// HeadCNI's policy rules (see the module doc): own pod CIDRs to main at `priority`, the
-/// tailnet-bound destinations `to_tailnet` and the tailnet ranges to table 52 at `priority`+1,
-/// and main's specific routes ahead of table 52 at `priority`+2, for both families.
+/// HeadCNI's policy rules (see the module doc), for both families: own pod CIDRs to main at
+/// `priority`, tailscaled's marked packets past the next rules at `priority`+1, the
+/// tailnet-bound destinations `to_tailnet` and the tailnet ranges to table 52 at `priority`+2,
+/// and main's specific routes ahead of table 52 at `priority`+3.
 pub fn policy_rules(pod_cidrs: &[IpNetwork], to_tailnet: &[IpNetwork], priority: u32) -> Vec<RuleSpec> {
     let own = |mut r: RuleSpec| {
         r.protocol = Some(OWN_PROTOCOL);
         r
     };
     let mut rules: Vec<RuleSpec> = pod_cidrs.iter().map(|p| own(RuleSpec::to(*p, TABLE_MAIN, priority))).collect();
+    for ipv6 in [false, true] {
+        rules.push(own(RuleSpec {
+            ipv6,
+            dst: None,
+            fwmark: Some(TAILSCALE_BYPASS_MARK),
+            target: RuleTarget::Goto(priority + 3),
+            suppress_prefixlen: None,
+            priority: priority + 1,
+            protocol: None,
+        }));
+    }
     let mut tailnet: Vec<IpNetwork> = Vec::new();
     for net in to_tailnet.iter().chain(tailnet_ranges().iter()) {
         if !tailnet.iter().any(|t| covers(t, net)) {
@@ -110,21 +124,15 @@ pub fn policy_rules(pod_cidrs: &[IpNetwork], to_tailnet: &[IpNetwork], priority:
         }
     }
     tailnet.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
-    for net in tailnet {
-        let mut r = own(RuleSpec::to(net, TAILSCALE_TABLE, priority + 1));
-        r.fwmark = Some(TAILSCALE_BYPASS_MARK);
-        r.invert = true;
-        rules.push(r);
-    }
+    rules.extend(tailnet.into_iter().map(|net| own(RuleSpec::to(net, TAILSCALE_TABLE, priority + 2))));
     for ipv6 in [false, true] {
         rules.push(own(RuleSpec {
             ipv6,
             dst: None,
             fwmark: None,
-            invert: false,
-            table: TABLE_MAIN,
+            target: RuleTarget::Table(TABLE_MAIN),
             suppress_prefixlen: Some(0),
-            priority: priority + 2,
+            priority: priority + 3,
             protocol: None,
         }));
     }

@@ -201,18 +201,26 @@ pub struct RouteInfo {
     pub protocol: u8,
 }
 
+/// What a policy rule does with a packet it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleTarget {
+    /// Look the destination up in this table (and go on with the next rule if it has no route).
+    Table(u32),
+    /// Go on with the rule at this priority, skipping those in between.
+    Goto(u32),
+}
+
 /// A policy routing rule of the shapes HeadCNI uses:
-/// `[not fwmark M/MASK] [to DST] lookup TABLE [suppress_prefixlength N] priority P [proto X]`.
+/// `[to DST] [fwmark M/MASK] (lookup TABLE [suppress_prefixlength N] | goto P) priority P [proto X]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
     pub ipv6: bool,
     /// `None`: every destination.
     pub dst: Option<IpNetwork>,
-    /// (mark, mask) the rule matches on; with `invert`, the rule matches packets without it.
+    /// (mark, mask) the rule matches on.
     pub fwmark: Option<(u32, u32)>,
-    pub invert: bool,
-    pub table: u32,
-    /// Ignore a route found in `table` whose prefix is this long or shorter (0: a default
+    pub target: RuleTarget,
+    /// Ignore a route found in the table whose prefix is this long or shorter (0: a default
     /// route), so that the lookup falls through to the next rule.
     pub suppress_prefixlen: Option<u32>,
     pub priority: u32,
@@ -227,11 +235,18 @@ impl RuleSpec {
             ipv6: dst.is_ipv6(),
             dst: Some(dst),
             fwmark: None,
-            invert: false,
-            table,
+            target: RuleTarget::Table(table),
             suppress_prefixlen: None,
             priority,
             protocol: None,
+        }
+    }
+
+    /// The table the rule looks up, if it does.
+    pub fn table(&self) -> Option<u32> {
+        match self.target {
+            RuleTarget::Table(t) => Some(t),
+            RuleTarget::Goto(_) => None,
         }
     }
 }
@@ -239,16 +254,17 @@ impl RuleSpec {
 impl std::fmt::Display for RuleSpec {
     /// As `ip rule` prints it, without the priority and the protocol.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.invert { "not from all " } else { "from all " })?;
+        f.write_str("from all ")?;
         if let Some(dst) = self.dst {
             write!(f, "to {dst} ")?;
         }
         if let Some((mark, mask)) = self.fwmark {
             write!(f, "fwmark {mark:#x}/{mask:#x} ")?;
         }
-        match self.table {
-            TABLE_MAIN => f.write_str("lookup main")?,
-            t => write!(f, "lookup {t}")?,
+        match self.target {
+            RuleTarget::Table(TABLE_MAIN) => f.write_str("lookup main")?,
+            RuleTarget::Table(t) => write!(f, "lookup {t}")?,
+            RuleTarget::Goto(p) => write!(f, "goto {p}")?,
         }
         if let Some(n) = self.suppress_prefixlen {
             write!(f, " suppress_prefixlength {n}")?;
@@ -498,17 +514,23 @@ impl Netlink {
 
     /// Adds a rule (exclusively: an identical rule answers EEXIST).
     pub async fn add_rule(&self, rule: &RuleSpec) -> Result<()> {
-        let mut req = self.handle.rule().add().table_id(rule.table).priority(rule.priority).action(RuleAction::ToTable);
+        let mut req = self.handle.rule().add().priority(rule.priority);
+        req = match rule.target {
+            RuleTarget::Table(t) => req.table_id(t).action(RuleAction::ToTable),
+            RuleTarget::Goto(_) => req.action(RuleAction::Goto),
+        };
         let msg = req.message_mut();
+        if let RuleTarget::Goto(p) = rule.target {
+            // No table: the builder starts with main's.
+            msg.header.table = 0;
+            msg.attributes.push(RuleAttribute::Goto(p));
+        }
         if let Some(proto) = rule.protocol {
             msg.attributes.push(RuleAttribute::Protocol(RouteProtocol::from(proto)));
         }
         if let Some((mark, mask)) = rule.fwmark {
             msg.attributes.push(RuleAttribute::FwMark(mark));
             msg.attributes.push(RuleAttribute::FwMask(mask));
-        }
-        if rule.invert {
-            msg.header.flags |= RuleFlags::Invert;
         }
         if let Some(n) = rule.suppress_prefixlen {
             msg.attributes.push(RuleAttribute::SuppressPrefixLen(n));
@@ -601,18 +623,22 @@ fn route_info(msg: &RouteMessage) -> Option<RouteInfo> {
 }
 
 /// The rule a message describes, in the shapes [`RuleSpec`] knows: `None` for a rule with a
-/// source, an interface, a goto or any action but a table lookup (not HeadCNI's, and never
-/// mistaken for one of its shapes).
+/// source, an interface, an inverted match or any action but a table lookup or a goto (not
+/// HeadCNI's, and never mistaken for one of its shapes).
 fn rule_spec(msg: &RuleMessage) -> Option<RuleSpec> {
-    if msg.header.action != RuleAction::ToTable || msg.header.src_len != 0 {
+    if msg.header.src_len != 0 || msg.header.flags.contains(RuleFlags::Invert) {
         return None;
     }
+    let mut target = match msg.header.action {
+        RuleAction::ToTable => RuleTarget::Table(u32::from(msg.header.table)),
+        RuleAction::Goto => RuleTarget::Goto(0),
+        _ => return None,
+    };
     let mut rule = RuleSpec {
         ipv6: msg.header.family == AddressFamily::Inet6,
         dst: None,
         fwmark: None,
-        invert: msg.header.flags.contains(RuleFlags::Invert),
-        table: u32::from(msg.header.table),
+        target,
         suppress_prefixlen: None,
         priority: 0,
         protocol: None,
@@ -621,7 +647,16 @@ fn rule_spec(msg: &RuleMessage) -> Option<RuleSpec> {
     for attr in &msg.attributes {
         match attr {
             RuleAttribute::Destination(ip) => rule.dst = Some(IpNetwork::new(*ip, msg.header.dst_len).ok()?),
-            RuleAttribute::Table(t) => rule.table = *t,
+            RuleAttribute::Table(t) => {
+                if let RuleTarget::Table(_) = target {
+                    target = RuleTarget::Table(*t);
+                }
+            }
+            RuleAttribute::Goto(p) => {
+                if let RuleTarget::Goto(_) = target {
+                    target = RuleTarget::Goto(*p);
+                }
+            }
             RuleAttribute::Priority(p) => rule.priority = *p,
             RuleAttribute::Protocol(p) => rule.protocol = Some(u8::from(*p)),
             RuleAttribute::FwMark(m) => mark = Some(*m),
@@ -632,7 +667,6 @@ fn rule_spec(msg: &RuleMessage) -> Option<RuleSpec> {
             RuleAttribute::Source(_)
             | RuleAttribute::Iifname(_)
             | RuleAttribute::Oifname(_)
-            | RuleAttribute::Goto(_)
             | RuleAttribute::UidRange(_)
             | RuleAttribute::IpProtocol(_)
             | RuleAttribute::SourcePortRange(_)
@@ -640,6 +674,7 @@ fn rule_spec(msg: &RuleMessage) -> Option<RuleSpec> {
             _ => {}
         }
     }
+    rule.target = target;
     if let Some(mark) = mark {
         rule.fwmark = Some((mark, mask.unwrap_or(u32::MAX)));
     }

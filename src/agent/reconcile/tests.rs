@@ -698,7 +698,7 @@ fn scope(dp: &FakeDp) -> (BTreeSet<IpNetwork>, BTreeSet<IpNetwork>) {
         .last()
         .unwrap()
         .iter()
-        .filter(|r| r.table == crate::agent::hostnet::TAILSCALE_TABLE)
+        .filter(|r| r.table() == Some(crate::agent::hostnet::TAILSCALE_TABLE))
         .filter_map(|r| r.dst)
         .filter(|n| !crate::agent::hostnet::tailnet_ranges().contains(n))
         .collect();

@@ -242,7 +242,7 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
         sorted.sort_by_key(|r| (r.priority, r.ipv6));
         v.rules = sorted.iter().map(|r| format!("{}: {r}", r.priority)).collect();
         for p in &pods {
-            if !rules.iter().any(|r| r.dst == Some(*p) && r.table == crate::netlink::TABLE_MAIN) {
+            if !rules.iter().any(|r| r.dst == Some(*p) && r.table() == Some(crate::netlink::TABLE_MAIN)) {
                 find(
                     &mut v,
                     Severity::Error,
