@@ -483,6 +483,57 @@ mod tests {
         assert!(err.contains("TLS handshake"), "{err}");
     }
 
+    #[tokio::test]
+    async fn every_nodes_pod_cidrs_are_followed_and_bad_ones_refused() {
+        let node = |name: &str, cidr: &str| {
+            serde_json::json!({"kind": "Node", "metadata": {"name": name, "resourceVersion": "5"},
+                               "spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})
+        };
+        let list = serde_json::json!({"kind": "NodeList", "metadata": {"resourceVersion": "5"}, "items": [
+            node("node-1", "10.244.1.0/24"), node("node-2", "10.244.2.0/24"), node("evil", "0.0.0.0/1"),
+            {"kind": "Node", "metadata": {"name": "new"}, "spec": {}},
+        ]});
+        let events = [
+            serde_json::json!({"type": "ADDED", "object": node("node-3", "10.244.3.0/24")}),
+            serde_json::json!({"type": "DELETED", "object": node("node-2", "10.244.2.0/24")}),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+        let handler: testserver::Handler = Arc::new(move |s| match s.path.as_str() {
+            p if p.starts_with("/api/v1/nodes?watch=1") && p.contains("resourceVersion=5") => (200, events.clone()),
+            p if p.starts_with("/api/v1/nodes?labelSelector=") => (200, list.to_string()),
+            _ => (404, r#"{"kind":"Status","message":"not found"}"#.into()),
+        });
+        let (_server, url) = testserver::tcp(handler).await;
+        let dir = tempfile::tempdir().unwrap();
+        let kc = format!(
+            "current-context: c\ncontexts: [{{name: c, context: {{cluster: k}}}}]\n\
+             clusters: [{{name: k, cluster: {{server: \"{url}\"}}}}]\n"
+        );
+        std::fs::write(dir.path().join("config"), kc).unwrap();
+        let mut c = NodeCidrs::from_kubeconfig("node-1", &dir.path().join("config")).unwrap();
+        assert_eq!(c.cluster_cidrs(), None, "not followed before it is started");
+        let wake = Arc::new(Notify::new());
+        let task = c.start_cluster_watch(wake.clone());
+        tokio::time::timeout(Duration::from_secs(5), wake.notified()).await.unwrap();
+        // The list, then the watch's events: node-3 came, node-2 went; "evil" is refused.
+        let t0 = Instant::now();
+        let view = loop {
+            let v = c.cluster_cidrs().unwrap();
+            if v.cidrs == nets(&["10.244.1.0/24", "10.244.3.0/24"]) {
+                break v;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(3), "{v:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(view.synced);
+        assert_eq!(view.problems.len(), 1, "{view:?}");
+        assert!(view.problems[0].contains("evil") && view.problems[0].contains("not exempt"), "{view:?}");
+        task.abort();
+    }
+
     proptest! {
         // Node JSON is untrusted: no input may panic, and whatever is accepted is canonical.
         #[test]
