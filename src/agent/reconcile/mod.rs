@@ -1,13 +1,16 @@
 //! The reconcile loop: one pass observes the node's pod CIDRs, tailscaled, Headscale and the
 //! kernel, and changes only what differs from what HeadCNI wants, in this order:
 //!
-//! 1. pod CIDRs (flag, or the Node; validated against the tailnet and service ranges);
+//! 1. pod CIDRs (flag, or the Node; validated, and against the tailnet, service and cluster
+//!    ranges);
 //! 2. tailscaled: status, and the zero-config join when it needs a login and a key is given;
 //! 3. prefs: AdvertiseRoutes ⊇ pod CIDRs (read, merge, write; only routes HeadCNI added are ever
 //!    withdrawn), RouteAll, NoSNAT; nothing else;
 //! 4. approval: with an API key, this node's own pod CIDRs in Headscale (read, merge, write);
 //!    without, what the node can see of the policy's autoApprovers;
-//! 5. data plane: forwarding, policy rules, masquerade tables;
+//! 5. data plane: the anti-spoofing guard, forwarding, policy rules, the `unreachable` route of
+//!    the pod CIDR, masquerade tables; all scoped to the cluster's destinations (the cluster
+//!    CIDR, else every Node's pod CIDRs), never to a peer's routes;
 //! 6. MTU and the node file;
 //! 7. the report (status file, metrics, readiness).
 //!
@@ -37,7 +40,8 @@
 //! - Normal: passes as above. An unreadable or missing ConfigMap changes nothing (it is
 //!   reported as a warning).
 //! - TearingDown: the cleanup of [`super::cleanup`] with [`CleanupScope::Uninstall`] (routes and
-//!   approvals HeadCNI added, its rules and nft tables; the node file stays). No pass runs, so
+//!   approvals HeadCNI added, its rules, routes and masquerade tables; the node file and the
+//!   anti-spoofing guard stay). No pass runs, so
 //!   nothing is advertised. Readiness keeps its value until the cleanup succeeded: the hook
 //!   waits for ready agents to turn not ready, which must mean "done".
 //! - TornDown: not ready (/readyz 503, /healthz stays 200), nothing touched.
