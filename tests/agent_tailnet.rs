@@ -1131,6 +1131,19 @@ fn tailnet_peers_cannot_bypass_capture_or_spoof() {
         failures.push(format!("item 10: node 3's pod saw {sources:?}, expected only {p1}"));
     }
     log(&format!("node 3 joined; first datagrams seen from {sources:?} after {:.2}s", t0.elapsed().as_secs_f64()));
+    // tailscaled's change notifications reach the agent: someone turns subnet SNAT on, and the
+    // agent turns it off again in the pass the notification starts (the time is reported).
+    let t0 = Instant::now();
+    c.nodes[0].tailscale(&c.peers, &["set", "--snat-subnet-routes=true"]);
+    wait_until("node 1's agent to turn subnet SNAT off again", Duration::from_secs(30), || {
+        serde_json::from_str::<Value>(&c.nodes[0].tailscale(&c.peers, &["debug", "prefs"]))
+            .is_ok_and(|p| p["NoSNAT"] == true)
+    });
+    log(&format!("subnet SNAT turned off again {:.2}s after it was turned on", t0.elapsed().as_secs_f64()));
+    let agent_log = std::fs::read_to_string(c.dir.path().join("logs/agent-n1.log")).unwrap_or_default();
+    if !agent_log.contains("tailscaled reports a change (prefs)") {
+        failures.push("the agent did not follow tailscaled's change notifications (no prefs change seen)".into());
+    }
     root_untouched();
     assert!(failures.is_empty(), "{failures:#?}");
 }

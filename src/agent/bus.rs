@@ -38,15 +38,25 @@ fn peer_id(node: &Value) -> Option<String> {
 }
 
 impl Peers {
-    /// Whether notification `n` can change what the agent keeps; remembers the peers it names.
-    pub fn relevant(&mut self, n: &Value) -> bool {
-        let mut relevant = ["State", "Prefs", "LoginFinished", "SelfChange", "NetMap"]
-            .iter()
-            .any(|k| n.get(*k).is_some_and(|v| !v.is_null()));
+    /// What in notification `n` can change what the agent keeps ("state", "prefs", "peers",
+    /// ...), empty when nothing does; remembers the peers it names.
+    pub fn relevant(&mut self, n: &Value) -> Vec<&'static str> {
+        let mut what: Vec<&'static str> = [
+            ("State", "state"),
+            ("Prefs", "prefs"),
+            ("LoginFinished", "login"),
+            ("SelfChange", "this node"),
+            ("NetMap", "network map"),
+        ]
+        .iter()
+        .filter(|(k, _)| n.get(*k).is_some_and(|v| !v.is_null()))
+        .map(|(_, w)| *w)
+        .collect();
+        let mut peers = false;
         if let Some(removed) = n.get("PeersRemoved").and_then(Value::as_array) {
             for id in removed {
                 self.0.remove(&id.to_string());
-                relevant = true;
+                peers = true;
             }
         }
         if let Some(changed) = n.get("PeersChanged").and_then(Value::as_array) {
@@ -57,11 +67,14 @@ impl Peers {
                 seen.extend(strings(node.get("PrimaryRoutes")));
                 if self.0.get(&id) != Some(&seen) {
                     self.0.insert(id, seen);
-                    relevant = true;
+                    peers = true;
                 }
             }
         }
-        relevant
+        if peers {
+            what.push("peers");
+        }
+        what
     }
 }
 
@@ -78,7 +91,9 @@ pub async fn follow(api: SocketLocalApi, wake: Arc<Notify>) {
                 loop {
                     match stream.next().await {
                         Ok(Some(n)) => {
-                            if peers.relevant(&n) {
+                            let what = peers.relevant(&n);
+                            if !what.is_empty() {
+                                log::info!("tailscaled reports a change ({}): a pass now", what.join(", "));
                                 wake.notify_one();
                             }
                         }
@@ -106,19 +121,20 @@ mod tests {
     #[test]
     fn only_changes_that_matter_wake_the_loop() {
         let mut p = Peers::default();
-        assert!(p.relevant(&json!({"Version": "1.102.3", "State": 6})), "the state");
-        assert!(p.relevant(&json!({"Prefs": {"RouteAll": true}})));
-        assert!(!p.relevant(&json!({"Engine": {"RBytes": 1}})), "traffic counters");
-        assert!(!p.relevant(&json!({"Health": {}})));
+        assert_eq!(p.relevant(&json!({"Version": "1.102.3", "State": 6})), ["state"]);
+        assert_eq!(p.relevant(&json!({"Prefs": {"RouteAll": true}})), ["prefs"]);
+        assert!(p.relevant(&json!({"Engine": {"RBytes": 1}})).is_empty(), "traffic counters");
+        assert!(p.relevant(&json!({"Health": {}})).is_empty());
         let node = |routes: &[&str], endpoints: &[&str]| {
             json!({"ID": 7, "StableID": "nS7", "Addresses": ["100.64.0.7/32"], "AllowedIPs": routes,
                    "PrimaryRoutes": routes, "Endpoints": endpoints, "Online": true})
         };
-        assert!(p.relevant(&json!({"PeersChanged": [node(&["10.244.3.0/24"], &["a"])]})), "a new peer");
-        assert!(!p.relevant(&json!({"PeersChanged": [node(&["10.244.3.0/24"], &["b"])]})), "a new endpoint");
-        assert!(p.relevant(&json!({"PeersChanged": [node(&["10.244.3.0/24", "0.0.0.0/0"], &["b"])]})), "routes");
-        assert!(p.relevant(&json!({"PeersRemoved": [7]})));
-        assert!(p.relevant(&json!({"PeersChanged": [node(&["10.244.3.0/24", "0.0.0.0/0"], &["b"])]})), "back");
-        assert!(!p.relevant(&json!({"PeersChanged": [{"Online": false}]})), "no id: nothing to compare");
+        assert_eq!(p.relevant(&json!({"PeersChanged": [node(&["10.244.3.0/24"], &["a"])]})), ["peers"], "new");
+        assert!(p.relevant(&json!({"PeersChanged": [node(&["10.244.3.0/24"], &["b"])]})).is_empty(), "an endpoint");
+        let routes = json!({"PeersChanged": [node(&["10.244.3.0/24", "0.0.0.0/0"], &["b"])]});
+        assert_eq!(p.relevant(&routes), ["peers"], "routes");
+        assert_eq!(p.relevant(&json!({"PeersRemoved": [7]})), ["peers"]);
+        assert_eq!(p.relevant(&routes), ["peers"], "back");
+        assert!(p.relevant(&json!({"PeersChanged": [{"Online": false}]})).is_empty(), "no id: nothing to compare");
     }
 }
