@@ -10,8 +10,11 @@
 #   - tailscaled's own counters on both nodes (`tailscale debug metrics`): major link changes,
 #     magicsock rebinds, packets queued to DERP.
 #
-#   sudo bench/churn.sh [--window S] [--reps N] [--rate R] [--out FILE]
-#       defaults: 20 s windows, 3 repetitions of (quiet, churn), 5 pods per second per node
+#   sudo bench/churn.sh [--window S] [--reps N] [--rate R] [--bitrate B] [--out FILE]
+#       defaults: 20 s windows, 3 repetitions of (quiet, churn), 5 pods per second per node;
+#       --bitrate caps the TCP stream (iperf3 -b, e.g. 200M): on a machine whose CPU the
+#       stream saturates, the churn's own CPU use lowers an uncapped stream whatever the
+#       network does, and a capped one shows the network's stalls alone
 #
 # Prints a table (also written to FILE, default target/churn-<time>.md). Everything lives in
 # network namespaces created (and removed) here; HEADCNI_BIN skips the build.
@@ -19,19 +22,21 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-WINDOW=20 REPS=3 RATE=5 OUT=""
+WINDOW=20 REPS=3 RATE=5 BITRATE="" OUT=""
 while (($#)); do
 	case "$1" in
 	--window) WINDOW=$2; shift 2 ;;
 	--reps) REPS=$2; shift 2 ;;
 	--rate) RATE=$2; shift 2 ;;
+	--bitrate) BITRATE=$2; shift 2 ;;
 	--out) OUT=$2; shift 2 ;;
-	-h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,22p' "$0"; exit 0 ;;
 	*) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
 [[ "$WINDOW" =~ ^[0-9]+$ && "$REPS" =~ ^[0-9]+$ && "$RATE" =~ ^[0-9]+$ ]] ||
 	{ echo "--window, --reps and --rate take whole numbers" >&2; exit 2; }
+[[ -z "$BITRATE" || "$BITRATE" =~ ^[0-9]+[KMG]?$ ]] || { echo "--bitrate takes a rate such as 200M" >&2; exit 2; }
 OUT=${OUT:-$repo/target/churn-$(date +%Y%m%d-%H%M%S).md}
 
 export HC_PREFIX=${HC_PREFIX:-hcch}
@@ -135,7 +140,7 @@ run_window() { # NAME KIND
 	ping_pid=$!
 	connect_probe >"$data/$w.connect" &
 	probe_pid=$!
-	pod_exec 1 cli iperf3 -c "$SRV" -p 5201 -t "$WINDOW" -i 1 -J >"$data/$w.iperf.json" 2>/dev/null || true
+	pod_exec 1 cli iperf3 -c "$SRV" -p 5201 -t "$WINDOW" -i 1 -J ${BITRATE:+-b "$BITRATE"} >"$data/$w.iperf.json" 2>/dev/null || true
 	wait "$ping_pid" 2>/dev/null || true
 	wait "$probe_pid" 2>/dev/null || true
 	if [[ "$kind" == churn ]]; then
@@ -154,5 +159,5 @@ for ((r = 1; r <= REPS; r++)); do
 done
 
 mkdir -p "$(dirname "$OUT")"
-python3 "$here/churn_report.py" "$data" "$WINDOW" "$RATE" "$("$HC_BIN" version)" | tee "$OUT"
+python3 "$here/churn_report.py" "$data" "$WINDOW" "$RATE" "$("$HC_BIN" version)" "${BITRATE:-uncapped}" "$(uptime)" | tee "$OUT"
 hc_log "report written to $OUT"

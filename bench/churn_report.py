@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarises the windows bench/churn.sh recorded: one row per window, one per condition.
 
-usage: churn_report.py DATA_DIR WINDOW_S RATE VERSION
+usage: churn_report.py DATA_DIR WINDOW_S RATE VERSION [BITRATE [UPTIME]]
 """
 
 import json
@@ -83,6 +83,8 @@ def churn_counts(data, w):
 def main():
     data = Path(sys.argv[1])
     window, rate, version = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    bitrate = sys.argv[5] if len(sys.argv) > 5 else "uncapped"
+    load = sys.argv[6].strip() if len(sys.argv) > 6 else ""
     windows = [line.split() for line in (data / "windows").read_text().splitlines() if line.strip()]
     rows = []
     for w, kind in windows:
@@ -110,7 +112,10 @@ def main():
         return "-" if v is None else format(v, spec)
 
     print(f"# Pod churn and cross-node traffic ({version})\n")
-    print(f"{window} s windows, churn = {rate} pod ADD+DEL per second on each node; both nodes' tailscaled counters.\n")
+    print(f"{window} s windows, churn = {rate} pod ADD+DEL per second on each node; TCP stream {bitrate}; both nodes' tailscaled counters.")
+    if load:
+        print(f"At the end: {load}")
+    print()
     print("| window | TCP Mbit/s (median / min of 1 s) | ping loss | longest gap | new connections | major link changes | rebinds | DERP-queued packets | churn ADD/DEL/failed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

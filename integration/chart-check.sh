@@ -370,6 +370,7 @@ t_render_facts() {
 	expect_not_in defaults "no key: no key file flag" "--auth-key-file"
 	expect_in keys "auth key passed as a file" "--auth-key-file=/etc/headcni/keys/auth-key"
 	expect_in keys "API key passed as a file" "--api-key-file=/etc/headcni/keys/api-key"
+	expect_not_in keys "https: the API key needs no clear-text permission" "--allow-http-api-key"
 	expect_in keys "checksum annotation restarts agents on key change" "checksum/secret:"
 	expect_in keys "pre-delete hook" "helm.sh/hook: pre-delete"
 	expect_in keys "agent watches the teardown signal" "--teardown-configmap=kube-system/headcni-teardown"
@@ -515,6 +516,8 @@ t_schema() {
 	reject "existingSecret together with a key" "leave config.headscale.authKey" \
 		--set config.headscale.url=https://h.example --set config.headscale.existingSecret=s --set config.headscale.authKey=k
 	reject "key without URL" "config.headscale.url is required" --set config.headscale.authKey=k
+	reject "API key over plain http" "clear text" \
+		--set config.headscale.url=http://h.example:8080 --set config.headscale.apiKey=k
 	reject "hostname shared by every node" "/config/tailscale/hostname" --set config.tailscale.hostname=node
 	reject "ServiceMonitor without Service" "needs metrics.service.enabled" \
 		--set metrics.serviceMonitor.enabled=true --set metrics.service.enabled=false

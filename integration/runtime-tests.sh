@@ -38,7 +38,9 @@ source "$here/lib/testing.sh"
 hc_require_root
 N=1 # the node
 CIDR=$(node_pod_cidr $N)
-GW=10.244.$N.1
+IPAM_GW=10.244.$N.1      # the range's gateway in the IPAM config: never a pod's address
+GW=169.254.1.1           # the pod's gateway: link-local, the host end of its veth
+NODE_ADDR=$(node_addr $N) # what a pod reaches through its gateway
 MTU=1280
 CTR_NS=hcrt # containerd namespace for `ctr run` (the CRI uses k8s.io)
 
@@ -73,7 +75,7 @@ ipam_holds() { hcni_ipam_holds "$N" "$2"; }
 # check_attached KIND IP MTU_SEEN : address in the pod CIDR, MTU, IPAM record.
 check_attached() {
 	local kind=$1 ip=$2 mtu=$3
-	if [[ -z "$ip" || "$ip" == "$GW" ]] || ! cidr_has "$CIDR" "$ip"; then
+	if [[ -z "$ip" || "$ip" == "$IPAM_GW" ]] || ! cidr_has "$CIDR" "$ip"; then
 		hc_die "address '$ip' is not a pod address of $CIDR"
 	fi
 	[[ "$mtu" == "$MTU" ]] || hc_die "eth0 MTU is $mtu, the node file says $MTU"
@@ -105,8 +107,9 @@ _podman() { # KIND
 	ip=$(pm_ip "$N" "$name")
 	mtu=$(node_podman "$N" exec "$name" cat /sys/class/net/eth0/mtu)
 	check_attached "$kind" "$ip" "$mtu"
-	node_podman "$N" exec "$name" ping -c 2 -W 2 "$GW" >/dev/null || hc_die "the container cannot ping its gateway $GW"
-	note "podman container $name: $ip/$MTU, gateway $GW answers"
+	node_podman "$N" exec "$name" ping -c 2 -W 2 "$NODE_ADDR" >/dev/null ||
+		hc_die "the container cannot reach the node ($NODE_ADDR) through its gateway $GW"
+	note "podman container $name: $ip/$MTU, reaches the node through its gateway $GW"
 	pm_rm "$N" "$name" 2>/dev/null
 	check_clean "$kind" "$ip" "$before"
 }
@@ -134,9 +137,9 @@ _ctr() { # KIND : ctr run --cni --rm in the foreground (run in the background
 	ip=$(_ctr_ip)
 	mtu=$(node_ctr_ns task exec --exec-id "mtu$RANDOM" "$id" cat /sys/class/net/eth0/mtu)
 	check_attached "$kind" "$ip" "$mtu"
-	node_ctr_ns task exec --exec-id "ping$RANDOM" "$id" ping -c 2 -W 2 "$GW" >/dev/null ||
-		hc_die "the ctr container cannot ping its gateway $GW"
-	note "ctr run --cni $id: $ip/$MTU, gateway $GW answers"
+	node_ctr_ns task exec --exec-id "ping$RANDOM" "$id" ping -c 2 -W 2 "$NODE_ADDR" >/dev/null ||
+		hc_die "the ctr container cannot reach the node ($NODE_ADDR) through its gateway $GW"
+	note "ctr run --cni $id: $ip/$MTU, reaches the node through its gateway $GW"
 	node_ctr_ns task kill "$id"
 	local k
 	for ((k = 0; k < 100; k++)); do
@@ -155,8 +158,9 @@ _crictl() { # KIND
 	ip=$(ctd_pod_ip "$N" "$pod")
 	mtu=$(ctd_exec "$N" "$pod" cat /sys/class/net/eth0/mtu)
 	check_attached "$kind" "$ip" "$mtu"
-	ctd_exec "$N" "$pod" ping -c 2 -W 2 "$GW" >/dev/null || hc_die "the crictl pod cannot ping its gateway $GW"
-	note "crictl pod $name: $ip/$MTU, gateway $GW answers"
+	ctd_exec "$N" "$pod" ping -c 2 -W 2 "$NODE_ADDR" >/dev/null ||
+		hc_die "the crictl pod cannot reach the node ($NODE_ADDR) through its gateway $GW"
+	note "crictl pod $name: $ip/$MTU, reaches the node through its gateway $GW"
 	if [[ "$kind" == headcni-ipam ]]; then
 		# the CRI passes K8S_POD_NAMESPACE/K8S_POD_NAME: the record names the pod
 		hcni_ipam "$N" list --json | jq -e --arg ip "$ip" --arg n "$name" \

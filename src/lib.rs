@@ -3,6 +3,7 @@
 //! One multi-call binary carries every role; [`Role::detect`] picks it before any argument
 //! parsing, and `main.rs` does nothing else.
 //!
+//! - [`cidr`]: the one sanity check of pod, cluster, service and IPAM ranges
 //! - [`cni`]: the CNI protocol (no Linux networking, nothing of HeadCNI's own config)
 //! - [`plugin`]: the `headcni` CNI plugin (routed veth pairs)
 //! - [`ipam`]: the `headcni-ipam` IPAM plugin, its pure allocator and its store
@@ -10,6 +11,7 @@
 //!   network namespace
 //! - [`nodefile`], [`events`]: what the agent and the plugins share on a node (the only way
 //!   they meet)
+//! - [`podguard`]: the anti-spoofing guard both the plugin and the agent keep on a node
 //! - [`agent`]: the node daemon (`headcni agent`)
 //! - [`clients`]: HTTP, Kubernetes, Headscale and tailscaled's LocalAPI, shared by the roles
 //! - [`cli`]: the command line and its commands (`status`, `teardown`)
@@ -24,6 +26,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
+pub mod cidr;
 pub mod cli;
 pub mod clients;
 pub mod cni;
@@ -36,6 +39,7 @@ pub mod logging;
 pub mod netlink;
 pub mod nodefile;
 pub mod plugin;
+pub mod podguard;
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -1,5 +1,11 @@
 //! Logging setup for each role. In CNI mode stdout carries the result, so records go to a log
 //! file and to stderr; the long-running agent and the CLI log to stderr only.
+//!
+//! The plugins' log file is bounded: a plugin that finds it at [`MAX_LOG_BYTES`] or more renames
+//! it to `<file>.1` (replacing the one before) and starts a new one, so the file and its one
+//! predecessor hold at most about twice that. The rename happens under an exclusive lock on
+//! the full file, and whoever waited for that lock opens the file anew instead of rotating the
+//! fresh one: concurrent plugins rotate once.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Write};
@@ -13,6 +19,8 @@ pub const DEFAULT_LOG_FILE: &str = "/var/log/headcni/headcni.log";
 pub const LEVEL_ENV: &str = "HEADCNI_LOG_LEVEL";
 /// Environment variable naming the plugins' log file; overrides the config's `log_file`.
 pub const FILE_ENV: &str = "HEADCNI_LOG_FILE";
+/// The size at which the plugins' log file is rotated.
+pub const MAX_LOG_BYTES: u64 = 8 << 20;
 
 /// Copies every formatted record to the log file and to stderr.
 struct Tee {
@@ -82,5 +90,60 @@ fn open_log(path: &Path) -> Option<std::fs::File> {
     if let Some(dir) = path.parent() {
         let _ = DirBuilder::new().recursive(true).mode(0o750).create(dir);
     }
+    // Twice at most: once the full file, once the fresh one after the rotation.
+    for _ in 0..2 {
+        let file = OpenOptions::new().create(true).append(true).mode(0o640).open(path).ok()?;
+        let full = file.metadata().map(|m| m.len() >= MAX_LOG_BYTES).unwrap_or(false);
+        // Only regular files rotate (not /dev/null, not a pipe).
+        if !full || !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Some(file);
+        }
+        rotate(path, &file);
+    }
     OpenOptions::new().create(true).append(true).mode(0o640).open(path).ok()
+}
+
+/// Renames the full log file `file` (open at `path`) to `<path>.1`, unless someone else did while
+/// this process waited for the lock.
+fn rotate(path: &Path, file: &std::fs::File) {
+    use std::os::unix::fs::MetadataExt;
+    if file.lock().is_err() {
+        return;
+    }
+    let ours = file.metadata().ok().map(|m| (m.dev(), m.ino()));
+    let current = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    if ours.is_some() && ours == current {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::rename(path, old);
+    }
+    let _ = file.unlock();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_full_log_is_rotated_once_and_kept_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("headcni.log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![b'x'; MAX_LOG_BYTES as usize]).unwrap();
+        drop(f);
+        let mut fresh = open_log(&path).unwrap();
+        fresh.write_all(b"new line\n").unwrap();
+        let old = dir.path().join("headcni.log.1");
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), MAX_LOG_BYTES);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new line\n");
+        // A file below the limit is appended to; a second rotation replaces the first.
+        assert!(open_log(&path).is_some());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new line\n");
+        std::fs::write(&path, vec![b'y'; MAX_LOG_BYTES as usize + 1]).unwrap();
+        open_log(&path).unwrap();
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), MAX_LOG_BYTES + 1);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        assert!(open_log(Path::new("/dev/null")).is_some(), "not a regular file: never rotated");
+    }
 }

@@ -44,6 +44,8 @@ pub enum NodeFileError {
     Read { path: String, source: io::Error },
     #[error("node file {path}, line {line}: {msg}")]
     Invalid { path: String, line: usize, msg: String },
+    #[error("node file {path}: {msg}")]
+    Inconsistent { path: String, msg: String },
     #[error("writing node file {path}: {source}")]
     Write { path: String, source: io::Error },
 }
@@ -55,9 +57,7 @@ fn parse_cidrs(value: &str) -> Result<Vec<IpNetwork>, String> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             let net: IpNetwork = s.parse().map_err(|_| format!("\"{s}\" is not a CIDR"))?;
-            if net.network() != net.ip() {
-                return Err(format!("\"{s}\" has host bits set"));
-            }
+            crate::cidr::check(&net)?;
             Ok(net)
         })
         .collect()
@@ -91,6 +91,8 @@ impl NodeFile {
                 _ => {}
             }
         }
+        crate::cidr::check_inside_cluster(&nf.pod_cidrs, &nf.cluster_cidrs)
+            .map_err(|msg| NodeFileError::Inconsistent { path: path.display().to_string(), msg })?;
         Ok(nf)
     }
 
@@ -162,6 +164,8 @@ mod tests {
             ("# c\nHEADCNI_MTU=abc", "line 2"),
             ("HEADCNI_MTU=100", "outside 576..9000"),
             ("garbage", "KEY=value"),
+            ("HEADCNI_POD_CIDRS=128.0.0.0/1", "covers too much"),
+            ("HEADCNI_POD_CIDRS=10.9.1.0/24\nHEADCNI_CLUSTER_CIDRS=10.244.0.0/16", "not inside the cluster CIDR"),
         ] {
             let err = NodeFile::parse(text, p).unwrap_err().to_string();
             assert!(err.contains(needle), "{err} should contain {needle}");

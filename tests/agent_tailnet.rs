@@ -53,8 +53,8 @@ fn peers() -> Option<Peers> {
     [&p.headscale, &p.tailscaled, &p.tailscale].iter().all(|b| b.is_file()).then_some(p)
 }
 
-fn headcni() -> &'static str {
-    env!("CARGO_BIN_EXE_headcni")
+fn headcni() -> PathBuf {
+    common::headcni_exe()
 }
 
 fn log(msg: &str) {
@@ -155,6 +155,8 @@ impl Node {
 struct Cluster {
     peers: Peers,
     dir: tempfile::TempDir,
+    /// The Kubernetes API the agents read their Nodes from, when there is one.
+    kube: Option<FakeKube>,
     // Drop order: processes (fields below nodes are dropped after), then namespaces.
     headscale: Option<Proc>,
     nodes: Vec<Node>,
@@ -170,6 +172,7 @@ impl Drop for Cluster {
             n.tailscaled.take();
         }
         self.headscale.take();
+        self.kube.take();
         if std::thread::panicking() {
             for f in std::fs::read_dir(self.dir.path().join("logs")).into_iter().flatten().flatten() {
                 let text = std::fs::read_to_string(f.path()).unwrap_or_default();
@@ -193,6 +196,11 @@ impl Cluster {
     /// The underlay (172.31.98.0/24, outside every cluster and service CIDR of the test): a bridge
     /// in `ul` joining Headscale, the nodes and a router to `inet` (172.31.99.0/24).
     fn new(peers: Peers, nodes: u8, auto_approve: &[&str]) -> Cluster {
+        Self::with_acls(peers, nodes, auto_approve, &[])
+    }
+
+    /// A cluster whose policy also has `extra_acls`.
+    fn with_acls(peers: Peers, nodes: u8, auto_approve: &[&str], extra_acls: &[Value]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let ul = Netns::new("ul");
@@ -218,8 +226,8 @@ impl Cluster {
         inet.ip("link set eth0 up");
         inet.ip("route add 172.31.98.0/24 via 172.31.99.1");
 
-        let mut cluster = Cluster { peers, dir, headscale: None, nodes: Vec::new(), hs_ns, inet, ul };
-        cluster.write_headscale_config(auto_approve);
+        let mut cluster = Cluster { peers, dir, kube: None, headscale: None, nodes: Vec::new(), hs_ns, inet, ul };
+        cluster.write_headscale_config(auto_approve, extra_acls);
         cluster.start_headscale();
         for i in 1..=nodes {
             let ns = Netns::new(&format!("n{i}"));
@@ -250,7 +258,7 @@ impl Cluster {
         self.dir.path().join("headscale")
     }
 
-    fn write_headscale_config(&self, auto_approve: &[&str]) {
+    fn write_headscale_config(&self, auto_approve: &[&str], extra_acls: &[Value]) {
         let d = self.hs_dir();
         std::fs::create_dir_all(d.join("lib")).unwrap();
         let cfg = format!(
@@ -270,10 +278,14 @@ impl Cluster {
         std::fs::write(d.join("config.yaml"), cfg).unwrap();
         let approvers: serde_json::Map<String, Value> =
             auto_approve.iter().map(|r| (r.to_string(), json!([TAG]))).collect();
+        let mut acls = vec![
+            json!({"action": "accept", "src": [TAG, "10.244.0.0/16"], "dst": [format!("{TAG}:*"), "10.244.0.0/16:*"]}),
+        ];
+        acls.extend(extra_acls.iter().cloned());
         let policy = json!({
             "tagOwners": {TAG: ["headcni@"]},
             "autoApprovers": {"routes": approvers},
-            "acls": [{"action": "accept", "src": [TAG, "10.244.0.0/16"], "dst": [format!("{TAG}:*"), "10.244.0.0/16:*"]}],
+            "acls": acls,
         });
         std::fs::write(d.join("policy.hujson"), serde_json::to_string_pretty(&policy).unwrap()).unwrap();
     }
@@ -348,7 +360,8 @@ impl Cluster {
         cmd.args(["--metrics-bind", "127.0.0.1", "--metrics-port", &METRICS_PORT.to_string()]);
         cmd.arg("--auth-key-file").arg(&auth);
         if api_key {
-            cmd.arg("--api-key-file").arg(&api);
+            // Headscale is plain http inside the test's namespaces.
+            cmd.arg("--api-key-file").arg(&api).arg("--allow-http-api-key");
         }
         cmd.env("HEADCNI_LOG_LEVEL", "info");
         node.agent = Some(Proc::spawn(
@@ -401,16 +414,25 @@ impl Cluster {
 
     /// A pod on node `i`, set up by the real CNI plugin (ADD) as a runtime would.
     fn add_pod(&mut self, i: usize, k: u8) -> String {
+        self.add_pod_with(i, k, json!({}))
+    }
+
+    /// A pod as [`Cluster::add_pod`] makes it, with `extra` merged into the configuration.
+    fn add_pod_with(&mut self, i: usize, k: u8, extra: Value) -> String {
         let cni_path = std::env::var("HEADCNI_TEST_CNI_PATH").unwrap_or_else(|_| "/usr/lib/cni".into());
         let pod = Netns::new(&format!("n{}p{k}", self.nodes[i].i));
         let node = &self.nodes[i];
-        let conf = json!({
+        let mut conf = json!({
             "cniVersion": "1.0.0", "name": "headcni", "type": "headcni",
             "run_dir": node.run_dir(), "log_file": node.dir.join("cni.log"),
             "ipam": {"type": "host-local", "dataDir": node.dir.join("ipam")},
         });
+        if let (Some(c), Value::Object(e)) = (conf.as_object_mut(), extra) {
+            c.extend(e);
+        }
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &node.ns.name, headcni()])
+            .args(["netns", "exec", &node.ns.name])
+            .arg(headcni())
             .env("CNI_COMMAND", "ADD")
             .env("CNI_CONTAINERID", format!("pod{}x{k}", node.i))
             .env("CNI_NETNS", pod.path())
@@ -592,7 +614,9 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
 
     // headcni status on node 1.
     let out = Command::new("ip")
-        .args(["netns", "exec", &c.nodes[0].ns.name, headcni(), "status", "--json"])
+        .args(["netns", "exec", &c.nodes[0].ns.name])
+        .arg(headcni())
+        .args(["status", "--json"])
         .arg("--tailscale-socket")
         .arg(c.nodes[0].socket())
         .arg("--run-dir")
@@ -667,9 +691,12 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     c.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(10));
     let (_, api) = c.keys();
     let out = Command::new("ip")
-        .args(["netns", "exec", &c.nodes[0].ns.name, headcni(), "agent", "--cleanup", "--headscale-url", HS_URL])
+        .args(["netns", "exec", &c.nodes[0].ns.name])
+        .arg(headcni())
+        .args(["agent", "--cleanup", "--headscale-url", HS_URL])
         .arg("--api-key-file")
         .arg(&api)
+        .arg("--allow-http-api-key")
         .arg("--tailscale-socket")
         .arg(c.nodes[0].socket())
         .arg("--run-dir")
@@ -755,7 +782,9 @@ fn tailnet_with_policy_approval_reports_pending_routes() {
     assert!(m.contains("headcni_routes_pending_approval 1"), "{m}");
     assert!(m.contains("headcni_routes_approved 0"), "{m}");
     let out = Command::new("ip")
-        .args(["netns", "exec", &c.nodes[1].ns.name, headcni(), "status"])
+        .args(["netns", "exec", &c.nodes[1].ns.name])
+        .arg(headcni())
+        .arg("status")
         .arg("--tailscale-socket")
         .arg(c.nodes[1].socket())
         .arg("--run-dir")
@@ -772,4 +801,369 @@ fn tailnet_with_policy_approval_reports_pending_routes() {
     assert_eq!(hs.iter().find(|n| n.1 == "node-2").unwrap().3, Vec::<String>::new());
     assert_eq!(hs.iter().find(|n| n.1 == "node-1").unwrap().3, vec!["10.244.1.0/24"]);
     root_untouched();
+}
+
+/// The part of a Kubernetes API server the agents use, serving fixed Node objects: GET of one
+/// Node, the list, and a watch that stays open and quiet (the Nodes do not change). Listens in
+/// the underlay namespace; stopped and its threads joined on drop.
+struct FakeKube {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    kubeconfig: PathBuf,
+}
+
+impl FakeKube {
+    fn node(name: &str, cidr: &str) -> Value {
+        json!({"kind": "Node", "apiVersion": "v1",
+               "metadata": {"name": name, "resourceVersion": "7"},
+               "spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})
+    }
+
+    fn start(ul: &Netns, dir: &Path, nodes: Vec<Value>) -> FakeKube {
+        use std::io::{BufRead, BufReader};
+        use std::sync::atomic::Ordering;
+        let listener =
+            headcni::netlink::Netns::open(&ul.path()).unwrap().bind_tcp("172.31.98.1:6443".parse().unwrap()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let list =
+            json!({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"}, "items": nodes});
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                let (stream, _) = match listener.accept() {
+                    Ok(a) => a,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                };
+                let (list, flag) = (list.clone(), flag.clone());
+                conns.push(std::thread::spawn(move || {
+                    stream.set_nonblocking(false).unwrap();
+                    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut head = String::new();
+                    let _ = reader.read_line(&mut head);
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        line.clear();
+                    }
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let mut out = stream;
+                    let reply = |out: &mut std::net::TcpStream, status: &str, body: &str| {
+                        let _ = write!(
+                            out,
+                            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    };
+                    if path.contains("watch=1") {
+                        let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
+                        let _ = out.flush();
+                        while !flag.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    } else if path.starts_with("/api/v1/nodes?") {
+                        reply(&mut out, "200 OK", &list.to_string());
+                    } else if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
+                        match list["items"].as_array().unwrap().iter().find(|n| n["metadata"]["name"] == name) {
+                            Some(n) => reply(&mut out, "200 OK", &n.to_string()),
+                            None => reply(&mut out, "404 Not Found", r#"{"kind":"Status","message":"not found"}"#),
+                        }
+                    } else {
+                        reply(&mut out, "404 Not Found", r#"{"kind":"Status","message":"not found"}"#);
+                    }
+                }));
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            "current-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n\
+             clusters: [{name: k, cluster: {server: \"http://172.31.98.1:6443\"}}]\nusers: [{name: u, user: {token: t0ken}}]\n",
+        )
+        .unwrap();
+        FakeKube { stop, thread: Some(thread), kubeconfig }
+    }
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Cluster {
+    /// The agent on node `i` in Kubernetes mode: its pod CIDR from its Node, no --pod-cidr and
+    /// no --cluster-cidr (the other nodes' pod CIDRs are whatever the Nodes say).
+    fn start_kube_agent(&mut self, i: usize) {
+        let (auth, _) = self.keys();
+        let kubeconfig = self.kube.as_ref().unwrap().kubeconfig.clone();
+        let node = &mut self.nodes[i];
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &node.ns.name]).arg(headcni()).arg("agent");
+        cmd.args(["--node-name", &format!("node-{}", node.i), "--kubeconfig"]).arg(&kubeconfig);
+        cmd.args(["--service-cidr", "10.96.0.0/12", "--headscale-url", HS_URL]);
+        cmd.arg("--tailscale-socket").arg(node.socket());
+        cmd.arg("--run-dir").arg(node.run_dir()).arg("--state-dir").arg(node.dir.join("state"));
+        cmd.args(["--metrics-bind", "127.0.0.1", "--metrics-port", &METRICS_PORT.to_string()]);
+        cmd.arg("--auth-key-file").arg(&auth);
+        cmd.env("HEADCNI_LOG_LEVEL", "info");
+        node.agent = Some(Proc::spawn(
+            &format!("agent-n{}", node.i),
+            cmd,
+            &self.dir.path().join(format!("logs/agent-n{}.log", node.i)),
+        ));
+    }
+
+    /// Joins node `i` by hand (no agent) with extra `tailscale up` flags.
+    fn join_bystander(&self, i: usize, hostname: &str, extra: &[&str]) {
+        let (auth, _) = self.keys();
+        let mut args = vec![
+            "up".to_string(),
+            "--login-server".into(),
+            HS_URL.into(),
+            "--auth-key".into(),
+            format!("file:{}", auth.display()),
+            "--hostname".into(),
+            hostname.into(),
+            "--accept-dns=false".into(),
+            "--timeout".into(),
+            "60s".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = self.nodes[i].tailscale(&self.peers, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!out.contains("error"), "{hostname}: {out}");
+    }
+
+    /// Approves `routes` for Headscale node `name` through the REST API.
+    fn hs_approve(&self, name: &str, routes: &[&str]) {
+        let id = self.hs_nodes().into_iter().find(|n| n.1 == name).unwrap_or_else(|| panic!("{name} unknown")).0;
+        let header = self.dir.path().join("apikey.header");
+        self.ul.exec_ok(&[
+            "curl",
+            "-fsS",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("@{}", header.display()),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &json!({"routes": routes}).to_string(),
+            &format!("{HS_URL}/api/v1/node/{id}/approve_routes"),
+        ]);
+    }
+}
+
+/// The routes of node `ns`'s table 52.
+fn table52(ns: &Netns) -> String {
+    ns.exec(&["ip", "route", "show", "table", "52"]).stdout.iter().map(|b| *b as char).collect()
+}
+
+/// Items 1, 2, 3, 4 and 10 of the data plane's hardening, with real peers: agents in
+/// Kubernetes mode without a cluster CIDR (the mode in which the exemption came from the peers'
+/// routes), an exit node and a peer that advertises the nodes' own underlay, both approved, and
+/// a third node that joins while traffic flows. Every check runs; the failures are reported
+/// together.
+#[test]
+fn tailnet_peers_cannot_bypass_capture_or_spoof() {
+    let peers = require_peers!();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let internet_acl = json!({"action": "accept", "src": [TAG], "dst": ["autogroup:internet:*", "172.31.98.0/24:*"]});
+    let mut c = Cluster::with_acls(peers, 5, &["10.244.0.0/16"], &[internet_acl]);
+    let kube_dir = c.dir.path().join("kube");
+    std::fs::create_dir_all(&kube_dir).unwrap();
+    let nodes = (1..=3).map(|i| FakeKube::node(&format!("node-{i}"), &format!("10.244.{i}.0/24"))).collect();
+    c.kube = Some(FakeKube::start(&c.ul, &kube_dir, nodes));
+    let mut failures: Vec<String> = Vec::new();
+
+    // The bystanders: an exit node (node 4) and a router of the underlay (node 5), approved.
+    c.join_bystander(3, "exit", &["--advertise-exit-node"]);
+    c.join_bystander(4, "lan", &["--advertise-routes", "172.31.98.0/24"]);
+    c.hs_approve("exit", &["0.0.0.0/0", "::/0"]);
+    c.hs_approve("lan", &["172.31.98.0/24"]);
+    c.start_kube_agent(0);
+    c.start_kube_agent(1);
+    wait_until("nodes 1 and 2 ready", Duration::from_secs(60), || {
+        c.nodes[..2].iter().all(|n| n.report().is_some_and(|r| r.ready))
+    });
+    let p1 = c.add_pod(0, 1);
+    let p1b = c.add_pod(0, 2);
+    let p2 = c.add_pod(1, 1);
+    if !(0..300).any(|_| ping(&c.nodes[0].pods[0], &p2)) {
+        for n in &c.nodes[..2] {
+            for cmd in [
+                &["ip", "rule"][..],
+                &["ip", "route", "show", "table", "all"],
+                &["ip", "route", "get", &p2, "from", &p1, "iif", "lo"],
+                &["nft", "list", "ruleset"],
+            ] {
+                eprintln!("node {}: {}\n{}", n.i, cmd.join(" "), String::from_utf8_lossy(&n.ns.exec(cmd).stdout));
+            }
+            eprintln!("node {}: tailscale status\n{}", n.i, n.tailscale(&c.peers, &["status"]));
+        }
+        panic!("no pod traffic across the tailnet");
+    }
+    // The traps are set: node 1 accepted the underlay route, and sees the exit node's.
+    wait_until("the underlay route in node 1's table 52", Duration::from_secs(30), || {
+        table52(&c.nodes[0].ns).contains("172.31.98.0/24")
+    });
+    wait_until("the exit node in node 1's view", Duration::from_secs(30), || {
+        c.nodes[0].tailscale(&c.peers, &["status", "--json"]).contains("0.0.0.0/0")
+    });
+    // Give the agent a pass after the tailnet changed (a timer pass at the latest).
+    let seen = headcni::agent::serve::now();
+    wait_until("a pass of node 1's agent after the changes", Duration::from_secs(15), || {
+        c.nodes[0].report().is_some_and(|r| r.updated_at > seen + 1)
+    });
+
+    // 3. The exit node changes nothing: pods leaving the cluster are still masqueraded.
+    let nft = c.nodes[0].ns.exec_ok(&["nft", "list", "table", "ip", "headcni"]);
+    if nft.lines().any(|l| l.trim() == "return") || nft.contains("0.0.0.0/0") {
+        failures.push(format!("item 3: an exemption covers everything:\n{nft}"));
+    }
+    let seen = source_seen(&c.nodes[0].pods[0].path(), &c.inet.path(), INET_ADDR, 40011);
+    if seen.as_deref() != Some(c.nodes[0].address().as_str()) {
+        failures.push(format!("item 3: the outside saw {seen:?}, not node 1's address (masquerading is off)"));
+    }
+    // 4. The peer advertising the underlay captures none of the node's traffic.
+    for dst in ["172.31.98.2", "172.31.98.1", "172.31.98.12"] {
+        let route = c.nodes[0].ns.exec_ok(&["ip", "route", "get", dst]);
+        if !route.contains("dev eth0") {
+            failures.push(format!("item 4: node 1 routes {dst} through the tailnet: {route}"));
+        }
+    }
+    let route = c.nodes[0].ns.exec_ok(&["ip", "route", "get", &p2, "from", &p1, "iif", "lo"]);
+    if !route.contains("dev tailscale0") {
+        failures.push(format!("item 4: a pod on another node is not reached through the tailnet: {route}"));
+    }
+    if !c.nodes[0].ns.exec(&["curl", "-fsS", "--max-time", "3", &format!("{HS_URL}/health")]).status.success() {
+        failures.push("item 4: node 1 cannot reach Headscale on the underlay".into());
+    }
+    // 1. A pod forges another pod's source address towards a pod on the other node.
+    {
+        let dst: std::net::SocketAddr = format!("{p2}:40012").parse().unwrap();
+        let server = headcni::netlink::Netns::open(&c.nodes[1].pods[0].path()).unwrap().bind_udp(dst).unwrap();
+        server.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let send = |src: &str, tag: &str| {
+            spoof_udp(&c.nodes[0].pods[0], src, &p2, 40012, tag);
+        };
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            send(&p1b, "forged");
+            send(&p1, "genuine");
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = server.recv_from(&mut buf) {
+                got.push((from.ip().to_string(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+            if got.iter().any(|g| g.1 == "genuine") {
+                break;
+            }
+        }
+        if !got.iter().any(|g| g.1 == "genuine") {
+            failures.push(format!("item 1: the pod's own datagrams did not cross the tailnet: {got:?}"));
+        }
+        if let Some(g) = got.iter().find(|g| g.1 == "forged") {
+            failures.push(format!("item 1: a forged datagram reached the other node's pod as from {}", g.0));
+        }
+    }
+    // 2. The first address of node 1's pod CIDR is nobody's: a node service bound to all
+    //    addresses is not reachable through it from a tailnet peer.
+    {
+        let mut listener = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.nodes[0].ns.name,
+                "socat",
+                "TCP-LISTEN:40013,reuseaddr,fork",
+                "SYSTEM:echo hello",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let reach = |addr: &str| {
+            c.nodes[1].pods[0].exec(&["sh", "-c", &format!("echo | nc -w 3 {addr} 40013")]).status.success()
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        if reach("10.244.1.1") {
+            failures.push("item 2: a node-1 service answered a tailnet peer on 10.244.1.1".into());
+        }
+        let _ = listener.kill();
+        let _ = listener.wait();
+    }
+    // 10. Node 3 is a Node before it is a peer: node 1 exempts and routes its pod CIDR already,
+    //     and node 3's pods see node 1's pods' own addresses from the first packet.
+    let nft = c.nodes[0].ns.exec_ok(&["nft", "list", "table", "ip", "headcni"]);
+    let rules = c.nodes[0].ns.exec_ok(&["ip", "rule"]);
+    if !nft.contains("ip daddr 10.244.3.0/24 return") {
+        failures.push(format!("item 10: before node 3 joins, node 1 does not exempt its pod CIDR:\n{nft}"));
+    }
+    if !rules.contains("to 10.244.3.0/24") {
+        failures.push(format!("item 10: before node 3 joins, node 1 does not send its pod CIDR to table 52:\n{rules}"));
+    }
+    let p3 = c.add_pod_with(2, 1, json!({"pod_cidr": "10.244.3.0/24", "mtu": 1280}));
+    c.start_kube_agent(2);
+    wait_until("node 3's pod CIDR in node 1's table 52", Duration::from_secs(60), || {
+        table52(&c.nodes[0].ns).contains("10.244.3.0/24")
+    });
+    let mut sources = Vec::new();
+    let t0 = Instant::now();
+    let mut port = 40100;
+    while sources.len() < 3 && t0.elapsed() < Duration::from_secs(30) {
+        // A new flow each time: a masqueraded first packet would stay masqueraded in its flow.
+        port += 1;
+        if let Some(s) = source_seen(&c.nodes[0].pods[0].path(), &c.nodes[2].pods[0].path(), &p3, port) {
+            sources.push(s);
+        }
+    }
+    if sources.is_empty() || sources.iter().any(|s| *s != p1) {
+        failures.push(format!("item 10: node 3's pod saw {sources:?}, expected only {p1}"));
+    }
+    log(&format!("node 3 joined; first datagrams seen from {sources:?} after {:.2}s", t0.elapsed().as_secs_f64()));
+    // tailscaled's change notifications reach the agent: someone turns subnet SNAT on, and the
+    // agent turns it off again in the pass the notification starts (the time is reported).
+    let t0 = Instant::now();
+    c.nodes[0].tailscale(&c.peers, &["set", "--snat-subnet-routes=true"]);
+    wait_until("node 1's agent to turn subnet SNAT off again", Duration::from_secs(30), || {
+        serde_json::from_str::<Value>(&c.nodes[0].tailscale(&c.peers, &["debug", "prefs"]))
+            .is_ok_and(|p| p["NoSNAT"] == true)
+    });
+    log(&format!("subnet SNAT turned off again {:.2}s after it was turned on", t0.elapsed().as_secs_f64()));
+    let agent_log = std::fs::read_to_string(c.dir.path().join("logs/agent-n1.log")).unwrap_or_default();
+    if !agent_log.contains("tailscaled reports a change (prefs)") {
+        failures.push("the agent did not follow tailscaled's change notifications (no prefs change seen)".into());
+    }
+    root_untouched();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Sends one UDP datagram from inside `pod` with any source address (a raw socket).
+fn spoof_udp(pod: &Netns, src: &str, dst: &str, port: u16, payload: &str) {
+    const SCRIPT: &str = r#"
+import socket, struct, sys
+src, dst, port, payload = socket.inet_aton(sys.argv[1]), socket.inet_aton(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode()
+n = 8 + len(payload)
+def csum(d):
+    if len(d) % 2: d += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(d) // 2), d))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff or 0xffff
+udp = struct.pack("!HHHH", 40000, port, n, 0) + payload
+udp = udp[:6] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 17, n) + udp)) + udp[8:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + n, 1, 0, 64, 17, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(ip + udp, (sys.argv[2], 0))
+"#;
+    pod.exec_ok(&[common::python3(), "-c", SCRIPT, src, dst, &port.to_string(), payload]);
 }

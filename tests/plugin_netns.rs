@@ -105,7 +105,7 @@ fn lifecycle(version: &str) {
     assert_eq!(ra["interfaces"][1]["name"], "eth0");
     assert_eq!(ra["interfaces"][1]["sandbox"], a.path().display().to_string());
     assert_eq!(ra["dns"]["nameservers"][0], "10.96.0.10");
-    assert_eq!(ra["ips"][0]["gateway"], "10.244.5.1");
+    assert_eq!(ra["ips"][0]["gateway"], "169.254.1.1");
     if version.starts_with("0.") {
         assert_eq!(ra["ips"][0]["version"], "4");
     }
@@ -115,7 +115,17 @@ fn lifecycle(version: &str) {
     assert!(a.ping(&ip_b), "pod a -> pod b");
     assert!(b.ping(&ip_a), "pod b -> pod a");
     assert!(a.ping("192.168.250.1"), "pod -> host");
+    assert!(node.host.ping(&ip_a), "host -> pod");
     assert_eq!(a.exec_ok(&["cat", "/sys/class/net/eth0/mtu"]).trim(), "1280");
+    // The link-local gateway: on-link, its MAC known without ARP; nothing routable on the host end.
+    let routes = a.exec_ok(&["ip", "-4", "route"]);
+    assert!(routes.contains("default via 169.254.1.1 dev eth0"), "{routes}");
+    assert!(routes.contains(&format!("169.254.1.1 dev eth0 proto static scope link src {ip_a}")), "{routes}");
+    let host_end = ra["interfaces"][0]["name"].as_str().unwrap();
+    let neigh = a.exec_ok(&["ip", "neigh", "show", "169.254.1.1"]);
+    assert!(neigh.contains(&format!("lladdr {} PERMANENT", ra["interfaces"][0]["mac"].as_str().unwrap())), "{neigh}");
+    let host_addrs = node.host.exec_ok(&["ip", "-o", "addr", "show", "dev", host_end]);
+    assert!(!host_addrs.contains("inet "), "no IPv4 address on the host end: {host_addrs}");
 
     if version != "0.3.0" && version != "0.3.1" {
         node.run("CHECK", "ctr-a", Some(&a), &with_prev(&conf, &ra)).ok();
@@ -158,7 +168,7 @@ fn second_add_for_the_same_attachment_adds_nothing() {
     assert_eq!(node.host_veths().len(), 1);
     assert_eq!(node.reserved().len(), 1);
     // The first attachment is untouched by the refused second ADD.
-    assert!(a.ping("10.244.6.1"));
+    assert!(a.ping("192.168.250.1"));
     node.run("DEL", "ctr-a", Some(&a), &with_prev(&conf, &first)).ok();
     node.assert_clean();
 }
@@ -167,13 +177,15 @@ fn second_add_for_the_same_attachment_adds_nothing() {
 fn failed_add_rolls_everything_back() {
     require_root!();
     let node = Node::new(7);
-    let mut conf = node.conf("1.0.0", "host-local");
-    // A route through a gateway the pod cannot reach: the kernel refuses it after the veth,
-    // the addresses and the IPAM reservation exist.
-    conf["ipam"]["routes"] = json!([{"dst": "10.50.0.0/16", "gw": "192.0.2.1"}]);
+    let conf = node.conf("1.0.0", "host-local");
+    // The host already routes the address host-local hands out first (someone else's route):
+    // the ADD fails after the veth and the IPAM reservation exist, and the route stays.
+    node.host.exec_ok(&["ip", "route", "add", "10.244.7.2/32", "dev", "lo"]);
     let a = Netns::new("a");
     let reply = node.run("ADD", "ctr-a", Some(&a), &conf);
-    reply.error(100, "10.50.0.0/16");
+    reply.error(104, "10.244.7.2/32");
+    assert!(node.host.routes(false).contains("10.244.7.2 dev lo"), "nothing replaced");
+    node.host.exec_ok(&["ip", "route", "del", "10.244.7.2/32", "dev", "lo"]);
     node.assert_clean();
     assert!(!a.links().contains(&"eth0".to_string()));
 }
@@ -223,6 +235,26 @@ fn check_reports_drift() {
     a.exec_ok(&["ip", "link", "set", "eth0", "mtu", "1400"]);
     node.run("CHECK", "ctr-a", Some(&a), &with).error(102, "MTU 1400");
     a.exec_ok(&["ip", "link", "set", "eth0", "mtu", "1280"]);
+
+    a.exec_ok(&["ip", "neigh", "del", "169.254.1.1", "dev", "eth0"]);
+    node.run("CHECK", "ctr-a", Some(&a), &with).error(102, "permanent neighbour entry for its gateway 169.254.1.1");
+    let host_end = ra["interfaces"][0]["name"].as_str().unwrap();
+    a.exec_ok(&[
+        "ip",
+        "neigh",
+        "replace",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "lladdr",
+        ra["interfaces"][0]["mac"].as_str().unwrap(),
+        "nud",
+        "permanent",
+    ]);
+    // (The drift stays: the address cannot go again without the kernel flushing the veth's
+    // routes with the last IPv4 address; the checks below name their own drift as well.)
+    node.host.exec_ok(&["ip", "addr", "add", "10.244.9.1/32", "dev", host_end]);
+    node.run("CHECK", "ctr-a", Some(&a), &with).error(102, "holds the routable address 10.244.9.1/32");
 
     let ip = pod_ip(&ra);
     node.host.exec_ok(&["ip", "route", "del", &format!("{ip}/32")]);
@@ -282,7 +314,7 @@ fn gc_removes_only_invalid_attachments_of_its_network() {
         invoke(&node.bin.plugin("headcni"), Some(&node.host), &env, &gc.to_string()).ok();
 
         assert_eq!(node.host_veths().len(), 2, "{key}: ctr-b's veth is gone, ctr-a's and othernet's stay");
-        assert!(a.ping("10.244.11.1"));
+        assert!(a.ping("192.168.250.1"));
         assert!(!b.links().contains(&"eth0".to_string()));
         node.run("DEL", "ctr-a", Some(&a), &with_prev(&conf, &ra)).ok();
         node.run("DEL", "ctr-b", Some(&b), &conf).ok();
@@ -311,4 +343,37 @@ fn dual_stack_attachment() {
     node.run("DEL", "ctr-b", Some(&b), &with_prev(&conf, &rb)).ok();
     node.assert_clean();
     assert!(!node.host.routes(true).contains("fd00:10:244:13"));
+}
+
+/// An attachment made by an earlier version (the node's end holding the IPAM's gateway as a
+/// /32, the pod routing through it, the result naming it): CHECK accepts it as it is, names its
+/// drift, and DEL removes it. Built by turning an attachment of this version into that shape
+/// with `ip`, exactly as the earlier version set it up.
+#[test]
+fn an_attachment_of_the_previous_shape_is_checked_and_removed() {
+    require_root!();
+    let node = Node::new(16);
+    let mut conf = node.conf("1.0.0", "host-local");
+    conf["ipam"]["subnet"] = json!("10.244.16.0/24");
+    conf["ipam"]["gateway"] = json!("10.244.16.1");
+    let a = Netns::new("a");
+    let mut result = node.run("ADD", "ctr-old", Some(&a), &conf).ok().json();
+    let ip = pod_ip(&result);
+    let host_end = result["interfaces"][0]["name"].as_str().unwrap().to_string();
+    node.host.exec_ok(&["ip", "addr", "add", "10.244.16.1/32", "dev", &host_end, "noprefixroute"]);
+    a.exec_ok(&["ip", "neigh", "del", "169.254.1.1", "dev", "eth0"]);
+    a.exec_ok(&["ip", "route", "flush", "dev", "eth0"]);
+    a.exec_ok(&["ip", "route", "add", "10.244.16.1", "dev", "eth0", "scope", "link", "src", &ip, "proto", "static"]);
+    a.exec_ok(&["ip", "route", "add", "default", "via", "10.244.16.1", "dev", "eth0", "proto", "static"]);
+    result["ips"][0]["gateway"] = json!("10.244.16.1");
+    result["routes"] = json!([{"dst": "0.0.0.0/0", "gw": "10.244.16.1"}]);
+    assert!(a.ping("192.168.250.1"), "the old shape works");
+
+    let with = with_prev(&conf, &result);
+    node.run("CHECK", "ctr-old", Some(&a), &with).ok();
+    node.host.exec_ok(&["ip", "addr", "del", "10.244.16.1/32", "dev", &host_end]);
+    node.run("CHECK", "ctr-old", Some(&a), &with).error(102, "address 10.244.16.1/32 is missing");
+    node.run("DEL", "ctr-old", Some(&a), &with).ok();
+    node.assert_clean();
+    assert!(!a.links().contains(&"eth0".to_string()));
 }

@@ -1,6 +1,6 @@
 //! A Node object from the API server is untrusted: parsing it and deriving the pod CIDRs never
-//! panics, and whatever is accepted is usable (canonical, one per family, no overlap with the
-//! tailnet), as the agent's checks then require.
+//! panics, and whatever is accepted is usable (canonical, one per family, passing the range
+//! checks), as the agent's checks then require.
 #![no_main]
 
 use headcni::agent::config::check_pod_cidrs;
@@ -15,7 +15,8 @@ fuzz_target!(|data: &[u8]| {
             if nets.len() == 2 {
                 assert_ne!(nets[0].is_ipv4(), nets[1].is_ipv4(), "two of one family: {nets:?}");
             }
-            let _ = check_pod_cidrs(&nets, &[]);
+            assert!(nets.iter().all(|n| headcni::cidr::check(n).is_ok()), "not sane: {nets:?}");
+            let _ = check_pod_cidrs(&nets, &[], &[]);
         }
     }
 });

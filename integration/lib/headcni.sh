@@ -158,7 +158,8 @@ hcni_agent_args() {
 		--tailscale-socket "$HC_TS_SOCKET_IN_NODE" --headscale-url "$HC_HS_URL"
 		--auth-key-file "$HC_STATE_DIR/authkey"
 		--run-dir "$HC_RUN_DIR" --metrics-port "$HC_METRICS_PORT")
-	if [[ "$mode" == api ]]; then HC_AGENT_ARGS+=(--api-key-file "$HC_STATE_DIR/apikey"); fi
+	# Headscale is plain http inside the harness's namespaces: the API key may travel in clear.
+	if [[ "$mode" == api ]]; then HC_AGENT_ARGS+=(--api-key-file "$HC_STATE_DIR/apikey" --allow-http-api-key); fi
 	printf '%s\n' "$mode" >"$(node_dir "$i")/agent.mode"
 }
 

@@ -1,6 +1,6 @@
 //! Undoing what HeadCNI changed on a node: the routes it added to tailscaled's AdvertiseRoutes
-//! and approved in Headscale (only those, from the agent's state record), its policy rules and
-//! its nftables tables. Used by `headcni agent --cleanup` ([`CleanupScope::Full`]) and by the agent
+//! and approved in Headscale (only those, from the agent's state record), its policy rules, its
+//! `unreachable` routes, its masquerade tables and (`--cleanup` only) the anti-spoofing guard. Used by `headcni agent --cleanup` ([`CleanupScope::Full`]) and by the agent
 //! itself when the uninstall signal arrives ([`CleanupScope::Uninstall`]).
 //!
 //! Where the agent manages HeadCNI's files in the runtime's CNI directories (the chart's
@@ -112,6 +112,20 @@ pub async fn cleanup_with<T: LocalApi, H: HeadscaleApi, D: HostNetwork>(
         Ok(n) if n > 0 => log::info!("removed {n} policy rules"),
         Ok(_) => {}
         Err(e) => errors.push(format!("removing policy rules: {e}")),
+    }
+    match dp.remove_unreachable().await {
+        Ok(n) if n > 0 => log::info!("removed {n} unreachable routes"),
+        Ok(_) => {}
+        Err(e) => errors.push(format!("removing the unreachable routes: {e}")),
+    }
+    // The guard protects the pods that stay during an uninstall (and ADD would put it back):
+    // only a node that leaves HeadCNI loses it.
+    if scope == CleanupScope::Full {
+        match dp.remove_guard().await {
+            Ok(true) => log::info!("removed the anti-spoofing guard"),
+            Ok(false) => {}
+            Err(e) => errors.push(format!("removing the anti-spoofing guard: {e}")),
+        }
     }
     match dp.remove_masquerade().await {
         Ok(n) if n > 0 => log::info!("removed {n} nft tables"),

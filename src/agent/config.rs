@@ -1,9 +1,10 @@
 //! `headcni agent` flags (each also read from its environment variable) and their validation
 //! into an [`AgentConfig`].
 
-use super::hostnet::{self, DEFAULT_RULE_PRIORITY, TAILSCALE_FIRST_RULE, overlaps};
+use super::hostnet::{self, DEFAULT_RULE_PRIORITY, RULE_PRIORITIES, TAILSCALE_FIRST_RULE};
 use super::node::{validate_node_name, validate_pod_cidrs};
 use super::state::DEFAULT_STATE_DIR;
+use crate::cidr::overlaps;
 use crate::clients::kube::{Kind, ObjectRef};
 use crate::clients::localapi::DEFAULT_SOCKET;
 use crate::clients::secret::{Secret, SecretSource};
@@ -46,6 +47,10 @@ pub struct AgentArgs {
     /// File holding a Headscale API key: approve this node's pod CIDRs (else rely on autoApprovers).
     #[arg(long, env = "HEADCNI_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Send the API key to an http:// Headscale (in clear text): only where the path to it is
+    /// trusted (loopback, an encrypted tunnel, a test network).
+    #[arg(long, env = "HEADCNI_ALLOW_HTTP_API_KEY", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_http_api_key: bool,
     /// CA bundle (PEM) for an https Headscale with a private certificate.
     #[arg(long, env = "HEADCNI_HEADSCALE_CA_FILE")]
     pub headscale_ca_file: Option<PathBuf>,
@@ -176,21 +181,16 @@ fn cidrs(flag: &str, list: &[String]) -> Result<Vec<IpNetwork>, ConfigError> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             let net: IpNetwork = s.parse().map_err(|_| ConfigError(format!("{flag} {s:?} is not a CIDR")))?;
-            if net.network() != net.ip() {
-                return Err(ConfigError(format!(
-                    "{flag} {s} has host bits set (did you mean {}/{}?)",
-                    net.network(),
-                    net.prefix()
-                )));
-            }
+            crate::cidr::check(&net).map_err(|e| ConfigError(format!("{flag}: {e}")))?;
             Ok(net)
         })
         .collect()
 }
 
-/// Problems that make pod CIDRs unusable: overlap with the tailnet or the service network.
-/// (Also applied to CIDRs that come from the Node at run time.)
-pub fn check_pod_cidrs(pods: &[IpNetwork], service: &[IpNetwork]) -> Result<(), String> {
+/// Problems that make pod CIDRs unusable: overlap with the tailnet or the service network, or a
+/// place outside the cluster CIDR when one is given. (Also applied to CIDRs that come from the
+/// Node at run time.)
+pub fn check_pod_cidrs(pods: &[IpNetwork], cluster: &[IpNetwork], service: &[IpNetwork]) -> Result<(), String> {
     for pod in pods {
         for tailnet in hostnet::tailnet_ranges() {
             if overlaps(pod, &tailnet) {
@@ -208,15 +208,11 @@ pub fn check_pod_cidrs(pods: &[IpNetwork], service: &[IpNetwork]) -> Result<(), 
             }
         }
     }
-    Ok(())
-}
-
-/// Pod CIDRs outside every cluster CIDR (a warning: such traffic would be masqueraded).
-pub fn outside_cluster(pods: &[IpNetwork], cluster: &[IpNetwork]) -> Vec<IpNetwork> {
-    if cluster.is_empty() {
-        return Vec::new();
-    }
-    pods.iter().filter(|p| !cluster.iter().any(|c| hostnet::covers(c, p))).copied().collect()
+    crate::cidr::check_inside_cluster(pods, cluster).map_err(|e| {
+        format!(
+            "{e}: traffic between its pods and the cluster would be masqueraded; fix --cluster-cidr or the pod CIDR"
+        )
+    })
 }
 
 fn validate_tag(tag: &str) -> Result<(), ConfigError> {
@@ -257,7 +253,7 @@ impl AgentConfig {
         let service_cidrs = cidrs("--service-cidr", &args.service_cidrs)?;
         let cidr_source = if !statics.is_empty() {
             let pods = validate_pod_cidrs(&statics).map_err(|e| ConfigError(format!("--pod-cidr: {e}")))?;
-            check_pod_cidrs(&pods, &service_cidrs).map_err(ConfigError)?;
+            check_pod_cidrs(&pods, &cluster_cidrs, &service_cidrs).map_err(ConfigError)?;
             CidrSource::Static(pods)
         } else if args.cleanup {
             CidrSource::Static(Vec::new())
@@ -292,6 +288,16 @@ impl AgentConfig {
         if api_key.is_some() && headscale_url.is_none() {
             return Err(ConfigError("--api-key-file needs --headscale-url".into()));
         }
+        if let Some(url) = &headscale_url
+            && api_key.is_some()
+            && url.starts_with("http://")
+            && !args.allow_http_api_key
+        {
+            return Err(ConfigError(format!(
+                "--headscale-url {url} is plain http: the API key would cross the network in clear text; use \
+                 https://, or pass --allow-http-api-key where the path to Headscale is trusted"
+            )));
+        }
 
         let hostname = match (&args.hostname, &node_name) {
             (Some(h), _) if !h.trim().is_empty() => h.trim().to_string(),
@@ -320,13 +326,18 @@ impl AgentConfig {
                 args.metrics_path
             )));
         }
-        if args.rule_priority == 0 || args.rule_priority >= 32766 {
-            return Err(ConfigError(format!("--rule-priority {} must be within 1..32765", args.rule_priority)));
+        let last_priority = 32766 - RULE_PRIORITIES;
+        if args.rule_priority == 0 || args.rule_priority > last_priority {
+            return Err(ConfigError(format!(
+                "--rule-priority {} must be within 1..{last_priority} (HeadCNI's rules take {RULE_PRIORITIES} \
+                 priorities from it on)",
+                args.rule_priority
+            )));
         }
-        if args.rule_priority >= TAILSCALE_FIRST_RULE {
+        if args.rule_priority + RULE_PRIORITIES > TAILSCALE_FIRST_RULE {
             log::warn!(
-                "--rule-priority {} is not ahead of Tailscale's rules (5210-5270): an accepted route covering this \
-                 node's pod CIDR would capture traffic to local pods",
+                "--rule-priority {} puts HeadCNI's rules behind Tailscale's (5210-5270): an accepted route covering \
+                 this node's pod CIDR, its LAN or the default route would capture the node's traffic",
                 args.rule_priority
             );
         }
@@ -483,6 +494,15 @@ mod tests {
         assert!(err.contains("--headscale-url"), "{err}");
         let err = cfg(&["--node-name", "n", "--api-key-file", "/k"]).unwrap_err().to_string();
         assert!(err.contains("--headscale-url"), "{err}");
+        // An API key over plain http: refused unless explicitly allowed.
+        let http = ["--node-name", "n", "--headscale-url", "http://hs:8080", "--api-key-file", "/k"];
+        let err = cfg(&http).unwrap_err().to_string();
+        assert!(err.contains("clear text") && err.contains("--allow-http-api-key"), "{err}");
+        let mut allowed = http.to_vec();
+        allowed.push("--allow-http-api-key");
+        assert!(cfg(&allowed).is_ok());
+        assert!(cfg(&["--node-name", "n", "--headscale-url", "https://hs", "--api-key-file", "/k"]).is_ok());
+        assert!(cfg(&["--node-name", "n", "--headscale-url", "http://hs:8080"]).is_ok(), "no API key, no risk");
     }
 
     #[test]
@@ -494,7 +514,8 @@ mod tests {
             (vec!["--node-name", "n", "--metrics-path", "/readyz"], "probe path"),
             (vec!["--node-name", "N_1"], "node name"),
             (vec!["--node-name", "n", "--headscale-url", "hs:8080"], "http://"),
-            (vec!["--node-name", "n", "--rule-priority", "0"], "1..32765"),
+            (vec!["--node-name", "n", "--rule-priority", "0"], "1..32762"),
+            (vec!["--node-name", "n", "--rule-priority", "32763"], "1..32762"),
         ] {
             let err = cfg(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
@@ -506,10 +527,17 @@ mod tests {
     }
 
     #[test]
-    fn cluster_membership() {
-        let pods: Vec<IpNetwork> = vec!["10.244.1.0/24".parse().unwrap(), "10.9.0.0/24".parse().unwrap()];
-        let cluster: Vec<IpNetwork> = vec!["10.244.0.0/16".parse().unwrap()];
-        assert_eq!(outside_cluster(&pods, &cluster), vec!["10.9.0.0/24".parse::<IpNetwork>().unwrap()]);
-        assert!(outside_cluster(&pods, &[]).is_empty());
+    fn cidrs_are_sane_and_pod_cidrs_inside_the_cluster() {
+        for (args, needle) in [
+            (vec!["--pod-cidr", "128.0.0.0/1"], "too much"),
+            (vec!["--pod-cidr", "::ffff:10.0.0.0/120"], "IPv4-mapped"),
+            (vec!["--pod-cidr", "10.9.0.0/24", "--cluster-cidr", "10.244.0.0/16"], "not inside the cluster CIDR"),
+            (vec!["--pod-cidr", "10.244.1.0/24", "--cluster-cidr", "0.0.0.0/0"], "--cluster-cidr: 0.0.0.0/0"),
+            (vec!["--pod-cidr", "10.244.1.0/24", "--service-cidr", "224.0.0.0/8"], "multicast"),
+        ] {
+            let err = cfg(&args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert!(cfg(&["--pod-cidr", "10.244.1.0/24", "--cluster-cidr", "10.244.0.0/16"]).is_ok());
     }
 }

@@ -1,28 +1,59 @@
-//! The node's data plane as the agent keeps it: IP forwarding, a policy rule per pod CIDR that
-//! keeps traffic to local pods in the main table ahead of Tailscale's table 52, an nf_tables
-//! masquerade table per address family for pod traffic leaving the cluster, and the tailnet
-//! interface's MTU. Everything goes through [`crate::netlink`]; a handle is bound to one
-//! namespace (the host's in production, a test namespace in tests).
+//! The node's data plane as the agent keeps it: IP forwarding, the policy rules that decide
+//! what goes to Tailscale's table 52 and what does not, an `unreachable` route for each own pod
+//! CIDR, the anti-spoofing guard ([`crate::podguard`]), an nf_tables masquerade table per
+//! address family for pod traffic leaving the cluster, and the tailnet interface's MTU.
+//! Everything goes through [`crate::netlink`]; a handle is bound to one namespace (the host's in
+//! production, a test namespace in tests).
 //!
-//! Ownership: rules carry HeadCNI's protocol number ([`RULE_PROTOCOL`]) and the nf_tables tables
-//! are named [`TABLE`]; nothing else on the node is ever changed or removed.
+//! The policy rules ([`policy_rules`]), ahead of Tailscale's at 5210-5270 (P is
+//! `--rule-priority`, 5200 by default):
+//!
+//! ```text
+//! P    to <own pod CIDR> lookup main                 local pods, whatever table 52 holds
+//! P+1  fwmark 0x80000/0xff0000 goto P+3              tailscaled's own packets skip the next ones
+//! P+2  to <X> lookup 52                              X: the cluster CIDR (or the Nodes' pod
+//!                                                    CIDRs) and the tailnet ranges
+//! P+3  lookup main suppress_prefixlength 0           anything the main table routes more
+//!                                                    specifically than by its default route
+//!                                                    stays off the tailnet
+//! ```
+//!
+//! So a peer that advertises this node's own LAN, or an exit node's default route, never
+//! captures the node's traffic, while traffic to other nodes' pods still goes to table 52 even
+//! where the main table has a broader route covering it. Tailscale's own packets (its bypass
+//! mark) are never sent to table 52 by these rules, as without HeadCNI (a rule can only invert
+//! its whole match, so the mark is tested by a rule of its own that jumps over the others).
+//!
+//! Ownership: rules and routes carry HeadCNI's protocol number ([`OWN_PROTOCOL`]), the
+//! nf_tables tables are named [`TABLE`] and [`crate::podguard::TABLE`]; nothing else on the node
+//! is ever changed or removed.
 
+use crate::cidr::covers;
 use crate::netlink::nft::{MasqueradeSpec, Nft, NftError, NftFamily};
 use crate::netlink::sysctl::SysctlRoot;
-use crate::netlink::{Netlink, NetlinkError, Netns, RuleSpec, TABLE_MAIN};
+use crate::netlink::{Netlink, NetlinkError, Netns, RouteKind, RouteSpec, RuleSpec, RuleTarget, TABLE_MAIN};
+use crate::podguard;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 
-/// Protocol number on HeadCNI's policy rules (`ip rule` shows "proto 104").
-pub const RULE_PROTOCOL: u8 = 104;
-/// Default rule priority: ahead of Tailscale's rules at 5210-5270.
+/// Protocol number on HeadCNI's policy rules and routes (`ip rule` and `ip route` show
+/// "proto 104").
+pub const OWN_PROTOCOL: u8 = 104;
+/// Default priority of the first rule: ahead of Tailscale's rules at 5210-5270.
 pub const DEFAULT_RULE_PRIORITY: u32 = 5200;
+/// How many consecutive priorities HeadCNI's rules take from `--rule-priority` on.
+pub const RULE_PRIORITIES: u32 = 4;
 /// Tailscale's first rule; HeadCNI's must come before it.
 pub const TAILSCALE_FIRST_RULE: u32 = 5210;
-/// Name of HeadCNI's nf_tables tables (`ip headcni`, `ip6 headcni`).
+/// Tailscale's routing table (the routes it accepted from peers).
+pub const TAILSCALE_TABLE: u32 = 52;
+/// The mark on tailscaled's own packets (its WireGuard and disco traffic) and the mask it is
+/// matched with: Tailscale's rules send them to the main table, and HeadCNI's leave them alone.
+pub const TAILSCALE_BYPASS_MARK: (u32, u32) = (0x80000, 0xff0000);
+/// Name of HeadCNI's masquerade tables (`ip headcni`, `ip6 headcni`).
 pub const TABLE: &str = "headcni";
 pub const CHAIN: &str = "postrouting";
 /// Tailscale's address ranges: never masqueraded, never pod CIDRs.
@@ -34,6 +65,9 @@ pub const DEFAULT_TUN: &str = "tailscale0";
 pub const SYSCTL_FORWARD_V4: &str = "ipv4/ip_forward";
 pub const SYSCTL_FORWARD_V6: &str = "ipv6/conf/all/forwarding";
 
+/// The kernel has no IPv6 (booted with ipv6.disable=1): IPv6 rules are skipped.
+const EAFNOSUPPORT: i32 = 97;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostNetworkError {
     #[error(transparent)]
@@ -42,6 +76,8 @@ pub enum HostNetworkError {
     Nft(#[from] NftError),
     #[error("sysctl net/{key}: {source}")]
     Sysctl { key: String, source: std::io::Error },
+    #[error("{0}")]
+    Conflict(String),
 }
 
 const TAILNET_V4_NET: IpNetwork = match Ipv4Network::new_checked(Ipv4Addr::new(100, 64, 0, 0), 10) {
@@ -59,8 +95,54 @@ pub fn tailnet_ranges() -> [IpNetwork; 2] {
     [TAILNET_V4_NET, TAILNET_V6_NET]
 }
 
+/// HeadCNI's policy rules (see the module doc), for both families: own pod CIDRs to main at
+/// `priority`, tailscaled's marked packets past the next rules at `priority`+1, the
+/// tailnet-bound destinations `to_tailnet` and the tailnet ranges to table 52 at `priority`+2,
+/// and main's specific routes ahead of table 52 at `priority`+3.
+pub fn policy_rules(pod_cidrs: &[IpNetwork], to_tailnet: &[IpNetwork], priority: u32) -> Vec<RuleSpec> {
+    let own = |mut r: RuleSpec| {
+        r.protocol = Some(OWN_PROTOCOL);
+        r
+    };
+    let mut rules: Vec<RuleSpec> = pod_cidrs.iter().map(|p| own(RuleSpec::to(*p, TABLE_MAIN, priority))).collect();
+    for ipv6 in [false, true] {
+        rules.push(own(RuleSpec {
+            ipv6,
+            dst: None,
+            fwmark: Some(TAILSCALE_BYPASS_MARK),
+            target: RuleTarget::Goto(priority + 3),
+            suppress_prefixlen: None,
+            priority: priority + 1,
+            protocol: None,
+        }));
+    }
+    let mut tailnet: Vec<IpNetwork> = Vec::new();
+    for net in to_tailnet.iter().chain(tailnet_ranges().iter()) {
+        if !tailnet.iter().any(|t| covers(t, net)) {
+            tailnet.retain(|t| !covers(net, t));
+            tailnet.push(*net);
+        }
+    }
+    tailnet.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
+    rules.extend(tailnet.into_iter().map(|net| own(RuleSpec::to(net, TAILSCALE_TABLE, priority + 2))));
+    for ipv6 in [false, true] {
+        rules.push(own(RuleSpec {
+            ipv6,
+            dst: None,
+            fwmark: None,
+            target: RuleTarget::Table(TABLE_MAIN),
+            suppress_prefixlen: Some(0),
+            priority: priority + 3,
+            protocol: None,
+        }));
+    }
+    rules
+}
+
 /// The masquerade tables for these pod CIDRs: one per family that has a pod CIDR. Exempt are
-/// the cluster, service, own and peer pod CIDRs and the tailnet ranges of that family.
+/// `exempt` (the cluster and service CIDRs, the other nodes' pod CIDRs), the own pod CIDRs and
+/// the tailnet ranges of that family; never anything else (a peer's routes are not the
+/// cluster's: an exit node lists 0.0.0.0/0).
 pub fn masquerade_specs(pod_cidrs: &[IpNetwork], exempt: &[IpNetwork]) -> Vec<MasqueradeSpec> {
     let mut out = Vec::new();
     for family in [NftFamily::Ipv4, NftFamily::Ipv6] {
@@ -87,16 +169,6 @@ pub fn masquerade_specs(pod_cidrs: &[IpNetwork], exempt: &[IpNetwork]) -> Vec<Ma
     out
 }
 
-/// Whether `outer` contains all of `inner`.
-pub fn covers(outer: &IpNetwork, inner: &IpNetwork) -> bool {
-    outer.is_ipv4() == inner.is_ipv4() && outer.prefix() <= inner.prefix() && outer.contains(inner.network())
-}
-
-/// Whether two networks share any address.
-pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
-    covers(a, b) || covers(b, a)
-}
-
 /// What the agent changed in one pass (for logs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
@@ -111,14 +183,19 @@ pub trait HostNetwork: Send + Sync {
         ipv4: bool,
         ipv6: bool,
     ) -> impl Future<Output = Result<Changes, HostNetworkError>> + Send;
-    /// Makes HeadCNI's rules exactly "to <pod CIDR> lookup main" at `priority`.
-    fn ensure_rules(
-        &self,
-        pod_cidrs: &[IpNetwork],
-        priority: u32,
-    ) -> impl Future<Output = Result<Changes, HostNetworkError>> + Send;
+    /// Makes HeadCNI's policy rules exactly `rules` (all carrying [`OWN_PROTOCOL`]).
+    fn ensure_rules(&self, rules: &[RuleSpec]) -> impl Future<Output = Result<Changes, HostNetworkError>> + Send;
     /// Removes every rule HeadCNI owns; answers how many.
     fn remove_rules(&self) -> impl Future<Output = Result<usize, HostNetworkError>> + Send;
+    /// Makes HeadCNI's `unreachable` routes in the main table exactly one per network of `nets`.
+    /// A route to the same network that someone else owns is never replaced: an error names it.
+    fn ensure_unreachable(&self, nets: &[IpNetwork]) -> impl Future<Output = Result<Changes, HostNetworkError>> + Send;
+    /// Removes HeadCNI's `unreachable` routes; answers how many.
+    fn remove_unreachable(&self) -> impl Future<Output = Result<usize, HostNetworkError>> + Send;
+    /// Puts the anti-spoofing guard back unless it is complete.
+    fn ensure_guard(&self) -> impl Future<Output = Result<Changes, HostNetworkError>> + Send;
+    /// Removes the anti-spoofing guard; answers whether it existed.
+    fn remove_guard(&self) -> impl Future<Output = Result<bool, HostNetworkError>> + Send;
     /// Makes the masquerade tables match `specs` (and removes the other family's table).
     fn ensure_masquerade(
         &self,
@@ -197,11 +274,32 @@ impl KernelHostNetwork {
     pub async fn own_rules(&self) -> Result<Vec<RuleSpec>, HostNetworkError> {
         let mut out = Vec::new();
         for v6 in [false, true] {
-            out.extend(
-                self.netlink.rules(v6).await?.into_iter().map(|(s, _)| s).filter(|s| s.protocol == Some(RULE_PROTOCOL)),
-            );
+            let rules = match self.netlink.rules(v6).await {
+                Ok(r) => r,
+                Err(e) if v6 && e.errno() == Some(EAFNOSUPPORT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            out.extend(rules.into_iter().map(|(s, _)| s).filter(|s| s.protocol == Some(OWN_PROTOCOL)));
         }
         Ok(out)
+    }
+
+    /// HeadCNI's `unreachable` routes as they are now.
+    pub async fn own_unreachable(&self) -> Result<Vec<IpNetwork>, HostNetworkError> {
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            for r in self.netlink.routes(v6).await? {
+                if r.protocol == OWN_PROTOCOL && r.kind == RouteKind::Unreachable && r.table == TABLE_MAIN {
+                    out.push(r.dst);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the anti-spoofing guard is complete.
+    pub fn guard_intact(&self) -> Result<bool, HostNetworkError> {
+        Ok(self.with_nft(podguard::intact)?)
     }
 
     /// Whether a table exists and how many rules its chain has.
@@ -230,33 +328,30 @@ impl HostNetwork for KernelHostNetwork {
         Ok(changes)
     }
 
-    async fn ensure_rules(&self, pod_cidrs: &[IpNetwork], priority: u32) -> Result<Changes, HostNetworkError> {
+    async fn ensure_rules(&self, want: &[RuleSpec]) -> Result<Changes, HostNetworkError> {
         let mut changes = Changes::default();
-        let want: Vec<RuleSpec> = pod_cidrs
-            .iter()
-            .map(|dst| RuleSpec { dst: *dst, table: TABLE_MAIN, priority, protocol: Some(RULE_PROTOCOL) })
-            .collect();
         for v6 in [false, true] {
-            for (have, msg) in self.netlink.rules(v6).await? {
-                if have.protocol != Some(RULE_PROTOCOL) {
-                    continue;
-                }
-                if !want.contains(&have) {
+            let rules = match self.netlink.rules(v6).await {
+                Ok(r) => r,
+                Err(e) if v6 && e.errno() == Some(EAFNOSUPPORT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for (have, msg) in rules {
+                if have.protocol == Some(OWN_PROTOCOL) && !want.contains(&have) {
                     self.netlink.delete_rule(msg).await?;
-                    changes.items.push(format!("removed rule to {} lookup main priority {}", have.dst, have.priority));
+                    changes.items.push(format!("removed rule \"{have}\" priority {}", have.priority));
                 }
             }
         }
         let now = self.own_rules().await?;
         for rule in want {
-            if now.contains(&rule) {
+            if now.contains(rule) {
                 continue;
             }
-            match self.netlink.add_rule(&rule).await {
-                Ok(()) => {
-                    changes.items.push(format!("added rule to {} lookup main priority {}", rule.dst, rule.priority))
-                }
+            match self.netlink.add_rule(rule).await {
+                Ok(()) => changes.items.push(format!("added rule \"{rule}\" priority {}", rule.priority)),
                 Err(e) if e.is_exists() => {}
+                Err(e) if rule.ipv6 && e.errno() == Some(EAFNOSUPPORT) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -266,13 +361,72 @@ impl HostNetwork for KernelHostNetwork {
     async fn remove_rules(&self) -> Result<usize, HostNetworkError> {
         let mut removed = 0;
         for v6 in [false, true] {
-            for (have, msg) in self.netlink.rules(v6).await? {
-                if have.protocol == Some(RULE_PROTOCOL) && self.netlink.delete_rule(msg).await? {
+            let rules = match self.netlink.rules(v6).await {
+                Ok(r) => r,
+                Err(e) if v6 && e.errno() == Some(EAFNOSUPPORT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for (have, msg) in rules {
+                if have.protocol == Some(OWN_PROTOCOL) && self.netlink.delete_rule(msg).await? {
                     removed += 1;
                 }
             }
         }
         Ok(removed)
+    }
+
+    async fn ensure_unreachable(&self, nets: &[IpNetwork]) -> Result<Changes, HostNetworkError> {
+        let mut changes = Changes::default();
+        let have = self.own_unreachable().await?;
+        for net in have.iter().filter(|h| !nets.contains(h)) {
+            if self.netlink.delete_route(&unreachable(*net)).await? {
+                changes.items.push(format!("removed route unreachable {net}"));
+            }
+        }
+        for net in nets.iter().filter(|n| !have.contains(n)) {
+            match self.netlink.create_route(&unreachable(*net)).await {
+                Ok(()) => changes.items.push(format!("added route unreachable {net}")),
+                Err(e) if e.is_exists() => {
+                    let owner = self
+                        .netlink
+                        .routes(net.is_ipv6())
+                        .await?
+                        .into_iter()
+                        .find(|r| r.dst == *net && r.table == TABLE_MAIN)
+                        .map(|r| format!("{:?} route, proto {}", r.kind, r.protocol))
+                        .unwrap_or_else(|| "a route".into());
+                    return Err(HostNetworkError::Conflict(format!(
+                        "the main table already has {owner} to {net}, which is not HeadCNI's: left as it is, so \
+                         traffic to unassigned addresses of the pod CIDR follows it"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(changes)
+    }
+
+    async fn remove_unreachable(&self) -> Result<usize, HostNetworkError> {
+        let mut removed = 0;
+        for net in self.own_unreachable().await? {
+            if self.netlink.delete_route(&unreachable(net)).await? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn ensure_guard(&self) -> Result<Changes, HostNetworkError> {
+        let mut changes = Changes::default();
+        if !self.with_nft(podguard::intact)? {
+            self.with_nft(|nft| nft.replace_guard(&podguard::spec()))?;
+            changes.items.push(format!("put the anti-spoofing guard (nft table inet {}) in place", podguard::TABLE));
+        }
+        Ok(changes)
+    }
+
+    async fn remove_guard(&self) -> Result<bool, HostNetworkError> {
+        Ok(self.with_nft(podguard::remove)?)
     }
 
     async fn ensure_masquerade(&self, specs: &[MasqueradeSpec]) -> Result<Changes, HostNetworkError> {
@@ -331,6 +485,14 @@ impl HostNetwork for KernelHostNetwork {
     }
 }
 
+/// HeadCNI's `unreachable` route to `net` in the main table.
+fn unreachable(net: IpNetwork) -> RouteSpec {
+    let mut r = RouteSpec::new(net);
+    r.kind = RouteKind::Unreachable;
+    r.protocol = OWN_PROTOCOL;
+    r
+}
+
 pub fn join(nets: &[IpNetwork]) -> String {
     if nets.is_empty() {
         return "-".into();
@@ -368,7 +530,7 @@ mod tests {
         let b: IpNetwork = "10.1.0.0/16".parse().unwrap();
         let c: IpNetwork = "fd00::/8".parse().unwrap();
         assert!(covers(&a, &b) && !covers(&b, &a));
-        assert!(overlaps(&b, &a) && !overlaps(&a, &c));
+        assert!(crate::cidr::overlaps(&b, &a) && !crate::cidr::overlaps(&a, &c));
         assert_eq!(tailnet_ranges()[0].to_string(), TAILNET_V4);
         assert_eq!(tailnet_ranges()[1].to_string(), TAILNET_V6);
     }

@@ -14,12 +14,20 @@
 //! - [`teardown`]: the uninstall signal (a ConfigMap the agent follows)
 //! - [`report`]: the published status file and the problem list
 //! - [`metrics`], [`serve`]: Prometheus metrics and the HTTP server with the health probes
+//! - [`bus`]: tailscaled's change notifications, which wake the loop at once
+//!
+//! The agent fails closed and stays up: every input (the flags, the key files, the URLs, the
+//! Kubernetes credentials, tailscaled's socket) is checked before anything on the node changes
+//! ([`preflight`]), and once it runs, nothing but a signal stops it: a metrics port that is
+//! taken or flooded, an unreachable API or tailscaled are reported and retried while the loop
+//! keeps the node's networking.
 //!
 //! SIGTERM stops the agent and leaves the node as it is: pods keep working while the agent is
 //! restarted or upgraded. The uninstall signal makes every agent undo its node's changes (but
 //! the node file) and answer not ready; `--cleanup` undoes all of HeadCNI's changes and exits
 //! (a node that missed the uninstall, or leaves HeadCNI).
 
+pub mod bus;
 pub mod cleanup;
 pub mod config;
 pub mod hostnet;
@@ -33,15 +41,19 @@ pub mod teardown;
 
 use crate::clients::headscale::RestHeadscale;
 use crate::clients::localapi::SocketLocalApi;
+use crate::clients::secret::{self, SecretSource};
 use crate::clients::{http, kube};
 use config::{AgentArgs, AgentConfig, CidrSource};
 use hostnet::KernelHostNetwork;
 use ipnetwork::IpNetwork;
 use node::{NodeCidrs, NodeError, PodCidrSource, StaticCidrs};
 use reconcile::{PassOutcome, Reconciler, next_delay};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use teardown::{Signal, SignalState, SignalWatcher};
+use tokio::sync::Notify;
 
 /// The pod CIDR source picked by the configuration.
 pub enum CidrSourceImpl {
@@ -74,6 +86,12 @@ impl PodCidrSource for CidrSourceImpl {
             Self::Node(n) => n.changed().await,
         }
     }
+    fn cluster_cidrs(&self) -> Option<node::ClusterCidrs> {
+        match self {
+            Self::Static(s) => s.cluster_cidrs(),
+            Self::Node(n) => n.cluster_cidrs(),
+        }
+    }
 }
 
 fn system_hostname() -> String {
@@ -102,14 +120,97 @@ pub fn headscale_client(cfg: &AgentConfig) -> anyhow::Result<Option<RestHeadscal
     Ok(Some(RestHeadscale::new(endpoint, key.clone())))
 }
 
-/// The Kubernetes client, when the configuration reads anything from Kubernetes (one client for
-/// all: the Node's watch and the uninstall signal's share its connections).
+/// A key file the agent will read: it must exist, hold one line of text, and be writable by its
+/// owner only (anyone else could swap the key).
+fn check_key_file(path: &Path, what: &'static str, flag: &str) -> anyhow::Result<()> {
+    secret::read_file(path, what).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "{flag} {}: the file is writable by group or others (mode {:o}): anyone could replace the {what}",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
+/// tailscaled's socket: a socket, or (tailscaled not started yet) a path in an existing
+/// directory.
+fn check_socket(path: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(_) => anyhow::bail!("--tailscale-socket {} is not a socket", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match path.parent() {
+            Some(dir) if dir.is_dir() => Ok(()),
+            _ => anyhow::bail!(
+                "--tailscale-socket {}: neither the socket nor its directory exists (is tailscaled's socket mounted?)",
+                path.display()
+            ),
+        },
+        Err(e) => anyhow::bail!("--tailscale-socket {}: {e}", path.display()),
+    }
+}
+
+/// What the agent talks through, made from checked inputs.
+pub struct Peers {
+    pub headscale: Option<RestHeadscale>,
+    pub cidrs: CidrSourceImpl,
+    /// The Kubernetes client, when the configuration reads anything from Kubernetes (one for
+    /// all: the Node's watches and the uninstall signal's share its connections).
+    pub kube: Option<kube::Kube>,
+}
+
+/// Checks every input the agent was given, before anything on the node changes: the key files
+/// (readable, one line, not writable by others), Headscale's URL and CA, the Kubernetes
+/// credentials, tailscaled's socket. (The flags themselves, the CIDRs among them, were checked
+/// by [`AgentConfig::from_args`]; an API key over plain http is refused there.)
+pub async fn preflight(cfg: &AgentConfig) -> anyhow::Result<Peers> {
+    for (src, what, flag) in
+        [(&cfg.auth_key, "pre-auth key", "--auth-key-file"), (&cfg.api_key, "API key", "--api-key-file")]
+    {
+        if let Some(SecretSource::File(path)) = src {
+            check_key_file(path, what, flag)?;
+        }
+    }
+    if let Some(url) = &cfg.headscale_url {
+        // The control URL of a join must be one, API key or not.
+        let tls = url.starts_with("https://").then(|| http::tls_config(Vec::new(), true, None)).transpose()?;
+        http::Endpoint::from_url(url, tls).map_err(|e| anyhow::anyhow!("--headscale-url: {e}"))?;
+    }
+    let headscale = headscale_client(cfg)?;
+    let kube = kube_client(cfg).await?;
+    let cidrs = cidr_source(cfg, kube.as_ref())?;
+    check_socket(&cfg.tailscale_socket)?;
+    Ok(Peers { headscale, cidrs, kube })
+}
+
+/// Raises the soft limit on open files to the hard one: the descriptors the agent needs for
+/// its own sockets must never be the ones a flood of connections took.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(max)) = (limit.current, limit.maximum)
+        && current < max
+    {
+        let raised = rustix::process::Rlimit { current: Some(max), maximum: Some(max) };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => log::debug!("open files: soft limit raised from {current} to {max}"),
+            Err(e) => log::warn!("raising the soft limit on open files from {current} to {max}: {e}"),
+        }
+    }
+}
+
+/// The Kubernetes client, when the configuration reads anything from Kubernetes.
 async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<Option<kube::Kube>> {
     let needed = !matches!(cfg.cidr_source, CidrSource::Static(_)) || cfg.teardown_configmap.is_some();
     if !needed {
         return Ok(None);
     }
-    Ok(Some(kube::Kube::from_kubeconfig_or_in_cluster(cfg.kubeconfig.as_deref()).await?))
+    let kube = kube::Kube::from_kubeconfig_or_in_cluster(cfg.kubeconfig.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("the Kubernetes API's credentials: {e}"))?;
+    Ok(Some(kube))
 }
 
 fn cidr_source(cfg: &AgentConfig, kube: Option<&kube::Kube>) -> anyhow::Result<CidrSourceImpl> {
@@ -159,17 +260,17 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         cfg.headscale_url.as_deref().unwrap_or("(not set)"),
         if cfg.api_key.is_some() { "API key" } else { "policy (autoApprovers)" },
     );
+    // Nothing on the node changes before every input is known to be usable.
+    let peers = preflight(&cfg).await?;
+    raise_open_files_limit();
     crate::fsutil::ensure_dir(&cfg.run_dir, 0o755)
         .map_err(|e| anyhow::anyhow!("creating --run-dir {}: {e}", cfg.run_dir.display()))?;
     let metrics = Arc::new(metrics::Metrics::new(&cfg.run_dir));
     let health = Arc::new(serve::Health::default());
-    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("listening on {} for metrics: {e}", cfg.metrics_addr))?;
     log::info!("metrics on http://{}{}, probes /healthz and /readyz", cfg.metrics_addr, cfg.metrics_path);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(serve::serve(
-        listener,
+    let server = tokio::spawn(serve::bind_and_serve(
+        cfg.metrics_addr,
         cfg.metrics_path.clone(),
         metrics.clone(),
         health.clone(),
@@ -190,21 +291,31 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         })
     };
 
-    let kube = kube_client(&cfg).await?;
+    // What wakes the loop before its timer: tailscaled's change notifications, and a change of
+    // the Nodes' pod CIDRs (when they are what the cluster's pod network is known by).
+    let wake = Arc::new(Notify::new());
+    let Peers { headscale, mut cidrs, kube } = peers;
+    let mut background = vec![tokio::spawn(bus::follow(SocketLocalApi::new(&cfg.tailscale_socket), wake.clone()))];
+    if let CidrSourceImpl::Node(node) = &mut cidrs
+        && cfg.cluster_cidrs.is_empty()
+    {
+        log::info!("no --cluster-cidr: following every Node's pod CIDRs");
+        background.push(node.start_cluster_watch(wake.clone()));
+    }
     let mut rec = Reconciler::new(
         cfg.clone(),
-        cidr_source(&cfg, kube.as_ref())?,
+        cidrs,
         SocketLocalApi::new(&cfg.tailscale_socket),
-        headscale_client(&cfg)?,
+        headscale,
         KernelHostNetwork::current()?.with_sysctl_root(cfg.sysctl_root.clone()),
         metrics.clone(),
         health,
     );
     // Without a signal the loop reads this one, which says Unknown for ever.
     let (_no_signal_tx, no_signal_rx) = tokio::sync::watch::channel(SignalState::default());
-    let (watcher, mut signal_rx) = match (&cfg.teardown_configmap, &kube) {
+    let (watcher, mut signal_rx) = match (&cfg.teardown_configmap, kube) {
         (Some(cm), Some(kube)) => {
-            let (w, rx) = SignalWatcher::new(kube.clone(), cm.clone());
+            let (w, rx) = SignalWatcher::new(kube, cm.clone());
             log::info!("following the uninstall signal in {cm}");
             (Some(tokio::spawn(w.run())), rx)
         }
@@ -234,6 +345,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let mut was_ready = false;
     let signal = loop {
         let sig = signal_rx.borrow_and_update().clone();
+        let started = Instant::now();
         let outcome = tokio::select! {
             o = rec.pass(&sig) => o,
             _ = term.recv() => break "SIGTERM",
@@ -257,14 +369,22 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
             _ = tokio::time::sleep(delay) => {}
             // A new reading (e.g. "true") is acted on at once.
             Ok(()) = signal_rx.changed() => {}
-            // So is a change of the Node (its pod CIDR assigned).
+            // So is a change of the Node (its pod CIDR assigned)...
             () = rec.cidr_source().changed() => {}
+            // ... and a change in the tailnet or the cluster; a burst of them costs one pass
+            // per MIN_PASS_GAP.
+            _ = wake.notified() => {
+                tokio::time::sleep(MIN_PASS_GAP.saturating_sub(started.elapsed())).await;
+            }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
     };
     if let Some(w) = watcher {
         w.abort();
+    }
+    for task in background {
+        task.abort();
     }
     log::info!("{signal}: stopping; the node's network stays as it is, pods keep working");
     let _ = stop_tx.send(true);
@@ -273,6 +393,9 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     collector.abort();
     Ok(0)
 }
+
+/// The shortest time between the starts of two passes woken by notifications.
+pub const MIN_PASS_GAP: Duration = Duration::from_millis(250);
 
 /// `--cleanup`: withdraws what HeadCNI added (advertised routes, its approvals), removes its
 /// rules, nft tables, node file and status file. Every step runs; all failures are reported.

@@ -1,17 +1,22 @@
 //! The node's pod CIDRs: from `--pod-cidr`, or from `spec.podCIDR(s)` of this node's Node object
 //! in the Kubernetes API, followed by a watch of that one Node (through [`crate::clients::kube`],
 //! with the in-cluster service account or a kubeconfig): the assignment is seen the moment the
-//! controller-manager makes it, and the reconcile loop is woken for it. Node data is untrusted:
-//! every CIDR is parsed, checked canonical and at most one per family, and anything odd is an
-//! error rather than a guess.
+//! controller-manager makes it, and the reconcile loop is woken for it. In Kubernetes mode
+//! without `--cluster-cidr`, every other node's pod CIDRs too ([`NodeCidrs::start_cluster_watch`],
+//! a watcher of all Nodes): a node gets its podCIDR when it registers, before its agent can even
+//! join the tailnet, so every agent knows a new node's pod CIDR before its first packet arrives.
+//! Node data is untrusted: every CIDR is parsed, checked ([`crate::cidr::check`]) and at most one
+//! per family, and anything odd is an error rather than a guess.
 
 use crate::clients::kube::{Kube, KubeError, ObjectRef};
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NodeError {
@@ -31,6 +36,17 @@ pub enum NodeError {
     Invalid { name: String, msg: String },
 }
 
+/// What a source knows of every node's pod CIDRs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterCidrs {
+    /// Every node's accepted pod CIDRs (this node's included), sorted, each once.
+    pub cidrs: Vec<IpNetwork>,
+    /// The Nodes have been listed at least once: until then `cidrs` says nothing.
+    pub synced: bool,
+    /// Why the list may be stale (the API fails), and the Nodes whose podCIDRs were refused.
+    pub problems: Vec<String>,
+}
+
 /// Where the pod CIDRs come from (a seam for unit tests).
 pub trait PodCidrSource: Send + Sync {
     /// The node's pod CIDRs, or `None` while none is assigned.
@@ -43,6 +59,11 @@ pub trait PodCidrSource: Send + Sync {
     /// source): the loop runs a pass at once instead of waiting for its timer.
     fn changed(&self) -> impl Future<Output = ()> + Send {
         std::future::pending()
+    }
+    /// Every node's pod CIDRs, where the source follows them (Kubernetes); `None` where it
+    /// knows only this node's (`--pod-cidr`).
+    fn cluster_cidrs(&self) -> Option<ClusterCidrs> {
+        None
     }
 }
 
@@ -73,12 +94,10 @@ pub fn validate_node_name(name: &str) -> Result<(), String> {
 
 fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
     let net: IpNetwork = s.parse().map_err(|_| format!("{s:?} is not a CIDR"))?;
-    if net.network() != net.ip() {
-        return Err(format!("{s} has host bits set"));
-    }
-    let (min, max) = if net.is_ipv4() { (1, 30) } else { (1, 126) };
-    if net.prefix() < min || net.prefix() > max {
-        return Err(format!("{s}: a pod CIDR needs a prefix length between /{min} and /{max}"));
+    crate::cidr::check(&net)?;
+    let max = if net.is_ipv4() { 30 } else { 126 };
+    if net.prefix() > max {
+        return Err(format!("{s}: a pod CIDR needs room for pods (at most /{max})"));
     }
     Ok(net)
 }
@@ -135,6 +154,9 @@ type Reading = Option<Result<Option<Vec<IpNetwork>>, NodeError>>;
 #[derive(Debug)]
 pub struct NodeCidrs {
     name: String,
+    kube: Kube,
+    /// Every Node's pod CIDRs, once [`Self::start_cluster_watch`] started following them.
+    cluster: Option<Arc<Mutex<ClusterCidrs>>>,
     /// The pass reads it (marking the reading seen); between passes the loop waits on it.
     reading: tokio::sync::Mutex<watch::Receiver<Reading>>,
     task: tokio::task::JoinHandle<()>,
@@ -163,9 +185,10 @@ impl NodeCidrs {
         let node = ObjectRef::node(name).map_err(|e| NodeError::Setup(e.to_string()))?;
         let (tx, reading) = watch::channel(None);
         let owned = name.to_string();
+        let client = kube.clone();
         let task = tokio::spawn(async move {
             use futures::StreamExt;
-            let events = kube.watch_object::<Node>(&node);
+            let events = client.watch_object::<Node>(&node);
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
                 let next = match event {
@@ -182,7 +205,7 @@ impl NodeCidrs {
                 tx.send_replace(Some(next));
             }
         });
-        Ok(Self { name: name.to_string(), reading: tokio::sync::Mutex::new(reading), task })
+        Ok(Self { name: name.to_string(), kube, cluster: None, reading: tokio::sync::Mutex::new(reading), task })
     }
 
     /// The in-cluster service account.
@@ -199,6 +222,103 @@ impl NodeCidrs {
 
     pub fn node_name(&self) -> &str {
         &self.name
+    }
+
+    /// Starts following every Node's pod CIDRs on a task of its own (kube-rs's watcher: a
+    /// list, then a watch, relisting and backing off by itself); `wake` is notified whenever
+    /// the CIDRs or the sync state change. Answers the task (it runs until aborted).
+    pub fn start_cluster_watch(&mut self, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+        let shared = Arc::new(Mutex::new(ClusterCidrs::default()));
+        self.cluster = Some(shared.clone());
+        let follower = ClusterWatch { shared, wake, nodes: BTreeMap::new(), listing: None };
+        tokio::spawn(follower.run(self.kube.clone()))
+    }
+}
+
+/// The follower of every Node's pod CIDRs.
+struct ClusterWatch {
+    shared: Arc<Mutex<ClusterCidrs>>,
+    wake: Arc<Notify>,
+    /// Every Node by name: its CIDRs, or why they were refused.
+    nodes: BTreeMap<String, Result<Vec<IpNetwork>, String>>,
+    /// A relist in progress: the Nodes seen so far (replaces `nodes` when it completes, so
+    /// that a Node deleted while the watch was down disappears).
+    listing: Option<BTreeMap<String, Result<Vec<IpNetwork>, String>>>,
+}
+
+impl ClusterWatch {
+    /// What a Node object says, or `None` for an object without a name.
+    fn decode(node: &Node) -> Option<(String, Result<Vec<IpNetwork>, String>)> {
+        let name = node.metadata.name.clone()?;
+        let cidrs = match node_pod_cidrs(&name, node) {
+            Ok(c) => Ok(c.unwrap_or_default()),
+            Err(e) => Err(e.to_string()),
+        };
+        Some((name, cidrs))
+    }
+
+    /// Publishes the current view (`listed`: right after a list came through); wakes the loop
+    /// when the CIDRs or the sync state changed.
+    fn publish(&self, problem: Option<String>, listed: bool) {
+        let mut cidrs: Vec<IpNetwork> =
+            self.nodes.values().filter_map(|r| r.as_ref().ok()).flatten().copied().collect();
+        cidrs.sort_by_key(|n| (n.is_ipv6(), n.network(), n.prefix()));
+        cidrs.dedup();
+        let mut problems: Vec<String> = problem.into_iter().collect();
+        problems.extend(self.nodes.values().filter_map(|r| r.as_ref().err()).map(|e| format!("{e}: not exempt")));
+        let mut state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let synced = state.synced || listed;
+        let changed = state.cidrs != cidrs || state.synced != synced;
+        *state = ClusterCidrs { cidrs, synced, problems };
+        drop(state);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    async fn run(mut self, client: Kube) {
+        use ::kube::runtime::{WatchStreamExt, watcher};
+        use futures::StreamExt;
+        let nodes: ::kube::Api<Node> = ::kube::Api::all(client.client());
+        let events = watcher(nodes, watcher::Config::default()).default_backoff();
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::Init) => self.listing = Some(BTreeMap::new()),
+                Ok(watcher::Event::InitApply(node)) => {
+                    if let (Some(listing), Some((name, cidrs))) = (self.listing.as_mut(), Self::decode(&node)) {
+                        listing.insert(name, cidrs);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    self.nodes = self.listing.take().unwrap_or_default();
+                    self.publish(None, true);
+                }
+                Ok(watcher::Event::Apply(node)) => {
+                    if let Some((name, cidrs)) = Self::decode(&node) {
+                        self.nodes.insert(name, cidrs);
+                        self.publish(None, false);
+                    }
+                }
+                Ok(watcher::Event::Delete(node)) => {
+                    if let Some(name) = node.metadata.name {
+                        self.nodes.remove(&name);
+                        self.publish(None, false);
+                    }
+                }
+                // The watcher resumes after these by itself (an expired version is relisted).
+                Err(e) => {
+                    let hint = match &e {
+                        watcher::Error::InitialListFailed(::kube::Error::Api(s)) if s.code == 403 => {
+                            " (the agent's service account needs list and watch on nodes)"
+                        }
+                        _ => "",
+                    };
+                    log::debug!("watch of the Nodes: {e}");
+                    self.publish(Some(format!("following the Nodes: {e}{hint}")), false);
+                }
+            }
+        }
     }
 }
 
@@ -232,6 +352,10 @@ impl PodCidrSource for NodeCidrs {
         if rx.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+
+    fn cluster_cidrs(&self) -> Option<ClusterCidrs> {
+        self.cluster.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
 
@@ -367,6 +491,62 @@ mod tests {
         assert!(matches!(err, NodeError::Kube(KubeError::Unreachable(_))), "{err}");
     }
 
+    #[tokio::test]
+    async fn every_nodes_pod_cidrs_are_followed_and_bad_ones_refused() {
+        let node = |name: &str, cidr: &str, rv: &str| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Node",
+                               "metadata": {"name": name, "resourceVersion": rv},
+                               "spec": {"podCIDR": cidr, "podCIDRs": [cidr]}})
+        };
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "5"}, "items": [
+            node("node-1", "10.244.1.0/24", "5"), node("node-2", "10.244.2.0/24", "5"), node("evil", "0.0.0.0/1", "5"),
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "new", "resourceVersion": "5"}, "spec": {}},
+        ]});
+        let events = [
+            serde_json::json!({"type": "ADDED", "object": node("node-3", "10.244.3.0/24", "6")}),
+            serde_json::json!({"type": "DELETED", "object": node("node-2", "10.244.2.0/24", "7")}),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+        let handler: testserver::Handler = Arc::new(move |s| match s.path.as_str() {
+            p if p.starts_with("/api/v1/nodes?") && p.contains("watch=true") && p.contains("resourceVersion=5") => {
+                (200, events.clone())
+            }
+            p if p.starts_with("/api/v1/nodes?") && p.contains("watch=true") => {
+                (410, r#"{"kind":"Status","message":"too old","reason":"Expired","code":410}"#.into())
+            }
+            p if p.starts_with("/api/v1/nodes?") => (200, list.to_string()),
+            _ => (404, r#"{"kind":"Status","message":"not found","code":404}"#.into()),
+        });
+        let (_server, url) = testserver::tcp(handler).await;
+        let dir = tempfile::tempdir().unwrap();
+        let kc = format!(
+            "current-context: c\ncontexts: [{{name: c, context: {{cluster: k}}}}]\n\
+             clusters: [{{name: k, cluster: {{server: \"{url}\"}}}}]\n"
+        );
+        std::fs::write(dir.path().join("config"), kc).unwrap();
+        let mut c = NodeCidrs::from_kubeconfig("node-1", &dir.path().join("config")).await.unwrap();
+        assert_eq!(c.cluster_cidrs(), None, "not followed before it is started");
+        let wake = Arc::new(Notify::new());
+        let task = c.start_cluster_watch(wake.clone());
+        tokio::time::timeout(Duration::from_secs(5), wake.notified()).await.unwrap();
+        // The list, then the watch's events: node-3 came, node-2 went; "evil" is refused.
+        let t0 = std::time::Instant::now();
+        let view = loop {
+            let v = c.cluster_cidrs().unwrap();
+            if v.cidrs == nets(&["10.244.1.0/24", "10.244.3.0/24"]) {
+                break v;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "{v:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(view.synced);
+        assert!(view.problems.iter().any(|p| p.contains("evil") && p.contains("not exempt")), "{view:?}");
+        task.abort();
+    }
+
     proptest! {
         // Node JSON is untrusted: no input may panic, and whatever is accepted is canonical.
         #[test]
@@ -385,6 +565,7 @@ mod tests {
         fn valid_cidrs_are_accepted(o in any::<[u8; 4]>(), p in 8u8..=30) {
             let net = ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::from(o), p).unwrap();
             let canonical = IpNetwork::V4(ipnetwork::Ipv4Network::new(net.network(), p).unwrap());
+            prop_assume!(crate::cidr::check(&canonical).is_ok());
             let body = serde_json::json!({"metadata": {"name": "n"}, "spec": {"podCIDRs": [canonical.to_string()]}});
             prop_assert_eq!(parse_node("n", body.to_string().as_bytes()).unwrap(), Some(vec![canonical]));
         }

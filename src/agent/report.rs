@@ -82,6 +82,9 @@ pub struct AgentReport {
     pub pod_cidr_source: String,
     pub cluster_cidrs: Vec<IpNetwork>,
     pub service_cidrs: Vec<IpNetwork>,
+    /// Where pod traffic stays pod traffic: routed to the tailnet, never masqueraded (the
+    /// cluster CIDR, or every Node's pod CIDRs).
+    pub cluster_destinations: Vec<IpNetwork>,
     pub tailnet: TailnetReport,
     pub routes: Vec<RouteReport>,
     /// "api" (the agent approves with an API key) or "policy" (autoApprovers).
@@ -154,6 +157,12 @@ pub enum ProblemId {
     Approval,
     Forwarding,
     Rules,
+    /// The `unreachable` route of the own pod CIDR.
+    Unreachable,
+    /// The anti-spoofing guard.
+    Guard,
+    /// What the masquerade exemption and the tailnet-bound rules are built from.
+    ClusterCidrs,
     Masquerade,
     Mtu,
     NodeFile,
@@ -164,6 +173,8 @@ pub enum ProblemId {
     Teardown,
     /// The uninstall signal cannot be read.
     UninstallSignal,
+    /// The metrics and probe server cannot listen.
+    MetricsServer,
 }
 
 impl ProblemId {
@@ -176,6 +187,9 @@ impl ProblemId {
             ProblemId::Approval => "approval",
             ProblemId::Forwarding => "dataplane/forwarding",
             ProblemId::Rules => "dataplane/rules",
+            ProblemId::Unreachable => "dataplane/unreachable",
+            ProblemId::Guard => "dataplane/guard",
+            ProblemId::ClusterCidrs => "dataplane/cluster_cidrs",
             ProblemId::Masquerade => "dataplane/masquerade",
             ProblemId::Mtu => "dataplane/mtu",
             ProblemId::NodeFile => "node_file",
@@ -183,6 +197,7 @@ impl ProblemId {
             ProblemId::State => "state",
             ProblemId::Teardown => "teardown",
             ProblemId::UninstallSignal => "uninstall_signal",
+            ProblemId::MetricsServer => "metrics_server",
         }
     }
 
@@ -193,10 +208,16 @@ impl ProblemId {
             ProblemId::Tailscale => Step::Tailscale,
             ProblemId::Prefs | ProblemId::PrefsControlUrl => Step::Prefs,
             ProblemId::Approval => Step::Approval,
-            ProblemId::Forwarding | ProblemId::Rules | ProblemId::Masquerade | ProblemId::Mtu => Step::Dataplane,
+            ProblemId::Forwarding
+            | ProblemId::Rules
+            | ProblemId::Unreachable
+            | ProblemId::Guard
+            | ProblemId::ClusterCidrs
+            | ProblemId::Masquerade
+            | ProblemId::Mtu => Step::Dataplane,
             ProblemId::NodeFile | ProblemId::Conflist => Step::NodeFile,
             ProblemId::State => Step::State,
-            ProblemId::Teardown | ProblemId::UninstallSignal => return None,
+            ProblemId::Teardown | ProblemId::UninstallSignal | ProblemId::MetricsServer => return None,
         })
     }
 }

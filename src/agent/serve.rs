@@ -1,5 +1,12 @@
 //! The agent's HTTP server (hyper 1, HTTP/1.1): the metrics path, `/healthz` (the reconcile
 //! loop is alive) and `/readyz` (the node file is written and the pod CIDRs are advertised).
+//!
+//! The server never takes the node's networking down with it: it runs beside the reconcile
+//! loop, not in front of it. A port it cannot bind is retried in the background (and reported)
+//! while the loop goes on; at most [`MAX_CONNECTIONS`] connections are served at once (more are
+//! closed as soon as they are accepted), each must send its request within
+//! [`HEADER_TIMEOUT`] and is closed after one answer, so a flood of connections costs a bounded
+//! number of descriptors and the loop's own sockets never run out.
 
 use super::metrics::{self, Metrics};
 use http_body_util::Full;
@@ -7,23 +14,39 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The loop is considered stuck when it has not finished a pass for this long.
 pub const STALL_AFTER: Duration = Duration::from_secs(300);
+/// Connections served at once; the rest are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send its request's head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may live at most.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between attempts to bind a port that is taken.
+pub const BIND_RETRY: Duration = Duration::from_secs(5);
 
 /// What the probes answer, shared with the reconcile loop.
 pub struct Health {
     ready: AtomicBool,
     reason: Mutex<String>,
     heartbeat: AtomicU64,
+    /// Why the server is not serving (its port cannot be bound), for the loop to report.
+    server_problem: Mutex<Option<String>>,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Self { ready: AtomicBool::new(false), reason: Mutex::new("starting".into()), heartbeat: AtomicU64::new(now()) }
+        Self {
+            ready: AtomicBool::new(false),
+            reason: Mutex::new("starting".into()),
+            heartbeat: AtomicU64::new(now()),
+            server_problem: Mutex::new(None),
+        }
     }
 }
 
@@ -51,6 +74,15 @@ impl Health {
 
     fn reason(&self) -> String {
         self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_server_problem(&self, problem: Option<String>) {
+        *self.server_problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
+    /// Why the metrics and probe server is not serving, if it is not.
+    pub fn server_problem(&self) -> Option<String> {
+        self.server_problem.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -86,7 +118,43 @@ pub fn route(
     }
 }
 
-/// Serves until `shutdown` fires. Each connection is served on its own task.
+/// Binds `addr` (again every [`BIND_RETRY`] while it is taken, each failure published in
+/// `health` for the loop to report), then serves until `shutdown` fires.
+pub async fn bind_and_serve(
+    addr: SocketAddr,
+    metrics_path: String,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                if health.server_problem().is_some() {
+                    log::info!("metrics and probes: listening on {addr} now");
+                }
+                health.set_server_problem(None);
+                break l;
+            }
+            Err(e) => {
+                let problem = format!(
+                    "the metrics and probe server cannot listen on {addr} ({e}): retrying every {}s; the node's \
+                     networking is kept meanwhile",
+                    BIND_RETRY.as_secs()
+                );
+                health.set_server_problem(Some(problem));
+                tokio::select! {
+                    _ = tokio::time::sleep(BIND_RETRY) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    };
+    serve(listener, metrics_path, metrics, health, shutdown).await;
+}
+
+/// Serves until `shutdown` fires. Each connection is served on its own task, at most
+/// [`MAX_CONNECTIONS`] at once.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics_path: String,
@@ -94,6 +162,8 @@ pub async fn serve(
     health: Arc<Health>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused: u64 = 0;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -102,23 +172,37 @@ pub async fn serve(
         let (stream, _) = match accepted {
             Ok(a) => a,
             Err(e) => {
+                // Out of descriptors (or a connection reset before it was accepted): wait a
+                // little instead of spinning on the listener.
                 log::debug!("metrics server accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                log::warn!("metrics server: {refused} connections refused so far ({MAX_CONNECTIONS} at once at most)");
+            }
+            drop(stream);
+            continue;
+        };
         let (metrics, health, path) = (metrics.clone(), health.clone(), metrics_path.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let resp = route(req.method(), req.uri().path(), &path, &metrics, &health);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                log::debug!("metrics connection: {e}");
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Ok(Err(e)) => log::debug!("metrics connection: {e}"),
+                Err(_) => log::debug!("metrics connection: closed after {CONNECTION_TIMEOUT:?}"),
+                Ok(Ok(())) => {}
             }
         });
     }
@@ -148,5 +232,48 @@ mod tests {
         assert!(m.encode().contains("headcni_ip_allocations_total{family=\"ipv4\"} 1"));
         h.heartbeat.store(0, Ordering::SeqCst);
         assert_eq!(route(&Method::GET, "/healthz", "/metrics", &m, &h).status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await?;
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await?;
+        let mut out = String::new();
+        c.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_idle_connections_is_capped_and_the_server_recovers() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (m, h) = (Arc::new(Metrics::new(dir.path())), Arc::new(Health::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve(listener, "/metrics".into(), m, h, stop_rx));
+        assert!(get(addr, "/healthz").await.unwrap().starts_with("HTTP/1.1 200"));
+
+        // Connections that never send a request: beyond the cap they are closed at once.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 100 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        for (i, c) in idle.iter_mut().enumerate().skip(MAX_CONNECTIONS) {
+            let mut b = [0u8; 1];
+            let read = tokio::time::timeout(HEADER_TIMEOUT / 2, c.read(&mut b)).await;
+            assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "connection {i}, beyond the cap, was kept open");
+        }
+        drop(idle);
+        // Once the flood stops the server answers again, within the header timeout at worst.
+        let t0 = std::time::Instant::now();
+        loop {
+            if get(addr, "/healthz").await.is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
+                break;
+            }
+            assert!(t0.elapsed() < HEADER_TIMEOUT * 2, "the server did not recover");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server.abort();
     }
 }

@@ -1,12 +1,13 @@
-//! tailscaled's LocalAPI over its unix socket: status, prefs (read and masked edit), and the
-//! zero-config join (start with an auth key, then login).
+//! tailscaled's LocalAPI over its unix socket: status, prefs (read and masked edit), the
+//! zero-config join (start with an auth key, then login), and the IPN bus (its stream of change
+//! notifications, [`SocketLocalApi::watch_bus`]).
 //!
 //! Requests carry `Host: local-tailscaled.sock` and never an Origin or Referer (tailscaled
 //! refuses those). The `Sec-Tailscale: localapi` header is only checked by the loopback TCP form
 //! of the LocalAPI (tsnet), not on the unix socket, so it is not sent. Writes need root or
 //! tailscaled's operator user; tailscaled answers 403 otherwise.
 
-use super::http::{ClientError, Endpoint, HttpRequest};
+use super::http::{ClientError, Endpoint, HttpRequest, StreamingResponse};
 use super::secret::Secret;
 use hyper::{Method, StatusCode};
 use ipnetwork::IpNetwork;
@@ -239,6 +240,30 @@ impl JoinPrefs {
     }
 }
 
+/// What the IPN bus is asked for: the state at once (so a watcher knows it is connected), peer
+/// changes as deltas, and never the whole network map (which can be megabytes): bits of
+/// tailscale's `ipn.NotifyWatchOpt` (`NotifyInitialState`, `NotifyPeerChanges`,
+/// `NotifyNoNetMap`). A tailscaled that predates the last two ignores them and sends its
+/// network map, which the per-line cap of [`BUS_LINE_LIMIT`] allows for.
+pub const BUS_MASK: u64 = (1 << 1) | (1 << 12) | (1 << 13);
+/// The largest notification accepted (one line of the stream).
+pub const BUS_LINE_LIMIT: usize = 64 << 20;
+
+/// An open watch of the IPN bus: one JSON notification per line.
+pub struct BusStream {
+    stream: StreamingResponse,
+}
+
+impl BusStream {
+    /// The next notification; `None` when tailscaled ended the stream (it restarts, say).
+    pub async fn next(&mut self) -> Result<Option<Value>, TailscaleError> {
+        let Some(line) = self.stream.next_line().await.map_err(TailscaleError::Client)? else { return Ok(None) };
+        serde_json::from_slice(&line)
+            .map(Some)
+            .map_err(|source| TailscaleError::Decode { what: "a notification of the IPN bus".into(), source })
+    }
+}
+
 /// The LocalAPI calls the agent makes: the seam that lets the reconcile logic run against a
 /// fake in unit tests.
 pub trait LocalApi: Send + Sync {
@@ -287,6 +312,31 @@ impl SocketLocalApi {
             return Err(TailscaleError::Forbidden { what: what.to_string(), msg });
         }
         Err(TailscaleError::Status { what: what.to_string(), status: resp.status, msg })
+    }
+
+    /// Opens the IPN bus (`/localapi/v0/watch-ipn-bus`): tailscaled's change notifications, as
+    /// they happen, until the connection ends.
+    pub async fn watch_bus(&self) -> Result<BusStream, TailscaleError> {
+        let what = "GET /localapi/v0/watch-ipn-bus";
+        let req = HttpRequest::new(Method::GET, format!("/localapi/v0/watch-ipn-bus?mask={BUS_MASK}"))
+            .timeout(Duration::from_secs(10))
+            .limit(BUS_LINE_LIMIT);
+        let stream = self.endpoint.open(req).await.map_err(|e| {
+            if e.is_unreachable() {
+                TailscaleError::Unreachable { socket: self.socket.clone(), source: e }
+            } else {
+                TailscaleError::Client(e)
+            }
+        })?;
+        if stream.status.is_success() {
+            return Ok(BusStream { stream });
+        }
+        let status = stream.status;
+        let resp = stream.collect(64 << 10).await.map_err(TailscaleError::Client)?;
+        if status == StatusCode::FORBIDDEN {
+            return Err(TailscaleError::Forbidden { what: what.into(), msg: resp.snippet() });
+        }
+        Err(TailscaleError::Status { what: what.into(), status, msg: resp.snippet() })
     }
 
     fn decode<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, TailscaleError> {

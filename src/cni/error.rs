@@ -23,6 +23,8 @@ pub mod code {
     pub const CHECK_FAILED: u32 = 102;
     /// The address range has no free address left.
     pub const RANGE_EXHAUSTED: u32 = 103;
+    /// ADD found a host route to the pod's address that someone else owns; nothing was replaced.
+    pub const ROUTE_CONFLICT: u32 = 104;
 }
 
 /// An error as the CNI spec reports it: a code, a short message and details.

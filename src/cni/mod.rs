@@ -146,7 +146,8 @@ impl Request {
     }
 
     /// The attachments GC must keep. libcni sends both the spec's key and the name of the first
-    /// 1.1 draft; an empty list means that nothing is valid.
+    /// 1.1 draft; an empty list means that nothing is valid. Neither key is an error (code 7):
+    /// a GC that does not say what is still in use must not take everything for garbage.
     pub fn valid_attachments(&self) -> Result<Vec<Attachment>, CniError> {
         for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
             if let Some(v) = self.config.get(key).filter(|v| !v.is_null()) {
@@ -155,7 +156,9 @@ impl Request {
                 });
             }
         }
-        Ok(Vec::new())
+        Err(CniError::invalid_config(
+            "GC needs \"cni.dev/valid-attachments\", the attachments still in use: without it nothing is removed",
+        ))
     }
 
     /// The configuration re-encoded, as handed to a delegated plugin.
@@ -308,6 +311,10 @@ fn parse_cni_args(raw: &str) -> Result<Vec<(String, String)>, CniError> {
         .collect()
 }
 
+/// The largest network configuration read from stdin (a conflist's plugin with a prevResult is a
+/// few kilobytes): what is larger is refused with code 7, and never read into memory whole.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Runs one CNI invocation end to end and returns the process exit code.
 /// stdout receives exactly one JSON document (result, version reply or error) or nothing.
 pub fn run(plugin: &dyn Plugin, env: &dyn Env, stdin: &mut dyn Read, stdout: &mut dyn Write) -> i32 {
@@ -339,9 +346,11 @@ pub fn run(plugin: &dyn Plugin, env: &dyn Env, stdin: &mut dyn Read, stdout: &mu
 /// process's environment and stdout.
 pub fn main(plugin: &dyn Plugin, prepare: &dyn Fn(Option<Command>, &[u8])) -> i32 {
     let mut input = Vec::new();
-    let read = std::io::stdin().read_to_end(&mut input);
+    // One byte more than allowed tells an oversized configuration from a full one.
+    let read = std::io::stdin().take(MAX_CONFIG_BYTES + 1).read_to_end(&mut input);
     let command = std::env::var("CNI_COMMAND").ok().and_then(|c| Command::parse(&c));
-    prepare(command, &input);
+    let oversized = input.len() as u64 > MAX_CONFIG_BYTES;
+    prepare(command, if oversized { &[] } else { &input });
     if let Err(e) = read {
         log::error!("reading stdin: {e}");
     }
@@ -372,8 +381,17 @@ fn dispatch(plugin: &dyn Plugin, env: &dyn Env, stdin: &mut dyn Read) -> Dispatc
         return (None, Ok(Some(reply)));
     }
     let mut input = Vec::new();
-    if let Err(e) = stdin.read_to_end(&mut input) {
+    if let Err(e) = stdin.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut input) {
         return (None, Err(CniError::io(format!("reading stdin: {e}"))));
+    }
+    if input.len() as u64 > MAX_CONFIG_BYTES {
+        return (
+            None,
+            Err(CniError::invalid_config(format!(
+                "the network configuration on stdin is larger than {} MiB: refused unread",
+                MAX_CONFIG_BYTES >> 20
+            ))),
+        );
     }
     let req = match parse_request(command, env, &input) {
         Ok(req) => req,
@@ -602,6 +620,22 @@ mod tests {
             "cni.dev/attachments":[{"containerID":"a","ifname":"eth0"}]}"#;
         invoke(&p, &env(&[("CNI_COMMAND", "GC")]), conf);
         assert!(p.seen.borrow()[0].valid_attachments().unwrap().is_empty());
+        invoke(&p, &env(&[("CNI_COMMAND", "GC")]), r#"{"cniVersion":"1.1.0","name":"n"}"#);
+        let err = p.seen.borrow()[1].valid_attachments().unwrap_err();
+        assert_eq!(err.code, code::INVALID_CONFIG);
+        assert!(err.msg.contains("nothing is removed"), "{err}");
+    }
+
+    #[test]
+    fn an_oversized_configuration_is_refused_unread() {
+        let p = Recorder::default();
+        let mut big = String::from(r#"{"cniVersion":"1.0.0","name":"n","pad":""#);
+        big.push_str(&"x".repeat(MAX_CONFIG_BYTES as usize));
+        big.push_str(r#""}"#);
+        let (code, v) = invoke(&p, &add_env(), &big);
+        assert_eq!(code, 1);
+        assert_error(&v, code::INVALID_CONFIG, "larger than 1 MiB");
+        assert!(p.seen.borrow().is_empty(), "the plugin never ran");
     }
 
     #[test]

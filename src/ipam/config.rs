@@ -87,6 +87,7 @@ fn parse_range(obj: &Map<String, Value>, field: &str) -> Result<RangeSpec, IpamE
             subnet.prefix()
         )));
     }
+    crate::cidr::check(&subnet).map_err(|e| invalid(format!("{subnet_field}: {e}")))?;
     let max_prefix = if subnet.is_ipv4() { 32 } else { 128 };
     if subnet.prefix() + 2 > max_prefix {
         return Err(invalid(format!("{subnet_field} {subnet} is too small to allocate from")));
@@ -368,6 +369,10 @@ mod tests {
             (json!({"subnet": "10.0.0.0/33"}), "ipam.subnet"),
             (json!({"subnet": "10.0.0.5/24"}), "host bits"),
             (json!({"subnet": "10.0.0.0/31"}), "too small"),
+            (json!({"subnet": "0.0.0.0/0"}), "ipam.subnet: 0.0.0.0/0 covers too much"),
+            (json!({"ranges": [[{"subnet": "::/0"}]]}), "ipam.ranges[0][0].subnet: ::/0 covers too much"),
+            (json!({"ranges": [[{"subnet": "::ffff:10.0.0.0/120"}]]}), "IPv4-mapped"),
+            (json!({"subnet": "127.0.0.0/24"}), "loopback"),
             (json!({"subnet": "10.0.0.0/24", "gateway": "10.0.1.1"}), "ipam.gateway 10.0.1.1 is outside"),
             (json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.9", "rangeEnd": "10.0.0.3"}), "after"),
             (json!({"gateway": "10.0.0.1"}), "ipam.gateway needs ipam.subnet"),

@@ -15,10 +15,11 @@ use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -140,10 +141,26 @@ pub enum Scope {
     Host,
 }
 
+/// What a route does with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteKind {
+    /// Forwards it (through a gateway or out of an interface).
+    #[default]
+    Unicast,
+    /// Refuses it with "network unreachable" (no interface, no gateway).
+    Unreachable,
+    /// Any other type (local, broadcast, throw, ...), only ever read.
+    Other,
+}
+
+/// The protocol of the routes HeadCNI's plugin adds (`proto static`).
+pub const PROTO_STATIC: u8 = 4;
+
 /// A route to install or delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {
     pub dst: IpNetwork,
+    pub kind: RouteKind,
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     pub scope: Scope,
@@ -151,12 +168,15 @@ pub struct RouteSpec {
     pub src: Option<IpAddr>,
     pub table: u32,
     pub mtu: Option<u32>,
+    /// Who added the route (`ip route` shows "proto N"): lets an owner find its own.
+    pub protocol: u8,
 }
 
 impl RouteSpec {
     pub fn new(dst: IpNetwork) -> Self {
         Self {
             dst,
+            kind: RouteKind::Unicast,
             gateway: None,
             oif: None,
             scope: Scope::Universe,
@@ -164,6 +184,7 @@ impl RouteSpec {
             src: None,
             table: TABLE_MAIN,
             mtu: None,
+            protocol: PROTO_STATIC,
         }
     }
 }
@@ -172,20 +193,84 @@ impl RouteSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteInfo {
     pub dst: IpNetwork,
+    pub kind: RouteKind,
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     pub table: u32,
     pub scope: Scope,
+    pub protocol: u8,
 }
 
-/// A policy routing rule "to <dst> lookup <table> priority <priority> [protocol <protocol>]".
+/// What a policy rule does with a packet it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleTarget {
+    /// Look the destination up in this table (and go on with the next rule if it has no route).
+    Table(u32),
+    /// Go on with the rule at this priority, skipping those in between.
+    Goto(u32),
+}
+
+/// A policy routing rule of the shapes HeadCNI uses:
+/// `[to DST] [fwmark M/MASK] (lookup TABLE [suppress_prefixlength N] | goto P) priority P [proto X]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
-    pub dst: IpNetwork,
-    pub table: u32,
+    pub ipv6: bool,
+    /// `None`: every destination.
+    pub dst: Option<IpNetwork>,
+    /// (mark, mask) the rule matches on.
+    pub fwmark: Option<(u32, u32)>,
+    pub target: RuleTarget,
+    /// Ignore a route found in the table whose prefix is this long or shorter (0: a default
+    /// route), so that the lookup falls through to the next rule.
+    pub suppress_prefixlen: Option<u32>,
     pub priority: u32,
     /// The rule's originator (FRA_PROTOCOL, Linux 4.17+): lets an owner find its own rules.
     pub protocol: Option<u8>,
+}
+
+impl RuleSpec {
+    /// "to `dst` lookup `table` priority `priority`".
+    pub fn to(dst: IpNetwork, table: u32, priority: u32) -> Self {
+        Self {
+            ipv6: dst.is_ipv6(),
+            dst: Some(dst),
+            fwmark: None,
+            target: RuleTarget::Table(table),
+            suppress_prefixlen: None,
+            priority,
+            protocol: None,
+        }
+    }
+
+    /// The table the rule looks up, if it does.
+    pub fn table(&self) -> Option<u32> {
+        match self.target {
+            RuleTarget::Table(t) => Some(t),
+            RuleTarget::Goto(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RuleSpec {
+    /// As `ip rule` prints it, without the priority and the protocol.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("from all ")?;
+        if let Some(dst) = self.dst {
+            write!(f, "to {dst} ")?;
+        }
+        if let Some((mark, mask)) = self.fwmark {
+            write!(f, "fwmark {mark:#x}/{mask:#x} ")?;
+        }
+        match self.target {
+            RuleTarget::Table(TABLE_MAIN) => f.write_str("lookup main")?,
+            RuleTarget::Table(t) => write!(f, "lookup {t}")?,
+            RuleTarget::Goto(p) => write!(f, "goto {p}")?,
+        }
+        if let Some(n) = self.suppress_prefixlen {
+            write!(f, " suppress_prefixlength {n}")?;
+        }
+        Ok(())
+    }
 }
 
 /// An rtnetlink connection bound to one network namespace.
@@ -346,6 +431,55 @@ impl Netlink {
         self.handle.route().add(msg).replace().execute().await.map_err(req_err(format!("adding route to {}", spec.dst)))
     }
 
+    /// Adds a route only if none to the same destination exists in its table: the kernel
+    /// answers EEXIST ([`NetlinkError::is_exists`]) and nothing changes.
+    pub async fn create_route(&self, spec: &RouteSpec) -> Result<()> {
+        let msg = Self::route_message(spec)?;
+        self.handle.route().add(msg).execute().await.map_err(req_err(format!("adding route to {}", spec.dst)))
+    }
+
+    /// Adds a permanent neighbour entry: `ip` on link `index` is at `mac`, without ARP or
+    /// neighbour discovery (replacing an entry for the same address).
+    pub async fn add_permanent_neighbour(&self, index: u32, ip: IpAddr, mac: &[u8]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(mac)
+            .replace()
+            .execute()
+            .await
+            .map_err(req_err(format!("adding neighbour {ip} on link {index}")))
+    }
+
+    /// The permanent neighbour entries on link `index`: (address, link-layer address).
+    pub async fn permanent_neighbours(&self, index: u32) -> Result<Vec<(IpAddr, String)>> {
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req_err(format!("listing the neighbours of link {index}")))?;
+        let mut out = Vec::new();
+        for m in msgs.iter().filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent) {
+            let mut ip = None;
+            let mut mac = None;
+            for attr in &m.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(IpAddr::V4(*a)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => ip = Some(IpAddr::V6(*a)),
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = Some(format_mac(l)),
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push((ip, mac));
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes a route; answers whether it existed.
     pub async fn delete_route(&self, spec: &RouteSpec) -> Result<bool> {
         let msg = Self::route_message(spec)?;
@@ -378,17 +512,36 @@ impl Netlink {
         Ok(msgs.into_iter().filter_map(|m| rule_spec(&m).map(|s| (s, m))).collect())
     }
 
-    /// Adds "to <dst> lookup <table> priority <priority> [protocol <protocol>]".
+    /// Adds a rule (exclusively: an identical rule answers EEXIST).
     pub async fn add_rule(&self, rule: &RuleSpec) -> Result<()> {
-        let mut req = self.handle.rule().add().table_id(rule.table).priority(rule.priority).action(RuleAction::ToTable);
-        if let Some(proto) = rule.protocol {
-            req.message_mut().attributes.push(RuleAttribute::Protocol(RouteProtocol::from(proto)));
-        }
-        let result = match rule.dst {
-            IpNetwork::V4(d) => req.v4().destination_prefix(d.ip(), d.prefix()).execute().await,
-            IpNetwork::V6(d) => req.v6().destination_prefix(d.ip(), d.prefix()).execute().await,
+        let mut req = self.handle.rule().add().priority(rule.priority);
+        req = match rule.target {
+            RuleTarget::Table(t) => req.table_id(t).action(RuleAction::ToTable),
+            RuleTarget::Goto(_) => req.action(RuleAction::Goto),
         };
-        result.map_err(req_err(format!("adding rule to {} lookup {}", rule.dst, rule.table)))
+        let msg = req.message_mut();
+        if let RuleTarget::Goto(p) = rule.target {
+            // No table: the builder starts with main's.
+            msg.header.table = 0;
+            msg.attributes.push(RuleAttribute::Goto(p));
+        }
+        if let Some(proto) = rule.protocol {
+            msg.attributes.push(RuleAttribute::Protocol(RouteProtocol::from(proto)));
+        }
+        if let Some((mark, mask)) = rule.fwmark {
+            msg.attributes.push(RuleAttribute::FwMark(mark));
+            msg.attributes.push(RuleAttribute::FwMask(mask));
+        }
+        if let Some(n) = rule.suppress_prefixlen {
+            msg.attributes.push(RuleAttribute::SuppressPrefixLen(n));
+        }
+        let result = match (rule.ipv6, rule.dst) {
+            (_, Some(IpNetwork::V4(d))) => req.v4().destination_prefix(d.ip(), d.prefix()).execute().await,
+            (_, Some(IpNetwork::V6(d))) => req.v6().destination_prefix(d.ip(), d.prefix()).execute().await,
+            (false, None) => req.v4().execute().await,
+            (true, None) => req.v6().execute().await,
+        };
+        result.map_err(req_err(format!("adding rule \"{rule}\" priority {}", rule.priority)))
     }
 
     /// Deletes a rule found by [`Netlink::rules`]; answers whether it existed.
@@ -404,10 +557,14 @@ impl Netlink {
 }
 
 fn finish_route<T>(b: RouteMessageBuilder<T>, spec: &RouteSpec) -> RouteMessage {
-    let mut b = b.table_id(spec.table).protocol(RouteProtocol::Static).scope(match spec.scope {
+    let mut b = b.table_id(spec.table).protocol(RouteProtocol::from(spec.protocol)).scope(match spec.scope {
         Scope::Universe => RouteScope::Universe,
         Scope::Link => RouteScope::Link,
         Scope::Host => RouteScope::Host,
+    });
+    b = b.kind(match spec.kind {
+        RouteKind::Unreachable => RouteType::Unreachable,
+        RouteKind::Unicast | RouteKind::Other => RouteType::Unicast,
     });
     if let Some(oif) = spec.oif {
         b = b.output_interface(oif);
@@ -457,22 +614,69 @@ fn route_info(msg: &RouteMessage) -> Option<RouteInfo> {
         RouteScope::Host => Scope::Host,
         _ => Scope::Universe,
     };
-    Some(RouteInfo { dst, gateway, oif, table, scope })
+    let kind = match msg.header.kind {
+        RouteType::Unicast => RouteKind::Unicast,
+        RouteType::Unreachable => RouteKind::Unreachable,
+        _ => RouteKind::Other,
+    };
+    Some(RouteInfo { dst, kind, gateway, oif, table, scope, protocol: u8::from(msg.header.protocol) })
 }
 
+/// The rule a message describes, in the shapes [`RuleSpec`] knows: `None` for a rule with a
+/// source, an interface, an inverted match or any action but a table lookup or a goto (not
+/// HeadCNI's, and never mistaken for one of its shapes).
 fn rule_spec(msg: &RuleMessage) -> Option<RuleSpec> {
-    let mut dst = None;
-    let mut table = u32::from(msg.header.table);
-    let mut priority = 0;
-    let mut protocol = None;
+    if msg.header.src_len != 0 || msg.header.flags.contains(RuleFlags::Invert) {
+        return None;
+    }
+    let mut target = match msg.header.action {
+        RuleAction::ToTable => RuleTarget::Table(u32::from(msg.header.table)),
+        RuleAction::Goto => RuleTarget::Goto(0),
+        _ => return None,
+    };
+    let mut rule = RuleSpec {
+        ipv6: msg.header.family == AddressFamily::Inet6,
+        dst: None,
+        fwmark: None,
+        target,
+        suppress_prefixlen: None,
+        priority: 0,
+        protocol: None,
+    };
+    let (mut mark, mut mask) = (None, None);
     for attr in &msg.attributes {
         match attr {
-            RuleAttribute::Destination(ip) => dst = IpNetwork::new(*ip, msg.header.dst_len).ok(),
-            RuleAttribute::Table(t) => table = *t,
-            RuleAttribute::Priority(p) => priority = *p,
-            RuleAttribute::Protocol(p) => protocol = Some(u8::from(*p)),
+            RuleAttribute::Destination(ip) => rule.dst = Some(IpNetwork::new(*ip, msg.header.dst_len).ok()?),
+            RuleAttribute::Table(t) => {
+                if let RuleTarget::Table(_) = target {
+                    target = RuleTarget::Table(*t);
+                }
+            }
+            RuleAttribute::Goto(p) => {
+                if let RuleTarget::Goto(_) = target {
+                    target = RuleTarget::Goto(*p);
+                }
+            }
+            RuleAttribute::Priority(p) => rule.priority = *p,
+            RuleAttribute::Protocol(p) => rule.protocol = Some(u8::from(*p)),
+            RuleAttribute::FwMark(m) => mark = Some(*m),
+            RuleAttribute::FwMask(m) => mask = Some(*m),
+            // The kernel reports "none" as all ones.
+            RuleAttribute::SuppressPrefixLen(n) if *n != u32::MAX => rule.suppress_prefixlen = Some(*n),
+            RuleAttribute::SuppressPrefixLen(_) | RuleAttribute::SuppressIfGroup(_) => {}
+            RuleAttribute::Source(_)
+            | RuleAttribute::Iifname(_)
+            | RuleAttribute::Oifname(_)
+            | RuleAttribute::UidRange(_)
+            | RuleAttribute::IpProtocol(_)
+            | RuleAttribute::SourcePortRange(_)
+            | RuleAttribute::DestinationPortRange(_) => return None,
             _ => {}
         }
     }
-    Some(RuleSpec { dst: dst?, table, priority, protocol })
+    rule.target = target;
+    if let Some(mark) = mark {
+        rule.fwmark = Some((mark, mask.unwrap_or(u32::MAX)));
+    }
+    Some(rule)
 }

@@ -52,6 +52,11 @@ impl Netns {
         self.run(|| std::net::UdpSocket::bind(addr))?
     }
 
+    /// A TCP listener bound to `addr` in this namespace (like [`Netns::bind_udp`]).
+    pub fn bind_tcp(&self, addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+        self.run(|| std::net::TcpListener::bind(addr))?
+    }
+
     /// Runs `f` on a new thread that has entered this namespace. The calling thread never
     /// changes namespace; the helper thread ends with `f`. Private to this module's parent:
     /// entering a namespace is what only `netlink` does.

@@ -1,8 +1,9 @@
 //! A small nf_tables client over a raw NETLINK_NETFILTER socket: enough to own one NAT table
-//! per address family with a masquerade chain, to replace it atomically, to delete it, and to
-//! look at it. No `nft` binary and no libnftnl are involved.
+//! per address family with a masquerade chain, and one reverse-path guard table, to replace
+//! each atomically, to delete them, and to look at them. No `nft` binary and no libnftnl are
+//! involved.
 //!
-//! The rule set HeadCNI keeps (shown as `nft list table ip headcni` prints it):
+//! The masquerade tables HeadCNI keeps (shown as `nft list table ip headcni` prints it):
 //!
 //! ```text
 //! table ip headcni {
@@ -15,7 +16,18 @@
 //! }
 //! ```
 //!
-//! Separate `ip` and `ip6` tables avoid matching on the protocol. A replacement is one batch
+//! The guard ([`GuardSpec`], as `nft list table inet headcni-guard` prints it):
+//!
+//! ```text
+//! table inet headcni-guard {
+//!     chain prerouting {
+//!         type filter hook prerouting priority raw; policy accept;
+//!         iifname "hc*" fib saddr . iif oif missing counter drop
+//!     }
+//! }
+//! ```
+//!
+//! Separate `ip` and `ip6` masquerade tables avoid matching on the protocol. A replacement is one batch
 //! (add table, delete table, add table, chain and rules) that the kernel applies atomically:
 //! there is never a moment without masquerading, and the add-then-delete idiom makes the
 //! batch valid whether or not the table existed (it needs no DESTROY message, so it works on
@@ -51,6 +63,7 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
 
@@ -90,6 +103,18 @@ const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
 const NFT_CMP_EQ: u32 = 0;
 
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFT_META_IIFNAME: u32 = 6;
+
+const NFTA_FIB_DREG: u16 = 1;
+const NFTA_FIB_RESULT: u16 = 2;
+const NFTA_FIB_FLAGS: u16 = 3;
+const NFT_FIB_RESULT_OIF: u32 = 1;
+const NFTA_FIB_F_SADDR: u32 = 1 << 0;
+const NFTA_FIB_F_IIF: u32 = 1 << 3;
+const NFTA_FIB_F_PRESENT: u32 = 1 << 5;
+
 const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
@@ -98,12 +123,16 @@ const NFTA_VERDICT_CODE: u16 = 1;
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
+const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const NFT_RETURN: i32 = -5;
 
+const NF_INET_PRE_ROUTING: u32 = 0;
 const NF_INET_POST_ROUTING: u32 = 4;
 /// The `srcnat` priority of a NAT chain on the postrouting hook.
 pub const PRIORITY_SRCNAT: i32 = 100;
+/// The `raw` priority: ahead of connection tracking, so a dropped packet leaves no state.
+pub const PRIORITY_RAW: i32 = -300;
 
 /// libnftnl's user-data type for a rule comment (what `nft ... comment "..."` stores).
 const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
@@ -144,11 +173,14 @@ pub enum NftFamily {
     Ipv4,
     /// `ip6`
     Ipv6,
+    /// `inet`: both (the guard)
+    Inet,
 }
 
 impl NftFamily {
     fn nfproto(self) -> u8 {
         match self {
+            NftFamily::Inet => 1,
             NftFamily::Ipv4 => 2,
             NftFamily::Ipv6 => 10,
         }
@@ -159,6 +191,7 @@ impl NftFamily {
         match self {
             NftFamily::Ipv4 => "ip",
             NftFamily::Ipv6 => "ip6",
+            NftFamily::Inet => "inet",
         }
     }
 
@@ -166,11 +199,13 @@ impl NftFamily {
         if net.is_ipv4() { NftFamily::Ipv4 } else { NftFamily::Ipv6 }
     }
 
-    /// (source offset, destination offset, address length) in the network header.
-    fn addr_layout(self) -> (u32, u32, u32) {
+    /// (source offset, destination offset, address length) in the network header; `None` for
+    /// `inet`, whose packets have either header.
+    fn addr_layout(self) -> Option<(u32, u32, u32)> {
         match self {
-            NftFamily::Ipv4 => (12, 16, 4),
-            NftFamily::Ipv6 => (8, 24, 16),
+            NftFamily::Ipv4 => Some((12, 16, 4)),
+            NftFamily::Ipv6 => Some((8, 24, 16)),
+            NftFamily::Inet => None,
         }
     }
 }
@@ -194,15 +229,49 @@ pub struct MasqueradeSpec {
 
 impl MasqueradeSpec {
     fn validate(&self) -> Result<()> {
-        for name in [&self.table, &self.chain] {
-            if name.is_empty() || name.len() > 255 || name.bytes().any(|b| b == 0) {
-                return Err(NftError::Invalid(format!("bad table or chain name {name:?}")));
-            }
+        check_names(&[&self.table, &self.chain])?;
+        if self.family.addr_layout().is_none() {
+            return Err(NftError::Invalid(format!("a masquerade table must be ip or ip6, not {}", self.family)));
         }
         for net in self.sources.iter().chain(&self.exempt_destinations) {
             if NftFamily::of(net) != self.family {
                 return Err(NftError::Invalid(format!("{net} does not belong in a table of family {}", self.family)));
             }
+        }
+        Ok(())
+    }
+}
+
+fn check_names(names: &[&str]) -> Result<()> {
+    for name in names {
+        if name.is_empty() || name.len() > 255 || name.bytes().any(|b| b == 0) {
+            return Err(NftError::Invalid(format!("bad table or chain name {name:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// A reverse-path guard in an `inet` table: packets that arrive on an interface whose name
+/// starts with `ifname_prefix` are dropped unless the host routes their source address back
+/// out of that very interface (`fib saddr . iif oif missing`). For a pod veth, whose only
+/// routes are the host routes to the pod's own addresses (and, for IPv6, the link-local
+/// prefix), that admits exactly the pod's own addresses: a strict reverse-path check on these
+/// interfaces only, on the wire (raw sockets included), ahead of connection tracking, with no
+/// state per pod and no sysctl (rp_filter's effective value is the maximum of the "all" and
+/// the interface setting, so a host's loose "all" would silently weaken a per-veth one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardSpec {
+    pub table: String,
+    pub chain: String,
+    pub ifname_prefix: String,
+}
+
+impl GuardSpec {
+    fn validate(&self) -> Result<()> {
+        check_names(&[&self.table, &self.chain])?;
+        // IFNAMSIZ is 16 with the NUL: a prefix must leave room for a name.
+        if self.ifname_prefix.is_empty() || self.ifname_prefix.len() > 14 || self.ifname_prefix.contains('\0') {
+            return Err(NftError::Invalid(format!("bad interface name prefix {:?}", self.ifname_prefix)));
         }
         Ok(())
     }
@@ -282,7 +351,8 @@ fn expr(b: &mut Buf, name: &str, data: impl FnOnce(&mut Buf)) {
 
 /// Loads the source or destination address into register 1 and compares it with `net`.
 fn match_prefix(b: &mut Buf, family: NftFamily, destination: bool, net: &IpNetwork) {
-    let (src_off, dst_off, len) = family.addr_layout();
+    // An inet spec is refused before any message is built (`MasqueradeSpec::validate`).
+    let Some((src_off, dst_off, len)) = family.addr_layout() else { return };
     if net.prefix() == 0 {
         return; // matches everything
     }
@@ -334,56 +404,134 @@ fn comment(text: &str) -> Vec<u8> {
     out
 }
 
-/// The messages of an atomic replacement of `spec`'s table (without the batch delimiters).
-fn replace_messages(spec: &MasqueradeSpec, seq: &mut u32) -> Vec<(Vec<u8>, String)> {
-    let fam = spec.family.nfproto();
-    let mut next = || {
-        *seq = seq.wrapping_add(1);
-        *seq
-    };
-    let mut out = Vec::new();
+/// A base chain: its table, hook, priority and type (policy accept).
+struct BaseChain<'a> {
+    family: NftFamily,
+    table: &'a str,
+    chain: &'a str,
+    hook: u32,
+    priority: i32,
+    kind: &'a str,
+}
+
+/// The first messages of an atomic replacement of a table holding one base chain: the table
+/// added, deleted and added again (valid whether or not it existed), then the chain. The rules
+/// follow ([`rule_message`]); the batch delimiters are the caller's.
+fn table_with_chain(base: &BaseChain<'_>, next: &mut dyn FnMut() -> u32) -> Vec<(Vec<u8>, String)> {
+    let fam = base.family.nfproto();
     let table_msg = |kind: u16, flags: u16, seq: u32| {
         message(nft_type(kind), flags, seq, fam, 0, |b| {
-            b.str(NFTA_TABLE_NAME, &spec.table);
+            b.str(NFTA_TABLE_NAME, base.table);
             if kind == NFT_MSG_NEWTABLE {
                 b.be32(NFTA_TABLE_FLAGS, 0);
             }
         })
     };
-    let what = format!("table {} {}", spec.family, spec.table);
+    let what = format!("table {} {}", base.family, base.table);
+    let mut out = Vec::new();
     out.push((table_msg(NFT_MSG_NEWTABLE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK, next()), format!("adding {what}")));
     out.push((table_msg(NFT_MSG_DELTABLE, NLM_F_REQUEST | NLM_F_ACK, next()), format!("deleting {what}")));
     out.push((table_msg(NFT_MSG_NEWTABLE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK, next()), format!("adding {what}")));
     let chain = message(nft_type(NFT_MSG_NEWCHAIN), NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK, next(), fam, 0, |b| {
-        b.str(NFTA_CHAIN_TABLE, &spec.table);
-        b.str(NFTA_CHAIN_NAME, &spec.chain);
+        b.str(NFTA_CHAIN_TABLE, base.table);
+        b.str(NFTA_CHAIN_NAME, base.chain);
         b.nest(NFTA_CHAIN_HOOK, |b| {
-            b.be32(NFTA_HOOK_HOOKNUM, NF_INET_POST_ROUTING);
-            b.be32(NFTA_HOOK_PRIORITY, PRIORITY_SRCNAT as u32);
+            b.be32(NFTA_HOOK_HOOKNUM, base.hook);
+            b.be32(NFTA_HOOK_PRIORITY, base.priority as u32);
         });
         b.be32(NFTA_CHAIN_POLICY, NF_ACCEPT);
-        b.str(NFTA_CHAIN_TYPE, "nat");
+        b.str(NFTA_CHAIN_TYPE, base.kind);
     });
-    out.push((chain, format!("adding chain {} to {what}", spec.chain)));
+    out.push((chain, format!("adding chain {} to {what}", base.chain)));
+    out
+}
 
-    let rule_flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK;
-    let rule = |seq: u32, note: &str, body: &dyn Fn(&mut Buf)| {
-        message(nft_type(NFT_MSG_NEWRULE), rule_flags, seq, fam, 0, |b| {
-            b.str(NFTA_RULE_TABLE, &spec.table);
-            b.str(NFTA_RULE_CHAIN, &spec.chain);
-            b.nest(NFTA_RULE_EXPRESSIONS, body);
-            b.attr(NFTA_RULE_USERDATA, &comment(note));
-        })
+/// One rule appended to a base chain, with a comment.
+fn rule_message(base: &BaseChain<'_>, seq: u32, note: &str, body: &dyn Fn(&mut Buf)) -> Vec<u8> {
+    let flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK;
+    message(nft_type(NFT_MSG_NEWRULE), flags, seq, base.family.nfproto(), 0, |b| {
+        b.str(NFTA_RULE_TABLE, base.table);
+        b.str(NFTA_RULE_CHAIN, base.chain);
+        b.nest(NFTA_RULE_EXPRESSIONS, body);
+        b.attr(NFTA_RULE_USERDATA, &comment(note));
+    })
+}
+
+fn verdict(b: &mut Buf, code: u32) {
+    expr(b, "immediate", |b| {
+        b.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+        b.nest(NFTA_IMMEDIATE_DATA, |b| {
+            b.nest(NFTA_DATA_VERDICT, |b| b.be32(NFTA_VERDICT_CODE, code));
+        });
+    });
+}
+
+/// The messages of an atomic replacement of the guard's table (without the batch delimiters).
+fn guard_messages(spec: &GuardSpec, seq: &mut u32) -> Vec<(Vec<u8>, String)> {
+    let mut next = || {
+        *seq = seq.wrapping_add(1);
+        *seq
     };
+    let base = BaseChain {
+        family: NftFamily::Inet,
+        table: &spec.table,
+        chain: &spec.chain,
+        hook: NF_INET_PRE_ROUTING,
+        priority: PRIORITY_RAW,
+        kind: "filter",
+    };
+    let mut out = table_with_chain(&base, &mut next);
+    let prefix = spec.ifname_prefix.as_bytes().to_vec();
+    let rule = rule_message(&base, next(), "headcni: a pod sends only from its own addresses", &|b: &mut Buf| {
+        // iifname "<prefix>*": the name's first bytes.
+        expr(b, "meta", |b| {
+            b.be32(NFTA_META_KEY, NFT_META_IIFNAME);
+            b.be32(NFTA_META_DREG, NFT_REG_1);
+        });
+        expr(b, "cmp", |b| {
+            b.be32(NFTA_CMP_SREG, NFT_REG_1);
+            b.be32(NFTA_CMP_OP, NFT_CMP_EQ);
+            b.nest(NFTA_CMP_DATA, |b| b.attr(NFTA_DATA_VALUE, &prefix));
+        });
+        // fib saddr . iif oif missing: no route back to the source through this interface.
+        expr(b, "fib", |b| {
+            b.be32(NFTA_FIB_DREG, NFT_REG_1);
+            b.be32(NFTA_FIB_RESULT, NFT_FIB_RESULT_OIF);
+            b.be32(NFTA_FIB_FLAGS, NFTA_FIB_F_SADDR | NFTA_FIB_F_IIF | NFTA_FIB_F_PRESENT);
+        });
+        expr(b, "cmp", |b| {
+            b.be32(NFTA_CMP_SREG, NFT_REG_1);
+            b.be32(NFTA_CMP_OP, NFT_CMP_EQ);
+            b.nest(NFTA_CMP_DATA, |b| b.attr(NFTA_DATA_VALUE, &0u32.to_ne_bytes()));
+        });
+        expr(b, "counter", |_| {});
+        verdict(b, NF_DROP);
+    });
+    out.push((rule, format!("adding the guard rule to table inet {}", spec.table)));
+    out
+}
+
+/// The messages of an atomic replacement of `spec`'s table (without the batch delimiters).
+fn replace_messages(spec: &MasqueradeSpec, seq: &mut u32) -> Vec<(Vec<u8>, String)> {
+    let mut next = || {
+        *seq = seq.wrapping_add(1);
+        *seq
+    };
+    let base = BaseChain {
+        family: spec.family,
+        table: &spec.table,
+        chain: &spec.chain,
+        hook: NF_INET_POST_ROUTING,
+        priority: PRIORITY_SRCNAT,
+        kind: "nat",
+    };
+    let mut out = table_with_chain(&base, &mut next);
+    let what = format!("table {} {}", spec.family, spec.table);
+    let rule = |seq: u32, note: &str, body: &dyn Fn(&mut Buf)| rule_message(&base, seq, note, body);
     for dst in &spec.exempt_destinations {
         let msg = rule(next(), "headcni: not masqueraded", &|b: &mut Buf| {
             match_prefix(b, spec.family, true, dst);
-            expr(b, "immediate", |b| {
-                b.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
-                b.nest(NFTA_IMMEDIATE_DATA, |b| {
-                    b.nest(NFTA_DATA_VERDICT, |b| b.be32(NFTA_VERDICT_CODE, NFT_RETURN as u32));
-                });
-            });
+            verdict(b, NFT_RETURN as u32);
         });
         out.push((msg, format!("adding rule \"daddr {dst} return\" to {what}")));
     }
@@ -517,6 +665,52 @@ impl Nft {
         self.run_batch(msgs)
     }
 
+    /// Replaces the guard's table in one atomic batch.
+    pub fn replace_guard(&mut self, spec: &GuardSpec) -> Result<()> {
+        spec.validate()?;
+        let mut seq = self.seq;
+        let msgs = guard_messages(spec, &mut seq);
+        self.seq = seq;
+        self.run_batch(msgs)
+    }
+
+    /// Whether `chain` exists in `table`: one request and one answer, however large the rule
+    /// set (what a plugin can afford on every ADD).
+    pub fn chain_exists(&mut self, family: NftFamily, table: &str, chain: &str) -> Result<bool> {
+        let seq = self.next_seq();
+        let op = format!("looking up chain {family} {table} {chain}");
+        let msg = message(nft_type(NFT_MSG_GETCHAIN), NLM_F_REQUEST | NLM_F_ACK, seq, family.nfproto(), 0, |b| {
+            b.str(NFTA_CHAIN_TABLE, table);
+            b.str(NFTA_CHAIN_NAME, chain);
+        });
+        self.send(&msg, &op)?;
+        self.await_object(seq, nft_type(NFT_MSG_NEWCHAIN), op)
+    }
+
+    /// Reads the answers to a GET of one object until its acknowledgement: whether the object
+    /// came (ENOENT: it does not exist).
+    fn await_object(&mut self, seq: u32, kind: u16, op: String) -> Result<bool> {
+        let mut found = false;
+        loop {
+            let data = self.recv(&op)?;
+            let msgs = parse_messages(&data).map_err(|msg| NftError::Protocol { op: op.clone(), msg })?;
+            for m in msgs.iter().filter(|m| m.seq == seq) {
+                match m.kind {
+                    k if k == kind => found = true,
+                    NLMSG_ERROR => {
+                        return match error_code(m.payload) {
+                            Some(0) => Ok(found),
+                            Some(e) if -e == ENOENT => Ok(false),
+                            Some(e) => Err(NftError::Kernel { op, errno: -e }),
+                            None => Err(NftError::Protocol { op, msg: "short error message".into() }),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// Deletes a table; answers whether it existed.
     pub fn delete_table(&mut self, family: NftFamily, table: &str) -> Result<bool> {
         let seq = self.next_seq();
@@ -538,25 +732,7 @@ impl Nft {
             b.str(NFTA_TABLE_NAME, table)
         });
         self.send(&msg, &op)?;
-        let mut found = false;
-        loop {
-            let data = self.recv(&op)?;
-            let msgs = parse_messages(&data).map_err(|msg| NftError::Protocol { op: op.clone(), msg })?;
-            for m in msgs.iter().filter(|m| m.seq == seq) {
-                match m.kind {
-                    k if k == nft_type(NFT_MSG_NEWTABLE) => found = true,
-                    NLMSG_ERROR => {
-                        return match error_code(m.payload) {
-                            Some(0) => Ok(found),
-                            Some(e) if -e == ENOENT => Ok(false),
-                            Some(e) => Err(NftError::Kernel { op, errno: -e }),
-                            None => Err(NftError::Protocol { op, msg: "short error message".into() }),
-                        };
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.await_object(seq, nft_type(NFT_MSG_NEWTABLE), op)
     }
 
     /// The number of rules in `chain` of `table` (0 when the table does not exist).

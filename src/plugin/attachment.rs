@@ -1,6 +1,15 @@
 //! What one routed veth attachment is, before any kernel is asked: the names of its host end
 //! (stable, so DEL and GC need no saved state), the pod's addresses with their gateways, and the
 //! routes the pod gets. Pure: [`super::dataplane`] puts it into the kernel.
+//!
+//! The pod's gateway is link-local ([`GatewayShape::LinkLocal`]): 169.254.1.1 for IPv4 and
+//! fe80::1 for IPv6, on-link, resolved by a permanent neighbour entry in the pod that points at
+//! the host end's MAC address. The host end carries no routable address (only fe80::1 when the
+//! pod has IPv6): tailscaled treats an interface that comes or goes with a routable address as
+//! a major link change and rebinds, so pod churn would disturb the tailnet; and a gateway
+//! address inside the pod CIDR would make the node answer on it to the whole tailnet.
+//! Attachments made by earlier versions ([`GatewayShape::Legacy`]: the host end holds the
+//! IPAM's gateway, e.g. 10.244.1.1/32) are still recognised by CHECK and removed by DEL.
 
 use crate::cni::{CniError, IpConfig, Route};
 use crate::netlink::Link;
@@ -16,6 +25,26 @@ const DEFAULT_V6: IpNetwork = match Ipv6Network::new_checked(Ipv6Addr::UNSPECIFI
     None => panic!("::/0 is a valid network"),
 };
 
+/// The pod's IPv4 gateway.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pod's IPv6 gateway (also the host end's address, on-link only).
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The link-local gateway of `address`'s family.
+pub fn link_local_gateway(address: IpAddr) -> IpAddr {
+    if address.is_ipv4() { IpAddr::V4(GATEWAY_V4) } else { IpAddr::V6(GATEWAY_V6) }
+}
+
+/// How the pod reaches its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayShape {
+    /// The gateway is link-local and the host end has no routable address (this version).
+    LinkLocal,
+    /// The host end holds the IPAM's gateway as a /32 (/128) and the pod routes through it
+    /// (earlier versions; only CHECK and DEL meet it).
+    Legacy,
+}
+
 /// Host-side veth name: "hc" and 13 hex digits of a hash of (container id, ifname). It is the
 /// same on every call, so DEL and a retried ADD find the link without any saved state.
 pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
@@ -24,7 +53,7 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("hc{:013x}", hash >> 12)
+    format!("{}{:013x}", crate::podguard::VETH_PREFIX, hash >> 12)
 }
 
 /// The alias stored on the host veth, naming its owner: GC deletes links whose attachment is no
@@ -49,8 +78,15 @@ pub struct PodAddress {
 }
 
 impl PodAddress {
-    /// Uses the IPAM's gateway, or the first address of the subnet as host-local does.
-    pub fn from_ipam(ip: &IpConfig) -> Result<Self, CniError> {
+    /// An address the IPAM handed out: its gateway is the link-local one, whatever gateway the
+    /// IPAM names (that one stays reserved in the IPAM's range and is never given to a pod).
+    pub fn from_ipam(ip: &IpConfig) -> Self {
+        Self { address: ip.address, gateway: link_local_gateway(ip.address.ip()) }
+    }
+
+    /// An address of a previous result (CHECK): its gateway as the result names it, or, for a
+    /// result without one, the first address of the subnet as host-local does.
+    pub fn from_result(ip: &IpConfig) -> Result<Self, CniError> {
         let gateway = match ip.gateway {
             Some(gw) => gw,
             None => first_host(ip.address).ok_or_else(|| {
@@ -76,6 +112,15 @@ impl PodAddress {
     }
 }
 
+/// The shape of the attachment whose addresses these are: link-local when every gateway is.
+pub fn shape_of(addresses: &[PodAddress]) -> GatewayShape {
+    if addresses.iter().all(|a| a.gateway == link_local_gateway(a.address.ip())) {
+        GatewayShape::LinkLocal
+    } else {
+        GatewayShape::Legacy
+    }
+}
+
 fn first_host(net: IpNetwork) -> Option<IpAddr> {
     let max_prefix = if net.is_ipv4() { 32 } else { 128 };
     if net.prefix() + 1 >= max_prefix {
@@ -94,6 +139,7 @@ pub struct AttachmentSpec {
     pub host_name: String,
     pub alias: String,
     pub mtu: u32,
+    pub shape: GatewayShape,
     pub addresses: Vec<PodAddress>,
     /// Routes through the gateway of their family (from IPAM, or a default route per family).
     pub routes: Vec<Route>,
@@ -115,11 +161,30 @@ impl AttachmentSpec {
         routes
     }
 
-    /// The gateway a route goes through: its own, or the gateway of its address family.
+    /// The gateway a route goes through. Link-local shape: the gateway of the route's family,
+    /// whatever gateway the IPAM named for it (every route leaves the pod through the host
+    /// end). Legacy shape: the route's own, else the gateway of its family.
     pub fn gateway_for(&self, route: &Route) -> Option<IpAddr> {
-        route
-            .gw
-            .or_else(|| self.addresses.iter().find(|a| a.address.is_ipv4() == route.dst.is_ipv4()).map(|a| a.gateway))
+        let family = || self.addresses.iter().find(|a| a.address.is_ipv4() == route.dst.is_ipv4()).map(|a| a.gateway);
+        match self.shape {
+            GatewayShape::LinkLocal => family(),
+            GatewayShape::Legacy => route.gw.or_else(family),
+        }
+    }
+
+    /// The addresses the host end holds: the IPv6 link-local gateway (link-local shape, a pod
+    /// with IPv6), or every gateway as a host address (legacy shape).
+    pub fn host_addresses(&self) -> Vec<IpNetwork> {
+        match self.shape {
+            GatewayShape::LinkLocal => self
+                .addresses
+                .iter()
+                .filter(|a| a.address.is_ipv6())
+                .take(1)
+                .filter_map(|_| IpNetwork::new(IpAddr::V6(GATEWAY_V6), 64).ok())
+                .collect(),
+            GatewayShape::Legacy => self.addresses.iter().map(PodAddress::gateway_host).collect(),
+        }
     }
 }
 
@@ -154,24 +219,73 @@ mod tests {
     }
 
     #[test]
-    fn gateway_defaults_to_the_first_address() {
+    fn the_gateway_is_link_local_whatever_the_ipam_says() {
         let ip = IpConfig { address: "10.244.1.7/24".parse().unwrap(), gateway: None, interface: None };
-        assert_eq!(PodAddress::from_ipam(&ip).unwrap().gateway, "10.244.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(PodAddress::from_ipam(&ip).gateway, IpAddr::V4(GATEWAY_V4));
+        let ip = IpConfig {
+            address: "10.244.1.7/24".parse().unwrap(),
+            gateway: Some("10.244.1.1".parse().unwrap()),
+            interface: None,
+        };
+        assert_eq!(PodAddress::from_ipam(&ip).gateway, IpAddr::V4(GATEWAY_V4));
         let ip6 = IpConfig { address: "fd00::7/64".parse().unwrap(), gateway: None, interface: None };
-        assert_eq!(PodAddress::from_ipam(&ip6).unwrap().gateway, "fd00::1".parse::<IpAddr>().unwrap());
-        let host = IpConfig { address: "10.0.0.7/32".parse().unwrap(), gateway: None, interface: None };
-        assert!(PodAddress::from_ipam(&host).is_err());
+        assert_eq!(PodAddress::from_ipam(&ip6).gateway, IpAddr::V6(GATEWAY_V6));
     }
 
     #[test]
-    fn default_routes_per_family_unless_ipam_gives_routes() {
+    fn a_previous_result_tells_the_shape() {
+        let new = [PodAddress::from_result(&IpConfig {
+            address: "10.244.1.7/24".parse().unwrap(),
+            gateway: Some("169.254.1.1".parse().unwrap()),
+            interface: None,
+        })
+        .unwrap()];
+        assert_eq!(shape_of(&new), GatewayShape::LinkLocal);
+        let old = [PodAddress::from_result(&IpConfig {
+            address: "10.244.1.7/24".parse().unwrap(),
+            gateway: Some("10.244.1.1".parse().unwrap()),
+            interface: None,
+        })
+        .unwrap()];
+        assert_eq!(shape_of(&old), GatewayShape::Legacy);
+        // A result without a gateway: host-local's default, the first address.
+        let bare = IpConfig { address: "10.244.1.7/24".parse().unwrap(), gateway: None, interface: None };
+        assert_eq!(PodAddress::from_result(&bare).unwrap().gateway, "10.244.1.1".parse::<IpAddr>().unwrap());
+        let host = IpConfig { address: "10.0.0.7/32".parse().unwrap(), gateway: None, interface: None };
+        assert!(PodAddress::from_result(&host).is_err());
+    }
+
+    fn spec(shape: GatewayShape, addresses: Vec<PodAddress>, routes: Vec<Route>) -> AttachmentSpec {
+        AttachmentSpec {
+            ifname: "eth0".into(),
+            host_name: "hcx".into(),
+            alias: "a".into(),
+            mtu: 1280,
+            shape,
+            addresses,
+            routes,
+        }
+    }
+
+    #[test]
+    fn every_route_goes_through_the_link_local_gateway_of_its_family() {
         let addrs = vec![
-            PodAddress { address: "10.0.0.2/24".parse().unwrap(), gateway: "10.0.0.1".parse().unwrap() },
-            PodAddress { address: "fd00::2/64".parse().unwrap(), gateway: "fd00::1".parse().unwrap() },
+            PodAddress { address: "10.0.0.2/24".parse().unwrap(), gateway: IpAddr::V4(GATEWAY_V4) },
+            PodAddress { address: "fd00::2/64".parse().unwrap(), gateway: IpAddr::V6(GATEWAY_V6) },
         ];
         let routes = AttachmentSpec::effective_routes(&addrs, &[]);
         assert_eq!(routes.iter().map(|r| r.dst.to_string()).collect::<Vec<_>>(), ["0.0.0.0/0", "::/0"]);
-        let ipam = vec![Route::new("10.96.0.0/12".parse().unwrap(), None)];
+        let ipam = vec![Route::new("10.96.0.0/12".parse().unwrap(), Some("10.0.0.1".parse().unwrap()))];
         assert_eq!(AttachmentSpec::effective_routes(&addrs, &ipam), ipam);
+        let s = spec(GatewayShape::LinkLocal, addrs.clone(), ipam.clone());
+        assert_eq!(s.gateway_for(&ipam[0]), Some(IpAddr::V4(GATEWAY_V4)), "the IPAM's gw is not used");
+        assert_eq!(s.host_addresses(), vec!["fe80::1/64".parse::<IpNetwork>().unwrap()], "no IPv4 address");
+        let v4only = spec(GatewayShape::LinkLocal, addrs[..1].to_vec(), vec![]);
+        assert!(v4only.host_addresses().is_empty());
+
+        let legacy = vec![PodAddress { address: "10.0.0.2/24".parse().unwrap(), gateway: "10.0.0.1".parse().unwrap() }];
+        let s = spec(GatewayShape::Legacy, legacy, ipam.clone());
+        assert_eq!(s.gateway_for(&ipam[0]), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(s.host_addresses(), vec!["10.0.0.1/32".parse::<IpNetwork>().unwrap()]);
     }
 }

@@ -8,10 +8,13 @@ use ipnetwork::IpNetwork;
 use serde_json::{Map, Value, json};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Pod MTU when neither the config nor the node file sets one: Tailscale's default tun MTU.
 pub const DEFAULT_MTU: u32 = 1280;
 pub const DEFAULT_TAILSCALE_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
+/// How long a delegated (exec'd) IPAM plugin may take before it is stopped.
+pub const DEFAULT_DELEGATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
@@ -27,6 +30,8 @@ pub struct PluginConfig {
     pub run_dir: PathBuf,
     pub log_file: Option<PathBuf>,
     pub log_level: Option<String>,
+    /// `delegate_timeout` (seconds): how long an exec'd IPAM plugin may take.
+    pub delegate_timeout: Duration,
 }
 
 /// The `ipam` section: the delegate's type plus what HeadCNI needs to know about its ranges.
@@ -78,6 +83,7 @@ fn network_cidr(text: &str, field: &str) -> Result<IpNetwork, CniError> {
             net.prefix()
         )));
     }
+    crate::cidr::check(&net).map_err(|e| invalid(format!("{field}: {e}")))?;
     Ok(net)
 }
 
@@ -106,6 +112,7 @@ fn check_range(range: &Map<String, Value>, field: &str) -> Result<IpNetwork, Cni
     let subnet: IpNetwork =
         subnet_text.parse().map_err(|_| invalid(format!("{field}.subnet \"{subnet_text}\" is not a CIDR")))?;
     let subnet = IpNetwork::new(subnet.network(), subnet.prefix()).unwrap_or(subnet);
+    crate::cidr::check(&subnet).map_err(|e| invalid(format!("{field}.subnet: {e}")))?;
     for key in ["rangeStart", "rangeEnd", "gateway"] {
         let sub_field = format!("{field}.{key}");
         if let Some(text) = string(range, key, &sub_field)? {
@@ -209,6 +216,17 @@ impl PluginConfig {
         let run_dir = abs_path(conf, "run_dir")?.unwrap_or_else(|| PathBuf::from(nodefile::DEFAULT_RUN_DIR));
         let log_file = abs_path(conf, "log_file")?;
         let log_level = string(conf, "log_level", "log_level")?;
+        let delegate_timeout = match get(conf, "delegate_timeout") {
+            None => DEFAULT_DELEGATE_TIMEOUT,
+            Some(v) => match v.as_f64() {
+                Some(secs) if (0.1..=600.0).contains(&secs) => Duration::from_secs_f64(secs),
+                _ => {
+                    return Err(invalid(format!(
+                        "delegate_timeout must be a number of seconds within 0.1..600, got {v}"
+                    )));
+                }
+            },
+        };
 
         let has_v6 = |nets: &[IpNetwork]| nets.iter().any(IpNetwork::is_ipv6);
         if !enable_ipv6 && (has_v6(&ipam.subnets) || has_v6(&pod_cidrs)) {
@@ -237,6 +255,7 @@ impl PluginConfig {
             run_dir,
             log_file,
             log_level,
+            delegate_timeout,
         })
     }
 
@@ -379,6 +398,13 @@ mod tests {
             (json!({"ipam": ipam, "pod_cidr": "10.244.0.0/33"}), "pod_cidr"),
             (json!({"ipam": ipam, "pod_cidr": "banana"}), "pod_cidr"),
             (json!({"ipam": ipam, "pod_cidr": "10.244.0.5/24"}), "host bits"),
+            (json!({"ipam": ipam, "pod_cidr": "128.0.0.0/1"}), "pod_cidr: 128.0.0.0/1 covers too much"),
+            (json!({"ipam": ipam, "service_cidr": "127.0.0.0/16"}), "loopback"),
+            (json!({"ipam": {"type": "host-local", "subnet": "0.0.0.0/0"}}), "ipam.subnet: 0.0.0.0/0"),
+            (
+                json!({"enable_ipv6": true, "ipam": {"type": "host-local", "ranges": [[{"subnet": "::ffff:10.0.0.0/120"}]]}}),
+                "ipam.ranges[0][0].subnet: ::ffff:10.0.0.0/120 overlaps",
+            ),
             (json!({"ipam": ipam, "service_cidr": "10.96.0.0/99"}), "service_cidr"),
             (json!({"ipam": {"type": "host-local", "subnet": "10.1.0.0/x"}}), "ipam.subnet"),
             (json!({"ipam": {"type": "host-local", "subnet": "10.1.0.0/24", "gateway": "10.2.0.1"}}), "ipam.gateway"),
@@ -395,6 +421,8 @@ mod tests {
             (json!({"ipam": ipam, "enable_ipv6": "yes"}), "enable_ipv6"),
             (json!({"ipam": ipam, "headscale_url": "headscale.example"}), "headscale_url"),
             (json!({"ipam": ipam, "run_dir": "relative/dir"}), "run_dir"),
+            (json!({"ipam": ipam, "delegate_timeout": 0}), "delegate_timeout"),
+            (json!({"ipam": ipam, "delegate_timeout": "60"}), "delegate_timeout"),
             (json!({"ipam": ipam, "dns": {"nameservers": ["not-an-ip"]}}), "dns.nameservers"),
             (json!({}), "ipam is required"),
             (json!({"ipam": {"type": "../x"}}), "ipam.type"),

@@ -1,14 +1,18 @@
 //! The plugin's data plane behind one seam: the [`Dataplane`] trait names every kernel operation
 //! ADD, DEL, CHECK and GC need, [`KernelDataplane`] does them with netlink handles bound to
 //! their namespaces (ptp style, no bridge: a veth pair per attachment, the pod's addresses
-//! without connected routes, the gateway as an on-link host route in the pod, the gateway
-//! address on the host end, a host route to each pod address), and the unit tests use an
-//! in-memory fake (`plugin::fake`). The root tests (tests/plugin_netns.rs) prove the kernel side.
+//! without connected routes, the link-local gateway as an on-link route and a permanent
+//! neighbour entry in the pod, no routable address on the host end, an exclusive host route to
+//! each pod address, and the node's anti-spoofing guard), and the unit tests use an in-memory
+//! fake (`plugin::fake`). The root tests (tests/plugin_netns.rs) prove the kernel side.
 
-use super::attachment::{Attached, AttachmentSpec};
-use crate::cni::CniError;
+use super::attachment::{Attached, AttachmentSpec, GatewayShape};
+use crate::cni::{CniError, code};
+use crate::netlink::nft::{Nft, NftError};
 use crate::netlink::sysctl::SysctlRoot;
 use crate::netlink::{AddressOptions, Netlink, NetlinkError, Netns, RouteSpec, Scope};
+use crate::podguard;
+use ipnetwork::IpNetwork;
 use std::cell::RefCell;
 use std::path::Path;
 
@@ -24,11 +28,20 @@ pub enum DataplaneError {
     Runtime(std::io::Error),
     #[error("opening the host namespace: {0}")]
     HostNamespace(std::io::Error),
+    #[error("the anti-spoofing guard (nft table inet headcni-guard): {0}")]
+    Guard(NftError),
+    #[error("the host already has a route to {dst} ({owner}): nothing was replaced")]
+    RouteConflict { dst: IpNetwork, owner: String },
 }
 
 impl From<DataplaneError> for CniError {
     fn from(e: DataplaneError) -> Self {
-        CniError::internal(e.to_string())
+        match e {
+            DataplaneError::RouteConflict { .. } => CniError::new(code::ROUTE_CONFLICT, e.to_string()).with_details(
+                "two networks (or another plugin) hand out the same addresses on this node: give each its own range",
+            ),
+            _ => CniError::internal(e.to_string()),
+        }
     }
 }
 
@@ -51,6 +64,9 @@ pub trait Dataplane {
     fn pod_has_link(&self, pod: &Self::Pod, ifname: &str) -> Result<bool, DataplaneError>;
     /// Turns forwarding on for the families in use (read first: most ADDs change nothing).
     fn enable_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<(), DataplaneError>;
+    /// Makes sure the node's anti-spoofing guard exists (cheap when it does); answers whether
+    /// it had to be created.
+    fn ensure_guard(&self) -> Result<bool, DataplaneError>;
     /// Creates and configures the attachment. On error the caller detaches it.
     fn attach(&self, pod: &Self::Pod, spec: &AttachmentSpec) -> Result<Attached, DataplaneError>;
     /// Removes the host end `host_name` (which takes the pod end with it); answers whether it
@@ -159,6 +175,12 @@ impl Dataplane for KernelDataplane {
         Ok(())
     }
 
+    fn ensure_guard(&self) -> Result<bool, DataplaneError> {
+        // A socket of its own: nf_tables is not rtnetlink, and this is its only request.
+        let mut nft = Nft::connect().map_err(DataplaneError::Guard)?;
+        podguard::ensure(&mut nft).map_err(DataplaneError::Guard)
+    }
+
     fn attach(&self, pod: &KernelPod, spec: &AttachmentSpec) -> Result<Attached, DataplaneError> {
         self.with_session(|s| {
             let (runtime, host, host_ns) = s.with_host()?;
@@ -211,11 +233,6 @@ async fn attach(
     let pod_link = pod.link(&att.ifname).await?.ok_or_else(|| DataplaneError::Vanished(att.ifname.clone()))?;
     let host_link = host.link(&att.host_name).await?.ok_or_else(|| DataplaneError::Vanished(att.host_name.clone()))?;
 
-    for a in &att.addresses {
-        let v6 = a.address.is_ipv6();
-        pod.add_address(pod_link.index, a.address, AddressOptions { nodad: v6, noprefixroute: true }).await?;
-        host.add_address(host_link.index, a.gateway_host(), AddressOptions { nodad: v6, noprefixroute: true }).await?;
-    }
     if att.addresses.iter().any(|a| a.address.is_ipv6()) {
         // Duplicate address detection on the link-local addresses would hold IPv6 traffic
         // for about a second after ADD; on a point-to-point veth there is nothing to detect.
@@ -228,21 +245,51 @@ async fn attach(
             .ensure_in(Some(pod_ns), &pod_key, "0")
             .map_err(|source| DataplaneError::Sysctl { key: pod_key.clone(), source })?;
     }
-    pod.set_up(pod_link.index, None).await?;
+    // Up (a route needs a link that is up) and named by its alias, which tells whose it is.
     host.set_up(host_link.index, Some(&att.alias)).await?;
-
+    // The host routes next: one that someone else owns ends the ADD before the pod is
+    // configured (a route to a pod address is created, never replaced).
     for a in &att.addresses {
-        // The gateway is reachable on the link; everything else goes through it.
-        let mut gw_route = RouteSpec::new(a.gateway_host());
-        gw_route.oif = Some(pod_link.index);
-        gw_route.scope = Scope::Link;
-        gw_route.src = Some(a.address.ip());
-        pod.add_route(&gw_route).await?;
-
         let mut to_pod = RouteSpec::new(a.pod_host());
         to_pod.oif = Some(host_link.index);
         to_pod.scope = Scope::Link;
-        host.add_route(&to_pod).await?;
+        match host.create_route(&to_pod).await {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {
+                return Err(DataplaneError::RouteConflict {
+                    dst: a.pod_host(),
+                    owner: route_owner(host, a.pod_host()).await,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for a in &att.addresses {
+        let v6 = a.address.is_ipv6();
+        pod.add_address(pod_link.index, a.address, AddressOptions { nodad: v6, noprefixroute: true }).await?;
+    }
+    for addr in att.host_addresses() {
+        let v6 = addr.is_ipv6();
+        host.add_address(host_link.index, addr, AddressOptions { nodad: v6, noprefixroute: !v6 }).await?;
+    }
+    pod.set_up(pod_link.index, None).await?;
+
+    let host_mac = host_link.mac.as_deref().and_then(parse_mac);
+    for a in &att.addresses {
+        if att.shape == GatewayShape::LinkLocal {
+            // The gateway needs no ARP or neighbour discovery: the pod knows its MAC address.
+            let mac = host_mac.ok_or_else(|| DataplaneError::Vanished(format!("{}'s MAC address", att.host_name)))?;
+            pod.add_permanent_neighbour(pod_link.index, a.gateway, &mac).await?;
+        }
+        if a.address.is_ipv4() {
+            // The gateway is reachable on the link; everything else goes through it. (IPv6's
+            // link-local prefix is on every link already.)
+            let mut gw_route = RouteSpec::new(a.gateway_host());
+            gw_route.oif = Some(pod_link.index);
+            gw_route.scope = Scope::Link;
+            gw_route.src = Some(a.address.ip());
+            pod.add_route(&gw_route).await?;
+        }
     }
     for route in &att.routes {
         let Some(gw) = att.gateway_for(route) else { continue };
@@ -255,11 +302,49 @@ async fn attach(
     Ok(Attached { host: host_link, pod: pod_link })
 }
 
+/// Who holds the route to `dst` on the host: its interface and, for a pod veth, the
+/// attachment its alias names.
+async fn route_owner(host: &Netlink, dst: IpNetwork) -> String {
+    let Ok(routes) = host.routes(dst.is_ipv6()).await else { return "owner unknown".into() };
+    let Some(route) = routes.into_iter().find(|r| r.dst == dst && r.table == crate::netlink::TABLE_MAIN) else {
+        return "owner unknown".into();
+    };
+    let link = match route.oif {
+        Some(i) => host.link_by_index(i).await.ok().flatten(),
+        None => None,
+    };
+    match link {
+        Some(l) => match l.alias.as_deref().and_then(super::attachment::parse_link_alias) {
+            Some((network, cid, ifname)) => {
+                format!("dev {}, attachment {cid}/{ifname} of network {network}", l.name)
+            }
+            None => format!("dev {}", l.name),
+        },
+        None => format!("proto {}", route.protocol),
+    }
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 /// Removes the host end (and with it the pod end); answers whether it existed.
 async fn detach(host: &Netlink, host_name: &str) -> Result<bool, DataplaneError> {
     match host.link(host_name).await? {
         Some(link) => Ok(host.delete_link(link.index).await?),
         None => Ok(false),
+    }
+}
+
+fn is_link_local(net: &IpNetwork) -> bool {
+    match net.ip() {
+        std::net::IpAddr::V4(a) => a.is_link_local(),
+        std::net::IpAddr::V6(a) => a.is_unicast_link_local(),
     }
 }
 
@@ -295,6 +380,8 @@ async fn check(
             problems.push(format!("address {} is missing from {}", a.address, att.ifname));
         }
     }
+    let neighbours =
+        if att.shape == GatewayShape::LinkLocal { pod.permanent_neighbours(pod_link.index).await? } else { Vec::new() };
     let mut pod_routes = pod.routes(false).await?;
     pod_routes.extend(pod.routes(true).await?);
     for route in &att.routes {
@@ -313,6 +400,26 @@ async fn check(
     };
     if host_link.peer_index != Some(pod_link.index) {
         problems.push(format!("host interface {} is not the peer of {}", att.host_name, att.ifname));
+    }
+    let host_addrs = host.addresses(host_link.index).await?;
+    for want in att.host_addresses() {
+        if !host_addrs.contains(&want) {
+            problems.push(format!("address {want} is missing from {}", att.host_name));
+        }
+    }
+    if att.shape == GatewayShape::LinkLocal {
+        for have in host_addrs.iter().filter(|a| !is_link_local(a)) {
+            problems.push(format!("{} holds the routable address {have}", att.host_name));
+        }
+        let mac = host_link.mac.as_deref().map(str::to_ascii_lowercase);
+        for a in &att.addresses {
+            if !neighbours.iter().any(|(ip, m)| *ip == a.gateway && Some(m) == mac.as_ref()) {
+                problems.push(format!(
+                    "the pod has no permanent neighbour entry for its gateway {} at {}'s MAC address",
+                    a.gateway, att.host_name
+                ));
+            }
+        }
     }
     let mut host_routes = host.routes(false).await?;
     if att.addresses.iter().any(|a| a.address.is_ipv6()) {

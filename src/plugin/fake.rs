@@ -43,6 +43,8 @@ pub struct FakeKernel {
     pub host: BTreeMap<String, FakeHostEnd>,
     pub forwarding_v4: bool,
     pub forwarding_v6: bool,
+    /// The anti-spoofing guard exists.
+    pub guard: bool,
     next_index: u32,
 }
 
@@ -101,6 +103,13 @@ impl Dataplane for FakeDataplane {
         Ok(self.kernel.borrow().pods.get(pod).is_some_and(|l| l.contains_key(ifname)))
     }
 
+    fn ensure_guard(&self) -> Result<bool, DataplaneError> {
+        let mut k = self.kernel.borrow_mut();
+        let created = !k.guard;
+        k.guard = true;
+        Ok(created)
+    }
+
     fn enable_forwarding(&self, ipv4: bool, ipv6: bool) -> Result<(), DataplaneError> {
         let mut k = self.kernel.borrow_mut();
         k.forwarding_v4 |= ipv4;
@@ -118,11 +127,23 @@ impl Dataplane for FakeDataplane {
         let mac = |i: u32| format!("0a:58:00:00:00:{:02x}", i % 256);
         let pod_link = FakeLink { index: pod_index, mac: mac(pod_index), spec: spec.clone() };
         let host_link = FakeLink { index: host_index, mac: mac(host_index), spec: spec.clone() };
+        // A host route to one of the addresses already exists: the kernel's EEXIST.
+        let taken = k.host.values().find_map(|end| {
+            let have = &end.link.spec.addresses;
+            spec.addresses.iter().find(|a| have.iter().any(|h| h.address.ip() == a.address.ip())).map(|a| (a, end))
+        });
+        let conflict = taken.map(|(a, end)| DataplaneError::RouteConflict {
+            dst: a.pod_host(),
+            owner: format!("dev {}, attachment of {}", end.link.spec.host_name, end.alias),
+        });
         k.pods.entry(pod.clone()).or_default().insert(spec.ifname.clone(), pod_link.clone());
         k.host.insert(
             spec.host_name.clone(),
             FakeHostEnd { link: host_link.clone(), alias: spec.alias.clone(), pod: pod.clone() },
         );
+        if let Some(e) = conflict {
+            return Err(e);
+        }
         if self.fail.borrow().attach {
             return Err(DataplaneError::Vanished(spec.ifname.clone()));
         }
@@ -179,6 +200,11 @@ impl Dataplane for FakeDataplane {
                 problems.push(format!("route to {} is missing in the pod", r.dst));
             }
         }
+        if let Some(end) = k.host.get(&spec.host_name)
+            && end.link.spec.shape != spec.shape
+        {
+            problems.push(format!("the attachment's gateway is {:?}, expected {:?}", end.link.spec.shape, spec.shape));
+        }
         if !k.host.contains_key(&spec.host_name) {
             problems.push(format!("host interface {} is missing", spec.host_name));
         }
@@ -232,6 +258,7 @@ impl IpamDelegate for FakeIpam {
         _config: Map<String, Value>,
         _kind: &str,
         command: Command,
+        _timeout: std::time::Duration,
     ) -> Result<Option<Value>, CniError> {
         let mut st = self.state.borrow_mut();
         st.calls.push(command);

@@ -4,17 +4,20 @@
 
 use crate::cni::{self, CniError, Command, Request, delegate};
 use serde_json::{Map, Value};
+use std::time::Duration;
 
 /// Runs an IPAM plugin.
 pub trait IpamDelegate {
     /// Runs IPAM plugin `kind` for `command` with `config` as its network configuration (the
-    /// rest of the request as the plugin received it). Answers what the plugin printed.
+    /// rest of the request as the plugin received it), for at most `timeout`. Answers what the
+    /// plugin printed.
     fn run(
         &self,
         req: &Request,
         config: Map<String, Value>,
         kind: &str,
         command: Command,
+        timeout: Duration,
     ) -> Result<Option<Value>, CniError>;
 }
 
@@ -32,17 +35,18 @@ impl IpamDelegate for DelegatedIpam {
         config: Map<String, Value>,
         kind: &str,
         command: Command,
+        timeout: Duration,
     ) -> Result<Option<Value>, CniError> {
         let sub = Request { command, ..req.with_config(config) };
         if kind == crate::ipam::PLUGIN_NAME {
             return crate::ipam::run_in_process(&sub);
         }
         if matches!(command, Command::Status | Command::Gc)
-            && !delegate::versions(&sub, kind)?.contains(&cni::CniVersion::V1_1_0)
+            && !delegate::versions(&sub, kind, timeout)?.contains(&cni::CniVersion::V1_1_0)
         {
             log::debug!("IPAM plugin {kind} predates {command}; nothing to forward");
             return Ok(None);
         }
-        delegate::exec_negotiated(&sub, kind, command)
+        delegate::exec_negotiated(&sub, kind, command, timeout)
     }
 }

@@ -60,6 +60,7 @@ impl<D: Dataplane, I: IpamDelegate> HeadCni<D, I> {
             host_name: attachment::host_veth_name(&req.container_id, &req.ifname),
             alias: attachment::link_alias(&req.network, &req.container_id, &req.ifname),
             mtu: net.mtu,
+            shape: attachment::shape_of(&addresses),
             addresses,
             routes,
         }
@@ -72,7 +73,7 @@ impl<D: Dataplane, I: IpamDelegate> HeadCni<D, I> {
         config: serde_json::Map<String, serde_json::Value>,
         command: Command,
     ) -> Result<Option<serde_json::Value>, CniError> {
-        self.ipam.run(req, config, &cfg.ipam.kind, command)
+        self.ipam.run(req, config, &cfg.ipam.kind, command, cfg.delegate_timeout)
     }
 
     fn add_attachment(&self, req: &Request, cfg: &PluginConfig) -> Result<CniResult, CniError> {
@@ -87,6 +88,10 @@ impl<D: Dataplane, I: IpamDelegate> HeadCni<D, I> {
         let host_name = attachment::host_veth_name(&req.container_id, &req.ifname);
         // A host end without its pod end is what a killed ADD leaves behind: ours to remove.
         self.dataplane.detach(&host_name)?;
+        // No pod veth without the guard that keeps its pod to its own addresses.
+        if self.dataplane.ensure_guard()? {
+            log::info!("created the anti-spoofing guard (nft table inet {})", crate::podguard::TABLE);
+        }
 
         let ipam_out = self
             .ipam(req, cfg, net.ipam_config.clone(), Command::Add)?
@@ -96,7 +101,7 @@ impl<D: Dataplane, I: IpamDelegate> HeadCni<D, I> {
             if ipam_result.ips.is_empty() {
                 return Err(CniError::internal(format!("IPAM plugin {} returned no address", cfg.ipam.kind)));
             }
-            let addresses = ipam_result.ips.iter().map(PodAddress::from_ipam).collect::<Result<Vec<_>, _>>()?;
+            let addresses: Vec<PodAddress> = ipam_result.ips.iter().map(PodAddress::from_ipam).collect();
             let spec = Self::spec(req, &net, addresses, &ipam_result.routes);
             let ipv4 = spec.addresses.iter().any(|a| a.address.is_ipv4());
             let ipv6 = spec.addresses.iter().any(|a| a.address.is_ipv6());
@@ -252,7 +257,7 @@ impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
             .ips
             .iter()
             .filter(|ip| ip.interface.is_none_or(|i| i == pod_index))
-            .map(PodAddress::from_ipam)
+            .map(PodAddress::from_result)
             .collect::<Result<Vec<_>, _>>()?;
         let mut spec = Self::spec(req, &net, addresses, &prev.routes);
         // A later plugin in the chain (tuning) may have changed the MTU and said so.

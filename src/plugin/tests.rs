@@ -72,10 +72,11 @@ fn add_creates_the_pair_and_answers_the_result() {
     assert_eq!(result.interfaces[1].sandbox.as_deref(), Some(POD_A));
     assert_eq!(result.ips.len(), 1);
     assert_eq!(result.ips[0].address.to_string(), "10.1.0.2/24");
-    assert_eq!(result.ips[0].gateway.map(|g| g.to_string()).as_deref(), Some("10.1.0.1"));
+    // The link-local gateway, not the IPAM's 10.1.0.1 (which no pod ever gets).
+    assert_eq!(result.ips[0].gateway.map(|g| g.to_string()).as_deref(), Some("169.254.1.1"));
     assert_eq!(result.ips[0].interface, Some(1));
     let routes: Vec<String> = result.routes.iter().map(|r| format!("{} via {:?}", r.dst, r.gw)).collect();
-    assert_eq!(routes, ["0.0.0.0/0 via Some(10.1.0.1)"]);
+    assert_eq!(routes, ["0.0.0.0/0 via Some(169.254.1.1)"]);
 
     assert_eq!(s.dp().pod_links(POD_A), ["eth0"]);
     assert_eq!(s.dp().host_ends(), std::slice::from_ref(&host_name));
@@ -83,6 +84,8 @@ fn add_creates_the_pair_and_answers_the_result() {
     assert_eq!(kernel.host[&host_name].alias, attachment::link_alias("net1", "ctr-a", "eth0"));
     assert_eq!(kernel.host[&host_name].link.spec.mtu, 1280);
     assert!(kernel.forwarding_v4 && !kernel.forwarding_v6);
+    assert!(kernel.guard, "no pod veth without the anti-spoofing guard");
+    assert_eq!(kernel.host[&host_name].link.spec.shape, attachment::GatewayShape::LinkLocal);
     assert_eq!(s.ipam().calls(), [Command::Add]);
     assert_eq!(s.dp().closes.get(), 1, "the kernel work ended before the result is written");
 }
@@ -245,11 +248,62 @@ fn gc_goes_on_past_failures_and_reports_them_all_with_the_first_code() {
     let s = Setup::new();
     s.dp().fail.borrow_mut().host_links = true;
     s.ipam().fail.borrow_mut().push(Command::Gc);
-    let err = s.plugin.gc(&s.request("GC", "", None, &s.conf(json!({})))).unwrap_err();
+    let gc = s.conf(json!({"cni.dev/valid-attachments": []}));
+    let err = s.plugin.gc(&s.request("GC", "", None, &gc)).unwrap_err();
     assert_eq!(err.code, code::INTERNAL, "{err}");
     assert!(err.msg.starts_with("GC finished with errors: "), "{err}");
     assert!(err.msg.contains("host links") && err.msg.contains("fake IPAM refuses GC"), "{err}");
     assert_eq!(s.ipam().calls(), [Command::Gc], "the IPAM's GC ran although the links could not be listed");
+}
+
+#[test]
+fn gc_without_the_valid_attachments_changes_nothing_and_says_so() {
+    let s = Setup::new();
+    s.add("ctr-a", POD_A).unwrap();
+    let err = s.plugin.gc(&s.request("GC", "", None, &s.conf(json!({})))).unwrap_err();
+    assert_eq!(err.code, code::INVALID_CONFIG, "{err}");
+    assert!(err.msg.contains("nothing is removed"), "{err}");
+    assert_eq!(s.dp().host_ends().len(), 1, "the attachment stays");
+    assert_eq!(s.ipam().held().len(), 1, "its address stays");
+    assert_eq!(s.ipam().calls(), [Command::Add], "the IPAM is not asked to collect anything");
+}
+
+#[test]
+fn a_host_route_someone_else_owns_fails_the_add_and_replaces_nothing() {
+    let s = Setup::new();
+    let first = s.add("ctr-a", POD_A).unwrap();
+    // Another network hands out the same address on the same node.
+    let same = json!({"cniVersion": "1.0.0", "ips": [{"address": first.ips[0].address.to_string()}]});
+    *s.ipam().add_answer.borrow_mut() = Some(same);
+    let other = s.request("ADD", "ctr-b", Some(POD_B), &s.conf(json!({"name": "net2"})));
+    let err = s.plugin.add(&other).unwrap_err();
+    assert_eq!(err.code, code::ROUTE_CONFLICT, "{err}");
+    assert!(err.msg.contains(&attachment::host_veth_name("ctr-a", "eth0")), "the other owner is named: {err}");
+    assert_eq!(s.dp().host_ends(), [attachment::host_veth_name("ctr-a", "eth0")], "the first attachment stays");
+    assert!(s.dp().pod_links(POD_B).is_empty(), "the new pair was rolled back");
+    assert_eq!(s.ipam().calls(), [Command::Add, Command::Add, Command::Del]);
+}
+
+#[test]
+fn check_accepts_an_attachment_of_the_previous_shape() {
+    let s = Setup::new();
+    let mut result = s.add("ctr-a", POD_A).unwrap();
+    // What an earlier version reported: the IPAM's gateway, held by the host end.
+    let legacy_gw: std::net::IpAddr = "10.1.0.1".parse().unwrap();
+    result.ips[0].gateway = Some(legacy_gw);
+    result.routes[0].gw = Some(legacy_gw);
+    let host_name = attachment::host_veth_name("ctr-a", "eth0");
+    {
+        let mut k = s.dp().kernel.borrow_mut();
+        let link = &mut k.host.get_mut(&host_name).unwrap().link;
+        link.spec.shape = attachment::GatewayShape::Legacy;
+        link.spec.addresses[0].gateway = legacy_gw;
+    }
+    let check = s.request("CHECK", "ctr-a", Some(POD_A), &s.with_prev(&result));
+    s.plugin.check(&check).unwrap();
+    let del = s.request("DEL", "ctr-a", Some(POD_A), &s.with_prev(&result));
+    s.plugin.del(&del).unwrap();
+    assert!(s.dp().host_ends().is_empty());
 }
 
 #[test]

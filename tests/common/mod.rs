@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -124,6 +125,20 @@ impl Drop for Netns {
     }
 }
 
+/// The `headcni` binary under test: this build's, or the one `HEADCNI_TEST_BIN` names (to run
+/// the same tests against another build, e.g. to see a test fail on an earlier version).
+pub fn headcni_exe() -> PathBuf {
+    std::env::var_os("HEADCNI_TEST_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_headcni")))
+}
+
+/// The system's Python (the tests' packet crafting and connection floods).
+pub fn python3() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" }
+}
+
 /// A bin directory holding `headcni` and its `headcni-ipam` symlink, with the system's
 /// reference plugins after it on CNI_PATH.
 pub struct Bin {
@@ -133,7 +148,8 @@ pub struct Bin {
 impl Bin {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let exe = Path::new(env!("CARGO_BIN_EXE_headcni"));
+        let exe = headcni_exe();
+        let exe = exe.as_path();
         std::os::unix::fs::symlink(exe, dir.path().join("headcni")).unwrap();
         std::os::unix::fs::symlink(exe, dir.path().join("headcni-ipam")).unwrap();
         Bin { dir }
@@ -205,8 +221,34 @@ impl Env {
     }
 }
 
-/// Runs a plugin executable, inside `host` when given, with a clean CNI environment.
-pub fn invoke(exe: &Path, host: Option<&Netns>, env: &Env, stdin: &str) -> Reply {
+/// Runs a plugin executable like [`invoke`], but gives up after `timeout`: the plugin is killed
+/// and `None` answered (a plugin that hangs must fail the test, not the suite).
+pub fn invoke_within(exe: &Path, host: Option<&Netns>, env: &Env, stdin: &[u8], timeout: Duration) -> Option<Reply> {
+    let mut cmd = command(exe, host, env);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let input = stdin.to_vec();
+    // A plugin that stops reading makes the writer fail with a broken pipe, which is fine.
+    let writer = std::thread::spawn(move || pipe.write_all(&input).map(|_| input.len()));
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let _ = writer.join();
+    Some(Reply {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn command(exe: &Path, host: Option<&Netns>, env: &Env) -> Command {
     let mut cmd = match host {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -224,6 +266,12 @@ pub fn invoke(exe: &Path, host: Option<&Netns>, env: &Env, stdin: &str) -> Reply
     for (k, v) in &env.vars {
         cmd.env(k, v);
     }
+    cmd
+}
+
+/// Runs a plugin executable, inside `host` when given, with a clean CNI environment.
+pub fn invoke(exe: &Path, host: Option<&Netns>, env: &Env, stdin: &str) -> Reply {
+    let mut cmd = command(exe, host, env);
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();

@@ -1,13 +1,16 @@
 //! The reconcile loop: one pass observes the node's pod CIDRs, tailscaled, Headscale and the
 //! kernel, and changes only what differs from what HeadCNI wants, in this order:
 //!
-//! 1. pod CIDRs (flag, or the Node; validated against the tailnet and service ranges);
+//! 1. pod CIDRs (flag, or the Node; validated, and against the tailnet, service and cluster
+//!    ranges);
 //! 2. tailscaled: status, and the zero-config join when it needs a login and a key is given;
 //! 3. prefs: AdvertiseRoutes ⊇ pod CIDRs (read, merge, write; only routes HeadCNI added are ever
 //!    withdrawn), RouteAll, NoSNAT; nothing else;
 //! 4. approval: with an API key, this node's own pod CIDRs in Headscale (read, merge, write);
 //!    without, what the node can see of the policy's autoApprovers;
-//! 5. data plane: forwarding, policy rules, masquerade tables;
+//! 5. data plane: the anti-spoofing guard, forwarding, policy rules, the `unreachable` route of
+//!    the pod CIDR, masquerade tables; all scoped to the cluster's destinations (the cluster
+//!    CIDR, else every Node's pod CIDRs), never to a peer's routes;
 //! 6. MTU and the node file;
 //! 7. the report (status file, metrics, readiness).
 //!
@@ -37,7 +40,8 @@
 //! - Normal: passes as above. An unreadable or missing ConfigMap changes nothing (it is
 //!   reported as a warning).
 //! - TearingDown: the cleanup of [`super::cleanup`] with [`CleanupScope::Uninstall`] (routes and
-//!   approvals HeadCNI added, its rules and nft tables; the node file stays). No pass runs, so
+//!   approvals HeadCNI added, its rules, routes and masquerade tables; the node file and the
+//!   anti-spoofing guard stay). No pass runs, so
 //!   nothing is advertised. Readiness keeps its value until the cleanup succeeded: the hook
 //!   waits for ready agents to turn not ready, which must mean "done".
 //! - TornDown: not ready (/readyz 503, /healthz stays 200), nothing touched.
@@ -53,7 +57,7 @@ pub use join::{JOIN_TIMEOUT, MAX_BACKOFF, next_delay};
 pub use routes::{APPROVAL_RECHECK, merge_approvals, merge_routes};
 pub use uninstall::Mode;
 
-use super::config::{AgentConfig, check_pod_cidrs, outside_cluster};
+use super::config::{AgentConfig, check_pod_cidrs};
 use super::hostnet::{self, HostNetwork, masquerade_specs};
 use super::metrics::Metrics;
 use super::node::PodCidrSource;
@@ -205,6 +209,9 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
     pub async fn reconcile(&mut self) -> PassOutcome {
         self.problems.begin_pass();
         self.report_signal_problem();
+        if let Some(p) = self.health.server_problem() {
+            self.warn(ProblemId::MetricsServer, p, Some("free the port, or give --metrics-port another one"));
+        }
         let mut report = AgentReport {
             version: crate::VERSION.to_string(),
             updated_at: now(),
@@ -234,7 +241,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         };
 
         if let Some(pods) = &pods {
-            self.step_dataplane(pods, status.as_ref()).await;
+            report.cluster_destinations = self.step_dataplane(pods).await;
         }
         let (mtu, link) = self.step_mtu(status.as_ref()).await;
         let written = match (&pods, mtu) {
@@ -307,7 +314,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         if due {
             let name = self.cfg.node_name.clone().unwrap_or_default();
             match self.cidrs.pod_cidrs().await {
-                Ok(Some(found)) => match check_pod_cidrs(&found, &self.cfg.service_cidrs) {
+                Ok(Some(found)) => match check_pod_cidrs(&found, &self.cfg.cluster_cidrs, &self.cfg.service_cidrs) {
                     Ok(()) => {
                         if self.pod_cidrs.as_ref() != Some(&found) {
                             log::info!(
@@ -315,13 +322,6 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
                                 hostnet::join(&found),
                                 self.cidrs.kind()
                             );
-                            for net in outside_cluster(&found, &self.cfg.cluster_cidrs) {
-                                log::warn!(
-                                    "pod CIDR {net} is outside every --cluster-cidr ({}): traffic between it and the \
-                                     cluster would be masqueraded",
-                                    hostnet::join(&self.cfg.cluster_cidrs)
-                                );
-                            }
                         }
                         self.pod_cidrs = Some(found);
                         self.pod_cidrs_at = Some(Instant::now());
@@ -342,31 +342,95 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         self.pod_cidrs.clone()
     }
 
-    async fn step_dataplane(&mut self, pods: &[IpNetwork], status: Option<&Status>) {
+    /// Where the cluster's pod traffic goes: the destinations routed to the tailnet and exempt
+    /// from masquerading. The cluster CIDR when given; else every Node's pod CIDRs (Kubernetes);
+    /// else nothing but this node's own, which is reported: pods then reach other nodes' pods
+    /// with the node's tailnet address as their source. Never a peer's tailnet routes: an exit
+    /// node advertises 0.0.0.0/0, and any peer can advertise any subnet.
+    fn cluster_destinations(&mut self) -> Vec<IpNetwork> {
+        if !self.cfg.cluster_cidrs.is_empty() {
+            if let Some(view) = self.cidrs.cluster_cidrs() {
+                let outside: Vec<String> = view
+                    .cidrs
+                    .iter()
+                    .filter(|c| crate::cidr::check_inside_cluster(&[**c], &self.cfg.cluster_cidrs).is_err())
+                    .map(ToString::to_string)
+                    .collect();
+                if !outside.is_empty() {
+                    self.warn(
+                        ProblemId::ClusterCidrs,
+                        format!(
+                            "Nodes have pod CIDRs outside --cluster-cidr ({}): {}; traffic to them is masqueraded",
+                            hostnet::join(&self.cfg.cluster_cidrs),
+                            outside.join(", ")
+                        ),
+                        None,
+                    );
+                }
+            }
+            return self.cfg.cluster_cidrs.clone();
+        }
+        match self.cidrs.cluster_cidrs() {
+            Some(view) if view.synced => {
+                if !view.problems.is_empty() {
+                    self.warn(ProblemId::ClusterCidrs, view.problems.join("; "), None);
+                }
+                view.cidrs
+            }
+            Some(view) => {
+                self.wait(
+                    ProblemId::ClusterCidrs,
+                    format!(
+                        "the other nodes' pod CIDRs are not known yet{}: traffic to their pods is masqueraded \
+                         meanwhile",
+                        view.problems.first().map(|p| format!(" ({p})")).unwrap_or_default()
+                    ),
+                    None,
+                );
+                Vec::new()
+            }
+            None => {
+                self.warn(
+                    ProblemId::ClusterCidrs,
+                    "neither --cluster-cidr nor the Kubernetes API names the cluster's pod network: only this \
+                     node's pod CIDRs are exempt from masquerading, so other nodes' pods see this node's tailnet \
+                     address as the source of its pods' traffic",
+                    Some("give --cluster-cidr (the network every node's pod CIDR lies in)"),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    async fn step_dataplane(&mut self, pods: &[IpNetwork]) -> Vec<IpNetwork> {
         let v4 = pods.iter().any(IpNetwork::is_ipv4);
         let v6 = pods.iter().any(IpNetwork::is_ipv6);
         let mut changes = Vec::new();
+        match self.dp.ensure_guard().await {
+            Ok(c) => changes.extend(c.items),
+            Err(e) => self.fail(
+                ProblemId::Guard,
+                format!("the anti-spoofing guard: {e}"),
+                Some("pods could send with any source address; nf_tables with the fib expression is required"),
+            ),
+        }
         match self.dp.ensure_forwarding(v4, v6).await {
             Ok(c) => changes.extend(c.items),
             Err(e) => self.fail(ProblemId::Forwarding, format!("turning on IP forwarding: {e}"), None),
         }
-        match self.dp.ensure_rules(pods, self.cfg.rule_priority).await {
+        let cluster = self.cluster_destinations();
+        let rules = hostnet::policy_rules(pods, &cluster, self.cfg.rule_priority);
+        match self.dp.ensure_rules(&rules).await {
             Ok(c) => changes.extend(c.items),
             Err(e) => self.fail(ProblemId::Rules, format!("policy rules: {e}"), None),
         }
+        match self.dp.ensure_unreachable(pods).await {
+            Ok(c) => changes.extend(c.items),
+            Err(e) => self.fail(ProblemId::Unreachable, format!("unreachable route for the pod CIDR: {e}"), None),
+        }
         let specs = if self.cfg.masquerade {
-            let mut exempt: Vec<IpNetwork> = self.cfg.cluster_cidrs.clone();
+            let mut exempt = cluster.clone();
             exempt.extend(self.cfg.service_cidrs.iter().copied());
-            // Without a cluster CIDR, the other nodes' pod CIDRs are known only as their routes.
-            // (With one, routes of non-cluster subnet routers stay masqueraded: they do not
-            // know the pod CIDRs.)
-            if self.cfg.cluster_cidrs.is_empty()
-                && let Some(st) = status
-            {
-                for p in st.peer.values() {
-                    exempt.extend(p.served_routes());
-                }
-            }
             masquerade_specs(pods, &exempt)
         } else {
             Vec::new()
@@ -378,6 +442,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         for c in changes {
             log::info!("data plane: {c}");
         }
+        cluster
     }
 
     async fn step_mtu(&mut self, status: Option<&Status>) -> (Option<u32>, Option<(String, u32)>) {

@@ -5,12 +5,14 @@ use super::*;
 use crate::agent::cleanup::{CleanupScope, cleanup_with};
 use crate::agent::config::CidrSource;
 use crate::agent::hostnet::{Changes, HostNetworkError};
-use crate::agent::node::NodeError;
+use crate::agent::node::{ClusterCidrs, NodeError};
+use crate::agent::report::Severity;
 use crate::agent::teardown::{Signal, SignalState};
 use crate::clients::headscale::HeadscaleError;
 use crate::clients::headscale::HsNode;
 use crate::clients::localapi::{NodeStatus, Prefs, PrefsEdit, TailscaleError};
 use crate::clients::secret::{Secret, SecretSource};
+use crate::netlink::RuleSpec;
 use crate::netlink::nft::MasqueradeSpec;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -229,9 +231,13 @@ impl HeadscaleApi for FakeHs {
 #[derive(Default)]
 struct Dp {
     forwarding: Vec<(bool, bool)>,
-    rules: Vec<(Vec<IpNetwork>, u32)>,
+    rules: Vec<Vec<RuleSpec>>,
+    unreachable: Vec<Vec<IpNetwork>>,
+    guards: u32,
     masq: Vec<Vec<MasqueradeSpec>>,
     removed_rules: u32,
+    removed_unreachable: u32,
+    removed_guard: u32,
     removed_tables: u32,
     link: Option<(String, u32)>,
     fail_masq: bool,
@@ -256,13 +262,29 @@ impl HostNetwork for FakeDp {
         self.lock().forwarding.push((ipv4, ipv6));
         Ok(Changes::default())
     }
-    async fn ensure_rules(&self, pod_cidrs: &[IpNetwork], priority: u32) -> Result<Changes, HostNetworkError> {
-        self.lock().rules.push((pod_cidrs.to_vec(), priority));
+    async fn ensure_rules(&self, rules: &[RuleSpec]) -> Result<Changes, HostNetworkError> {
+        self.lock().rules.push(rules.to_vec());
         Ok(Changes::default())
     }
     async fn remove_rules(&self) -> Result<usize, HostNetworkError> {
         self.lock().removed_rules += 1;
         Ok(1)
+    }
+    async fn ensure_unreachable(&self, nets: &[IpNetwork]) -> Result<Changes, HostNetworkError> {
+        self.lock().unreachable.push(nets.to_vec());
+        Ok(Changes::default())
+    }
+    async fn remove_unreachable(&self) -> Result<usize, HostNetworkError> {
+        self.lock().removed_unreachable += 1;
+        Ok(1)
+    }
+    async fn ensure_guard(&self) -> Result<Changes, HostNetworkError> {
+        self.lock().guards += 1;
+        Ok(Changes::default())
+    }
+    async fn remove_guard(&self) -> Result<bool, HostNetworkError> {
+        self.lock().removed_guard += 1;
+        Ok(true)
     }
     async fn ensure_masquerade(&self, specs: &[MasqueradeSpec]) -> Result<Changes, HostNetworkError> {
         let mut s = self.lock();
@@ -284,27 +306,36 @@ impl HostNetwork for FakeDp {
     }
 }
 
+type OwnCidrs = Result<Option<Vec<IpNetwork>>, String>;
+
 #[derive(Clone)]
-struct FakeCidrs(Arc<Mutex<Result<Option<Vec<IpNetwork>>, String>>>);
+struct FakeCidrs(Arc<Mutex<(OwnCidrs, Option<ClusterCidrs>)>>);
 
 impl FakeCidrs {
     fn some(list: &[&str]) -> Self {
-        FakeCidrs(Arc::new(Mutex::new(Ok(Some(list.iter().map(|s| net(s)).collect())))))
+        FakeCidrs(Arc::new(Mutex::new((Ok(Some(list.iter().map(|s| net(s)).collect())), None))))
     }
-    fn set(&self, v: Result<Option<Vec<IpNetwork>>, String>) {
-        *self.0.lock().unwrap() = v;
+    fn set(&self, v: OwnCidrs) {
+        self.0.lock().unwrap().0 = v;
+    }
+    /// What the Nodes say (a Kubernetes source); `None`: a source that knows only this node.
+    fn set_cluster(&self, v: Option<ClusterCidrs>) {
+        self.0.lock().unwrap().1 = v;
     }
 }
 
 impl PodCidrSource for FakeCidrs {
     async fn pod_cidrs(&self) -> Result<Option<Vec<IpNetwork>>, NodeError> {
-        self.0.lock().unwrap().clone().map_err(NodeError::Setup)
+        self.0.lock().unwrap().0.clone().map_err(NodeError::Setup)
     }
     fn kind(&self) -> &'static str {
         "node"
     }
     fn refresh_interval(&self) -> Duration {
         Duration::ZERO
+    }
+    fn cluster_cidrs(&self) -> Option<ClusterCidrs> {
+        self.0.lock().unwrap().1.clone()
     }
 }
 
@@ -658,33 +689,89 @@ async fn bad_or_missing_pod_cidrs_change_nothing() {
     assert!(r.report().problems.iter().any(|p| p.hint.as_deref() == Some("keeping the pod CIDRs read before")));
 }
 
+/// The exempt destinations of the IPv4 masquerade table, and those the rules send to table 52
+/// (the tailnet ranges left out), after the last pass.
+fn scope(dp: &FakeDp) -> (BTreeSet<IpNetwork>, BTreeSet<IpNetwork>) {
+    let d = dp.lock();
+    let masq = d.masq.last().cloned().unwrap();
+    let to_52 = d
+        .rules
+        .last()
+        .unwrap()
+        .iter()
+        .filter(|r| r.table() == Some(crate::agent::hostnet::TAILSCALE_TABLE))
+        .filter_map(|r| r.dst)
+        .filter(|n| !crate::agent::hostnet::tailnet_ranges().contains(n))
+        .collect();
+    (masq[0].exempt_destinations.iter().copied().collect(), to_52)
+}
+
 #[tokio::test]
-async fn masquerade_exempts_cluster_services_tailnet_and_peer_pod_cidrs() {
+async fn masquerade_and_routing_are_scoped_to_the_cluster_never_to_peer_routes() {
     let w = world(|_| {});
     let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
     let ts = FakeTs::running(&[]);
-    ts.lock().peers = vec![NodeStatus {
-        host_name: "other-cluster-node".into(),
+    // A subnet router that does not know pods, an exit node, and a peer advertising the underlay.
+    let peer = |name: &str, routes: &[&str]| NodeStatus {
+        host_name: name.into(),
         tailscale_ips: vec!["100.64.0.9".parse().unwrap()],
-        primary_routes: vec!["10.50.0.0/24".into()],
+        allowed_ips: routes.iter().map(|r| r.to_string()).collect(),
+        primary_routes: routes.iter().map(|r| r.to_string()).collect(),
         ..Default::default()
-    }];
+    };
+    ts.lock().peers = vec![
+        peer("other-cluster-node", &["10.50.0.0/24"]),
+        peer("exit", &["0.0.0.0/0", "::/0"]),
+        peer("lan", &["192.168.1.0/24"]),
+    ];
     let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
     r.reconcile().await;
     let specs = dp.lock().masq.last().cloned().unwrap();
     assert_eq!(specs.len(), 1);
-    let exempt: BTreeSet<IpNetwork> = specs[0].exempt_destinations.iter().copied().collect();
-    // The peer's route is outside the cluster CIDR: a subnet router that does not know pods.
-    assert_eq!(exempt, nets(&["10.244.0.0/16", "10.96.0.0/12", "100.64.0.0/10"]));
     assert_eq!(specs[0].sources, vec![net("10.244.1.0/24")]);
+    let (exempt, to_52) = scope(&dp);
+    assert_eq!(exempt, nets(&["10.244.0.0/16", "10.96.0.0/12", "100.64.0.0/10"]));
+    assert_eq!(to_52, nets(&["10.244.0.0/16"]));
+    assert_eq!(r.report().cluster_destinations, vec![net("10.244.0.0/16")]);
+    assert_eq!(dp.lock().unreachable.last().unwrap(), &vec![net("10.244.1.0/24")]);
+    assert!(dp.lock().guards > 0, "the guard is checked in every pass");
 
-    // Without a cluster CIDR, the peers' routes are the only hint of the other pod CIDRs.
+    // No cluster CIDR, but the Nodes are known: their pod CIDRs, and nothing else.
     let w0 = world(|c| c.cluster_cidrs.clear());
+    cidrs.set_cluster(Some(ClusterCidrs {
+        cidrs: nets(&["10.244.1.0/24", "10.244.2.0/24"]).into_iter().collect(),
+        synced: true,
+        problems: vec![],
+    }));
     let mut r = reconciler(&w0, &cidrs, &ts, None, &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting, "pending approval only");
+    let (exempt, to_52) = scope(&dp);
+    assert_eq!(exempt, nets(&["10.244.1.0/24", "10.244.2.0/24", "10.96.0.0/12", "100.64.0.0/10"]));
+    assert_eq!(to_52, nets(&["10.244.1.0/24", "10.244.2.0/24"]));
+
+    // The Nodes are not listed yet: waiting, only the own pod CIDR exempt.
+    cidrs.set_cluster(Some(ClusterCidrs {
+        cidrs: vec![],
+        synced: false,
+        problems: vec!["listing the Nodes: 403".into()],
+    }));
     r.reconcile().await;
-    let specs = dp.lock().masq.last().cloned().unwrap();
-    let exempt: BTreeSet<IpNetwork> = specs[0].exempt_destinations.iter().copied().collect();
-    assert_eq!(exempt, nets(&["10.244.1.0/24", "10.96.0.0/12", "100.64.0.0/10", "10.50.0.0/24"]));
+    let (exempt, to_52) = scope(&dp);
+    assert_eq!(exempt, nets(&["10.244.1.0/24", "10.96.0.0/12", "100.64.0.0/10"]));
+    assert!(to_52.is_empty());
+    let p = r.report().problems.iter().find(|p| p.id == "dataplane/cluster_cidrs").cloned().unwrap();
+    assert_eq!(p.severity, Severity::Waiting);
+    assert!(p.message.contains("403"), "{p:?}");
+
+    // Neither a cluster CIDR nor the Nodes: the own pod CIDR only, reported.
+    cidrs.set_cluster(None);
+    r.reconcile().await;
+    let (exempt, _) = scope(&dp);
+    assert_eq!(exempt, nets(&["10.244.1.0/24", "10.96.0.0/12", "100.64.0.0/10"]));
+    let p = r.report().problems.iter().find(|p| p.id == "dataplane/cluster_cidrs").cloned().unwrap();
+    assert_eq!(p.severity, Severity::Warning);
+    assert!(p.message.contains("only this node's pod CIDRs"), "{p:?}");
+    assert!(r.report().ready, "a warning: the node works");
 
     let w2 = world(|c| c.masquerade = false);
     let mut r = reconciler(&w2, &cidrs, &ts, None, &dp);
@@ -740,6 +827,8 @@ async fn cleanup_undoes_only_what_headcni_did() {
         assert_eq!(h.nodes[0].approved_routes, Some(vec!["10.244.2.0/24".to_string()]), "other node untouched");
     }
     assert_eq!(dp.lock().removed_rules, 1);
+    assert_eq!(dp.lock().removed_unreachable, 1);
+    assert_eq!(dp.lock().removed_guard, 1, "a node that leaves HeadCNI loses the guard too");
     assert_eq!(dp.lock().removed_tables, 1);
     assert!(!nodefile::path_in(&w.cfg.run_dir).exists());
     assert!(!state::path_in(&w.cfg.state_dir).exists());
@@ -849,6 +938,8 @@ async fn uninstall_signal_tears_down_stops_and_resumes() {
     assert_eq!(hs.lock().nodes[1].approved_routes, Some(vec!["192.168.7.0/24".into()]));
     assert_eq!(hs.lock().nodes[0].approved_routes, Some(vec!["10.244.2.0/24".into()]), "other node untouched");
     assert_eq!(dp.lock().removed_rules, 1);
+    assert_eq!(dp.lock().removed_unreachable, 1);
+    assert_eq!(dp.lock().removed_guard, 0, "the pods that stay keep their guard");
     assert_eq!(dp.lock().removed_tables, 1);
     assert!(nodefile::path_in(&w.cfg.run_dir).exists(), "running pods keep working on the node");
     assert!(!state::path_in(&w.cfg.state_dir).exists(), "nothing left to withdraw");

@@ -93,6 +93,7 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
             v.approval = r.approval.clone();
             v.pod_mtu = r.mtu;
             v.masquerade_enabled = Some(r.masquerade);
+            v.cluster_destinations = r.cluster_destinations.iter().map(ToString::to_string).collect();
             v.routes = r
                 .routes
                 .iter()
@@ -237,9 +238,11 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
         );
     }
     if let Some(rules) = &live.rules {
-        v.rules = rules.iter().map(|r| format!("to {r} lookup main")).collect();
+        let mut sorted = rules.clone();
+        sorted.sort_by_key(|r| (r.priority, r.ipv6));
+        v.rules = sorted.iter().map(|r| format!("{}: {r}", r.priority)).collect();
         for p in &pods {
-            if !rules.contains(p) {
+            if !rules.iter().any(|r| r.dst == Some(*p) && r.table() == Some(crate::netlink::TABLE_MAIN)) {
                 find(
                     &mut v,
                     Severity::Error,
@@ -250,6 +253,38 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
                 );
             }
         }
+        if !pods.is_empty() && !rules.iter().any(|r| r.suppress_prefixlen == Some(0) && !r.ipv6) {
+            find(
+                &mut v,
+                Severity::Error,
+                "no rule keeps the main table's specific routes ahead of Tailscale's table 52: a peer advertising \
+                 this node's LAN would capture its traffic",
+                Some("the agent adds it; see its logs"),
+            );
+        }
+    }
+    if let Some(unreachable) = &live.unreachable {
+        v.unreachable = unreachable.iter().map(ToString::to_string).collect();
+        for p in pods.iter().filter(|p| !unreachable.contains(p)) {
+            find(
+                &mut v,
+                Severity::Warning,
+                format!("no unreachable route for {p}: traffic to its unassigned addresses follows the default route"),
+                Some("the agent adds it; see its logs"),
+            );
+        }
+    }
+    v.guard = live.guard;
+    if live.guard == Some(false) {
+        find(
+            &mut v,
+            Severity::Error,
+            format!(
+                "the anti-spoofing guard (nft table inet {}) is missing: pods can send with any source address",
+                crate::podguard::TABLE
+            ),
+            Some("the agent and every pod ADD put it back; see the agent's logs"),
+        );
     }
     if let Some(tables) = &live.tables {
         v.masquerade_tables = tables.iter().map(|(f, n)| format!("{f} {TABLE} ({n} rules)")).collect();

@@ -3,8 +3,9 @@
 //! judges; [`super::assess`] does.
 
 use super::{IpamView, StatusArgs};
-use crate::agent::hostnet::{self, KernelHostNetwork, RULE_PROTOCOL, SYSCTL_FORWARD_V4, SYSCTL_FORWARD_V6};
+use crate::agent::hostnet::{self, KernelHostNetwork, SYSCTL_FORWARD_V4, SYSCTL_FORWARD_V6};
 use crate::clients::localapi::{LocalApi, Prefs, SocketLocalApi, Status};
+use crate::netlink::RuleSpec;
 use crate::netlink::nft::NftFamily;
 use crate::netlink::sysctl::SysctlRoot;
 use crate::nodefile::{self, NodeFile};
@@ -18,7 +19,12 @@ pub struct Live {
     pub prefs: Option<Prefs>,
     pub forwarding_v4: Option<bool>,
     pub forwarding_v6: Option<bool>,
-    pub rules: Option<Vec<IpNetwork>>,
+    /// HeadCNI's policy rules.
+    pub rules: Option<Vec<RuleSpec>>,
+    /// HeadCNI's `unreachable` routes.
+    pub unreachable: Option<Vec<IpNetwork>>,
+    /// Whether the anti-spoofing guard is complete.
+    pub guard: Option<bool>,
     pub tables: Option<Vec<(NftFamily, usize)>>,
     pub link: Option<(String, u32)>,
     pub files: Files,
@@ -117,11 +123,9 @@ pub async fn gather(args: &StatusArgs, pods: &[IpNetwork]) -> Live {
         live.forwarding_v6 = read(SYSCTL_FORWARD_V6);
     }
     if let Ok(dp) = KernelHostNetwork::current() {
-        live.rules = dp
-            .own_rules()
-            .await
-            .ok()
-            .map(|r| r.into_iter().filter(|r| r.protocol == Some(RULE_PROTOCOL)).map(|r| r.dst).collect());
+        live.rules = dp.own_rules().await.ok();
+        live.unreachable = dp.own_unreachable().await.ok();
+        live.guard = dp.guard_intact().ok();
         let mut tables = Vec::new();
         let mut ok = true;
         for f in [NftFamily::Ipv4, NftFamily::Ipv6] {

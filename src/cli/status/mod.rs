@@ -134,6 +134,12 @@ pub struct StatusView {
     pub forwarding_ipv4: Option<bool>,
     pub forwarding_ipv6: Option<bool>,
     pub rules: Vec<String>,
+    /// The networks the node refuses to route anywhere but to its pods (`unreachable` routes).
+    pub unreachable: Vec<String>,
+    /// The anti-spoofing guard is in place.
+    pub guard: Option<bool>,
+    /// Where pod traffic stays pod traffic (routed to the tailnet, not masqueraded).
+    pub cluster_destinations: Vec<String>,
     pub masquerade_enabled: Option<bool>,
     pub masquerade_tables: Vec<String>,
     pub node_file: String,

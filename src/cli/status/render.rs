@@ -78,7 +78,25 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
         String::new()
     };
     writeln!(out, "  forwarding   ipv4 {}{fwd6}", yes(v.forwarding_ipv4, "on", "OFF"))?;
-    writeln!(out, "  ip rules     {}", if v.rules.is_empty() { "none".into() } else { v.rules.join(", ") })?;
+    if v.rules.is_empty() {
+        writeln!(out, "  ip rules     none")?;
+    }
+    for (i, r) in v.rules.iter().enumerate() {
+        writeln!(out, "  {}{r}", if i == 0 { "ip rules     " } else { "             " })?;
+    }
+    if !v.cluster_destinations.is_empty() {
+        writeln!(out, "  pod traffic  stays pod traffic to {}", v.cluster_destinations.join(", "))?;
+    }
+    writeln!(
+        out,
+        "  refused      {}",
+        match (v.guard, v.unreachable.is_empty()) {
+            (Some(true), false) => format!("spoofed pod sources; unassigned addresses of {}", v.unreachable.join(", ")),
+            (Some(true), true) => "spoofed pod sources".to_string(),
+            (Some(false), _) => "NOTHING: the anti-spoofing guard is missing".to_string(),
+            (None, _) => "-".to_string(),
+        }
+    )?;
     let masq = match v.masquerade_enabled {
         Some(false) => "disabled".to_string(),
         _ if v.masquerade_tables.is_empty() => "no table".to_string(),
