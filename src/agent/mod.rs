@@ -34,6 +34,7 @@ pub mod teardown;
 use crate::clients::headscale::RestHeadscale;
 use crate::clients::localapi::SocketLocalApi;
 use crate::clients::{http, kube};
+use crate::logging::exit;
 use config::{AgentArgs, AgentConfig, CidrSource};
 use hostnet::KernelHostNetwork;
 use ipnetwork::IpNetwork;
@@ -123,19 +124,19 @@ fn cidr_source(cfg: &AgentConfig, kube: Option<&kube::Kube>) -> anyhow::Result<C
 
 /// Entry point of `headcni agent`.
 pub fn main(args: AgentArgs) -> i32 {
-    crate::logging::init_stderr("info");
+    crate::logging::init_stderr("agent", "info");
     let cfg = match AgentConfig::from_args(&args, |k| std::env::var(k).ok(), system_hostname) {
         Ok(c) => c,
         Err(e) => {
-            log::error!("invalid configuration: {e}");
-            return 2;
+            crate::logging::fatal("agent", &format!("invalid configuration: {e}"));
+            return exit::USAGE;
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            log::error!("starting the runtime: {e}");
-            return 1;
+            crate::logging::fatal("agent", &format!("starting the runtime: {e}"));
+            return exit::FAILED;
         }
     };
     let result =
@@ -143,8 +144,8 @@ pub fn main(args: AgentArgs) -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            log::error!("{e:#}");
-            1
+            crate::logging::fatal("agent", &format!("{e:#}"));
+            exit::FAILED
         }
     }
 }

@@ -147,10 +147,10 @@ pub struct StatusView {
 
 /// Entry point of `headcni status`: 0 when all is well, 1 when something is wrong.
 pub fn main(args: StatusArgs) -> i32 {
-    crate::logging::init_stderr("warn");
+    crate::logging::init_stderr("status", "warn");
     if let Err(e) = SysctlRoot::new(&args.proc_sys_dir) {
-        log::error!("--proc-sys-dir: {e}");
-        return 2;
+        crate::logging::fatal("status", &format!("--proc-sys-dir: {e}"));
+        return crate::logging::exit::USAGE;
     }
     let report = AgentReport::load(&args.run_dir);
     let pods: Vec<IpNetwork> = report.as_ref().map(|r| r.pod_cidrs.clone()).unwrap_or_default();
@@ -170,7 +170,7 @@ pub fn main(args: StatusArgs) -> i32 {
         render(&view, &mut out)
     };
     if written.is_err() {
-        return 2;
+        return crate::logging::exit::FAILED;
     }
     i32::from(view.problems.iter().any(|p| p.severity == Severity::Error))
 }
