@@ -92,6 +92,19 @@ pub fn in_use(dir: &Path) -> io::Result<Option<InUse>> {
     Ok(Some(InUse::parse(&first, &text)))
 }
 
+/// The network name and the data directory of headcni-ipam's store, when the conflist at `path`
+/// is HeadCNI's and delegates to headcni-ipam.
+pub fn headcni_ipam_store(path: &Path) -> Option<(String, PathBuf)> {
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let ipam = headcni_plugin(&doc)?.get("ipam")?;
+    if ipam.get("type").and_then(Value::as_str) != Some(crate::ipam::PLUGIN_NAME) {
+        return None;
+    }
+    let network = doc.get("name").and_then(Value::as_str)?.to_string();
+    let dir = ipam.get("dataDir").and_then(Value::as_str).unwrap_or(crate::ipam::config::DEFAULT_DATA_DIR);
+    Some((network, PathBuf::from(dir)))
+}
+
 /// One file moved aside or back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Move {

@@ -84,6 +84,13 @@ pub struct AgentArgs {
     /// host's /proc/sys/net at e.g. /host/proc/sys/net and pass /host/proc/sys.
     #[arg(long, env = "HEADCNI_PROC_SYS_DIR", default_value = PROC_SYS)]
     pub proc_sys_dir: PathBuf,
+    /// The CNI configuration directory the container runtime reads (checked: is HeadCNI's
+    /// configuration the one in use, and is its MTU within the tailnet's).
+    #[arg(long, env = "HEADCNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// HeadCNI's conflist in --conf-dir.
+    #[arg(long, env = "HEADCNI_CONFLIST_NAME", default_value = "10-headcni.conflist")]
+    pub conflist_name: String,
     /// The uninstall signal, NAMESPACE/NAME of a ConfigMap: when its data.teardown is "true"
     /// the agent withdraws this node's routes, removes its rules and nft tables, stops
     /// reconciling and answers not ready, until it is "false" again.
@@ -124,6 +131,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     pub metrics_path: String,
     pub sysctl_root: SysctlRoot,
+    pub conf_dir: PathBuf,
+    pub conflist_name: String,
     pub teardown_configmap: Option<ObjectRef>,
     /// --kubeconfig; `None`: the in-cluster service account.
     pub kubeconfig: Option<PathBuf>,
@@ -322,6 +331,8 @@ impl AgentConfig {
             metrics_addr: SocketAddr::new(args.metrics_bind, args.metrics_port),
             metrics_path: args.metrics_path.clone(),
             sysctl_root,
+            conf_dir: args.conf_dir.clone(),
+            conflist_name: args.conflist_name.clone(),
             teardown_configmap,
             kubeconfig: args.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
             cleanup: args.cleanup,

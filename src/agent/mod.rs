@@ -113,11 +113,18 @@ async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<Option<kube::Kube>> {
     Ok(Some(kube::Kube::from_kubeconfig_or_in_cluster(cfg.kubeconfig.as_deref()).await?))
 }
 
-fn cidr_source(cfg: &AgentConfig, kube: Option<&kube::Kube>) -> anyhow::Result<CidrSourceImpl> {
+fn cidr_source(
+    cfg: &AgentConfig,
+    kube: Option<&kube::Kube>,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<CidrSourceImpl> {
     let name = cfg.node_name.clone().unwrap_or_default();
     Ok(match (&cfg.cidr_source, kube) {
         (CidrSource::Static(c), _) => CidrSourceImpl::Static(StaticCidrs(c.clone())),
-        (_, Some(kube)) => CidrSourceImpl::Node(Box::new(NodeCidrs::new(&name, kube.clone())?)),
+        (_, Some(kube)) => {
+            let errors = metrics.kubernetes_errors("watch_node");
+            CidrSourceImpl::Node(Box::new(NodeCidrs::counted(&name, kube.clone(), Some(errors))?))
+        }
         (_, None) => anyhow::bail!("no Kubernetes client for the Node's pod CIDRs"),
     })
 }
@@ -194,7 +201,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let kube = kube_client(&cfg).await?;
     let mut rec = Reconciler::new(
         cfg.clone(),
-        cidr_source(&cfg, kube.as_ref())?,
+        cidr_source(&cfg, kube.as_ref(), &metrics)?,
         SocketLocalApi::new(&cfg.tailscale_socket),
         headscale_client(&cfg)?,
         KernelHostNetwork::current()?.with_sysctl_root(cfg.sysctl_root.clone()),
@@ -206,6 +213,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let (watcher, mut signal_rx) = match (&cfg.teardown_configmap, &kube) {
         (Some(cm), Some(kube)) => {
             let (w, rx) = SignalWatcher::new(kube.clone(), cm.clone());
+            let w = w.counting(metrics.kubernetes_errors("watch_uninstall_signal"));
             log::info!("following the uninstall signal in {cm}");
             (Some(tokio::spawn(w.run())), rx)
         }
@@ -254,6 +262,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         was_ready = ready;
         streak = if outcome == PassOutcome::Converged { 0 } else { streak.saturating_add(1) };
         let delay = next_delay(outcome, streak, rec.joining());
+        rec.announce_next_pass(delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             // A new reading (e.g. "true") is acted on at once.

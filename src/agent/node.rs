@@ -5,6 +5,7 @@
 //! every CIDR is parsed, checked canonical and at most one per family, and anything odd is an
 //! error rather than a guess.
 
+use super::metrics::ApiErrors;
 use crate::clients::kube::{Kube, KubeError, ObjectRef};
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
@@ -159,6 +160,11 @@ fn node_error(name: &str, e: KubeError) -> NodeError {
 impl NodeCidrs {
     /// Node `name` through `kube`: starts its watch (needs a tokio runtime).
     pub fn new(name: &str, kube: Kube) -> Result<Self, NodeError> {
+        Self::counted(name, kube, None)
+    }
+
+    /// The same, counting each failed read of the API in `errors`.
+    pub fn counted(name: &str, kube: Kube, errors: Option<ApiErrors>) -> Result<Self, NodeError> {
         validate_node_name(name).map_err(NodeError::Setup)?;
         let node = ObjectRef::node(name).map_err(|e| NodeError::Setup(e.to_string()))?;
         let (tx, reading) = watch::channel(None);
@@ -168,6 +174,9 @@ impl NodeCidrs {
             let events = kube.watch_object::<Node>(&node);
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
+                if let (Err(_), Some(errors)) = (&event, &errors) {
+                    errors.inc();
+                }
                 let next = match event {
                     Ok(Some(n)) => node_pod_cidrs(&owned, &n),
                     Ok(None) => Err(NodeError::NotFound { name: owned.clone() }),

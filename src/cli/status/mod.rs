@@ -27,8 +27,11 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
 
-/// The agent report is stale after this many seconds.
+/// The agent report is stale after this many seconds when the agent does not say when its next
+/// report is due (an agent older than `reportIntervalSecs`).
 pub const STALE_AFTER_SECS: u64 = 120;
+/// Otherwise after this many report intervals.
+pub const STALE_AFTER_INTERVALS: u64 = 2;
 
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
@@ -105,6 +108,8 @@ pub struct PeerView {
     pub tailscale_ips: Vec<String>,
     pub routes: Vec<String>,
     pub online: bool,
+    /// "direct", "relay" or "idle".
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -140,6 +145,8 @@ pub struct StatusView {
     pub node_file_present: bool,
     pub conflist: String,
     pub conflist_present: bool,
+    /// The configuration the container runtime uses (the first in the directory).
+    pub cni_config_in_use: Option<String>,
     /// Addresses in use in this node's pool, from the IPAM plugin named in the conflist.
     pub ipam: Option<IpamView>,
     pub problems: Vec<Finding>,
