@@ -78,6 +78,12 @@ fn args(dir: &Path) -> StatusArgs {
         conf_dir: dir.join("net.d"),
         conflist_name: "10-headcni.conflist".into(),
         proc_sys_dir: PROC_SYS.into(),
+        cluster: false,
+        kubeconfig: None,
+        namespace: "kube-system".into(),
+        selector: String::new(),
+        via: cluster::Via::Auto,
+        metrics_port: 8080,
     }
 }
 
