@@ -79,6 +79,8 @@ pub struct PoolUsage {
 pub struct Metrics {
     registry: Registry,
     run_dir: PathBuf,
+    /// HeadCNI's conflist: the IPAM store whose pools are counted (see [`Metrics::reading_ipam`]).
+    ipam_conflist: Option<PathBuf>,
     drain: Mutex<()>,
     pub build_info: Family<Labels, Gauge>,
     pub ip_allocations: Family<Labels, Counter>,
@@ -128,6 +130,7 @@ impl Metrics {
         let m = Self {
             registry: Registry::default(),
             run_dir: run_dir.to_path_buf(),
+            ipam_conflist: None,
             drain: Mutex::new(()),
             build_info,
             ip_allocations,
@@ -239,6 +242,13 @@ impl Metrics {
         Self { registry, ..m }
     }
 
+    /// Counts the pools of the headcni-ipam store that `conflist` names, read afresh with the
+    /// plugins' events (before every scrape).
+    pub fn reading_ipam(mut self, conflist: PathBuf) -> Self {
+        self.ipam_conflist = Some(conflist);
+        self
+    }
+
     /// The counter of failed Headscale requests of `operation` (one of [`HEADSCALE_OPERATIONS`]).
     pub fn headscale_errors(&self, operation: &'static str) -> ApiErrors {
         ApiErrors { family: self.headscale_api_errors.clone(), operation }
@@ -266,9 +276,13 @@ impl Metrics {
         }
     }
 
-    /// Drains the plugins' event spool into the metrics; answers how many events it counted.
+    /// Drains the plugins' event spool into the metrics, and reads the IPAM pools; answers how
+    /// many events it counted.
     pub fn collect_events(&self) -> usize {
         let _guard = self.drain.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conflist) = &self.ipam_conflist {
+            self.set_ipam(&read_pools(conflist));
+        }
         match events::drain(&self.run_dir) {
             Ok(events) => {
                 for e in &events {
@@ -335,6 +349,21 @@ impl Metrics {
         match format {
             Exposition::OpenMetrics => self.encode(),
             Exposition::Text => classic_text(&self.encode()),
+        }
+    }
+}
+
+/// The pools of the headcni-ipam store HeadCNI's conflist names (none for another IPAM).
+fn read_pools(conflist: &Path) -> Vec<PoolUsage> {
+    let Some((network, data_dir)) = crate::cniconf::headcni_ipam_store(conflist) else { return Vec::new() };
+    match crate::ipam::pool_usage(&data_dir, &network) {
+        Ok(sets) => sets
+            .into_iter()
+            .map(|s| PoolUsage { network: network.clone(), pool: s.pool, used: s.used, total: s.total })
+            .collect(),
+        Err(e) => {
+            log::debug!("IPAM store {}: {e}", data_dir.display());
+            Vec::new()
         }
     }
 }
@@ -467,6 +496,34 @@ mod tests {
         // Every sample keeps its line; only the metadata of counters is renamed.
         let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect::<Vec<_>>();
         assert_eq!(samples(&om), samples(&text));
+    }
+
+    #[test]
+    fn the_ipam_pools_are_read_at_each_scrape() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("ipam");
+        let conflist = dir.path().join("10-headcni.conflist");
+        let doc = serde_json::json!({"name": "podnet", "plugins": [{"type": "headcni",
+            "ipam": {"type": "headcni-ipam", "dataDir": data}}]});
+        std::fs::write(&conflist, doc.to_string()).unwrap();
+        let m = Metrics::new(dir.path()).reading_ipam(conflist);
+        m.collect_events();
+        assert!(!m.encode().contains("headcni_ipam_addresses_used{"), "no store yet");
+        let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet",
+            "ipam": {"type": "headcni-ipam", "subnet": "10.44.0.0/28", "dataDir": data}});
+        for cid in ["c1", "c2"] {
+            let env: std::collections::HashMap<String, String> =
+                [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", cid), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+            let req = crate::cni::parse_request(crate::cni::Command::Add, &env, conf.to_string().as_bytes()).unwrap();
+            crate::ipam::run_in_process(&req).unwrap();
+        }
+        m.collect_events();
+        let text = m.encode();
+        assert!(text.contains("headcni_ipam_addresses_used{network=\"podnet\",pool=\"10.44.0.0/28\"} 2"), "{text}");
+        assert!(text.contains("headcni_ipam_addresses_free{network=\"podnet\",pool=\"10.44.0.0/28\"} 11"), "{text}");
     }
 
     #[test]

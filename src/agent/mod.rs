@@ -169,7 +169,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     );
     crate::fsutil::ensure_dir(&cfg.run_dir, 0o755)
         .map_err(|e| anyhow::anyhow!("creating --run-dir {}: {e}", cfg.run_dir.display()))?;
-    let metrics = Arc::new(metrics::Metrics::new(&cfg.run_dir));
+    let metrics = Arc::new(metrics::Metrics::new(&cfg.run_dir).reading_ipam(cfg.conf_dir.join(&cfg.conflist_name)));
     let health = Arc::new(serve::Health::default());
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await

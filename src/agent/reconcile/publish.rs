@@ -3,7 +3,6 @@
 
 use super::Reconciler;
 use crate::agent::hostnet::HostNetwork;
-use crate::agent::metrics::PoolUsage;
 use crate::agent::node::PodCidrSource;
 use crate::agent::report::{self, AgentReport, Step};
 use crate::clients::headscale::HeadscaleApi;
@@ -31,7 +30,6 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         m.tailnet_mtu_bytes.set(i64::from(report.tailnet_link.as_ref().map(|l| l.mtu).unwrap_or(0)));
         m.pod_cidrs.set(report.pod_cidrs.len() as i64);
         m.set_peer_paths(report.peers.iter().map(|p| (p.hostname.as_str(), p.path.as_str())));
-        m.set_ipam(&self.ipam_pools());
         m.ready.set(i64::from(report.ready));
         for step in Step::ALL {
             m.set_step(step, self.problems.failing(step));
@@ -61,21 +59,5 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         self.report.report_interval_secs = Some(secs);
         let report = self.report.clone();
         self.store_report(&report);
-    }
-
-    /// The pools of the IPAM the HeadCNI configuration names (headcni-ipam's store).
-    fn ipam_pools(&self) -> Vec<PoolUsage> {
-        let conflist = self.cfg.conf_dir.join(&self.cfg.conflist_name);
-        let Some((network, data_dir)) = crate::cniconf::headcni_ipam_store(&conflist) else { return Vec::new() };
-        match crate::ipam::pool_usage(&data_dir, &network) {
-            Ok(pools) => pools
-                .into_iter()
-                .map(|p| PoolUsage { network: network.clone(), pool: p.pool, used: p.used, total: p.total })
-                .collect(),
-            Err(e) => {
-                log::debug!("IPAM store {}: {e}", data_dir.display());
-                Vec::new()
-            }
-        }
     }
 }
