@@ -11,13 +11,18 @@
 #   `headcni status`. Everything lives in network namespaces; nothing of the
 #   machine's own network is touched.
 #
-# usage: integration/demo.sh [--keep] [--prefix P]
-#   --keep   leave it running and print the commands to look around and to
-#            tear down (integration/teardown.sh P)
+# usage: integration/demo.sh [--keep] [--prefix P] [--kubernetes]
+#   --keep        leave it running and print the commands to look around and to
+#                 tear down (integration/teardown.sh P)
+#   --kubernetes  the same on a real Kubernetes (kube-demo.sh): HeadCNI installed
+#                 with Helm, `kubectl get nodes,pods -o wide`, the cross-node table
 # env: HEADCNI_BIN (use this binary instead of building)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+for a in "$@"; do
+	[[ "$a" != --kubernetes ]] || exec "$here/kube-demo.sh" "$@"
+done
 export HC_PREFIX=${HC_PREFIX:-demo}
 while (($#)); do
 	case "$1" in

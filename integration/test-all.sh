@@ -5,7 +5,8 @@
 #   sudo integration/test-all.sh [--skip STAGE]... [--only STAGE]...
 #
 # Stages, in order:
-#   peers      apt packages and the pinned Go-built peers (tailscale, headscale, crictl, helm)
+#   peers      apt packages and the pinned Go-built peers (tailscale, headscale, crictl, helm,
+#              Kubernetes, etcd, CoreDNS)
 #   lint       cargo fmt --check, cargo clippy -D warnings, the module boundaries, shellcheck
 #   build      release builds (host and static musl)
 #   cargo      unit, property and namespace tests, the agent against real Headscale/tailscaled
@@ -13,6 +14,8 @@
 #   cluster    the multi-node tests over a real tailnet
 #   chart      helm lint/template, schema validation, deploy-with-helm.sh
 #   image      the FROM scratch image, built offline with podman, run
+#   kubernetes HeadCNI installed with Helm on a real Kubernetes (kube-tests.sh)
+#   conformance the upstream sig-network conformance tests on it (conformance.sh)
 #
 # Each stage runs even when an earlier one failed (when it can), so one run shows everything.
 set -euo pipefail
@@ -20,13 +23,13 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-all_stages=(peers lint build cargo runtimes cluster chart image)
+all_stages=(peers lint build cargo runtimes cluster chart image kubernetes conformance)
 declare -a only=() skip=()
 while (($#)); do
 	case "$1" in
 	--only) only+=("$2"); shift 2 ;;
 	--skip) skip+=("$2"); shift 2 ;;
-	-h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,21p' "$0"; exit 0 ;;
 	*) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
@@ -72,6 +75,7 @@ run_stage() {
 stage_peers() {
 	set -e
 	integration/lib/peers.sh ensure
+	integration/lib/peers.sh kube
 	# What the cargo tests and checks use beyond the harness's own list.
 	local -a extra=(gcc python3 shellcheck iptables nftables)
 	local -a missing=()
@@ -138,6 +142,9 @@ stage_image() {
 	fi
 	integration/image-check.sh
 }
+
+stage_kubernetes() { integration/kube-tests.sh; }
+stage_conformance() { integration/conformance.sh; }
 
 for s in "${all_stages[@]}"; do
 	run_stage "$s" "stage_$s"

@@ -102,3 +102,34 @@ tcp_bulk() {
 	rm -f "$out"
 	[[ "$got" == "$((mib * 1048576))" ]]
 }
+
+# background pinger with timestamps, for restarts: pinger_start WHERE DST FILE
+pinger_start() {
+	local where=$1 dst=$2 file=$3
+	: >"$file"
+	# shellcheck disable=SC2016,SC2094 # $$ is the inner shell's; it writes FILE.pid, ping writes FILE
+	hc_in "$where" sh -c 'echo $$ >"$1.pid"; exec ping -n -D -O -i 0.2 -W 1 "$2"' sh "$file" "$dst" >"$file" 2>&1 &
+	local k
+	for ((k = 0; k < 50; k++)); do
+		[[ -s "$file.pid" ]] && break
+		sleep 0.1
+	done
+}
+pinger_stop() { # FILE
+	local pid
+	pid=$(cat "$1.pid" 2>/dev/null) || return 0
+	[[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == ping ]] && kill -INT "$pid" 2>/dev/null
+	local k
+	for ((k = 0; k < 30; k++)); do
+		[[ -d "/proc/$pid" ]] || break
+		sleep 0.1
+	done
+	rm -f "$1.pid"
+}
+# pinger_gap FILE : "longest gap between replies (s), replies, sent"
+pinger_gap() {
+	awk '
+		/bytes from/ { t = substr($1, 2, length($1) - 2) + 0; if (last) { g = t - last; if (g > max) max = g } last = t; ok++ }
+		/no answer yet|bytes from/ { n++ }
+		END { printf "%.1f %d %d\n", max, ok, n }' "$1"
+}

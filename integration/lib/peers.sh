@@ -41,7 +41,24 @@ CNITOOL_BIN=$HC_PEERS_CACHE/cnitool-$CNITOOL_VERSION/cnitool
 # plugins from the upstream releases has them; Debian's 1.1.1 stop at spec 1.0.0.
 CNI_PLUGINS_VERSION=${CNI_PLUGINS_VERSION:-v1.10.0}
 CNI_PLUGINS_DIR=$HC_PEERS_CACHE/cni-plugins-$CNI_PLUGINS_VERSION
-export TAILSCALED_BIN TAILSCALE_BIN HEADSCALE_BIN CRICTL_BIN CNITOOL_BIN CNI_PLUGINS_DIR
+HELM_VERSION=${HELM_VERSION:-v3.22.0}
+HELM_BIN=$HC_PEERS_CACHE/helm-$HELM_VERSION/helm
+export TAILSCALED_BIN TAILSCALE_BIN HEADSCALE_BIN CRICTL_BIN CNITOOL_BIN CNI_PLUGINS_DIR HELM_BIN
+
+# A real Kubernetes for the `kubernetes` stage (lib/kube.sh), built only by
+# `peers_ensure_kube` (the other stages do not need it):
+#   $HC_PEERS_CACHE/kubernetes-<ver>/{kube-apiserver,kube-controller-manager,
+#       kube-scheduler,kubelet,kube-proxy,kubectl,e2e.test,agnhost}
+#   $HC_PEERS_CACHE/etcd-<ver>/etcd
+#   $HC_PEERS_CACHE/coredns-<ver>/coredns
+KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
+ETCD_VERSION=${ETCD_VERSION:-v3.7.3}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.15.0}
+KUBE_BIN_DIR=$HC_PEERS_CACHE/kubernetes-$KUBE_VERSION
+ETCD_BIN=$HC_PEERS_CACHE/etcd-$ETCD_VERSION/etcd
+COREDNS_BIN=$HC_PEERS_CACHE/coredns-$COREDNS_VERSION/coredns
+KUBE_COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
+export KUBE_VERSION KUBE_BIN_DIR ETCD_BIN COREDNS_BIN
 
 # Debian package -> a file that proves it is installed (dpkg -s is the truth;
 # the file is only used in messages).
@@ -52,19 +69,21 @@ HC_APT_PACKAGES=(
 	ca-certificates
 )
 
-peers_missing_apt() {
+peers_missing_apt() { # [PACKAGE...] (default: HC_APT_PACKAGES)
 	local p
-	for p in "${HC_APT_PACKAGES[@]}"; do
+	(($#)) || set -- "${HC_APT_PACKAGES[@]}"
+	for p in "$@"; do
 		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep '^install ok installed$' >/dev/null ||
 			printf '%s\n' "$p"
 	done
 }
 
-peers_install_apt() {
+peers_install_apt() { # [PACKAGE...] (default: HC_APT_PACKAGES)
 	local -a missing
-	mapfile -t missing < <(peers_missing_apt)
+	(($#)) || set -- "${HC_APT_PACKAGES[@]}"
+	mapfile -t missing < <(peers_missing_apt "$@")
 	if ((${#missing[@]} == 0)); then
-		hc_log "apt: all ${#HC_APT_PACKAGES[@]} packages present"
+		hc_log "apt: all $# packages present"
 		return 0
 	fi
 	hc_log "apt: installing ${missing[*]}"
@@ -161,6 +180,126 @@ _build_cnitool() { # TMP
 	GOBIN="$1/bin" _peers_go install "github.com/containernetworking/cni/cnitool@$CNITOOL_VERSION"
 }
 
+_build_helm() { # TMP
+	mkdir -p "$1/bin"
+	GOBIN="$1/bin" _peers_go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
+# --- Kubernetes, etcd, CoreDNS -------------------------------------------------
+#
+# k8s.io/kubernetes can not be `go install`ed: its go.mod replaces its staging
+# modules (k8s.io/api, k8s.io/client-go, ...) by local directories and
+# requires them as v0.0.0. A throwaway main module requires it and replaces
+# every staging module by its published release (v0.MINOR.PATCH), read from
+# the module's own go.mod. All of it builds with a module and build cache of
+# its own (about 6 GB), removed afterwards: only the binaries are kept.
+
+# _kube_staging_version v1.37.2 -> v0.37.2
+_kube_staging_version() { printf 'v0.%s\n' "${1#v1.}"; }
+
+# _kube_ldflags : the version every binary reports (kubectl version, the
+# Node's kubeletVersion), as the release build stamps it.
+_kube_ldflags() {
+	local v=$KUBE_VERSION minor
+	minor=${v#v1.}
+	minor=${minor%%.*}
+	local p
+	for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+		printf -- ' -X %s.gitVersion=%s -X %s.gitMajor=1 -X %s.gitMinor=%s -X %s.gitTreeState=clean -X %s.buildDate=1970-01-01T00:00:00Z' \
+			"$p" "$v" "$p" "$p" "$minor" "$p" "$p"
+	done
+}
+
+# _build_kube TMP : every command, e2e.test and agnhost into TMP/bin.
+# (Builders run as a condition, where errexit does not hold: every step
+# checks its own status.)
+_build_kube() {
+	local tmp=$1 stage gomod ld c
+	stage=$(_kube_staging_version "$KUBE_VERSION")
+	ld="-s -w$(_kube_ldflags)"
+	mkdir -p "$tmp/bin" "$tmp/mod"
+	cd "$tmp/mod" || return 1
+	_peers_go mod init headcni.invalid/kube || return 1
+	gomod=$(_peers_go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | jq -er .GoMod) || return 1
+	{
+		printf 'require k8s.io/kubernetes %s\n\nreplace (\n' "$KUBE_VERSION"
+		# only the staging modules it requires (sample-controller and
+		# sample-cli-plugin are replaced but never required, nor published
+		# for every release)
+		awk '$2 == "v0.0.0" {req[$1] = 1}
+			$2 == "=>" && $3 ~ /^\.\/staging\// && req[$1] {printf "\t%s => %s %s\n", $1, $1, v}' v="$stage" "$gomod"
+		printf ')\n'
+	} >>go.mod
+	grep -q 'k8s.io/client-go => k8s.io/client-go' go.mod || {
+		echo "no staging replacements found in $gomod" >&2
+		return 1
+	}
+	cat go.mod
+	# -mod=mod: the go.mod above lists only k8s.io/kubernetes; the rest of
+	# the requirements come from its go.mod (minimal version selection).
+	for c in "${KUBE_COMMANDS[@]/#/cmd/}" test/images/agnhost; do
+		echo "== $c"
+		_peers_go build -mod=mod -trimpath -ldflags "$ld" -o "$tmp/bin/${c##*/}" "k8s.io/kubernetes/$c" || return 1
+	done
+	echo "== e2e.test"
+	_peers_go test -mod=mod -c -trimpath -ldflags "$ld" -o "$tmp/bin/e2e.test" k8s.io/kubernetes/test/e2e || return 1
+	cd "$tmp" && rm -rf "$tmp/mod"
+}
+
+# _build_from_module TMP MODULE VERSION PACKAGE BIN : a main package of a module
+# that carries replace directives of its own, built from a throwaway module.
+_build_from_module() {
+	local tmp=$1 module=$2 version=$3 pkg=$4 bin=$5
+	mkdir -p "$tmp/bin" "$tmp/mod"
+	cd "$tmp/mod" || return 1
+	_peers_go mod init headcni.invalid/peer || return 1
+	_peers_go get "$module@$version" || return 1
+	_peers_go build -trimpath -ldflags "-s -w" -o "$tmp/bin/$bin" "$pkg" || return 1
+	cd "$tmp" && rm -rf "$tmp/mod"
+}
+
+_build_etcd() { _build_from_module "$1" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 etcd; }
+_build_coredns() { _build_from_module "$1" github.com/coredns/coredns "$COREDNS_VERSION" github.com/coredns/coredns coredns; }
+
+# peers_build_kube : the Kubernetes peers, with a throwaway Go module and
+# build cache (removed when done, also on failure).
+peers_build_kube() {
+	local c absent=0
+	for c in "${KUBE_COMMANDS[@]}" e2e.test agnhost; do [[ -x "$KUBE_BIN_DIR/$c" ]] || absent=1; done
+	[[ -x "$ETCD_BIN" && -x "$COREDNS_BIN" ]] || absent=1
+	((absent)) || return 0
+	mkdir -p "$HC_PEERS_CACHE"
+	local gotmp
+	gotmp=$(mktemp -d "$HC_PEERS_CACHE/.gocache-kube.XXXXXX")
+	local rc=0
+	(
+		export GOCACHE=$gotmp/build GOMODCACHE=$gotmp/mod GOPATH=$gotmp/path GOTMPDIR=$gotmp/tmp
+		mkdir -p "$GOTMPDIR"
+		_peers_locked_build "etcd-$ETCD_VERSION" "$ETCD_BIN" _build_etcd
+		_peers_locked_build "kubernetes-$KUBE_VERSION" "$KUBE_BIN_DIR/e2e.test" _build_kube
+		_peers_locked_build "coredns-$COREDNS_VERSION" "$COREDNS_BIN" _build_coredns
+	) || rc=$?
+	# the module cache is read-only by design
+	chmod -R u+w "$gotmp" 2>/dev/null || true
+	rm -rf "$gotmp"
+	return "$rc"
+}
+
+# Debian packages only the kubernetes stage needs: certificates, kube-proxy's conntrack, and
+# the programs the e2e images are made of (lib/kimages.sh).
+HC_KUBE_APT_PACKAGES=(openssl conntrack bind9-dnsutils netcat-openbsd wget procps)
+
+# peers_ensure_kube : what the kubernetes stage needs on top of peers_ensure.
+peers_ensure_kube() {
+	hc_require_root
+	local t0
+	t0=$(hc_now)
+	peers_install_apt "${HC_KUBE_APT_PACKAGES[@]}"
+	peers_build_kube
+	_peers_locked_build "helm-$HELM_VERSION" "$HELM_BIN" _build_helm
+	hc_log "kubernetes peers ready in $(hc_since "$t0")s: kubernetes $KUBE_VERSION, etcd $ETCD_VERSION, coredns $COREDNS_VERSION, helm $HELM_VERSION"
+}
+
 peers_build_go() {
 	_peers_locked_build "tailscale-$TAILSCALE_VERSION" "$TAILSCALED_BIN" _build_tailscale
 	[[ -x "$TAILSCALE_BIN" ]] || hc_die "tailscale CLI missing next to $TAILSCALED_BIN"
@@ -168,6 +307,7 @@ peers_build_go() {
 	_peers_locked_build "crictl-$CRICTL_VERSION" "$CRICTL_BIN" _build_crictl
 	_peers_locked_build "cnitool-$CNITOOL_VERSION" "$CNITOOL_BIN" _build_cnitool
 	_peers_locked_build "cni-plugins-$CNI_PLUGINS_VERSION" "$CNI_PLUGINS_DIR/bandwidth" _build_cni_plugins
+	_peers_locked_build "helm-$HELM_VERSION" "$HELM_BIN" _build_helm
 }
 
 # --- checkers: actionlint (the release workflow), promtool (metrics and alerts) ---
@@ -271,6 +411,8 @@ peers_ensure() {
 peers_print() {
 	printf 'TAILSCALED_BIN=%s\nTAILSCALE_BIN=%s\nHEADSCALE_BIN=%s\nCRICTL_BIN=%s\nCNITOOL_BIN=%s\nCNI_PLUGINS_DIR=%s\n' \
 		"$TAILSCALED_BIN" "$TAILSCALE_BIN" "$HEADSCALE_BIN" "$CRICTL_BIN" "$CNITOOL_BIN" "$CNI_PLUGINS_DIR"
+	printf 'HELM_BIN=%s\nKUBE_BIN_DIR=%s\nETCD_BIN=%s\nCOREDNS_BIN=%s\n' \
+		"$HELM_BIN" "$KUBE_BIN_DIR" "$ETCD_BIN" "$COREDNS_BIN"
 	printf 'HC_IMAGE_ARCHIVE=%s\nHC_IMAGE_REF=%s\n' \
 		"$HC_PEERS_CACHE/image-$(busybox_version)/busybox.tar" "$HC_IMAGE_REF"
 }
@@ -279,9 +421,10 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
 	case "${1:-ensure}" in
 	ensure) peers_ensure ;;
 	checkers) peers_build_checkers ;;
+	kube) peers_ensure_kube ;;
 	print) peers_print ;;
 	*)
-		echo "usage: $0 [ensure|checkers|print]" >&2
+		echo "usage: $0 [ensure|checkers|kube|print]" >&2
 		exit 2
 		;;
 	esac

@@ -122,14 +122,14 @@ disabled_plugins = [
 
 [plugins]
   [plugins."io.containerd.grpc.v1.cri"]
-    sandbox_image = "$HC_IMAGE_REF"
+    sandbox_image = "${HC_CTD_SANDBOX_IMAGE:-$HC_IMAGE_REF}"
     stream_server_address = "127.0.0.1"
     stream_server_port = "0"
     enable_selinux = false
     restrict_oom_score_adj = true
     disable_apparmor = true
     [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "native"
+      snapshotter = "${HC_CTD_SNAPSHOTTER:-native}"
       default_runtime_name = "runc"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
         runtime_type = "io.containerd.runc.v2"
@@ -180,7 +180,7 @@ ctd_start() {
 	hc_wait_daemon 30 "containerd-n$i" "containerd n$i CRI" _ctd_ready "$i" ||
 		hc_die "containerd on node $i is not ready"
 	if ! node_ctr "$i" images ls -q | grep -x "$HC_IMAGE_REF" >/dev/null; then
-		node_ctr "$i" images import --snapshotter native "$HC_IMAGE_ARCHIVE" >/dev/null
+		node_ctr "$i" images import --snapshotter "${HC_CTD_SNAPSHOTTER:-native}" "$HC_IMAGE_ARCHIVE" >/dev/null
 	fi
 	node_ctr "$i" images ls -q | grep -x "$HC_IMAGE_REF" >/dev/null ||
 		hc_die "image $HC_IMAGE_REF missing in containerd on node $i after import"

@@ -15,12 +15,18 @@
 #   tr_run NAME...      run the tests in that order
 #   tr_summary          print the table; returns non-zero if any test failed
 #   tr_finish RC NAME   tear down now, check nothing is left; sets TR_RC, the final code
+#
+# Known failures: a script may name tests that fail today because of a known defect, with the
+# defect, in TR_KNOWN_FAILING[NAME]="why". Such a test still runs in full; its failure is shown
+# as XFAIL (with its reason) and does not fail the run, and its passing is shown as XPASS and
+# does fail it (the defect is gone: take the test off the list). TR_STRICT=1 counts XFAIL as FAIL.
 
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 declare -a TR_NAMES=() TR_RESULTS=() TR_TIMES=() TR_REASONS=()
-TR_PASSED=0 TR_FAILED=0 TR_SKIPPED=0
+TR_PASSED=0 TR_FAILED=0 TR_SKIPPED=0 TR_XFAILED=0
+declare -A TR_KNOWN_FAILING=()
 
 # note TEXT : a line for the summary under the current test.
 note() { printf '%s\n' "$*" >>"$TR_NOTES"; hc_log "   $*"; }
@@ -89,6 +95,24 @@ _tr_one() {
 	else
 		TR_REASONS+=("$(head -c 300 "$TR_REASON" | tr '\n' ' ')")
 	fi
+	local known=${TR_KNOWN_FAILING[$name]:-}
+	if [[ -n "$known" && "${TR_STRICT:-0}" != 1 ]]; then
+		case $rc in
+		0)
+			rc=1
+			printf 'XPASS: known to fail (%s), yet it passed: take it off the known failures\n' "$known" >"$TR_REASON"
+			TR_REASONS[-1]=$(head -c 300 "$TR_REASON" | tr '\n' ' ')
+			;;
+		77) ;;
+		*)
+			TR_RESULTS+=(XFAIL)
+			TR_XFAILED=$((TR_XFAILED + 1))
+			TR_REASONS[-1]="known failure ($known): ${TR_REASONS[-1]}"
+			hc_log "===== XFAIL $name (${TR_TIMES[-1]} s): ${TR_REASONS[-1]}"
+			return 0
+			;;
+		esac
+	fi
 	case $rc in
 	0)
 		TR_RESULTS+=(PASS)
@@ -120,12 +144,14 @@ tr_summary() {
 	printf '\n===== %s\n' "$1"
 	for k in "${!TR_NAMES[@]}"; do
 		name=${TR_NAMES[k]}
-		printf '%-4s  %-18s %7s s  %s\n' "${TR_RESULTS[k]}" "$name" "${TR_TIMES[k]}" "${TR_REASONS[k]}"
+		printf '%-5s %-18s %7s s  %s\n' "${TR_RESULTS[k]}" "$name" "${TR_TIMES[k]}" "${TR_REASONS[k]}"
 		sed 's/^/                                  /' "$HC_STATE_DIR/tests/$name.notes" 2>/dev/null || true
 		total=$(awk -v a="$total" -v b="${TR_TIMES[k]}" 'BEGIN{printf "%.1f", a+b}')
 	done
-	printf '\n%d passed, %d failed, %d skipped (tests %s s, whole run so far %s s)\n' \
-		"$TR_PASSED" "$TR_FAILED" "$TR_SKIPPED" "$total" "$(hc_elapsed)"
+	local xf=""
+	((TR_XFAILED == 0)) || xf="$TR_XFAILED known failures (XFAIL), "
+	printf '\n%d passed, %d failed, %d skipped (%stests %s s, whole run so far %s s)\n' \
+		"$TR_PASSED" "$TR_FAILED" "$TR_SKIPPED" "$xf" "$total" "$(hc_elapsed)"
 	((TR_FAILED == 0))
 }
 

@@ -280,6 +280,8 @@ topo_root_view() {
 		nft list tables 2>/dev/null | sort
 		echo "# mounts of the run"
 		findmnt -rn -o TARGET | grep -E "^$HC_STATE_ROOT/$HC_PREFIX(/|$)|^/run/netns/$HC_PREFIX-" || true
+		echo "# processes of the run (daemons, containerd shims: their command lines name the state dir)"
+		pgrep -a -f "$HC_STATE_ROOT/$HC_PREFIX/" | cut -d' ' -f2- || true
 		echo "# cgroups of the run"
 		ls -d /sys/fs/cgroup/*/"$HC_PREFIX"-n* /sys/fs/cgroup/"$HC_PREFIX"-n* 2>/dev/null || true
 		echo "# mount points"
