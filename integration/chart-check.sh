@@ -602,10 +602,10 @@ t_schema() {
 # that file; the dashboard's queries parse; the agent's own exposition passes promtool check
 # metrics and has every series the alerts and the dashboard use
 t_monitoring() {
-	# shellcheck source=lib/peers.sh
-	(source "$ROOT/integration/lib/peers.sh" && peers_build_checkers) >"$WORK/peers.log" 2>&1 ||
+	# promtool, pinned and cached by lib/peers.sh (built once)
+	"$ROOT/integration/lib/peers.sh" checkers >"$WORK/peers.log" 2>&1 ||
 		{ bad "promtool could not be built"; tail -n 20 "$WORK/peers.log"; return; }
-	PROMTOOL=$(source "$ROOT/integration/lib/peers.sh" && printf '%s' "$PROMTOOL_BIN")
+	PROMTOOL=$("$ROOT/integration/lib/peers.sh" print | sed -n 's/^PROMTOOL_BIN=//p')
 	local rules=$ROOT/chart/files/alerts.yaml tests=$ROOT/integration/fixtures/alerts.test.yaml
 	"$PROMTOOL" check rules "$rules" >"$WORK/promtool.out" 2>&1 &&
 		ok "promtool check rules: $(grep -o '[0-9]* rules found' "$WORK/promtool.out")" ||

@@ -413,6 +413,7 @@ peers_print() {
 		"$TAILSCALED_BIN" "$TAILSCALE_BIN" "$HEADSCALE_BIN" "$CRICTL_BIN" "$CNITOOL_BIN" "$CNI_PLUGINS_DIR"
 	printf 'HELM_BIN=%s\nKUBE_BIN_DIR=%s\nETCD_BIN=%s\nCOREDNS_BIN=%s\n' \
 		"$HELM_BIN" "$KUBE_BIN_DIR" "$ETCD_BIN" "$COREDNS_BIN"
+	printf 'ACTIONLINT_BIN=%s\nPROMTOOL_BIN=%s\n' "$ACTIONLINT_BIN" "$PROMTOOL_BIN"
 	printf 'HC_IMAGE_ARCHIVE=%s\nHC_IMAGE_REF=%s\n' \
 		"$HC_PEERS_CACHE/image-$(busybox_version)/busybox.tar" "$HC_IMAGE_REF"
 }
