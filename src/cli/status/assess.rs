@@ -7,10 +7,13 @@ use crate::agent::report::{self, AgentReport, Severity};
 use crate::nodefile;
 use ipnetwork::IpNetwork;
 
+/// Adds a problem once; the same message found again (the agent's report, then a live check)
+/// keeps the higher severity.
 fn find(view: &mut StatusView, severity: Severity, message: impl Into<String>, fix: Option<&str>) {
     let message = message.into();
-    if !view.problems.iter().any(|p| p.message == message) {
-        view.problems.push(Finding { severity, message, fix: fix.map(str::to_string) });
+    match view.problems.iter_mut().find(|p| p.message == message) {
+        Some(p) => p.severity = p.severity.max(severity),
+        None => view.problems.push(Finding { severity, message, fix: fix.map(str::to_string) }),
     }
 }
 
@@ -355,6 +358,25 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
             Severity::Error,
             format!("no CNI configuration at {cl_path}: the runtime does not use HeadCNI"),
             Some("headcni install (the chart's init container) writes it"),
+        );
+    }
+    // A running agent that is not ready says why among its problems; when none of them is an
+    // error (waiting for an approval, a warning that blocks readiness), it is one here.
+    if v.agent_running
+        && v.agent_ready == Some(false)
+        && v.uninstall.is_none()
+        && !v.problems.iter().any(|p| p.severity == Severity::Error)
+    {
+        let why = report
+            .as_ref()
+            .and_then(|r| r.problems.first())
+            .map(|p| p.message.clone())
+            .unwrap_or_else(|| "starting".into());
+        find(
+            &mut v,
+            Severity::Error,
+            format!("the agent is not ready: {why}"),
+            Some("the lines above say what it waits for; pods on this node may not get the network"),
         );
     }
     v.problems.sort_by_key(|p| std::cmp::Reverse(p.severity));

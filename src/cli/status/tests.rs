@@ -226,6 +226,49 @@ fn a_silent_agent_is_found_within_twice_its_report_interval() {
 }
 
 #[test]
+fn another_networks_configuration_in_use_is_an_error_even_when_the_agent_warned_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, mut report, mut live) = healthy(dir.path());
+    std::fs::write(a.conf_dir.join("05-flannel.conflist"), r#"{"name":"cbr0","plugins":[{"type":"flannel"}]}"#)
+        .unwrap();
+    live.files = read_files(&a);
+    // The agent's report carries the same finding as a warning (it kept working, not ready).
+    let message = format!(
+        "the container runtime uses 05-flannel.conflist (network \"cbr0\"), which sorts before 10-headcni.conflist \
+         in {}: pods on this node do not get HeadCNI's network",
+        a.conf_dir.display()
+    );
+    report.ready = false;
+    report.problems.push(ProblemReport {
+        id: "cni_config".into(),
+        severity: Severity::Warning,
+        message: message.clone(),
+        hint: None,
+    });
+    let v = assess(&a, Some(report), &live, 1010);
+    let p = v.problems.iter().find(|p| p.message == message).expect("reported once");
+    assert_eq!(p.severity, Severity::Error);
+    assert_eq!(v.problems.iter().filter(|p| p.message == message).count(), 1);
+}
+
+#[test]
+fn a_running_agent_that_is_not_ready_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, mut report, live) = healthy(dir.path());
+    report.ready = false;
+    report.problems.push(ProblemReport {
+        id: "approval".into(),
+        severity: Severity::Waiting,
+        message: "route 10.244.1.0/24 pending approval in Headscale".into(),
+        hint: None,
+    });
+    let v = assess(&a, Some(report), &live, 1010);
+    let p = v.problems.iter().find(|p| p.message.starts_with("the agent is not ready")).expect("reported");
+    assert_eq!(p.severity, Severity::Error);
+    assert!(p.message.contains("pending approval"), "{p:?}");
+}
+
+#[test]
 fn a_pasted_conflist_with_a_larger_mtu_is_an_error_with_its_fix() {
     let dir = tempfile::tempdir().unwrap();
     let (a, report, mut live) = healthy(dir.path());
