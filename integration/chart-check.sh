@@ -428,6 +428,15 @@ t_render_facts() {
 	expect_not_in host-local "no strategy with host-local" "--strategy="
 	expect_in host-local "portmap off" "--portmap=false"
 	expect_in host-local "custom CNI dir" "path: /var/lib/example/cni/net.d"
+	# the default image is the one the release workflow publishes for this version
+	local app owner
+	app=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$ROOT/chart/Chart.yaml")
+	owner=$(sed -n 's|^repository = "https://github.com/\([^/]*\)/.*"$|\1|p' "$ROOT/Cargo.toml")
+	expect_in defaults "default image = what the release publishes (ghcr.io/$owner/headcni:$app)" \
+		"image: \"ghcr.io/$owner/headcni:$app\""
+	# shellcheck disable=SC2016 # the workflow's own shell variable, literally
+	grep -qF 'echo "image=ghcr.io/$owner/headcni"' "$ROOT/.github/workflows/release.yml" &&
+		ok "the release workflow publishes ghcr.io/<owner>/headcni" || bad "release.yml does not publish ghcr.io/<owner>/headcni"
 	expect_in servicemonitor "ServiceMonitor rendered" "kind: ServiceMonitor"
 	expect_not_in defaults "no PrometheusRule by default" "kind: PrometheusRule"
 	expect_not_in defaults "no dashboard by default" "headcni.json"

@@ -237,6 +237,24 @@ kimg_archives() {
 	fi
 }
 
+# --- tailscaled as the chart's sidecar (KUBE_TS_MODE=sidecar) ----------------------
+
+# kimg_tailscale : an image with the pinned tailscaled and tailscale (static Go binaries) on
+# PATH, what the chart's sidecar runs; saved in the state dir. Sets HC_IMAGE_TAILSCALE and
+# HC_IMAGE_TAILSCALE_ARCHIVE.
+kimg_tailscale() {
+	local root=$HC_STATE_DIR/images/tailscale-rootfs
+	HC_IMAGE_TAILSCALE=localhost/headcni-tailscale:${TAILSCALE_VERSION}
+	HC_IMAGE_TAILSCALE_ARCHIVE=$HC_STATE_DIR/images/tailscale.tar
+	export HC_IMAGE_TAILSCALE HC_IMAGE_TAILSCALE_ARCHIVE
+	mkdir -p "$root/bin" "$root/tmp" "$root/etc" "$root/var/lib/tailscale" "$root/run"
+	install -m 0755 "$TAILSCALED_BIN" "$root/bin/tailscaled"
+	install -m 0755 "$TAILSCALE_BIN" "$root/bin/tailscale"
+	printf 'root:x:0:0:root:/:/bin/false\n' >"$root/etc/passwd"
+	_kimg_build "$HC_IMAGE_TAILSCALE_ARCHIVE" "$HC_IMAGE_TAILSCALE" "$root" --change 'ENV PATH=/bin'
+	rm -rf "$root"
+}
+
 # --- HeadCNI's own image ---------------------------------------------------------
 
 HC_MUSL_TARGET=x86_64-unknown-linux-musl

@@ -340,6 +340,16 @@ mod tests {
         let c = NodeCidrs::from_kubeconfig("denied", &dir.path().join("config")).await.unwrap();
         let err = c.pod_cidrs().await.unwrap_err().to_string();
         assert!(err.contains("\"watch\" on nodes"), "{err}");
+        // The refusals are counted (headcni_kubernetes_api_errors_total{operation="watch_node"}).
+        let metrics = crate::agent::metrics::Metrics::new(dir.path());
+        let kube = Kube::from_kubeconfig(&dir.path().join("config")).await.unwrap();
+        let c = NodeCidrs::counted("denied", kube, Some(metrics.kubernetes_errors("watch_node"))).unwrap();
+        assert!(c.pod_cidrs().await.is_err());
+        assert!(
+            !metrics.encode().contains("headcni_kubernetes_api_errors_total{operation=\"watch_node\"} 0"),
+            "{}",
+            metrics.encode()
+        );
         let c = NodeCidrs::from_kubeconfig("node-9", &dir.path().join("config")).await.unwrap();
         assert!(matches!(c.pod_cidrs().await.unwrap_err(), NodeError::NotFound { .. }));
     }

@@ -573,7 +573,14 @@ async fn headscale_faults_are_reported_and_pods_keep_working() {
     assert!(r.report().ready);
     assert!(nodefile::path_in(&w.cfg.run_dir).exists());
     assert_eq!(dp.lock().rules.len(), 1);
-    assert!(w.metrics.encode().contains("headcni_reconcile_step_failing{step=\"approval\"} 1"));
+    let text = w.metrics.encode();
+    assert!(text.contains("headcni_reconcile_step_failing{step=\"approval\"} 1"));
+    let api_errors: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("headcni_headscale_api_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(api_errors, 1, "the refused request is counted once:\n{text}");
 
     hs.lock().error = None;
     hs.lock().version = Some("v0.25.1".into());
