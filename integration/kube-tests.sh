@@ -24,6 +24,8 @@
 #   misconfig         on node 2 a leftover conflist that sorts first, then a pasted configuration with
 #                     "mtu": 1420: the agent turns not ready, status and status --cluster exit 1
 #                     naming it; once removed, ready again (times measured)
+#   exclusive         a leftover conflist on node 2, then `helm upgrade --set cni.exclusive=true`: the
+#                     installer sets it aside (NAME.headcni-aside, unchanged), the agent is ready
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
 #                     cross-node traffic flows (longest gap measured)
 #   apiserver_restart the API server restarted during a rollout; pods stay connected
@@ -46,7 +48,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet status misconfig upgrade
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet status misconfig exclusive upgrade
 	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
@@ -466,6 +468,25 @@ t_misconfig() {
 	_broken 05-tailscale-cni.conf '{"cniVersion":"1.0.0","name":"tailscale-cni","type":"headcni","mtu":1420,"ipam":{"type":"host-local","subnet":"10.244.0.0/24"}}' \
 		"1420" mtu
 	status_cluster_cp >/dev/null 2>&1 || hc_die "status --cluster still finds a problem: $(status_cluster_cp 2>&1)"
+}
+
+t_exclusive() {
+	local leftover=05-flannel.conflist content='{"cniVersion":"0.3.1","name":"cbr0","plugins":[{"type":"flannel"}]}' t0
+	node_exec 2 sh -c "cat > /etc/cni/net.d/$leftover" <<<"$content"
+	hc_wait_for 60 "node 2's agent not ready with $leftover" agent_not_ready 2 || hc_die "node 2's agent stays ready with $leftover"
+	t0=$(hc_now)
+	helm_upgrade --set cni.exclusive=true || hc_die "helm upgrade --set cni.exclusive=true failed"
+	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out with cni.exclusive=true"
+	hc_wait_for 60 "node 2's agent ready" agent_ready 2 || hc_die "node 2's agent not ready after the exclusive install"
+	node_exec 2 test ! -e "/etc/cni/net.d/$leftover" || hc_die "node 2: $leftover is still in place"
+	[[ "$(node_exec 2 cat "/etc/cni/net.d/$leftover.headcni-aside")" == "$content" ]] ||
+		hc_die "node 2: $leftover.headcni-aside missing or changed"
+	kubectl -n "$KUBE_HC_NS" logs "$(kube_agent_pod 2)" -c install-cni >"$HC_STATE_DIR/tests/exclusive-install.log" 2>&1 || true
+	note "cni.exclusive=true: node 2's $leftover set aside as $leftover.headcni-aside by the installer; agent ready $(hc_since "$t0") s after helm upgrade began"
+	# back to the default, without the leftover
+	node_exec 2 rm -f "/etc/cni/net.d/$leftover.headcni-aside"
+	helm_upgrade --set cni.exclusive=false || hc_die "helm upgrade --set cni.exclusive=false failed"
+	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out with cni.exclusive=false"
 }
 
 t_upgrade() {
