@@ -1,33 +1,28 @@
-# HeadCNI container image: the static headcni binary, its headcni-ipam link,
-# and nothing else.
+# HeadCNI container image: the static headcni binary on PATH, and nothing else.
 #
-# The build context is a staging directory rather than the repository, because
-# COPY cannot create the `headcni-ipam -> headcni` symlink that the multi-call
-# binary dispatches on:
+# Build it from the repository root, after the static build:
 #
-#   cargo build --release --target x86_64-unknown-linux-musl
-#   mkdir -p target/image/rootfs
-#   install -m 0755 target/x86_64-unknown-linux-musl/release/headcni target/image/rootfs/headcni
-#   ln -sfn headcni target/image/rootfs/headcni-ipam
-#   podman build -f Dockerfile -t headcni:dev target/image     # or: docker build
+#   cargo build --release --locked --target x86_64-unknown-linux-musl
+#   podman build -t headcni:dev .          # or: docker build -t headcni:dev .
 #
-# integration/image-check.sh does exactly this, offline, and runs the image.
+# (`just image` builds and checks it.) Another architecture's binary is named by BINARY, for
+# example for arm64 (the release workflow builds each architecture so, then joins them into one
+# multi-arch image):
 #
-# Variant for places that can pull a Rust toolchain image: build the binary in
-# an earlier stage (build context: the repository root) and replace the COPY
-# below with `COPY --from=build /rootfs/ /`:
+#   cargo build --release --locked --target aarch64-unknown-linux-musl
+#   docker build --platform linux/arm64 \
+#       --build-arg BINARY=target/aarch64-unknown-linux-musl/release/headcni -t headcni:dev-arm64 .
 #
-#   FROM docker.io/library/rust:1-alpine AS build
-#   RUN apk add --no-cache musl-dev
-#   WORKDIR /src
-#   COPY . .
-#   RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
-#    && mkdir /rootfs \
-#    && install -m 0755 target/x86_64-unknown-linux-musl/release/headcni /rootfs/headcni \
-#    && ln -s headcni /rootfs/headcni-ipam
+# One stage and one COPY: every builder (BuildKit, buildah/podman, the classic builder) builds
+# it the same way, with no base image and no network. .dockerignore keeps the build context to
+# the static binaries (target/ alone holds gigabytes).
+#
+# The image holds no headcni-ipam link: inside the image only `headcni` runs (agent, install,
+# status, teardown); `headcni install` creates the link next to the copy it puts on the node.
 
 FROM scratch
 
+ARG BINARY=target/x86_64-unknown-linux-musl/release/headcni
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
@@ -41,12 +36,14 @@ LABEL org.opencontainers.image.title="headcni" \
       org.opencontainers.image.source="https://github.com/headcni/headcni" \
       org.opencontainers.image.documentation="https://github.com/headcni/headcni#readme"
 
-COPY rootfs/ /
+COPY ${BINARY} /bin/headcni
 
-# Root, without extra capabilities unless the pod spec grants them: the
-# installer writes root-owned host directories and tailscaled's LocalAPI takes
-# changes from root only. The chart drops every capability a container does
-# not need and mounts the root filesystem read-only.
+# `kubectl exec ds/headcni -- headcni status` finds the binary by name.
+ENV PATH=/bin
+
+# Root, without extra capabilities unless the pod spec grants them: the installer writes
+# root-owned host directories and tailscaled's LocalAPI takes changes from root only. The chart
+# drops every capability a container does not need and mounts the root filesystem read-only.
 USER 0:0
-ENTRYPOINT ["/headcni"]
+ENTRYPOINT ["/bin/headcni"]
 CMD ["version"]

@@ -33,7 +33,8 @@ Headscale:
 
 Network:
   -i, --ipam-type TYPE        headcni-ipam (default) or host-local.
-  -s, --strategy NAME         headcni-ipam strategy: sequential (default), random, dense.
+  -s, --strategy NAME         headcni-ipam strategy: sequential (default), random, dense
+                              (dense-pack is the same).
   -m, --mtu auto|N            Pod MTU: auto (default, from tailscale0) or 576..9000.
   -t, --tailscale-mode MODE   host (default: tailscaled runs on the nodes) or
                               sidecar (tailscaled runs in the HeadCNI pods).
@@ -154,7 +155,7 @@ if [[ -n $IPAM_TYPE ]]; then
 fi
 if [[ -n $STRATEGY ]]; then
     case $STRATEGY in
-        sequential|random|dense) ;;
+        sequential|random|dense|dense-pack|dense_pack) ;;
         *) die "--strategy '$STRATEGY' is not supported: use sequential, random or dense" ;;
     esac
     [[ $IPAM_TYPE != host-local ]] || die "--strategy applies to --ipam-type headcni-ipam only (host-local allocates sequentially)"

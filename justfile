@@ -28,12 +28,14 @@ test:
 test-all *ARGS:
     integration/test-all.sh {{ARGS}}
 
-# Formatting, clippy, the module boundaries of ARCHITECTURE.md, and shellcheck.
+# Formatting, clippy, the module boundaries of ARCHITECTURE.md, shellcheck, and actionlint (the
+# pinned one integration/lib/peers.sh builds).
 lint:
     cargo fmt --check
     cargo clippy --locked --all-targets -- -D warnings
     cargo test --locked --test boundaries
     shellcheck -x -P SCRIPTDIR integration/*.sh integration/lib/*.sh bench/*.sh deploy-with-helm.sh
+    bash -c 'source integration/lib/peers.sh && peers_build_checkers && "$ACTIONLINT_BIN" .github/workflows/*.yml'
 
 # Benchmarks against the reference plugins (as root); results go to BENCHMARKS.md by hand.
 bench:

@@ -109,6 +109,13 @@ for doc in docs:
         sel = doc["spec"]["selector"]["matchLabels"]
         if not any(all(s["metadata"]["labels"].get(k) == v for k, v in sel.items()) for s in svc):
             errors.append(f"{name}: selector matches no rendered Service")
+    elif doc.get("kind") == "PrometheusRule":
+        # A CRD as well: groups of named rules with an expression each.
+        groups = doc.get("spec", {}).get("groups") or []
+        if doc["apiVersion"] != "monitoring.coreos.com/v1" or not groups or not all(
+                g.get("name") and g.get("rules") and all(r.get("expr") and (r.get("alert") or r.get("record"))
+                                                         for r in g["rules"]) for g in groups):
+            errors.append(f"{name}: unexpected PrometheusRule shape")
     else:
         try:
             kv.validate(doc, version, strict=True)
@@ -248,6 +255,16 @@ config:
     search: [default.svc.cluster.local, svc.cluster.local, cluster.local]
     options: ["ndots:5"]
 EOF
+cat >"$VS/exclusive.yaml" <<EOF
+config:
+  headscale:
+    url: https://headscale.example
+    authKey: $AUTH_KEY
+  ipam:
+    strategy: dense-pack
+cni:
+  exclusive: true
+EOF
 cat >"$VS/host-local.yaml" <<EOF
 config:
   headscale:
@@ -283,6 +300,22 @@ EOF
 # The shipped k3s values, as a user passes them (with keys for a complete install).
 { cat "$ROOT/chart/values-k3s.yaml"; printf 'config:\n  headscale:\n    url: https://headscale.example\n    authKey: %s\n' "$AUTH_KEY"; } >"$VS/k3s.yaml"
 
+cat >"$VS/monitoring.yaml" <<EOF
+config:
+  headscale:
+    url: https://headscale.example
+    authKey: $AUTH_KEY
+metrics:
+  serviceMonitor:
+    enabled: true
+  prometheusRule:
+    enabled: true
+    labels: {release: kube-prometheus-stack}
+  dashboard:
+    enabled: true
+    namespace: monitoring
+logFormat: json
+EOF
 cat >"$VS/custom-resources.yaml" <<EOF
 fullnameOverride: cni
 image:
@@ -377,7 +410,7 @@ t_render_facts() {
 	expect_in keys "install init container" "- install"
 	expect_in keys "install stages the conflist for the agent" "--stage-dir=/run/headcni/staged"
 	expect_in keys "the agent publishes it into the conf dir" "--publish-conflist=/run/headcni/staged/10-headcni.conflist"
-	expect_in k3s "k3s: the agent publishes into k3s's conf dir" "--cni-conf-dir=/var/lib/rancher/k3s/agent/etc/cni/net.d"
+	expect_in k3s "k3s: the agent publishes into k3s's conf dir" "--conf-dir=/var/lib/rancher/k3s/agent/etc/cni/net.d"
 	expect_in k3s "k3s: binaries into k3s's CNI bin dir" "--bin-dir=/var/lib/rancher/k3s/data/cni"
 	expect_in k3s "k3s: the host's k3s conf dir is mounted" "path: /var/lib/rancher/k3s/agent/etc/cni/net.d"
 	expect_in keys "system-node-critical" 'priorityClassName: "system-node-critical"'
@@ -397,11 +430,33 @@ t_render_facts() {
 	expect_in ipam-dense "dense strategy passed to install" "--strategy=dense"
 	expect_in ipam-dense "fixed MTU" "--mtu=1280"
 	expect_in ipam-dense "DNS options" "--dns-option=ndots:5"
+	expect_in exclusive "the seed's strategy name dense-pack passes the schema to install" "--strategy=dense-pack"
+	expect_in exclusive "exclusive mode passed to install" "- --exclusive"
+	expect_not_in defaults "not exclusive by default" "--exclusive"
 	expect_in host-local "host-local IPAM" "--ipam=host-local"
 	expect_not_in host-local "no strategy with host-local" "--strategy="
 	expect_in host-local "portmap off" "--portmap=false"
 	expect_in host-local "custom CNI dir" "path: /var/lib/example/cni/net.d"
+	# the default image is the one the release workflow publishes for this version
+	local app owner
+	app=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$ROOT/chart/Chart.yaml")
+	owner=$(sed -n 's|^repository = "https://github.com/\([^/]*\)/.*"$|\1|p' "$ROOT/Cargo.toml")
+	expect_in defaults "default image = what the release publishes (ghcr.io/$owner/headcni:$app)" \
+		"image: \"ghcr.io/$owner/headcni:$app\""
+	# shellcheck disable=SC2016 # the workflow's own shell variable, literally
+	grep -qF 'echo "image=ghcr.io/$owner/headcni"' "$ROOT/.github/workflows/release.yml" &&
+		ok "the release workflow publishes ghcr.io/<owner>/headcni" || bad "release.yml does not publish ghcr.io/<owner>/headcni"
 	expect_in servicemonitor "ServiceMonitor rendered" "kind: ServiceMonitor"
+	expect_not_in defaults "no PrometheusRule by default" "kind: PrometheusRule"
+	expect_not_in defaults "no dashboard by default" "headcni.json"
+	expect_in monitoring "PrometheusRule rendered" "kind: PrometheusRule"
+	expect_in monitoring "the rule's labels" "release: kube-prometheus-stack"
+	expect_in monitoring "dashboard ConfigMap for Grafana's sidecar" 'grafana_dashboard: "1"'
+	expect_in monitoring "dashboard in the sidecar's namespace" "namespace: monitoring"
+	expect_in monitoring "JSON logs" 'value: "json"'
+	# what kubectl exec ds/headcni -- headcni status needs in the agent container
+	expect_in defaults "exec lands in the agent" "kubectl.kubernetes.io/default-container: agent"
+	expect_in defaults "the agent reads the CNI configuration" "--conf-dir=/etc/cni/net.d"
 	expect_in servicemonitor "metrics port" "--metrics-port=9153"
 	expect_in servicemonitor "metrics path" "path: /custom-metrics"
 	expect_in custom-resources "digest image" "registry.example/headcni@sha256:"
@@ -412,6 +467,46 @@ t_render_facts() {
 	expect_in custom-resources "extra toleration kept" "example.com/dedicated"
 	expect_not_in custom-resources "teardown disabled" "helm.sh/hook"
 	expect_not_in custom-resources "privileged agent needs no /proc/sys mount" "--proc-sys-dir"
+}
+
+# `kubectl exec ds/headcni -- headcni status` in every mode: the agent container's environment
+# names the socket, run, conf and /proc/sys directories the agent itself uses, and the conf
+# dir is mounted (read only) where the environment says
+t_agent_env() {
+	local vs
+	for vs in defaults sidecar host-local custom-resources; do
+		if "$KV_NEW_DIR/bin/python" - "$WORK/render-$vs-$NEWEST_K8S.yaml" >"$WORK/env.out" 2>&1 <<'PY'; then
+import sys, yaml
+ds = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "DaemonSet")
+pod = ds["spec"]["template"]["spec"]
+agent = pod["containers"][0]
+assert agent["name"] == "agent", agent["name"]
+assert ds["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "agent"
+env = {e["name"]: e.get("value") for e in agent.get("env", [])}
+args = dict(a[2:].split("=", 1) for a in agent["args"][1:] if a.startswith("--") and "=" in a)
+mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+pairs = [("HEADCNI_TAILSCALE_SOCKET", "tailscale-socket"), ("HEADCNI_RUN_DIR", "run-dir"),
+         ("HEADCNI_CONF_DIR", "conf-dir"), ("HEADCNI_CONFLIST_NAME", "conflist-name"),
+         ("HEADCNI_METRICS_PORT", "metrics-port")]
+if "proc-sys-dir" in args:
+    pairs.append(("HEADCNI_PROC_SYS_DIR", "proc-sys-dir"))
+for var, flag in pairs:
+    assert env.get(var) == args[flag], f"{var}={env.get(var)!r} but --{flag}={args[flag]!r}"
+conf = mounts.get(env["HEADCNI_CONF_DIR"])
+# Writable: the agent publishes the staged conflist there and the uninstall removes it.
+assert conf and not conf.get("readOnly"), f"conf dir not mounted writable: {conf}"
+assert args.get("publish-conflist", "").endswith("/" + env["HEADCNI_CONFLIST_NAME"]), "the agent publishes no conflist"
+assert mounts.get(args["bin-dir"]) and not mounts[args["bin-dir"]].get("readOnly"), "bin dir not mounted writable"
+sock_dir = env["HEADCNI_TAILSCALE_SOCKET"].rsplit("/", 1)[0]
+assert sock_dir in mounts, f"no mount at the socket's directory {sock_dir}"
+assert env["HEADCNI_RUN_DIR"] in mounts, "run dir not mounted"
+print(f'socket {env["HEADCNI_TAILSCALE_SOCKET"]}, conf {env["HEADCNI_CONF_DIR"]}/{env["HEADCNI_CONFLIST_NAME"]}')
+PY
+			ok "agent environment for headcni status ($vs): $(cat "$WORK/env.out")"
+		else
+			bad "agent environment for headcni status ($vs)"; sed 's/^/    /' "$WORK/env.out"
+		fi
+	done
 }
 
 # the binary accepts every flag the chart passes (subcommands that exist)
@@ -526,6 +621,102 @@ t_schema() {
 	reject "Kubernetes older than 1.20" "kubeVersion" --kube-version 1.19.0
 }
 
+# the alerts: promtool check rules and test rules on fixtures, and the chart ships exactly
+# that file; the dashboard's queries parse; the agent's own exposition passes promtool check
+# metrics and has every series the alerts and the dashboard use
+t_monitoring() {
+	# promtool, pinned and cached by lib/peers.sh (built once)
+	"$ROOT/integration/lib/peers.sh" checkers >"$WORK/peers.log" 2>&1 ||
+		{ bad "promtool could not be built"; tail -n 20 "$WORK/peers.log"; return; }
+	PROMTOOL=$("$ROOT/integration/lib/peers.sh" print | sed -n 's/^PROMTOOL_BIN=//p')
+	local rules=$ROOT/chart/files/alerts.yaml tests=$ROOT/integration/fixtures/alerts.test.yaml
+	"$PROMTOOL" check rules "$rules" >"$WORK/promtool.out" 2>&1 &&
+		ok "promtool check rules: $(grep -o '[0-9]* rules found' "$WORK/promtool.out")" ||
+		{ bad "promtool check rules"; sed 's/^/    /' "$WORK/promtool.out"; }
+	"$PROMTOOL" test rules "$tests" >"$WORK/promtool.out" 2>&1 &&
+		ok "promtool test rules on the fixtures (every alert fires for a broken node only, after its for)" ||
+		{ bad "promtool test rules"; sed 's/^/    /' "$WORK/promtool.out"; }
+	"$KV_NEW_DIR/bin/python" - "$WORK/render-monitoring-$NEWEST_K8S.yaml" "$rules" "$ROOT/chart/dashboards/headcni.json" \
+		"$WORK/dashboard-rules.yaml" "$WORK/used-metrics" >"$WORK/mon.out" 2>&1 <<'PY' &&
+import json, re, sys, yaml
+rendered, rules, dashboard, out, used = sys.argv[1:6]
+rule = next(d for d in yaml.safe_load_all(open(rendered)) if d and d["kind"] == "PrometheusRule")
+shipped = yaml.safe_load(open(rules))
+assert rule["spec"] == shipped, "the rendered PrometheusRule differs from files/alerts.yaml"
+cm = next(d for d in yaml.safe_load_all(open(rendered)) if d and d["kind"] == "ConfigMap" and "headcni.json" in d["data"])
+assert json.loads(cm["data"]["headcni.json"]) == json.load(open(dashboard)), "the rendered dashboard differs"
+exprs = [t["expr"] for p in json.load(open(dashboard))["panels"] for t in p["targets"]]
+# The dashboard's queries as recording rules, so that promtool parses them ($__rate_interval: 5m).
+records = [{"record": f"headcni:dashboard_{i}", "expr": e.replace("$__rate_interval", "5m")} for i, e in enumerate(exprs)]
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}, open(out, "w"))
+names = set()
+for e in exprs + [r["expr"] for g in shipped["groups"] for r in g["rules"]]:
+    names |= {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"\bheadcni_[a-z0-9_]+", e)}
+open(used, "w").write("\n".join(sorted(names)) + "\n")
+print(f"{len(exprs)} dashboard queries, {len(names)} metrics used")
+PY
+		ok "the chart ships files/alerts.yaml and dashboards/headcni.json as they are: $(cat "$WORK/mon.out")" ||
+		{ bad "rendered rules and dashboard"; sed 's/^/    /' "$WORK/mon.out"; return; }
+	"$PROMTOOL" check rules "$WORK/dashboard-rules.yaml" >"$WORK/promtool.out" 2>&1 &&
+		ok "every dashboard query parses (promtool)" || { bad "dashboard queries"; sed 's/^/    /' "$WORK/promtool.out"; }
+
+	# The agent's exposition, from a real agent in a network namespace of its own (it touches
+	# nothing else: no tailscaled, a static pod CIDR, its rules and tables die with the namespace).
+	BIN=${HEADCNI_BIN:-$ROOT/target/x86_64-unknown-linux-musl/release/headcni}
+	[[ -x $BIN ]] || BIN=$ROOT/target/release/headcni
+	if [[ ! -x $BIN ]]; then skip "no headcni binary built"; fi
+	if ((EUID != 0)); then skip "the agent's exposition needs root (a network namespace of its own)"; fi
+	local d=$WORK/agent
+	mkdir -p "$d/run" "$d/state" "$d/net.d"
+	# An IPAM pool with an address in use, as headcni-ipam leaves it after an ADD, so that the
+	# pool's series exist (the peers' need a tailnet: tests.sh metrics_status checks those).
+	printf '{"cniVersion":"1.0.0","name":"headcni","plugins":[{"type":"headcni","ipam":{"type":"headcni-ipam","dataDir":"%s/ipam"}}]}\n' \
+		"$d" >"$d/net.d/10-headcni.conflist"
+	ln -s "$BIN" "$d/headcni-ipam"
+	printf '{"cniVersion":"1.0.0","name":"headcni","run_dir":"%s/run","log_file":"%s/ipam.log","ipam":{"type":"headcni-ipam","subnet":"10.244.1.0/24","dataDir":"%s/ipam"}}' \
+		"$d" "$d" "$d" | CNI_COMMAND=ADD CNI_CONTAINERID=chartcheck CNI_IFNAME=eth0 CNI_NETNS=/nonexistent CNI_PATH="$d" \
+		"$d/headcni-ipam" >"$d/ipam-add.json" 2>>"$d/ipam.log" ||
+		{ bad "headcni-ipam ADD for the pool"; sed 's/^/    /' "$d/ipam-add.json" "$d/ipam.log"; return; }
+	# shellcheck disable=SC2016 # expanded by the inner shell
+	unshare --net -- bash -c '
+		ip link set lo up
+		"$1" agent --node-name n1 --pod-cidr 10.244.1.0/24 --tailscale-socket "$2/ts.sock" --run-dir "$2/run" \
+			--state-dir "$2/state" --conf-dir "$2/net.d" --metrics-bind 127.0.0.1 --metrics-port 9402 \
+			>"$2/agent.log" 2>&1 &
+		agent=$!
+		for _ in $(seq 50); do curl -fsS -o /dev/null http://127.0.0.1:9402/healthz 2>/dev/null && break; sleep 0.1; done
+		curl -fsS -D "$2/text.headers" -o "$2/metrics.txt" http://127.0.0.1:9402/metrics
+		curl -fsS -D "$2/om.headers" -o "$2/metrics.om" \
+			-H "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5" \
+			http://127.0.0.1:9402/metrics
+		kill "$agent"; wait "$agent"' _ "$BIN" "$d" >"$WORK/agent.out" 2>&1 ||
+		{ bad "the agent in its own network namespace"; sed 's/^/    /' "$WORK/agent.out" "$d/agent.log"; return; }
+	grep -qi '^content-type: text/plain; version=0.0.4' "$d/text.headers" &&
+		grep -qi '^content-type: application/openmetrics-text; version=1.0.0' "$d/om.headers" &&
+		ok "the exposition follows the Accept header (text 0.0.4 by default, OpenMetrics when preferred)" ||
+		bad "content types: $(grep -hi content-type "$d/text.headers" "$d/om.headers" | tr -d '\r' | tr '\n' ' ')"
+	"$PROMTOOL" check metrics <"$d/metrics.txt" >"$WORK/promtool.out" 2>&1 &&
+		ok "promtool check metrics: the agent's exposition passes ($(grep -c '^# TYPE' "$d/metrics.txt") families)" ||
+		{ bad "promtool check metrics"; sed 's/^/    /' "$WORK/promtool.out"; }
+	local m unexported=""
+	while read -r m; do
+		[[ $m == headcni_tailnet_peer_path ]] && continue # one series per peer: needs a tailnet
+		grep -q "^# TYPE $m\(_total\)\? " "$d/metrics.txt" || unexported+=" $m"
+	done <"$WORK/used-metrics"
+	[[ -z $unexported ]] && ok "every metric the alerts and the dashboard use is exported (peer paths: tests.sh)" ||
+		bad "used but not exported:$unexported"
+	grep -qF 'headcni_ipam_addresses_used{network="headcni",pool="10.244.1.0/24"} 1' "$d/metrics.txt" &&
+		ok "the IPAM pool's addresses in use, from the store" || bad "headcni_ipam_addresses_used: $(grep ipam_addresses "$d/metrics.txt")"
+	local c missing_counters=""
+	for c in 'headcni_network_errors_total{operation="add"}' 'headcni_reconcile_failures_total{step="approval"}' \
+		'headcni_headscale_api_errors_total{operation="approve_routes"}' \
+		'headcni_kubernetes_api_errors_total{operation="watch_node"}'; do
+		grep -qF "$c 0" "$d/metrics.txt" || missing_counters+=" $c"
+	done
+	[[ -z $missing_counters ]] && ok "error counters are there from the start, at 0" ||
+		bad "absent at start:$missing_counters"
+}
+
 # NOTES.txt renders
 t_notes() {
 	cp -r "$ROOT/chart" "$WORK/notes-chart"
@@ -628,6 +819,8 @@ t_deploy() {
 	refuse "MTU 9001" "out of range" "${U[@]}" -m 9001
 	refuse "MTU 'big'" "must be 'auto' or a number" "${U[@]}" -m big
 	refuse "an unknown strategy" "--strategy 'dence' is not supported" "${U[@]}" -s dence
+	deploy "${U[@]}" -s dense-pack && grep -q -- "--strategy=dense-pack" "$WORK/deploy.out" &&
+		ok "-s dense-pack (the seed's name) is accepted" || { bad "-s dense-pack"; sed 's/^/    /' "$WORK/deploy.err"; }
 	refuse "an unknown IPAM type" "--ipam-type 'calico' is not supported" "${U[@]}" -i calico
 	refuse "a strategy with host-local" "applies to --ipam-type headcni-ipam only" "${U[@]}" -i host-local -s dense
 	refuse "an unknown tailscaled mode" "--tailscale-mode 'daemon' is not supported" "${U[@]}" -t daemon
@@ -736,5 +929,5 @@ EOF
 	if [[ -z $(ls -A "$WORK/tmp") ]]; then ok "temporary directory removed after full runs"; else bad "temporary files left"; fi
 }
 
-tr_run render render_facts flags validator schema notes deploy deploy_full
+tr_run render render_facts agent_env flags validator schema notes monitoring deploy deploy_full
 tr_summary "chart-check: Kubernetes $OLDEST_K8S and $NEWEST_K8S, helm $HELM_VERSION"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Image check: builds the HeadCNI image offline with podman (FROM scratch, the
-# host's static musl build) and runs it: `headcni version`, the headcni-ipam
-# link, entrypoint, labels, and `headcni install` and `--uninstall` into a
-# temporary directory with the chart's container settings (no capability,
-# read-only root filesystem).
+# Image check: builds the HeadCNI image offline with podman exactly as the
+# README tells a user to (`podman build -t IMAGE .` from the repository root,
+# after the static musl build) and runs it: `headcni version`, `headcni` on
+# PATH, entrypoint, labels, the files in it, and `headcni install` and
+# `--uninstall` into a temporary directory with the chart's container settings
+# (no capability, read-only root filesystem).
 #
 # Podman runs with private storage under the cache directory (HEADCNI_CACHE,
 # default /var/cache/headcni-peers) and the settings these machines need: vfs
@@ -17,7 +18,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${HEADCNI_CACHE:-/var/cache/headcni-peers}
 TARGET=x86_64-unknown-linux-musl
-BIN=${HEADCNI_BIN:-$ROOT/target/$TARGET/release/headcni}
+# The Dockerfile's default BINARY: what `cargo build --release --target x86_64-unknown-linux-musl` makes.
+BIN=$ROOT/target/$TARGET/release/headcni
 IMAGE=localhost/headcni-image-check:$$
 
 command -v podman >/dev/null || { echo "podman is needed (apt-get install podman)" >&2; exit 1; }
@@ -60,11 +62,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir -p "$WORK/context/rootfs"
-install -m 0755 "$BIN" "$WORK/context/rootfs/headcni"
-ln -s headcni "$WORK/context/rootfs/headcni-ipam"
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -n1)
-REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
 
 run() { pm run --rm --network none --cap-drop ALL --read-only --security-opt no-new-privileges "$@"; }
 
@@ -77,13 +75,12 @@ t_static() {
 	fi
 }
 
-# podman build, offline, FROM scratch.
+# podman build from the repository root, as the README says (FROM scratch: no
+# registry, no network). The release workflow passes VERSION, REVISION and
+# CREATED; the defaults must already name this version.
 t_build() {
-	if pm build --network=none --pull=never -f "$ROOT/Dockerfile" -t "$IMAGE" \
-		--build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" \
-		--build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-		"$WORK/context" >"$WORK/build.log" 2>&1; then
-		ok "podman build (offline, FROM scratch)"
+	if (cd "$ROOT" && pm build -t "$IMAGE" .) >"$WORK/build.log" 2>&1; then
+		ok "podman build -t IMAGE . from the repository root (offline, FROM scratch)"
 	else
 		sed 's/^/    /' "$WORK/build.log"
 		hc_die "podman build failed"
@@ -103,21 +100,26 @@ t_image() {
 	got=$(run "$IMAGE" version 2>&1) && [[ $got == "$want" ]] && ok "headcni version" || bad "headcni version: '$got'"
 	[[ $want == *"$VERSION"* ]] && ok "version matches Cargo.toml ($VERSION)" || bad "version '$want' lacks $VERSION"
 
+	got=$(run --entrypoint headcni "$IMAGE" version 2>&1) && [[ $got == "$want" ]] &&
+		ok "headcni is on the image's PATH (what kubectl exec ds/headcni -- headcni status needs)" ||
+		bad "headcni by name: '$got'"
 	entry=$(pm image inspect --format '{{json .Config.Entrypoint}} {{json .Config.Cmd}} {{.Config.User}}' "$IMAGE")
-	[[ $entry == '["/headcni"] ["version"] 0:0' ]] && ok "entrypoint /headcni, command version, user 0:0" ||
+	[[ $entry == '["/bin/headcni"] ["version"] 0:0' ]] && ok "entrypoint /bin/headcni, command version, user 0:0" ||
 		bad "entrypoint/cmd/user: $entry"
 	label=$(pm image inspect --format '{{index .Labels "org.opencontainers.image.version"}} {{index .Labels "org.opencontainers.image.licenses"}}' "$IMAGE")
 	[[ $label == "$VERSION MIT" ]] && ok "OCI labels (version, licence)" || bad "labels: $label"
 
 	pm create --name headcni-image-check-$$ "$IMAGE" >/dev/null
-	pm export headcni-image-check-$$ | tar -tvf - >"$WORK/files" 2>/dev/null || true
+	pm export headcni-image-check-$$ >"$WORK/rootfs.tar"
 	pm rm -f headcni-image-check-$$ >/dev/null
-	grep -Eq '^l.* headcni-ipam -> headcni$' "$WORK/files" && ok "headcni-ipam is a relative link to headcni" ||
-		{ bad "headcni-ipam link"; sed 's/^/    /' "$WORK/files"; }
-	grep -Eq '^-rwxr-xr-x .* headcni$' "$WORK/files" && ok "headcni is executable" || bad "headcni mode"
+	tar -tvf "$WORK/rootfs.tar" >"$WORK/files" 2>/dev/null || true
+	grep -Eq '^-rwxr-xr-x .* bin/headcni$' "$WORK/files" && ok "bin/headcni is executable" ||
+		{ bad "bin/headcni mode"; sed 's/^/    /' "$WORK/files"; }
+	tar -xOf "$WORK/rootfs.tar" bin/headcni | cmp -s - "$BIN" &&
+		ok "the image holds target/$TARGET/release/headcni" || bad "the image's binary is not $BIN"
 	names=$(awk '{ if ($1 ~ /^l/) print $(NF-2); else print $NF }' "$WORK/files" | sed 's|/$||' | sort)
 	say "     files: $(tr '\n' ' ' <<<"$names")"
-	extra=$(grep -Ev '^(headcni|headcni-ipam)$' <<<"$names" || true)
+	extra=$(grep -Ev '^(bin|bin/headcni)$' <<<"$names" || true)
 	[[ -z $extra ]] && ok "nothing else in the image" || bad "unexpected files: $extra"
 	size=$(pm image inspect --format '{{.Size}}' "$IMAGE")
 	say "     image size: $((size / 1024)) KiB"

@@ -17,6 +17,15 @@
 #   dns               CoreDNS answers a Service's name; a pod reaches it by name
 #   hostport          a hostPort through the chained portmap plugin, from another node
 #   first_packet      from a pod's creation to its first packet answered by a pod on another node
+#   status            `kubectl exec ds/headcni -- headcni status` (the documented command) and on each
+#                     node's agent; `headcni status --cluster` from an agent pod (each Node's
+#                     InternalIP) and from the control-plane host with the admin kubeconfig (the API
+#                     server's pod proxy): every node ready, approved, its peer reached directly
+#   misconfig         on node 2 a leftover conflist that sorts first, then a pasted configuration with
+#                     "mtu": 1420: the agent turns not ready, status and status --cluster exit 1
+#                     naming it; once removed, ready again (times measured)
+#   exclusive         a leftover conflist on node 2, then `helm upgrade --set cni.exclusive=true`: the
+#                     installer sets it aside (NAME.headcni-aside, unchanged), the agent is ready
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
 #                     cross-node traffic flows (longest gap measured)
 #   apiserver_restart the API server restarted during a rollout; pods stay connected
@@ -39,8 +48,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet upgrade apiserver_restart
-	kubelet_restart token_rotation node_join node_delete uninstall helm_install)
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet status misconfig exclusive upgrade
+	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
 declare -a WANT=()
@@ -360,6 +369,124 @@ _rollout_one_at_a_time() {
 	done <<<"$lines"
 }
 
+# the static binary the image was built from, run as a user would on a workstation
+status_bin() { printf '%s\n' "${HEADCNI_MUSL_BIN:-$HC_REPO_DIR/target/$HC_MUSL_TARGET/release/headcni}"; }
+
+# status_cluster_cp ARGS... : `headcni status --cluster` on the control-plane host with the admin
+# kubeconfig (no pod: the API server's proxy to the agent pods)
+status_cluster_cp() {
+	ip netns exec "$(node_ns "$KUBE_CP")" "$(status_bin)" status --cluster --kubeconfig "$KUBE_ADMIN_KUBECONFIG" "$@"
+}
+
+# agent_ready I : node I's agent container is ready (its readiness probe)
+agent_ready() {
+	[[ "$(kubectl -n "$KUBE_HC_NS" get pod "$(kube_agent_pod "$1")" \
+		-o jsonpath='{.status.containerStatuses[?(@.name=="agent")].ready}')" == true ]]
+}
+agent_not_ready() { ! agent_ready "$1"; }
+
+t_status() {
+	local i pod out=$HC_STATE_DIR/tests/status cidr t0
+	mkdir -p "$out"
+	# the documented command, as written
+	kubectl -n "$KUBE_HC_NS" exec "ds/$KUBE_HC_RELEASE" -- headcni status >"$out/ds.txt" 2>&1 ||
+		hc_die "kubectl exec ds/$KUBE_HC_RELEASE -- headcni status: $(cat "$out/ds.txt")"
+	grep -q '^All good\.' "$out/ds.txt" || hc_die "headcni status through kubectl exec is not all good: $(cat "$out/ds.txt")"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		pod=$(kube_agent_pod "$i")
+		cidr=$(kube_node_pod_cidr "$i")
+		kubectl -n "$KUBE_HC_NS" exec "$pod" -- headcni status --json >"$out/node-$i.json" 2>"$out/node-$i.err" ||
+			hc_die "node $i: headcni status exits non-zero: $(jq -c '.problems' "$out/node-$i.json" 2>/dev/null) $(cat "$out/node-$i.err")"
+		jq -e --arg c "$cidr" --arg f "$HC_CONFLIST" '.backendState == "Running" and .podCidrs == [$c]
+			and .cniConfigInUse == $f and .conflistPresent and .nodeFilePresent and (.problems | length == 0)
+			and any(.routes[]; .cidr == $c and .advertised and .approved)' "$out/node-$i.json" >/dev/null ||
+			hc_die "node $i: status --json in the agent pod: $(jq -c '{backendState, podCidrs, cniConfigInUse, routes, problems}' "$out/node-$i.json")"
+		note "node-$i: kubectl exec $pod -- headcni status: all good ($(jq -r '.ipam.plugin + " " + (.ipam.used|tostring) + " in use"' "$out/node-$i.json"), MTU $(jq -r '.podMtu' "$out/node-$i.json"))"
+	done
+	# every node, from an agent pod (direct to the Nodes' InternalIPs) and from the
+	# control-plane host with a kubeconfig (the API server's proxy). Traffic between the nodes
+	# first (tailscale ping until a direct path), so that each kubelet node shows the other as
+	# reached directly (the path shows in the agent's next pass: a few seconds).
+	local j
+	for ((i = 1; i <= HC_NODES; i++)); do
+		for ((j = 1; j <= HC_NODES; j++)); do
+			((i == j)) || node_ts "$i" ping --c 10 --timeout 2s "$(kube_node_name "$j")" >/dev/null 2>&1 || true
+		done
+	done
+	_cluster_direct() {
+		status_cluster_cp --json >"$out/cluster-cp.json" 2>"$out/cluster-cp.err" &&
+			jq -e --argjson n "$HC_NODES" '(.nodes | length) == $n and all(.nodes[];
+				.agent == "ready" and .approval == "approved"
+				and ([.peers[] | select(.peer | startswith("node-"))] | length) == $n - 1
+				and all(.peers[] | select(.peer | startswith("node-")); .path == "direct"))' \
+				"$out/cluster-cp.json" >/dev/null
+	}
+	t0=$(hc_now)
+	hc_wait_for 30 "status --cluster: every node ready, approved, peers direct" _cluster_direct ||
+		hc_die "status --cluster from the control-plane host: $(cat "$out/cluster-cp.err") $(jq -c '.nodes[] | {name, agent, approval, peers, problems}' "$out/cluster-cp.json" 2>/dev/null)"
+	status_cluster_cp >"$out/cluster-cp.txt" 2>&1 || hc_die "status --cluster (text) exits non-zero: $(cat "$out/cluster-cp.txt")"
+	kubectl -n "$KUBE_HC_NS" exec "ds/$KUBE_HC_RELEASE" -- headcni status --cluster >"$out/cluster-pod.txt" 2>&1 ||
+		hc_die "kubectl exec ds/$KUBE_HC_RELEASE -- headcni status --cluster: $(cat "$out/cluster-pod.txt")"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		grep -Eq "^$(kube_node_name "$i") +ready +[^ ]+ +$(kube_node_pod_cidr "$i") +approved" "$out/cluster-pod.txt" ||
+			hc_die "status --cluster in a pod lacks node $i: $(cat "$out/cluster-pod.txt")"
+	done
+	grep -q "^All $HC_NODES nodes good\." "$out/cluster-pod.txt" || hc_die "status --cluster in a pod: $(cat "$out/cluster-pod.txt")"
+	note "status --cluster (control-plane host, API server proxy; and in an agent pod, InternalIPs): $HC_NODES nodes ready, approved, node peers direct after $(hc_since "$t0") s"
+	sed 's/^/      /' "$out/cluster-pod.txt" >&2
+}
+
+t_misconfig() {
+	local out=$HC_STATE_DIR/tests/misconfig t0 took pod file
+	mkdir -p "$out"
+	pod=$(kube_agent_pod 2)
+	_broken() { # FILE CONTENT NEEDLE LABEL
+		local file=$1 content=$2 needle=$3 label=$4
+		node_exec 2 sh -c "cat > /etc/cni/net.d/$file" <<<"$content"
+		t0=$(hc_now)
+		hc_wait_for 60 "node 2's agent not ready ($label)" agent_not_ready 2 ||
+			hc_die "node 2's agent stays ready with $file"
+		took=$(hc_since "$t0")
+		if kubectl -n "$KUBE_HC_NS" exec "$pod" -- headcni status >"$out/$label.txt" 2>&1; then
+			hc_die "headcni status on node 2 exits 0 with $file: $(cat "$out/$label.txt")"
+		fi
+		grep -qF -- "$needle" "$out/$label.txt" || hc_die "headcni status on node 2 does not say '$needle': $(cat "$out/$label.txt")"
+		if status_cluster_cp >"$out/$label-cluster.txt" 2>&1; then
+			hc_die "status --cluster exits 0 with $file on node 2: $(cat "$out/$label-cluster.txt")"
+		fi
+		{ grep -qF -- "$(kube_node_name 2): " "$out/$label-cluster.txt" && grep -qF -- "$needle" "$out/$label-cluster.txt"; } ||
+			hc_die "status --cluster does not name node 2's problem: $(cat "$out/$label-cluster.txt")"
+		node_exec 2 rm -f "/etc/cni/net.d/$file"
+		t0=$(hc_now)
+		hc_wait_for 60 "node 2's agent ready again" agent_ready 2 || hc_die "node 2's agent not ready after $file was removed"
+		note "$label: node 2's agent not ready ${took} s after $file appeared; status and status --cluster exit 1 naming it ('$needle'); ready $(hc_since "$t0") s after its removal"
+	}
+	_broken 05-flannel.conflist '{"cniVersion":"0.3.1","name":"cbr0","plugins":[{"type":"flannel"}]}' \
+		"uses 05-flannel.conflist" leftover
+	_broken 05-tailscale-cni.conf '{"cniVersion":"1.0.0","name":"tailscale-cni","type":"headcni","mtu":1420,"ipam":{"type":"host-local","subnet":"10.244.0.0/24"}}' \
+		"1420" mtu
+	status_cluster_cp >/dev/null 2>&1 || hc_die "status --cluster still finds a problem: $(status_cluster_cp 2>&1)"
+}
+
+t_exclusive() {
+	local leftover=05-flannel.conflist content='{"cniVersion":"0.3.1","name":"cbr0","plugins":[{"type":"flannel"}]}' t0
+	node_exec 2 sh -c "cat > /etc/cni/net.d/$leftover" <<<"$content"
+	hc_wait_for 60 "node 2's agent not ready with $leftover" agent_not_ready 2 || hc_die "node 2's agent stays ready with $leftover"
+	t0=$(hc_now)
+	helm_upgrade --set cni.exclusive=true || hc_die "helm upgrade --set cni.exclusive=true failed"
+	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out with cni.exclusive=true"
+	hc_wait_for 60 "node 2's agent ready" agent_ready 2 || hc_die "node 2's agent not ready after the exclusive install"
+	node_exec 2 test ! -e "/etc/cni/net.d/$leftover" || hc_die "node 2: $leftover is still in place"
+	[[ "$(node_exec 2 cat "/etc/cni/net.d/$leftover.headcni-aside")" == "$content" ]] ||
+		hc_die "node 2: $leftover.headcni-aside missing or changed"
+	kubectl -n "$KUBE_HC_NS" logs "$(kube_agent_pod 2)" -c install-cni >"$HC_STATE_DIR/tests/exclusive-install.log" 2>&1 || true
+	note "cni.exclusive=true: node 2's $leftover set aside as $leftover.headcni-aside by the installer; agent ready $(hc_since "$t0") s after helm upgrade began"
+	# back to the default, without the leftover
+	node_exec 2 rm -f "/etc/cni/net.d/$leftover.headcni-aside"
+	helm_upgrade --set cni.exclusive=false || hc_die "helm upgrade --set cni.exclusive=false failed"
+	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out with cni.exclusive=false"
+}
+
 t_upgrade() {
 	local f=$HC_STATE_DIR/tests/upgrade.ping gap before after
 	web_pair
@@ -549,8 +676,11 @@ t_helm_install() {
 	local secret="$KUBE_HC_RELEASE-headscale-keys" i cidr
 	kubectl -n "$KUBE_HC_NS" get secret "$secret" >/dev/null || skip "needs the Secret of deploy-with-helm.sh"
 	! helm status "$KUBE_HC_RELEASE" -n "$KUBE_HC_NS" >/dev/null 2>&1 || skip "the release is installed (run after uninstall)"
+	local clear_text=()
+	# The harness's Headscale may serve plain http: the chart refuses an API key over it unless told.
+	[[ $HC_HS_URL != http://* ]] || clear_text=(--set config.headscale.allowHttpApiKey=true)
 	helm upgrade --install "$KUBE_HC_RELEASE" "$HC_REPO_DIR/chart" -n "$KUBE_HC_NS" \
-		-f "$KUBE_DIR/headcni-values.yaml" \
+		-f "$KUBE_DIR/headcni-values.yaml" "${clear_text[@]}" \
 		--set config.headscale.url="$HC_HS_URL" \
 		--set config.headscale.existingSecret="$secret" \
 		--set config.headscale.existingSecretKeys.apiKey=apiKey \

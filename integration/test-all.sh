@@ -103,6 +103,12 @@ stage_lint() {
 	if command -v shellcheck >/dev/null; then
 		shellcheck -x -P SCRIPTDIR integration/*.sh integration/lib/*.sh bench/*.sh deploy-with-helm.sh
 	fi
+	# The GitHub workflows, with actionlint (pinned and cached by lib/peers.sh; it runs
+	# checks their run scripts with shellcheck too).
+	# shellcheck source=lib/peers.sh
+	source integration/lib/peers.sh
+	peers_build_checkers
+	"$ACTIONLINT_BIN" .github/workflows/*.yml
 }
 
 stage_build() {

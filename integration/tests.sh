@@ -11,7 +11,9 @@
 #   mtu               pod MTU = tailnet MTU; largest DF packet passes, one byte more fails cleanly; TCP bulk both ways
 #   masquerade        pods reach the "internet" namespace, which sees the node's underlay address
 #   runtimes_across   a crictl (containerd CRI) pod and a podman container on headcni, across nodes
-#   metrics_status    /metrics counts each node's ADDs, DELs and errors; `headcni status` shows peers and routes
+#   metrics_status    /metrics counts each node's ADDs, DELs (and their time) and errors, each peer's path and
+#                     the IPAM pool; `headcni status` shows peers, their paths and routes
+#   silent_agent      a stopped agent: `headcni status` exits 1 and says so within twice its report interval
 #   route_lifecycle   node 3 joins (API key), leaves; node 4 joins (autoApprovers), leaves; times; no foreign approvals
 #   restarts          agent, tailscaled and headscale restarted under traffic; traffic returns, addresses stay
 #
@@ -27,7 +29,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(pod_to_pod mtu masquerade runtimes_across metrics_status route_lifecycle restarts)
+ALL_TESTS=(pod_to_pod mtu masquerade runtimes_across metrics_status silent_agent route_lifecycle restarts)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
 TR_ALLOW_INJECT=1
@@ -223,11 +225,14 @@ t_metrics_status() {
 	local -A A0 R0 S0 E0
 	local al='headcni_ip_allocations_total{family="ipv4"}' rl='headcni_ip_releases_total{family="ipv4"}'
 	local sl='headcni_pod_network_setup_duration_seconds_count' el='headcni_network_errors_total{operation="add"}'
+	local dl='headcni_pod_network_teardown_duration_seconds_count'
+	local -A D0
 	for i in 1 2; do
 		A0[$i]=$(hcni_metric "$i" "$al")
 		R0[$i]=$(hcni_metric "$i" "$rl")
 		S0[$i]=$(hcni_metric "$i" "$sl")
 		E0[$i]=$(hcni_metric "$i" "$el")
+		D0[$i]=$(hcni_metric "$i" "$dl")
 	done
 	# node 1: 3 ADDs, 2 DELs, 1 failed ADD; node 2: 1 ADD, 1 DEL
 	local -A mip
@@ -259,6 +264,32 @@ t_metrics_status() {
 		((da == want_a[$i] && dr == want_r[$i] && ds == want_a[$i] && de == want_e[$i])) ||
 			hc_die "node $i's /metrics does not count what happened there"
 	done
+	# DEL latency: one observation per successful DEL on its own node (node 1: m1, m2 and the
+	# runtime's DEL after the failed ADD; node 2: m1)
+	local -A want_d=([1]=3 [2]=1)
+	for i in 1 2; do
+		local dd=$(($(hcni_metric "$i" "$dl") - D0[$i])) want=${want_d[$i]}
+		note "node $i: DEL times observed +$dd (expected +$want)"
+		((dd == want)) || hc_die "node $i's headcni_pod_network_teardown_duration_seconds does not count its DELs"
+	done
+	# each peer's path, and the pool's use, as a dashboard shows them
+	# (the gauges are set at the end of each pass: the path tailscaled found after the traffic
+	# above shows within a pass interval)
+	local path_metric
+	_direct() { (($(hcni_metric "$1" "$2") == 1)); }
+	for i in 1 2; do
+		path_metric="headcni_tailnet_peer_path{peer=\"$(node_hostname $((3 - i)))\",path=\"direct\"}"
+		hc_wait_for 12 "node $i: $path_metric" _direct "$i" "$path_metric" ||
+			hc_die "node $i: $path_metric is not 1 ($(hcni_metrics "$i" | grep '^headcni_tailnet_peer_path' | tr '\n' ' '))"
+	done
+	if [[ "$(hcni_ipam_kind 1)" == headcni-ipam ]]; then
+		local used_metric held
+		used_metric="headcni_ipam_addresses_used{network=\"$HC_NET\",pool=\"$(node_pod_cidr 1)\"}"
+		held=$(hcni_ipam 1 list --json | jq '.allocations | length')
+		(($(hcni_metric 1 "$used_metric") == held)) ||
+			hc_die "node 1: $used_metric is $(hcni_metric 1 "$used_metric"), the store holds $held"
+		note "node 1: $used_metric = $held, peer path to node-2 direct"
+	fi
 	# a second scrape counts nothing twice
 	((($(hcni_metric 1 "$al") - A0[1]) == 3)) || hc_die "allocations changed on a second scrape"
 	hcni_metrics 1 | grep -E '^headcni_(ip_|pod_network_setup_duration_seconds_(count|sum)|routes_|ready)' |
@@ -296,9 +327,30 @@ t_metrics_status() {
 			<<<"$js" >/dev/null || hc_die "node $i status: a peer is shown with this node's own pod CIDR"
 		jq -e '(.problems // []) | length == 0' <<<"$js" >/dev/null ||
 			hc_die "node $i status reports problems on a healthy node: $(jq -c '.problems' <<<"$js")"
-		grep -q "peer *$(node_hostname "$other")" "$HC_STATE_DIR/tests/status-n$i.txt" ||
-			hc_die "node $i: the text of headcni status names no peer $(node_hostname "$other")"
+		grep -q "peer *$(node_hostname "$other").*, direct" "$HC_STATE_DIR/tests/status-n$i.txt" ||
+			hc_die "node $i: the text of headcni status names no peer $(node_hostname "$other") with a direct path"
 	done
+}
+
+# (3b) a silent agent is found within twice its report interval
+t_silent_agent() {
+	needs_agent
+	local interval t0 took out=$HC_STATE_DIR/tests/status-silent.txt
+	interval=$(hcni_http 2 /status | jq -er '.reportIntervalSecs') || hc_die "node 2's agent announces no report interval"
+	hcni_status 2 >"$out" 2>&1 || hc_die "node 2's status reports a problem before the test: $(cat "$out")"
+	hcni_agent_stop 2
+	t0=$(hc_now)
+	_silent() { ! hcni_status 2 >"$out" 2>&1 && grep -q 'the agent is silent' "$out"; }
+	hc_wait_for $((3 * interval + 10)) "node 2's status finds its agent silent" _silent ||
+		hc_die "node 2's status did not find the stopped agent silent: $(cat "$out")"
+	took=$(hc_since "$t0")
+	note "agent stopped: headcni status exits 1 with 'the agent is silent' after ${took} s (report interval ${interval} s)"
+	awk -v t="$took" -v i="$interval" 'BEGIN { exit !(t <= 2 * i + 1) }' ||
+		hc_die "the silent agent was found after ${took} s, more than twice its report interval (${interval} s) + 1 s"
+	grep -q 'agent        SILENT' "$out" || hc_die "the status screen does not show the agent SILENT: $(cat "$out")"
+	hcni_agent_start 2
+	hc_wait_daemon 60 "$(hcni_agent_label 2)" "agent n2 ready again" hcni_ready 2 || hc_die "agent n2 not ready after restart"
+	hc_wait_for 20 "node 2's status all good again" hcni_status 2 || hc_die "node 2's status still reports a problem"
 }
 
 # (4) route lifecycle with a joining and leaving node, both approval paths.

@@ -29,6 +29,9 @@ pub enum Event {
     IpReleased { ipv6: bool },
     /// A pod's network was set up in this many seconds (headcni_pod_network_setup_duration_seconds).
     PodSetup { seconds: f64 },
+    /// A pod's network was removed in this many seconds
+    /// (headcni_pod_network_teardown_duration_seconds).
+    PodTeardown { seconds: f64 },
     /// A CNI operation failed (headcni_network_errors_total{operation}).
     NetworkError { operation: String },
 }
@@ -43,6 +46,7 @@ impl Event {
             Event::IpAllocated { ipv6 } => format!("alloc {}\n", family(*ipv6)),
             Event::IpReleased { ipv6 } => format!("release {}\n", family(*ipv6)),
             Event::PodSetup { seconds } => format!("setup {seconds:.6}\n"),
+            Event::PodTeardown { seconds } => format!("teardown {seconds:.6}\n"),
             Event::NetworkError { operation } => format!("error {operation}\n"),
         }
     }
@@ -53,6 +57,9 @@ impl Event {
             "alloc" => Event::IpAllocated { ipv6: value == "6" },
             "release" => Event::IpReleased { ipv6: value == "6" },
             "setup" => Event::PodSetup { seconds: value.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0)? },
+            "teardown" => {
+                Event::PodTeardown { seconds: value.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0)? }
+            }
             "error" if value.chars().all(|c| c.is_ascii_lowercase()) && !value.is_empty() => {
                 Event::NetworkError { operation: value.to_string() }
             }

@@ -3,8 +3,15 @@
 //! `headcni-ipam` to it, and writes the conflist, last, because a runtime treats the conflist's
 //! appearance as "network ready". Idempotent; `--uninstall` removes exactly these three files
 //! and nothing that belongs to anyone else.
+//!
+//! Every run first makes a [`Plan`] with every check a real run makes (the chained plugins
+//! that are present, their spec versions, other networks' files that would win, the files it
+//! would replace); `--dry-run` prints that plan and the conflist and changes nothing.
+//! `--exclusive` moves other networks' configurations aside ([`crate::cniconf`]), and
+//! `--uninstall` brings them back.
 
 use crate::cni::{CniVersion, is_safe_name};
+use crate::cniconf::{Move, SET_ASIDE_SUFFIX, restore_plan, set_aside_plan};
 use crate::fsutil::{self, Durability};
 use crate::ipam::allocator::Strategy;
 use crate::nodefile::{MAX_MTU, MIN_MTU};
@@ -41,14 +48,19 @@ pub enum IpamKind {
     HostLocal,
 }
 
-/// The allocation strategies of headcni-ipam as `--strategy` values, spelled as in the config.
+/// The allocation strategies of headcni-ipam as `--strategy` values, spelled as in the config,
+/// with the same aliases the config accepts (`dense-pack`, `dense_pack`).
 impl clap::ValueEnum for Strategy {
     fn value_variants<'a>() -> &'a [Self] {
         &[Strategy::Sequential, Strategy::Random, Strategy::Dense]
     }
 
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.as_str()))
+        let value = clap::builder::PossibleValue::new(self.as_str());
+        Some(match self {
+            Strategy::Dense => value.aliases(["dense-pack", "dense_pack"]),
+            _ => value,
+        })
     }
 }
 
@@ -75,8 +87,9 @@ pub struct InstallArgs {
     /// Pod MTU: "auto" (from the agent's node file, i.e. tailscale0's MTU) or a number.
     #[arg(long, env = "HEADCNI_INSTALL_MTU", default_value = "auto")]
     pub mtu: String,
-    /// Give pods IPv6 addresses from the node's IPv6 pod CIDR.
-    #[arg(long, env = "HEADCNI_INSTALL_ENABLE_IPV6", default_value_t = false, action = clap::ArgAction::Set)]
+    /// Give pods IPv6 addresses from the node's IPv6 pod CIDR (--enable-ipv6, or =true/false).
+    #[arg(long, env = "HEADCNI_INSTALL_ENABLE_IPV6", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     pub enable_ipv6: bool,
     /// DNS nameserver in the CNI result (repeatable).
     #[arg(long = "dns-nameserver", env = "HEADCNI_INSTALL_DNS_NAMESERVERS", value_delimiter = ',')]
@@ -87,12 +100,21 @@ pub struct InstallArgs {
     /// DNS option in the CNI result (repeatable).
     #[arg(long = "dns-option", env = "HEADCNI_INSTALL_DNS_OPTIONS", value_delimiter = ',')]
     pub dns_options: Vec<String>,
-    /// Chain the standard portmap plugin (hostPort support).
-    #[arg(long, env = "HEADCNI_INSTALL_PORTMAP", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Chain the standard portmap plugin (hostPort support) when it is in --bin-dir; a missing
+    /// one is left out with a warning.
+    #[arg(long, env = "HEADCNI_INSTALL_PORTMAP", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     pub portmap: bool,
-    /// Chain the standard bandwidth plugin (traffic shaping annotations).
-    #[arg(long, env = "HEADCNI_INSTALL_BANDWIDTH", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Chain the standard bandwidth plugin (traffic shaping annotations) when it is in
+    /// --bin-dir; a missing one is left out with a warning.
+    #[arg(long, env = "HEADCNI_INSTALL_BANDWIDTH", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     pub bandwidth: bool,
+    /// Move every other network's configuration in --conf-dir aside (NAME.headcni-aside), so
+    /// that the runtime can only use HeadCNI's; --uninstall puts them back.
+    #[arg(long, env = "HEADCNI_INSTALL_EXCLUSIVE", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub exclusive: bool,
     /// Run directory shared with the agent (node file, metrics events).
     #[arg(long, env = "HEADCNI_RUN_DIR", default_value = crate::nodefile::DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
@@ -111,10 +133,10 @@ pub struct InstallArgs {
     /// Plugin log level (error, warn, info, debug).
     #[arg(long, env = "HEADCNI_INSTALL_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Print the conflist instead of installing anything.
+    /// Make every check of a real run, print the conflist and what would change; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Remove what install put in place, and nothing else.
+    /// Remove what install put in place (and restore what --exclusive set aside), nothing else.
     #[arg(long)]
     pub uninstall: bool,
 }
@@ -181,16 +203,27 @@ impl InstallArgs {
         }
     }
 
-    /// The plugins chained after headcni.
-    fn chained(&self) -> Vec<Value> {
+    /// The standard plugins asked for, with what is lost without each.
+    fn wanted_chain(&self) -> Vec<(&'static str, &'static str)> {
         let mut out = Vec::new();
         if self.portmap {
-            out.push(json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}));
+            out.push(("portmap", "hostPort does not work on this node"));
         }
         if self.bandwidth {
-            out.push(json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
+            out.push(("bandwidth", "the bandwidth annotations of pods are ignored on this node"));
         }
         out
+    }
+
+    /// The configuration objects of the plugins chained after headcni.
+    fn chained(present: &[String]) -> Vec<Value> {
+        present
+            .iter()
+            .map(|kind| match kind.as_str() {
+                "portmap" => json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
+                _ => json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
+            })
+            .collect()
     }
 
     /// The headcni plugin object of the conflist.
@@ -238,8 +271,9 @@ impl InstallArgs {
         Ok(plugin)
     }
 
-    /// Renders the conflist for spec `version` and checks it with the plugin's own parser.
-    pub fn render(&self, versions: &[CniVersion]) -> Result<String, InstallError> {
+    /// Renders the conflist for spec `version`, chaining the plugins in `chain` (as found in
+    /// --bin-dir), and checks it with the plugin's own parser.
+    pub fn render(&self, versions: &[CniVersion], chain: &[String]) -> Result<String, InstallError> {
         self.validate()?;
         let newest = versions.iter().max().copied().unwrap_or(CniVersion::V1_0_0);
         // Runtimes that predate cniVersions read cniVersion; give them 1.0.0 when possible.
@@ -252,7 +286,7 @@ impl InstallArgs {
             .map_err(|e| InstallError::Invalid(format!("rendered config rejected: {e}")))?;
 
         let mut plugins = vec![Value::Object(plugin)];
-        plugins.extend(self.chained());
+        plugins.extend(Self::chained(chain));
         let mut sorted: Vec<&str> = versions.iter().map(|v| v.as_str()).collect();
         sorted.sort();
         let conflist = json!({
@@ -278,18 +312,31 @@ impl InstallArgs {
     }
 }
 
-/// The spec versions every chained plugin in `bin_dir` speaks, together with headcni's.
-fn common_versions(args: &InstallArgs) -> Result<Vec<CniVersion>, InstallError> {
-    let mut common: Vec<CniVersion> = CniVersion::ALL.to_vec();
-    for plugin in args.chained() {
-        let kind = plugin["type"].as_str().unwrap_or_default().to_string();
-        let exe = args.bin_dir.join(&kind);
-        if !exe.is_file() {
-            return Err(InstallError::Invalid(format!(
-                "{} is missing: install the standard CNI plugins there, or pass --{kind}=false",
-                exe.display()
-            )));
+/// The chained plugins found in --bin-dir, and a warning for each one asked for but missing.
+fn present_chain(args: &InstallArgs) -> (Vec<String>, Vec<String>) {
+    let mut present = Vec::new();
+    let mut warnings = Vec::new();
+    for (kind, loss) in args.wanted_chain() {
+        let exe = args.bin_dir.join(kind);
+        if exe.is_file() {
+            present.push(kind.to_string());
+        } else {
+            warnings.push(format!(
+                "{} is missing: {kind} is left out of the chain, so {loss}; install the standard CNI plugins \
+                 (containernetworking-plugins) into {} and run install again, or pass --{kind}=false",
+                exe.display(),
+                args.bin_dir.display()
+            ));
         }
+    }
+    (present, warnings)
+}
+
+/// The spec versions every chained plugin present in `bin_dir` speaks, together with headcni's.
+fn common_versions(args: &InstallArgs, chain: &[String]) -> Result<Vec<CniVersion>, InstallError> {
+    let mut common: Vec<CniVersion> = CniVersion::ALL.to_vec();
+    for kind in chain {
+        let exe = args.bin_dir.join(kind);
         let supported = match plugin_versions(&exe) {
             Ok(versions) => versions,
             // The installer runs in a FROM scratch image: a distribution's dynamically linked
@@ -366,21 +413,35 @@ fn install_symlink(bin_dir: &Path, out: &mut FileChanges) -> Result<(), InstallE
     Ok(())
 }
 
-fn install_conflist(path: &Path, text: &str, out: &mut FileChanges) -> Result<(), InstallError> {
+/// Whether the conflist at `path` may be written: absent, or HeadCNI's. `Ok(true)`: it holds
+/// `text` already.
+fn check_conflist(path: &Path, text: &str) -> Result<bool, InstallError> {
     match fs::read_to_string(path) {
-        Ok(old) if old == text => {
-            out.unchanged.push(path.to_path_buf());
-            return Ok(());
-        }
+        Ok(old) if old == text => Ok(true),
         Ok(old) if !is_ours(&old) => {
-            return Err(InstallError::Foreign {
-                path: path.to_path_buf(),
-                why: "its first plugin is not headcni".into(),
-            });
+            Err(InstallError::Foreign { path: path.to_path_buf(), why: "its first plugin is not headcni".into() })
         }
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("reading", path)(e)),
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("reading", path)(e)),
+    }
+}
+
+/// Whether the headcni-ipam link may be written: absent, or a symlink.
+fn check_symlink(bin_dir: &Path) -> Result<(), InstallError> {
+    let link = bin_dir.join(crate::ipam::PLUGIN_NAME);
+    match fs::symlink_metadata(&link) {
+        Ok(m) if !m.file_type().is_symlink() => {
+            Err(InstallError::Foreign { path: link, why: "it exists and is not a symlink".into() })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn install_conflist(path: &Path, text: &str, out: &mut FileChanges) -> Result<(), InstallError> {
+    if check_conflist(path, text)? {
+        out.unchanged.push(path.to_path_buf());
+        return Ok(());
     }
     fsutil::write_atomic(path, text.as_bytes(), 0o644, Durability::PowerLoss).map_err(io_err("writing", path))?;
     out.changed.push(path.to_path_buf());
@@ -389,7 +450,69 @@ fn install_conflist(path: &Path, text: &str, out: &mut FileChanges) -> Result<()
 
 /// A conflist is HeadCNI's when its first plugin is headcni.
 fn is_ours(conflist: &str) -> bool {
-    serde_json::from_str::<Value>(conflist).map(|v| v["plugins"][0]["type"] == PLUGIN_NAME).unwrap_or(false)
+    serde_json::from_str::<Value>(conflist).map(|v| crate::cniconf::is_headcni(&v)).unwrap_or(false)
+}
+
+/// What an install would do, found by every check a real run makes.
+#[derive(Debug)]
+pub struct Plan {
+    /// The conflist as it would be written.
+    pub conflist: String,
+    /// Whether the conflist on disk holds exactly that already.
+    pub conflist_unchanged: bool,
+    /// The standard plugins chained (present in --bin-dir).
+    pub chain: Vec<String>,
+    /// Other networks' files moved aside (--exclusive).
+    pub set_aside: Vec<Move>,
+    /// What the operator must hear about: missing plugins, configurations that win over
+    /// HeadCNI's, a pod MTU above the tailnet's.
+    pub warnings: Vec<String>,
+}
+
+/// Makes the plan of an install (not of an uninstall): nothing is changed.
+pub fn plan(args: &InstallArgs, source: &Path) -> Result<Plan, InstallError> {
+    args.validate()?;
+    let (chain, mut warnings) = present_chain(args);
+    let conflist = args.render(&common_versions(args, &chain)?, &chain)?;
+    fs::metadata(source).map_err(io_err("reading", source))?;
+    check_symlink(&args.bin_dir)?;
+    let conflist_unchanged = check_conflist(&args.conflist_path(), &conflist)?;
+    let dir = &args.conf_dir;
+    let set_aside = if args.exclusive {
+        let (moves, blocked) = set_aside_plan(dir, &args.conflist_name).map_err(io_err("reading", dir))?;
+        for name in blocked {
+            warnings.push(format!(
+                "{} stays in place: {name}{SET_ASIDE_SUFFIX} exists already (remove one of the two by hand)",
+                dir.join(&name).display()
+            ));
+        }
+        moves
+    } else {
+        let before = crate::cniconf::sorting_before(dir, &args.conflist_name).map_err(io_err("reading", dir))?;
+        for name in before {
+            warnings.push(format!(
+                "{name} sorts before {} in {}: the container runtime uses the first network configuration, so \
+                 pods on this node get that network, not HeadCNI's; remove {name}, or install with --exclusive, \
+                 which moves other networks' configurations aside ({name}{SET_ASIDE_SUFFIX}) until \
+                 --uninstall",
+                args.conflist_name,
+                dir.display()
+            ));
+        }
+        Vec::new()
+    };
+    if let Some(mtu) = args.mtu()?
+        && let Ok(Some(node)) = crate::nodefile::NodeFile::load(&crate::nodefile::path_in(&args.run_dir))
+        && let Some(tailnet) = node.mtu
+        && mtu > tailnet
+    {
+        warnings.push(format!(
+            "--mtu {mtu} is larger than the agent's pod MTU {tailnet} (the tailnet interface's): packets \
+             larger than {tailnet} bytes between pods on different nodes are lost (large transfers and TLS \
+             handshakes hang); use --mtu=auto"
+        ));
+    }
+    Ok(Plan { conflist, conflist_unchanged, chain, set_aside, warnings })
 }
 
 /// Installs (or, with --uninstall, removes) HeadCNI on this node.
@@ -398,7 +521,11 @@ pub fn run(args: &InstallArgs, source: &Path) -> Result<FileChanges, InstallErro
         args.validate()?;
         return uninstall(args);
     }
-    let text = args.render(&common_versions(args)?)?;
+    let plan = plan(args, source)?;
+    apply(args, source, &plan)
+}
+
+fn apply(args: &InstallArgs, source: &Path, plan: &Plan) -> Result<FileChanges, InstallError> {
     let mut out = FileChanges::default();
     let conflist = args.written_conflist_path();
     for dir in [&args.bin_dir, conflist.parent().unwrap_or(&args.conf_dir)] {
@@ -406,7 +533,16 @@ pub fn run(args: &InstallArgs, source: &Path) -> Result<FileChanges, InstallErro
     }
     install_binary(source, &args.bin_dir, &mut out)?;
     install_symlink(&args.bin_dir, &mut out)?;
-    install_conflist(&conflist, &text, &mut out)?;
+    install_conflist(&conflist, &plan.conflist, &mut out)?;
+    // Only once HeadCNI's configuration is written: where it is staged for the agent, the
+    // runtime sees no network until the agent publishes it, which is right (the node turns
+    // ready only when pods can be attached), and never another network's by mistake.
+    crate::cniconf::apply(&plan.set_aside).map_err(|e| InstallError::Io {
+        what: "setting aside",
+        path: args.conf_dir.clone(),
+        source: e,
+    })?;
+    out.changed.extend(plan.set_aside.iter().map(|m| m.to.clone()));
     Ok(out)
 }
 
@@ -446,6 +582,22 @@ fn uninstall(args: &InstallArgs) -> Result<FileChanges, InstallError> {
 /// headcni-ipam link and the headcni binary in `bin_dir`; answers what it removed.
 pub fn remove_installed(bin_dir: Option<&Path>, conflists: &[PathBuf]) -> Result<FileChanges, InstallError> {
     let mut out = FileChanges::default();
+    // Other networks' configurations (set aside by --exclusive) back first: the node is never
+    // without one.
+    let mut dirs: Vec<&Path> = conflists.iter().filter_map(|c| c.parent()).collect();
+    dirs.dedup();
+    for dir in dirs {
+        let (moves, blocked) = restore_plan(dir).map_err(io_err("reading", dir))?;
+        for name in blocked {
+            log::warn!("{} is left set aside: its original name is taken again", dir.join(name).display());
+        }
+        crate::cniconf::apply(&moves).map_err(|e| InstallError::Io {
+            what: "restoring",
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        out.changed.extend(moves.into_iter().map(|m| m.to));
+    }
     for conflist in conflists {
         if let Ok(text) = fs::read_to_string(conflist) {
             if is_ours(&text) {
@@ -470,20 +622,59 @@ pub fn remove_installed(bin_dir: Option<&Path>, conflists: &[PathBuf]) -> Result
     Ok(out)
 }
 
-/// Entry point of `headcni install`.
-pub fn main(args: &InstallArgs) -> anyhow::Result<()> {
-    let source = std::env::current_exe()?;
-    if args.dry_run {
-        // Without the node's bin dir at hand, assume chained plugins that speak every version.
-        let versions = if args.bin_dir.exists() { common_versions(args)? } else { CniVersion::ALL.to_vec() };
-        let text = args.render(&versions)?;
-        use std::io::Write;
-        std::io::stdout().lock().write_all(text.as_bytes())?;
+/// Entry point of `headcni install`: the exit code (see `headcni --help`).
+pub fn main(args: &InstallArgs) -> i32 {
+    crate::logging::init_stderr("install", "info");
+    match run_main(args) {
+        Ok(()) => crate::cli::exit::OK,
+        Err(e) => {
+            crate::logging::fatal("install", &e);
+            match e {
+                InstallError::Invalid(_) => crate::cli::exit::USAGE,
+                _ => crate::cli::exit::FAILED,
+            }
+        }
+    }
+}
+
+fn run_main(args: &InstallArgs) -> Result<(), InstallError> {
+    let source = std::env::current_exe().map_err(io_err("finding", Path::new("the running binary")))?;
+    if args.uninstall {
+        if args.dry_run {
+            return Err(InstallError::Invalid("--dry-run applies to an install, not to --uninstall".into()));
+        }
+        for p in run(args, &source)?.changed {
+            log::info!("removed or restored {}", p.display());
+        }
         return Ok(());
     }
-    let out = run(args, &source)?;
+    let plan = plan(args, &source)?;
+    for w in &plan.warnings {
+        log::warn!("{w}");
+    }
+    if args.dry_run {
+        let conflist = args.conflist_path();
+        log::info!("dry run: every check passed; nothing was changed");
+        log::info!(
+            "dry run: would install {} and its {} link",
+            args.bin_dir.join(PLUGIN_NAME).display(),
+            crate::ipam::PLUGIN_NAME
+        );
+        if plan.conflist_unchanged {
+            log::info!("dry run: {} is up to date", conflist.display());
+        } else {
+            log::info!("dry run: would write {} (below)", conflist.display());
+        }
+        for m in &plan.set_aside {
+            log::info!("dry run: would set aside {m}");
+        }
+        use std::io::Write;
+        std::io::stdout().lock().write_all(plan.conflist.as_bytes()).map_err(io_err("writing", Path::new("stdout")))?;
+        return Ok(());
+    }
+    let out = apply(args, &source, &plan)?;
     for p in &out.changed {
-        log::info!("{} {}", if args.uninstall { "removed" } else { "installed" }, p.display());
+        log::info!("installed {}", p.display());
     }
     for p in &out.unchanged {
         log::info!("unchanged {}", p.display());
@@ -511,7 +702,7 @@ mod tests {
     #[test]
     fn renders_a_conflist_the_plugin_accepts() {
         let text = args(&["--mtu", "1280", "--dns-nameserver", "10.96.0.10", "--strategy", "dense"])
-            .render(&CniVersion::ALL)
+            .render(&CniVersion::ALL, &["portmap".into(), "bandwidth".into()])
             .unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
@@ -527,7 +718,7 @@ mod tests {
     #[test]
     fn auto_mtu_and_host_local_leave_keys_to_the_node_file() {
         let text = args(&["--ipam", "host-local", "--portmap", "false", "--bandwidth", "false"])
-            .render(&[CniVersion::V1_0_0])
+            .render(&[CniVersion::V1_0_0], &[])
             .unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
         assert!(v["plugins"][0].get("mtu").is_none());
@@ -545,7 +736,7 @@ mod tests {
             (vec!["--run-dir", "relative"], "--run-dir"),
             (vec!["--dns-nameserver", "not-an-ip"], "dns.nameservers"),
         ] {
-            let err = args(&extra).render(&CniVersion::ALL).unwrap_err().to_string();
+            let err = args(&extra).render(&CniVersion::ALL, &[]).unwrap_err().to_string();
             assert!(err.contains(needle), "{extra:?}: {err}");
         }
     }

@@ -16,6 +16,8 @@
 //! - [`clients`]: HTTP, Kubernetes, Headscale and tailscaled's LocalAPI, shared by the roles
 //! - [`cli`]: the command line and its commands (`status`, `teardown`)
 //! - [`install`]: `headcni install`, putting HeadCNI on a node
+//! - [`cniconf`]: the CNI configuration directory as the runtime reads it (shared by install,
+//!   status and the agent)
 //! - [`errors`]: the error list of best-effort operations (DEL, GC, cleanup)
 //! - [`fsutil`], [`logging`]: files written safely, and each role's logging
 //!
@@ -30,6 +32,7 @@ pub mod cidr;
 pub mod cli;
 pub mod clients;
 pub mod cni;
+pub mod cniconf;
 pub mod errors;
 pub mod events;
 pub mod fsutil;

@@ -1,4 +1,5 @@
-//! Logging setup for each role. In CNI mode stdout carries the result, so records go to a log
+//! Logging setup for each role, and how a command ends: its last line ([`fatal`]) and its exit
+//! code ([`exit`]). In CNI mode stdout carries the result, so records go to a log
 //! file and to stderr; the long-running agent and the CLI log to stderr only.
 //!
 //! The plugins' log file is bounded: a plugin that finds it at [`MAX_LOG_BYTES`] or more renames
@@ -21,6 +22,69 @@ pub const LEVEL_ENV: &str = "HEADCNI_LOG_LEVEL";
 pub const FILE_ENV: &str = "HEADCNI_LOG_FILE";
 /// The size at which the plugins' log file is rotated.
 pub const MAX_LOG_BYTES: u64 = 8 << 20;
+/// Environment variable choosing the record format: `text` (default) or `json` (one object per
+/// line, for log pipelines).
+pub const FORMAT_ENV: &str = "HEADCNI_LOG_FORMAT";
+
+/// How records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `2026-01-01T00:00:00.000Z INFO  role[pid] message`
+    Text,
+    /// `{"ts":"2026-01-01T00:00:00.000Z","level":"info","role":"agent","pid":1,"msg":"..."}`
+    Json,
+}
+
+impl LogFormat {
+    /// From HEADCNI_LOG_FORMAT; anything but `json` is text, so a typo never silences a log.
+    pub fn from_env() -> Self {
+        match std::env::var(FORMAT_ENV) {
+            Ok(v) if v.trim().eq_ignore_ascii_case("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
+/// Writes one record in `format` (the same shape for every role).
+fn write_record(
+    out: &mut env_logger::fmt::Formatter,
+    format: LogFormat,
+    role: &str,
+    pid: u32,
+    record: &log::Record,
+) -> io::Result<()> {
+    let ts = out.timestamp_millis();
+    match format {
+        LogFormat::Text => writeln!(out, "{ts} {:<5} {role}[{pid}] {}", record.level(), record.args()),
+        LogFormat::Json => {
+            let line = serde_json::json!({
+                "ts": ts.to_string(),
+                "level": record.level().as_str().to_ascii_lowercase(),
+                "role": role,
+                "pid": pid,
+                "msg": record.args().to_string(),
+            });
+            writeln!(out, "{line}")
+        }
+    }
+}
+
+/// Exit codes, the same for every command (and listed in `headcni --help`).
+pub mod exit {
+    /// Done; for `status`, nothing is wrong.
+    pub const OK: i32 = 0;
+    /// The command ran and failed, or (`status`) found a problem.
+    pub const FAILED: i32 = 1;
+    /// Unusable command line or configuration: nothing was changed.
+    pub const USAGE: i32 = 2;
+}
+
+/// The one way every command reports the error that ends it: `headcni COMMAND: error: MESSAGE`
+/// on stderr, whatever the log format (a person reads it). The caller returns the exit code
+/// (see `headcni --help`).
+pub fn fatal(command: &str, err: &dyn std::fmt::Display) {
+    let _ = writeln!(io::stderr(), "headcni {command}: error: {err}");
+}
 
 /// Copies every formatted record to the log file and to stderr.
 struct Tee {
@@ -56,10 +120,9 @@ fn init_cni(role: &'static str, log_file: Option<&Path>, level: Option<&str>) {
     let path = from_env.as_deref().or(log_file).unwrap_or(Path::new(DEFAULT_LOG_FILE));
     let file = open_log(path);
     let pid = std::process::id();
+    let format = LogFormat::from_env();
     let mut b = builder(level, "info");
-    b.format(move |out, record| {
-        writeln!(out, "{} {:<5} {role}[{pid}] {}", out.timestamp_millis(), record.level(), record.args())
-    });
+    b.format(move |out, record| write_record(out, format, role, pid, record));
     b.target(env_logger::Target::Pipe(Box::new(Tee { file })));
     let _ = b.try_init();
 }
@@ -69,7 +132,7 @@ fn init_cni(role: &'static str, log_file: Option<&Path>, level: Option<&str>) {
 /// later). A version probe carries no configuration and logs nothing: it opens no log file.
 pub fn init_plugin(role: &'static str, command: Option<crate::cni::Command>, config: &[u8]) {
     if command == Some(crate::cni::Command::Version) {
-        init_stderr("warn");
+        init_stderr(role, "warn");
         return;
     }
     let peek: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(config).unwrap_or_default();
@@ -78,10 +141,12 @@ pub fn init_plugin(role: &'static str, command: Option<crate::cni::Command>, con
     init_cni(role, log_file, log_level);
 }
 
-/// Agent and CLI: stderr only.
-pub fn init_stderr(default: &str) {
+/// Agent and CLI: stderr only. `role` names the command in the records (`agent`, `install`).
+pub fn init_stderr(role: &'static str, default: &str) {
+    let pid = std::process::id();
+    let format = LogFormat::from_env();
     let mut b = builder(None, default);
-    b.format_timestamp_millis();
+    b.format(move |out, record| write_record(out, format, role, pid, record));
     b.target(env_logger::Target::Stderr);
     let _ = b.try_init();
 }

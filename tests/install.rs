@@ -96,7 +96,7 @@ fn refuses_to_overwrite_a_foreign_conflist_and_bad_flags() {
     let foreign = d.conf().join("10-headcni.conflist");
     fs::write(&foreign, b"{\"name\":\"x\",\"plugins\":[{\"type\":\"bridge\"}]}").unwrap();
     let out = d.install(&["--portmap", "false", "--bandwidth", "false"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not HeadCNI's"));
     assert!(fs::read_to_string(&foreign).unwrap().contains("bridge"));
 
@@ -109,14 +109,24 @@ fn refuses_to_overwrite_a_foreign_conflist_and_bad_flags() {
 }
 
 #[test]
-fn missing_chained_plugin_is_reported() {
+fn a_missing_chained_plugin_is_left_out_with_a_warning() {
     let d = Dirs::new();
-    let _ = fs::remove_file(d.bin().join("bandwidth"));
-    let out = d.install(&[]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bandwidth") && err.contains("--bandwidth=false"), "{err}");
-    assert!(!d.conf().join("10-headcni.conflist").exists());
+    for p in ["portmap", "bandwidth"] {
+        fs::write(d.bin().join(p), b"#!/nonexistent/interpreter\n").unwrap();
+        fs::set_permissions(d.bin().join(p), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    fs::remove_file(d.bin().join("bandwidth")).unwrap();
+    let log = ok(d.install(&[]));
+    assert!(log.contains("bandwidth is missing") && log.contains("--bandwidth=false"), "{log}");
+    let v: Value = serde_json::from_str(&fs::read_to_string(d.conf().join("10-headcni.conflist")).unwrap()).unwrap();
+    let types: Vec<&str> = v["plugins"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["headcni", "portmap"], "{v}");
+    // With neither plugin (a node whose plugins live elsewhere), headcni alone.
+    fs::remove_file(d.bin().join("portmap")).unwrap();
+    let log = ok(d.install(&[]));
+    assert!(log.contains("portmap is missing") && log.contains("hostPort"), "{log}");
+    let v: Value = serde_json::from_str(&fs::read_to_string(d.conf().join("10-headcni.conflist")).unwrap()).unwrap();
+    assert_eq!(v["plugins"].as_array().unwrap().len(), 1, "{v}");
 }
 
 #[test]
@@ -128,6 +138,88 @@ fn dry_run_prints_and_touches_nothing() {
     assert_eq!(v["plugins"][0]["ipam"]["type"], "host-local");
     assert!(!d.bin().join("headcni").exists());
     assert!(!d.conf().join("10-headcni.conflist").exists());
+}
+
+#[test]
+fn dry_run_makes_every_check_of_a_real_run() {
+    // A node without the standard plugins: the conflist printed chains none of them.
+    let d = Dirs::new();
+    for p in ["portmap", "bandwidth"] {
+        let _ = fs::remove_file(d.bin().join(p));
+    }
+    let out = d.install(&["--dry-run"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plugins"].as_array().unwrap().len(), 1, "{v}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("portmap is missing") && err.contains("05-other.conflist sorts before"), "{err}");
+    // A foreign file where the conflist goes fails the dry run as it fails a real run.
+    fs::write(d.conf().join("10-headcni.conflist"), b"{\"name\":\"x\",\"plugins\":[{\"type\":\"bridge\"}]}").unwrap();
+    let out = d.install(&["--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not HeadCNI's"));
+    assert!(out.stdout.is_empty());
+    assert!(!d.bin().join("headcni").exists());
+}
+
+#[test]
+fn an_earlier_conflist_is_warned_about_and_exclusive_sets_it_aside_until_uninstall() {
+    let d = Dirs::new();
+    let other = d.conf().join("05-other.conflist");
+    let original = fs::read(&other).unwrap();
+    let log = ok(d.install(&["--portmap=false", "--bandwidth=false"]));
+    assert!(log.contains("05-other.conflist sorts before 10-headcni.conflist") && log.contains("--exclusive"), "{log}");
+    assert!(other.exists(), "without --exclusive nothing else is touched");
+
+    fs::write(d.conf().join("99-later.conf"), b"{\"name\":\"later\",\"type\":\"bridge\"}").unwrap();
+    let out = d.install(&["--portmap=false", "--bandwidth=false", "--exclusive", "--dry-run"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("would set aside"));
+    assert!(other.exists(), "a dry run moves nothing");
+
+    let log = ok(d.install(&["--portmap=false", "--bandwidth=false", "--exclusive"]));
+    assert!(!log.contains("sorts before"), "{log}");
+    let aside = d.conf().join("05-other.conflist.headcni-aside");
+    assert_eq!(fs::read(&aside).unwrap(), original);
+    assert!(!other.exists() && !d.conf().join("99-later.conf").exists());
+    let names: Vec<String> =
+        fs::read_dir(d.conf()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names.iter().filter(|n| n.ends_with(".conflist") || n.ends_with(".conf")).count(), 1, "{names:?}");
+
+    ok(d.install(&["--uninstall"]));
+    assert_eq!(fs::read(&other).unwrap(), original, "restored as it was");
+    assert!(d.conf().join("99-later.conf").exists() && !aside.exists());
+    assert!(!d.conf().join("10-headcni.conflist").exists());
+}
+
+#[test]
+fn enable_ipv6_is_a_plain_flag_and_dense_pack_an_alias() {
+    let d = Dirs::new();
+    let out =
+        d.install(&["--dry-run", "--portmap=false", "--bandwidth=false", "--enable-ipv6", "--strategy", "dense-pack"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plugins"][0]["enable_ipv6"], true);
+    assert_eq!(v["plugins"][0]["ipam"]["allocation_strategy"], "dense");
+    let out = d.install(&[
+        "--dry-run",
+        "--portmap=false",
+        "--bandwidth=false",
+        "--enable-ipv6=false",
+        "--strategy=dense_pack",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["plugins"][0].get("enable_ipv6").is_none());
+}
+
+#[test]
+fn errors_have_one_style_and_the_documented_exit_code() {
+    let d = Dirs::new();
+    let out = d.install(&["--mtu", "100", "--portmap=false", "--bandwidth=false"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("headcni install: error: --mtu"), "{err}");
 }
 
 #[test]

@@ -237,6 +237,24 @@ kimg_archives() {
 	fi
 }
 
+# --- tailscaled as the chart's sidecar (KUBE_TS_MODE=sidecar) ----------------------
+
+# kimg_tailscale : an image with the pinned tailscaled and tailscale (static Go binaries) on
+# PATH, what the chart's sidecar runs; saved in the state dir. Sets HC_IMAGE_TAILSCALE and
+# HC_IMAGE_TAILSCALE_ARCHIVE.
+kimg_tailscale() {
+	local root=$HC_STATE_DIR/images/tailscale-rootfs
+	HC_IMAGE_TAILSCALE=localhost/headcni-tailscale:${TAILSCALE_VERSION}
+	HC_IMAGE_TAILSCALE_ARCHIVE=$HC_STATE_DIR/images/tailscale.tar
+	export HC_IMAGE_TAILSCALE HC_IMAGE_TAILSCALE_ARCHIVE
+	mkdir -p "$root/bin" "$root/tmp" "$root/etc" "$root/var/lib/tailscale" "$root/run"
+	install -m 0755 "$TAILSCALED_BIN" "$root/bin/tailscaled"
+	install -m 0755 "$TAILSCALE_BIN" "$root/bin/tailscale"
+	printf 'root:x:0:0:root:/:/bin/false\n' >"$root/etc/passwd"
+	_kimg_build "$HC_IMAGE_TAILSCALE_ARCHIVE" "$HC_IMAGE_TAILSCALE" "$root" --change 'ENV PATH=/bin'
+	rm -rf "$root"
+}
+
 # --- HeadCNI's own image ---------------------------------------------------------
 
 HC_MUSL_TARGET=x86_64-unknown-linux-musl
@@ -268,9 +286,10 @@ kimg_headcni() {
 	HC_IMAGE_HEADCNI=localhost/headcni:$(sha256sum "$bin" | cut -c1-12)
 	HC_IMAGE_HEADCNI_ARCHIVE=$HC_STATE_DIR/images/headcni.tar
 	export HC_IMAGE_HEADCNI HC_IMAGE_HEADCNI_ARCHIVE
-	mkdir -p "$HC_STATE_DIR/images/context/rootfs" "$HC_STATE_DIR/logs"
-	install -m 0755 "$bin" "$HC_STATE_DIR/images/context/rootfs/headcni"
-	ln -sfn headcni "$HC_STATE_DIR/images/context/rootfs/headcni-ipam"
+	# A context of the binary alone (it may be $HEADCNI_MUSL_BIN, outside the repository),
+	# named by the Dockerfile's BINARY.
+	mkdir -p "$HC_STATE_DIR/images/context" "$HC_STATE_DIR/logs"
+	install -m 0755 "$bin" "$HC_STATE_DIR/images/context/headcni"
 	local store=$HC_STATE_DIR/images/podman
 	mkdir -p "$store"
 	cat >"$HC_STATE_DIR/images/containers.conf" <<'EOF'
@@ -288,7 +307,7 @@ EOF
 	local version
 	version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$HC_REPO_DIR/Cargo.toml" | head -n1)
 	"${pm[@]}" build --network=none --pull=never -f "$HC_REPO_DIR/Dockerfile" -t "$HC_IMAGE_HEADCNI" \
-		--build-arg VERSION="$version" --build-arg REVISION="$(git -C "$HC_REPO_DIR" rev-parse HEAD 2>/dev/null || echo unknown)" \
+		--build-arg BINARY=headcni --build-arg VERSION="$version" --build-arg REVISION="$(git -C "$HC_REPO_DIR" rev-parse HEAD 2>/dev/null || echo unknown)" \
 		"$HC_STATE_DIR/images/context" >"$HC_STATE_DIR/logs/image-build.log" 2>&1 ||
 		{
 			tail -n 20 "$HC_STATE_DIR/logs/image-build.log" >&2

@@ -270,6 +270,7 @@ kube_images_import() {
 	local -a archives
 	mapfile -t archives < <(kimg_archives "$which")
 	archives+=("$HC_IMAGE_HEADCNI_ARCHIVE")
+	[[ "$KUBE_TS_MODE" != sidecar ]] || archives+=("$HC_IMAGE_TAILSCALE_ARCHIVE")
 	for a in "${archives[@]}"; do
 		node_ctr "$i" images import --snapshotter "$HC_CTD_SNAPSHOTTER" "$a" >/dev/null ||
 			hc_die "node $i: importing $a failed"
@@ -381,7 +382,8 @@ kube_node_prepare() {
 	bin="$(node_dir "$i")/mnt/opt/cni/bin"
 	for p in loopback host-local; do ln -sfn "$HC_REF_CNI_DIR/$p" "$bin/$p"; done
 	for p in portmap bandwidth; do install -m 0755 "$CNI_PLUGINS_DIR/$p" "$bin/$p"; done
-	node_tailscaled_start "$i"
+	# KUBE_TS_MODE=sidecar: no tailscaled on the node, the chart runs it in the agent's pod
+	[[ "$KUBE_TS_MODE" == sidecar ]] || node_tailscaled_start "$i"
 	kube_ctd_config "$i"
 	ctd_start "$i"
 }
@@ -542,6 +544,9 @@ kube_cluster_up() {
 # --- HeadCNI, as a user installs it ----------------------------------------------------
 
 KUBE_HC_NS=${KUBE_HC_NS:-kube-system}
+# Where the nodes' tailscaled runs: host (started by the harness on each node, as a package
+# would) or sidecar (the chart's tailscaled container in the agent's pod).
+KUBE_TS_MODE=${KUBE_TS_MODE:-host}
 KUBE_HC_RELEASE=${KUBE_HC_RELEASE:-headcni}
 
 # kube_user_env CMD... : CMD as the cluster's admin user would run it: from the control-plane
@@ -565,6 +570,23 @@ image:
   tag: "${HC_IMAGE_HEADCNI##*:}"
   pullPolicy: IfNotPresent
 EOF
+	if [[ "$KUBE_TS_MODE" == sidecar ]]; then
+		# tailscaled in the agent's pod: the harness's DERP speaks plain http, and the image
+		# has no iptables binary (tailscaled programs nf_tables over netlink)
+		cat >>"$KUBE_DIR/headcni-values.yaml" <<EOF
+config:
+  tailscale:
+    mode: sidecar
+    sidecar:
+      image:
+        repository: ${HC_IMAGE_TAILSCALE%:*}
+        tag: "${HC_IMAGE_TAILSCALE##*:}"
+        pullPolicy: IfNotPresent
+      extraEnv:
+        - {name: TS_DEBUG_USE_DERP_HTTP, value: "1"}
+        - {name: TS_DEBUG_FIREWALL_MODE, value: nftables}
+EOF
+	fi
 	printf '%s\n' "$KUBE_DIR/headcni-values.yaml"
 }
 
@@ -636,6 +658,7 @@ kube_harness_up() {
 	hc_state_init
 	hc_install_traps
 	kimg_headcni
+	[[ "$KUBE_TS_MODE" != sidecar ]] || kimg_tailscale
 	T_SETUP=$(hc_now)
 	topo_up
 	topo_node_add "$KUBE_CP"

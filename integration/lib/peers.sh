@@ -8,6 +8,8 @@
 #      $HC_PEERS_CACHE/crictl-<ver>/crictl
 #      $HC_PEERS_CACHE/cnitool-<ver>/cnitool   (libcni's own runner: the
 #                                             stand-in for a kubelet's runtime)
+#      $HC_PEERS_CACHE/actionlint-<ver>/actionlint, promtool-<ver>/promtool
+#                                             (checkers of the workflow, metrics, alerts)
 #    Each is built only when its binary is missing. Builds run one at a time
 #    (a lock), niced, and land atomically (build into a temp dir, then rename).
 #  * A tiny busybox-static image archive (docker-archive) for podman and
@@ -308,6 +310,43 @@ peers_build_go() {
 	_peers_locked_build "helm-$HELM_VERSION" "$HELM_BIN" _build_helm
 }
 
+# --- checkers: actionlint (the release workflow), promtool (metrics and alerts) ---
+#
+#   $HC_PEERS_CACHE/actionlint-<ver>/actionlint   lint stage: .github/workflows/*.yml
+#   $HC_PEERS_CACHE/promtool-<ver>/promtool       chart stage: the alert rules and their tests;
+#                                                 cluster stage: the agent's exposition
+ACTIONLINT_VERSION=${ACTIONLINT_VERSION:-v1.7.12}
+ACTIONLINT_BIN=$HC_PEERS_CACHE/actionlint-$ACTIONLINT_VERSION/actionlint
+PROMTOOL_VERSION=${PROMTOOL_VERSION:-v0.316.0}
+PROMTOOL_BIN=$HC_PEERS_CACHE/promtool-$PROMTOOL_VERSION/promtool
+export ACTIONLINT_BIN PROMTOOL_BIN
+
+_build_actionlint() { # TMP
+	mkdir -p "$1/bin"
+	GOBIN="$1/bin" _peers_go install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
+}
+
+# promtool: the prometheus module carries replace directives, which `go install
+# module@version` refuses; a throwaway module that requires the exact version builds it.
+_build_promtool() { # TMP
+	local tmp=$1
+	mkdir -p "$tmp/bin" "$tmp/mod"
+	(
+		cd "$tmp/mod" &&
+			_peers_go mod init headcni.invalid/promtool &&
+			_peers_go get "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_VERSION" &&
+			_peers_go build -trimpath -ldflags "-s -w" -o "$tmp/bin/promtool" \
+				github.com/prometheus/prometheus/cmd/promtool
+	) || return 1
+	rm -rf "$tmp/mod"
+}
+
+# peers_build_checkers : actionlint and promtool (each only when missing).
+peers_build_checkers() {
+	_peers_locked_build "actionlint-$ACTIONLINT_VERSION" "$ACTIONLINT_BIN" _build_actionlint
+	_peers_locked_build "promtool-$PROMTOOL_VERSION" "$PROMTOOL_BIN" _build_promtool
+}
+
 # --- the image: busybox-static in a rootfs, no registry --------------------
 
 busybox_version() { dpkg-query -W -f='${Version}' busybox-static | tr -c 'A-Za-z0-9.\n' '_'; }
@@ -364,6 +403,7 @@ peers_ensure() {
 	t0=$(hc_now)
 	peers_install_apt
 	peers_build_go
+	peers_build_checkers
 	peers_build_image
 	hc_log "peers ready in $(hc_since "$t0")s: tailscale $TAILSCALE_VERSION, headscale $HEADSCALE_VERSION, crictl $CRICTL_VERSION, cnitool $CNITOOL_VERSION"
 }
@@ -373,6 +413,7 @@ peers_print() {
 		"$TAILSCALED_BIN" "$TAILSCALE_BIN" "$HEADSCALE_BIN" "$CRICTL_BIN" "$CNITOOL_BIN" "$CNI_PLUGINS_DIR"
 	printf 'HELM_BIN=%s\nKUBE_BIN_DIR=%s\nETCD_BIN=%s\nCOREDNS_BIN=%s\n' \
 		"$HELM_BIN" "$KUBE_BIN_DIR" "$ETCD_BIN" "$COREDNS_BIN"
+	printf 'ACTIONLINT_BIN=%s\nPROMTOOL_BIN=%s\n' "$ACTIONLINT_BIN" "$PROMTOOL_BIN"
 	printf 'HC_IMAGE_ARCHIVE=%s\nHC_IMAGE_REF=%s\n' \
 		"$HC_PEERS_CACHE/image-$(busybox_version)/busybox.tar" "$HC_IMAGE_REF"
 }
@@ -380,10 +421,11 @@ peers_print() {
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
 	case "${1:-ensure}" in
 	ensure) peers_ensure ;;
+	checkers) peers_build_checkers ;;
 	kube) peers_ensure_kube ;;
 	print) peers_print ;;
 	*)
-		echo "usage: $0 [ensure|kube|print]" >&2
+		echo "usage: $0 [ensure|checkers|kube|print]" >&2
 		exit 2
 		;;
 	esac

@@ -4,7 +4,7 @@
 //! itself when the uninstall signal arrives ([`CleanupScope::Uninstall`]).
 //!
 //! Where the agent manages HeadCNI's files in the runtime's CNI directories (the chart's
-//! `--publish-conflist`, `--cni-bin-dir`), both scopes remove them: the conflist first, so the
+//! `--publish-conflist`, `--bin-dir`), both scopes remove them: the conflist first, so the
 //! runtime stops creating pods on this network and reports the node's network not ready, then
 //! `headcni` and `headcni-ipam`. Pods already running keep their addresses and their
 //! connectivity within the node; what ends is traffic to other nodes' pods (the routes are

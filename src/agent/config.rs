@@ -89,23 +89,28 @@ pub struct AgentArgs {
     /// host's /proc/sys/net at e.g. /host/proc/sys/net and pass /host/proc/sys.
     #[arg(long, env = "HEADCNI_PROC_SYS_DIR", default_value = PROC_SYS)]
     pub proc_sys_dir: PathBuf,
+    /// The CNI configuration directory the container runtime reads (the host's, mounted at the
+    /// same path): checked (is HeadCNI's configuration the one in use, is its MTU within the
+    /// tailnet's), and where --publish-conflist puts the conflist.
+    #[arg(long, env = "HEADCNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// HeadCNI's conflist in --conf-dir.
+    #[arg(long, env = "HEADCNI_CONFLIST_NAME", default_value = "10-headcni.conflist")]
+    pub conflist_name: String,
     /// The uninstall signal, NAMESPACE/NAME of a ConfigMap: when its data.teardown is "true"
     /// the agent withdraws this node's routes, removes its rules and nft tables, stops
     /// reconciling and answers not ready, until it is "false" again.
     #[arg(long, env = "HEADCNI_TEARDOWN_CONFIGMAP", value_name = "NAMESPACE/NAME")]
     pub teardown_configmap: Option<String>,
-    /// The conflist `headcni install --stage-dir` prepared: the agent puts it into
-    /// --cni-conf-dir once the node file is written (the node's network turns ready only when
-    /// the plugin can attach pods), and removes it on the uninstall signal.
+    /// The conflist `headcni install --stage-dir` prepared: the agent puts it into --conf-dir
+    /// once the node file is written (the node's network turns ready only when the plugin can
+    /// attach pods), and removes it on the uninstall signal.
     #[arg(long, env = "HEADCNI_PUBLISH_CONFLIST")]
     pub publish_conflist: Option<PathBuf>,
-    /// The runtime's CNI configuration directory (the host's, mounted at the same path).
-    #[arg(long, env = "HEADCNI_CNI_CONF_DIR")]
-    pub cni_conf_dir: Option<PathBuf>,
-    /// The runtime's CNI binary directory: the uninstall signal and --cleanup remove headcni
-    /// and headcni-ipam from it.
-    #[arg(long, env = "HEADCNI_CNI_BIN_DIR")]
-    pub cni_bin_dir: Option<PathBuf>,
+    /// The runtime's CNI binary directory (the host's, mounted at the same path): the uninstall
+    /// signal and --cleanup remove headcni and headcni-ipam from it.
+    #[arg(long, env = "HEADCNI_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
     /// Withdraw the routes HeadCNI advertised and approved, remove its rules, nft tables and
     /// node file, and exit.
     #[arg(long)]
@@ -164,6 +169,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     pub metrics_path: String,
     pub sysctl_root: SysctlRoot,
+    pub conf_dir: PathBuf,
+    pub conflist_name: String,
     pub teardown_configmap: Option<ObjectRef>,
     /// --kubeconfig; `None`: the in-cluster service account.
     pub kubeconfig: Option<PathBuf>,
@@ -356,19 +363,18 @@ impl AgentConfig {
                 Some(p) => Err(ConfigError(format!("{flag} {} must be an absolute path", p.display()))),
             }
         };
-        let conf_dir = absolute("--cni-conf-dir", &args.cni_conf_dir)?;
-        let conflist = match (absolute("--publish-conflist", &args.publish_conflist)?, conf_dir) {
-            (Some(staged), Some(dir)) => {
+        let conflist = match absolute("--publish-conflist", &args.publish_conflist)? {
+            Some(staged) => {
+                let dir = absolute("--conf-dir", &Some(args.conf_dir.clone()))?.unwrap_or_default();
                 let published = dir.join(staged.file_name().unwrap_or_default());
                 if published == staged {
-                    return Err(ConfigError("--publish-conflist must not be inside --cni-conf-dir".into()));
+                    return Err(ConfigError("--publish-conflist must not be inside --conf-dir".into()));
                 }
                 Some((staged, published))
             }
-            (Some(_), None) => return Err(ConfigError("--publish-conflist needs --cni-conf-dir".into())),
-            (None, _) => None,
+            None => None,
         };
-        let cni_files = CniFiles { conflist, bin_dir: absolute("--cni-bin-dir", &args.cni_bin_dir)? };
+        let cni_files = CniFiles { conflist, bin_dir: absolute("--bin-dir", &args.bin_dir)? };
         Ok(Self {
             node_name,
             cidr_source,
@@ -389,6 +395,8 @@ impl AgentConfig {
             metrics_addr: SocketAddr::new(args.metrics_bind, args.metrics_port),
             metrics_path: args.metrics_path.clone(),
             sysctl_root,
+            conf_dir: args.conf_dir.clone(),
+            conflist_name: args.conflist_name.clone(),
             teardown_configmap,
             kubeconfig: args.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
             cni_files,

@@ -43,6 +43,7 @@ use crate::clients::headscale::RestHeadscale;
 use crate::clients::localapi::SocketLocalApi;
 use crate::clients::secret::{self, SecretSource};
 use crate::clients::{http, kube};
+use crate::logging::exit;
 use config::{AgentArgs, AgentConfig, CidrSource};
 use hostnet::KernelHostNetwork;
 use ipnetwork::IpNetwork;
@@ -165,7 +166,7 @@ pub struct Peers {
 /// (readable, one line, not writable by others), Headscale's URL and CA, the Kubernetes
 /// credentials, tailscaled's socket. (The flags themselves, the CIDRs among them, were checked
 /// by [`AgentConfig::from_args`]; an API key over plain http is refused there.)
-pub async fn preflight(cfg: &AgentConfig) -> anyhow::Result<Peers> {
+pub async fn preflight(cfg: &AgentConfig, metrics: &metrics::Metrics) -> anyhow::Result<Peers> {
     for (src, what, flag) in
         [(&cfg.auth_key, "pre-auth key", "--auth-key-file"), (&cfg.api_key, "API key", "--api-key-file")]
     {
@@ -180,7 +181,7 @@ pub async fn preflight(cfg: &AgentConfig) -> anyhow::Result<Peers> {
     }
     let headscale = headscale_client(cfg)?;
     let kube = kube_client(cfg).await?;
-    let cidrs = cidr_source(cfg, kube.as_ref())?;
+    let cidrs = cidr_source(cfg, kube.as_ref(), metrics)?;
     check_socket(&cfg.tailscale_socket)?;
     Ok(Peers { headscale, cidrs, kube })
 }
@@ -213,30 +214,37 @@ async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<Option<kube::Kube>> {
     Ok(Some(kube))
 }
 
-fn cidr_source(cfg: &AgentConfig, kube: Option<&kube::Kube>) -> anyhow::Result<CidrSourceImpl> {
+fn cidr_source(
+    cfg: &AgentConfig,
+    kube: Option<&kube::Kube>,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<CidrSourceImpl> {
     let name = cfg.node_name.clone().unwrap_or_default();
     Ok(match (&cfg.cidr_source, kube) {
         (CidrSource::Static(c), _) => CidrSourceImpl::Static(StaticCidrs(c.clone())),
-        (_, Some(kube)) => CidrSourceImpl::Node(Box::new(NodeCidrs::new(&name, kube.clone())?)),
+        (_, Some(kube)) => {
+            let errors = metrics.kubernetes_errors("watch_node");
+            CidrSourceImpl::Node(Box::new(NodeCidrs::counted(&name, kube.clone(), Some(errors))?))
+        }
         (_, None) => anyhow::bail!("no Kubernetes client for the Node's pod CIDRs"),
     })
 }
 
 /// Entry point of `headcni agent`.
 pub fn main(args: AgentArgs) -> i32 {
-    crate::logging::init_stderr("info");
+    crate::logging::init_stderr("agent", "info");
     let cfg = match AgentConfig::from_args(&args, |k| std::env::var(k).ok(), system_hostname) {
         Ok(c) => c,
         Err(e) => {
-            log::error!("invalid configuration: {e}");
-            return 2;
+            crate::logging::fatal("agent", &format!("invalid configuration: {e}"));
+            return exit::USAGE;
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            log::error!("starting the runtime: {e}");
-            return 1;
+            crate::logging::fatal("agent", &format!("starting the runtime: {e}"));
+            return exit::FAILED;
         }
     };
     let result =
@@ -244,8 +252,8 @@ pub fn main(args: AgentArgs) -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            log::error!("{e:#}");
-            1
+            crate::logging::fatal("agent", &format!("{e:#}"));
+            exit::FAILED
         }
     }
 }
@@ -260,12 +268,13 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         cfg.headscale_url.as_deref().unwrap_or("(not set)"),
         if cfg.api_key.is_some() { "API key" } else { "policy (autoApprovers)" },
     );
-    // Nothing on the node changes before every input is known to be usable.
-    let peers = preflight(&cfg).await?;
+    // The metrics only name paths; nothing on the node changes before every input is known to
+    // be usable.
+    let metrics = Arc::new(metrics::Metrics::new(&cfg.run_dir).reading_ipam(cfg.conf_dir.join(&cfg.conflist_name)));
+    let peers = preflight(&cfg, &metrics).await?;
     raise_open_files_limit();
     crate::fsutil::ensure_dir(&cfg.run_dir, 0o755)
         .map_err(|e| anyhow::anyhow!("creating --run-dir {}: {e}", cfg.run_dir.display()))?;
-    let metrics = Arc::new(metrics::Metrics::new(&cfg.run_dir));
     let health = Arc::new(serve::Health::default());
     log::info!("metrics on http://{}{}, probes /healthz and /readyz", cfg.metrics_addr, cfg.metrics_path);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -316,6 +325,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let (watcher, mut signal_rx) = match (&cfg.teardown_configmap, kube) {
         (Some(cm), Some(kube)) => {
             let (w, rx) = SignalWatcher::new(kube, cm.clone());
+            let w = w.counting(metrics.kubernetes_errors("watch_uninstall_signal"));
             log::info!("following the uninstall signal in {cm}");
             (Some(tokio::spawn(w.run())), rx)
         }
@@ -365,6 +375,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         was_ready = ready;
         streak = if outcome == PassOutcome::Converged { 0 } else { streak.saturating_add(1) };
         let delay = next_delay(outcome, streak, rec.joining());
+        rec.announce_next_pass(delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             // A new reading (e.g. "true") is acted on at once.

@@ -8,6 +8,7 @@
 //! Node data is untrusted: every CIDR is parsed, checked ([`crate::cidr::check`]) and at most one
 //! per family, and anything odd is an error rather than a guess.
 
+use super::metrics::ApiErrors;
 use crate::clients::kube::{Kube, KubeError, ObjectRef};
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
@@ -181,6 +182,11 @@ fn node_error(name: &str, e: KubeError) -> NodeError {
 impl NodeCidrs {
     /// Node `name` through `kube`: starts its watch (needs a tokio runtime).
     pub fn new(name: &str, kube: Kube) -> Result<Self, NodeError> {
+        Self::counted(name, kube, None)
+    }
+
+    /// The same, counting each failed read of the API in `errors`.
+    pub fn counted(name: &str, kube: Kube, errors: Option<ApiErrors>) -> Result<Self, NodeError> {
         validate_node_name(name).map_err(NodeError::Setup)?;
         let node = ObjectRef::node(name).map_err(|e| NodeError::Setup(e.to_string()))?;
         let (tx, reading) = watch::channel(None);
@@ -191,6 +197,9 @@ impl NodeCidrs {
             let events = client.watch_object::<Node>(&node);
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
+                if let (Err(_), Some(errors)) = (&event, &errors) {
+                    errors.inc();
+                }
                 let next = match event {
                     Ok(Some(n)) => node_pod_cidrs(&owned, &n),
                     Ok(None) => Err(NodeError::NotFound { name: owned.clone() }),
@@ -455,6 +464,16 @@ mod tests {
         let c = NodeCidrs::from_kubeconfig("denied", &dir.path().join("config")).await.unwrap();
         let err = c.pod_cidrs().await.unwrap_err().to_string();
         assert!(err.contains("\"watch\" on nodes"), "{err}");
+        // The refusals are counted (headcni_kubernetes_api_errors_total{operation="watch_node"}).
+        let metrics = crate::agent::metrics::Metrics::new(dir.path());
+        let kube = Kube::from_kubeconfig(&dir.path().join("config")).await.unwrap();
+        let c = NodeCidrs::counted("denied", kube, Some(metrics.kubernetes_errors("watch_node"))).unwrap();
+        assert!(c.pod_cidrs().await.is_err());
+        assert!(
+            !metrics.encode().contains("headcni_kubernetes_api_errors_total{operation=\"watch_node\"} 0"),
+            "{}",
+            metrics.encode()
+        );
         let c = NodeCidrs::from_kubeconfig("node-9", &dir.path().join("config")).await.unwrap();
         assert!(matches!(c.pod_cidrs().await.unwrap_err(), NodeError::NotFound { .. }));
     }

@@ -61,6 +61,28 @@ pub struct PeerReport {
     pub tailscale_ips: Vec<std::net::IpAddr>,
     pub routes: Vec<IpNetwork>,
     pub online: bool,
+    /// "direct", "relay" (DERP or a peer relay) or "idle" (no traffic yet).
+    #[serde(default)]
+    pub path: String,
+    /// The peer's UDP endpoint on a direct path.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub endpoint: String,
+    /// The DERP region relayed packets go through.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub relay: String,
+}
+
+/// The CNI configuration the runtime uses, as the agent found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CniConfigReport {
+    pub conf_dir: String,
+    /// The file the runtime uses (the first one), if any.
+    pub in_use: Option<String>,
+    /// Whether that file is HeadCNI's.
+    pub headcni: bool,
+    /// The pod MTU it sets, if it sets one (it overrides the node file's).
+    pub mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +97,10 @@ pub struct AgentReport {
     pub version: String,
     /// Unix seconds of the pass.
     pub updated_at: u64,
+    /// The next report is due within this many seconds (the pause before the next pass plus
+    /// the last pass's duration); `headcni status` calls an agent silent after twice this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_interval_secs: Option<u64>,
     pub node_name: Option<String>,
     pub hostname: String,
     pub pod_cidrs: Vec<IpNetwork>,
@@ -90,8 +116,10 @@ pub struct AgentReport {
     /// "api" (the agent approves with an API key) or "policy" (autoApprovers).
     pub approval: String,
     pub peers: Vec<PeerReport>,
+    /// The node file's pod MTU.
     pub mtu: Option<u32>,
     pub tailnet_link: Option<LinkReport>,
+    pub cni_config: Option<CniConfigReport>,
     pub masquerade: bool,
     pub rule_priority: u32,
     pub node_file_written: bool,
@@ -115,7 +143,7 @@ impl AgentReport {
 }
 
 /// The steps of a pass, as the metrics count their failures
-/// (`headcni_reconcile_errors{step="..."}`).
+/// (`headcni_reconcile_step_failing{step="..."}`, `headcni_reconcile_failures_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     PodCidrs,
@@ -175,6 +203,10 @@ pub enum ProblemId {
     UninstallSignal,
     /// The metrics and probe server cannot listen.
     MetricsServer,
+    /// The runtime's CNI configuration is not HeadCNI's, or cannot be read.
+    CniConfig,
+    /// Pods get an MTU above the tailnet interface's (the flag, or the CNI configuration).
+    MtuAboveTailnet,
 }
 
 impl ProblemId {
@@ -198,6 +230,8 @@ impl ProblemId {
             ProblemId::Teardown => "teardown",
             ProblemId::UninstallSignal => "uninstall_signal",
             ProblemId::MetricsServer => "metrics_server",
+            ProblemId::CniConfig => "cni_config",
+            ProblemId::MtuAboveTailnet => "dataplane/mtu_above_tailnet",
         }
     }
 
@@ -214,10 +248,13 @@ impl ProblemId {
             | ProblemId::Guard
             | ProblemId::ClusterCidrs
             | ProblemId::Masquerade
-            | ProblemId::Mtu => Step::Dataplane,
+            | ProblemId::Mtu
+            | ProblemId::MtuAboveTailnet => Step::Dataplane,
             ProblemId::NodeFile | ProblemId::Conflist => Step::NodeFile,
             ProblemId::State => Step::State,
-            ProblemId::Teardown | ProblemId::UninstallSignal | ProblemId::MetricsServer => return None,
+            ProblemId::Teardown | ProblemId::UninstallSignal | ProblemId::MetricsServer | ProblemId::CniConfig => {
+                return None;
+            }
         })
     }
 }
@@ -299,6 +336,11 @@ impl Problems {
     /// Whether an error counts against `step` now.
     pub fn failing(&self, step: Step) -> bool {
         self.current.iter().any(|(id, t)| id.step() == Some(step) && t.report.severity == Severity::Error)
+    }
+
+    /// Whether a problem about `id` is current.
+    pub fn has(&self, id: ProblemId) -> bool {
+        self.current.contains_key(&id)
     }
 
     pub fn worst(&self) -> Option<Severity> {

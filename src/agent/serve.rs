@@ -1,5 +1,7 @@
-//! The agent's HTTP server (hyper 1, HTTP/1.1): the metrics path, `/healthz` (the reconcile
-//! loop is alive) and `/readyz` (the node file is written and the pod CIDRs are advertised).
+//! The agent's HTTP server (hyper 1, HTTP/1.1): the metrics path (in the format the scraper's
+//! `Accept` header asks for), `/healthz` (the reconcile loop is alive), `/readyz` (the node
+//! file is written and the pod CIDRs are advertised) and `/status` (the last pass's report,
+//! JSON, for `headcni status --cluster`).
 //!
 //! The server never takes the node's networking down with it: it runs beside the reconcile
 //! loop, not in front of it. A port it cannot bind is retried in the background (and reported)
@@ -37,6 +39,7 @@ pub struct Health {
     heartbeat: AtomicU64,
     /// Why the server is not serving (its port cannot be bound), for the loop to report.
     server_problem: Mutex<Option<String>>,
+    report: Mutex<String>,
 }
 
 impl Default for Health {
@@ -46,6 +49,7 @@ impl Default for Health {
             reason: Mutex::new("starting".into()),
             heartbeat: AtomicU64::new(now()),
             server_problem: Mutex::new(None),
+            report: Mutex::new("{}".into()),
         }
     }
 }
@@ -58,6 +62,11 @@ impl Health {
     pub fn set_ready(&self, ready: bool, reason: &str) {
         self.ready.store(ready, Ordering::SeqCst);
         *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_string();
+    }
+
+    /// The report `/status` serves (JSON).
+    pub fn set_report(&self, json: String) {
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = json;
     }
 
     pub fn beat(&self) {
@@ -93,10 +102,11 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
     resp
 }
 
-/// Answers one request.
+/// Answers one request; `accept` is its Accept header.
 pub fn route(
     method: &Method,
     path: &str,
+    accept: Option<&str>,
     metrics_path: &str,
     metrics: &Metrics,
     health: &Health,
@@ -107,7 +117,12 @@ pub fn route(
     }
     if path == metrics_path {
         metrics.collect_events();
-        return text(StatusCode::OK, metrics.encode(), metrics::CONTENT_TYPE);
+        let format = metrics::Exposition::negotiate(accept);
+        return text(StatusCode::OK, metrics.expose(format), format.content_type());
+    }
+    if path == "/status" {
+        let report = health.report.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        return text(StatusCode::OK, report, "application/json");
     }
     match path {
         "/healthz" if health.alive() => text(StatusCode::OK, "ok\n".into(), PLAIN),
@@ -191,7 +206,8 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = route(req.method(), req.uri().path(), &path, &metrics, &health);
+                let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+                let resp = route(req.method(), req.uri().path(), accept, &path, &metrics, &health);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -218,20 +234,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Metrics::new(dir.path());
         let h = Health::default();
-        assert_eq!(route(&Method::GET, "/healthz", "/metrics", &m, &h).status(), StatusCode::OK);
-        let r = route(&Method::GET, "/readyz", "/metrics", &m, &h);
+        assert_eq!(route(&Method::GET, "/healthz", None, "/metrics", &m, &h).status(), StatusCode::OK);
+        let r = route(&Method::GET, "/readyz", None, "/metrics", &m, &h);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         h.set_ready(true, "");
-        assert_eq!(route(&Method::GET, "/readyz", "/metrics", &m, &h).status(), StatusCode::OK);
-        assert_eq!(route(&Method::POST, "/metrics", "/metrics", &m, &h).status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(route(&Method::GET, "/other", "/metrics", &m, &h).status(), StatusCode::NOT_FOUND);
+        assert_eq!(route(&Method::GET, "/readyz", None, "/metrics", &m, &h).status(), StatusCode::OK);
+        assert_eq!(route(&Method::POST, "/metrics", None, "/metrics", &m, &h).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(route(&Method::GET, "/other", None, "/metrics", &m, &h).status(), StatusCode::NOT_FOUND);
         // A scrape drains the spool first.
         events::record(dir.path(), &[Event::IpAllocated { ipv6: false }]);
-        let r = route(&Method::GET, "/custom", "/custom", &m, &h);
-        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], metrics::CONTENT_TYPE);
+        let r = route(&Method::GET, "/custom", None, "/custom", &m, &h);
+        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], metrics::TEXT_CONTENT_TYPE);
+        let om = Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5");
+        let r = route(&Method::GET, "/custom", om, "/custom", &m, &h);
+        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], metrics::OPENMETRICS_CONTENT_TYPE);
+        h.set_report(r#"{"node":"n"}"#.into());
+        let r = route(&Method::GET, "/status", None, "/custom", &m, &h);
+        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], "application/json");
         assert!(m.encode().contains("headcni_ip_allocations_total{family=\"ipv4\"} 1"));
         h.heartbeat.store(0, Ordering::SeqCst);
-        assert_eq!(route(&Method::GET, "/healthz", "/metrics", &m, &h).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(route(&Method::GET, "/healthz", None, "/metrics", &m, &h).status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {

@@ -12,6 +12,7 @@
 //! problem, which the reconciler reports like any other (logged once when it appears or
 //! changes, shown by `headcni status`).
 
+use super::metrics::ApiErrors;
 use crate::clients::kube::{Kube, KubeError, ObjectRef};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -65,12 +66,19 @@ pub struct SignalWatcher {
     kube: Kube,
     configmap: ObjectRef,
     tx: watch::Sender<SignalState>,
+    errors: Option<ApiErrors>,
 }
 
 impl SignalWatcher {
     pub fn new(kube: Kube, configmap: ObjectRef) -> (Self, watch::Receiver<SignalState>) {
         let (tx, rx) = watch::channel(SignalState::default());
-        (Self { kube, configmap, tx }, rx)
+        (Self { kube, configmap, tx, errors: None }, rx)
+    }
+
+    /// Counts each failed read of the API in `errors`.
+    pub fn counting(mut self, errors: ApiErrors) -> Self {
+        self.errors = Some(errors);
+        self
     }
 
     /// Publishes one reading of the watch: a signal (the problem cleared), an absent
@@ -111,6 +119,9 @@ impl SignalWatcher {
         while let Some(reading) = readings.next().await {
             if let Err(e) = &reading {
                 log::debug!("watch of {}: {e}", self.configmap);
+                if let Some(errors) = &self.errors {
+                    errors.inc();
+                }
             }
             self.apply(reading);
         }

@@ -9,11 +9,35 @@
 pub mod status;
 pub mod teardown;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::io::Write;
 
+pub use crate::logging::exit;
+
+/// What every `--help` ends with: the environment that changes any command, and the exit codes.
+const ENVIRONMENT_AND_EXIT_CODES: &str = "\
+Environment:
+  HEADCNI_LOG_LEVEL   error, warn, info, debug or trace (or a filter such as headcni=debug);
+                      overrides the configuration's log level
+  HEADCNI_LOG_FORMAT  text (default) or json: one JSON object per line (ts, level, role, pid, msg)
+                      for log pipelines
+  Most flags also read an environment variable, shown as [env: ...] next to the flag.
+
+Exit codes:
+  0  done (status: nothing is wrong)
+  1  the command ran and failed, or status found a problem
+  2  unusable command line or configuration; nothing was changed
+
+Errors end a command with one line on stderr: headcni COMMAND: error: MESSAGE";
+
 #[derive(Debug, Parser)]
-#[command(name = "headcni", version, about = "Kubernetes pod networking over a Headscale tailnet")]
+#[command(
+    name = "headcni",
+    version,
+    about = "Kubernetes pod networking over a Headscale tailnet",
+    after_help = ENVIRONMENT_AND_EXIT_CODES,
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -28,17 +52,66 @@ pub enum Cmd {
         json: bool,
     },
     /// Install the binary, the headcni-ipam link and the conflist on this node.
+    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Install(Box<crate::install::InstallArgs>),
     /// Run the node agent: join the tailnet, advertise and approve this node's pod CIDRs, keep
     /// the node's data plane, write the node file, serve metrics.
+    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Agent(Box<crate::agent::config::AgentArgs>),
     /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
+    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Status(status::StatusArgs),
     /// Uninstall hook: raise the uninstall signal (the agents withdraw their nodes' routes)
     /// and wait until no agent is ready, or the timeout.
+    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Teardown(teardown::TeardownArgs),
     /// Inspect and maintain the headcni-ipam store on this node.
+    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Ipam(crate::ipam::cli::IpamArgs),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): headcni man > headcni.1; man ./headcni.1
+    Man,
+}
+
+/// The command definition every generated file (completions, man page) is made from.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+fn completion(shell: clap_complete::Shell) -> i32 {
+    let mut out = std::io::stdout().lock();
+    clap_complete::generate(shell, &mut command(), "headcni", &mut out);
+    i32::from(out.flush().is_err())
+}
+
+/// The man page: the command, then a section per subcommand with its own options.
+fn man() -> i32 {
+    let mut page = Vec::new();
+    let cmd = command();
+    let mut written = clap_mangen::Man::new(cmd.clone()).render(&mut page);
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("headcni {}", sub.get_name());
+        let sub = sub.clone().bin_name(name);
+        let man = clap_mangen::Man::new(sub);
+        written = written.and_then(|()| {
+            let mut section = Vec::new();
+            man.render_name_section(&mut section)?;
+            man.render_synopsis_section(&mut section)?;
+            man.render_description_section(&mut section)?;
+            man.render_options_section(&mut section)?;
+            // Each sub-page's sections become subsections of the one page.
+            let text = String::from_utf8_lossy(&section).replace(".SH ", ".SS ");
+            page.extend_from_slice(text.as_bytes());
+            Ok(())
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    i32::from(written.is_err() || out.write_all(&page).is_err())
 }
 
 fn version(json: bool) -> i32 {
@@ -55,22 +128,22 @@ fn version(json: bool) -> i32 {
 
 /// Entry point of the CLI role.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap's own message, with its "tip: a similar ... exists" suggestions.
+            let _ = e.print();
+            return if e.use_stderr() { exit::USAGE } else { exit::OK };
+        }
+    };
     match cli.command {
         Cmd::Version { json } => version(json),
-        Cmd::Install(args) => {
-            crate::logging::init_stderr("info");
-            match crate::install::main(&args) {
-                Ok(()) => 0,
-                Err(e) => {
-                    log::error!("{e:#}");
-                    1
-                }
-            }
-        }
+        Cmd::Install(args) => crate::install::main(&args),
         Cmd::Agent(args) => crate::agent::main(*args),
         Cmd::Status(args) => status::main(args),
         Cmd::Teardown(args) => teardown::main(args),
         Cmd::Ipam(args) => crate::ipam::cli::run(&args),
+        Cmd::Completion { shell } => completion(shell),
+        Cmd::Man => man(),
     }
 }

@@ -11,6 +11,7 @@
 //! --no-hooks` skips it). A ConfigMap or DaemonSet that does not exist is a warning: there is
 //! nothing to signal or to wait for.
 
+use super::exit;
 use crate::agent::teardown::{self, DATA_KEY, Signal};
 use crate::clients::kube::{InvalidRef, Kind, Kube, KubeError, ObjectRef};
 use clap::Args;
@@ -211,28 +212,28 @@ async fn list_ready_pods(kube: &Kube, daemonset: &ObjectRef, selector: &str) -> 
 
 /// Entry point of `headcni teardown`: 0 unless the API refused or kept failing.
 pub fn main(args: TeardownArgs) -> i32 {
-    crate::logging::init_stderr("info");
+    crate::logging::init_stderr("teardown", "info");
     let refs = ObjectRef::parse(Kind::ConfigMap, "--configmap", &args.configmap)
         .and_then(|cm| Ok((cm, ObjectRef::parse(Kind::DaemonSet, "--daemonset", &args.daemonset)?)));
     let (configmap, daemonset) = match refs {
         Ok(r) => r,
         Err(e) => {
-            log::error!("{e}");
-            return 2;
+            crate::logging::fatal("teardown", &e);
+            return exit::USAGE;
         }
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            log::error!("starting the runtime: {e}");
-            return 1;
+            crate::logging::fatal("teardown", &format!("starting the runtime: {e}"));
+            return exit::FAILED;
         }
     };
     let kube = match rt.block_on(Kube::from_kubeconfig_or_in_cluster(args.kubeconfig.as_deref())) {
         Ok(k) => k,
         Err(e) => {
-            log::error!("{e}");
-            return 1;
+            crate::logging::fatal("teardown", &e);
+            return exit::FAILED;
         }
     };
     let timeout = Duration::from_secs(args.timeout);
@@ -251,10 +252,10 @@ pub fn main(args: TeardownArgs) -> i32 {
             );
             0
         }
-        Ok(_) => 0,
+        Ok(_) => exit::OK,
         Err(e) => {
-            log::error!("{e}");
-            1
+            crate::logging::fatal("teardown", &e);
+            exit::FAILED
         }
     }
 }

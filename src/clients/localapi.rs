@@ -69,9 +69,57 @@ pub struct NodeStatus {
     #[serde(deserialize_with = "null_as_default")]
     pub primary_routes: Vec<String>,
     pub online: bool,
+    /// The peer's UDP endpoint while the path to it is direct; empty otherwise.
+    #[serde(deserialize_with = "null_as_default")]
+    pub cur_addr: String,
+    /// The peer's home DERP region (where relayed packets go).
+    #[serde(deserialize_with = "null_as_default")]
+    pub relay: String,
+    /// A peer relay in use, if any.
+    #[serde(deserialize_with = "null_as_default")]
+    pub peer_relay: String,
+    /// Traffic flowed recently.
+    pub active: bool,
+    /// The last WireGuard handshake (RFC 3339; the zero time `0001-01-01...` for none).
+    #[serde(deserialize_with = "null_as_default")]
+    pub last_handshake: String,
+}
+
+/// How traffic to a peer flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPath {
+    /// Straight to its UDP endpoint (NAT traversal succeeded).
+    Direct,
+    /// Through a relay: a DERP server, or a peer relay.
+    Relay,
+    /// No traffic yet: no path chosen.
+    Idle,
+}
+
+impl PeerPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerPath::Direct => "direct",
+            PeerPath::Relay => "relay",
+            PeerPath::Idle => "idle",
+        }
+    }
 }
 
 impl NodeStatus {
+    /// The path to this peer now: direct when tailscaled has an endpoint for it, relayed when
+    /// traffic has flowed (a handshake, or activity) without one, idle before any traffic.
+    pub fn path(&self) -> PeerPath {
+        let handshaken = !self.last_handshake.is_empty() && !self.last_handshake.starts_with("0001-");
+        if !self.cur_addr.is_empty() {
+            PeerPath::Direct
+        } else if !self.peer_relay.is_empty() || self.active || handshaken {
+            PeerPath::Relay
+        } else {
+            PeerPath::Idle
+        }
+    }
+
     /// Subnet routes this node serves: its primary routes and the non-host entries of its
     /// allowed IPs (Headscale sends the latter only for routes it approved).
     pub fn served_routes(&self) -> Vec<IpNetwork> {
@@ -380,6 +428,16 @@ impl LocalApi for SocketLocalApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_path_to_a_peer() {
+        let peer = |json: &str| serde_json::from_str::<NodeStatus>(json).unwrap().path();
+        assert_eq!(peer(r#"{"CurAddr":"10.99.0.12:41641","Relay":"hca","Active":true}"#), PeerPath::Direct);
+        assert_eq!(peer(r#"{"CurAddr":"","Relay":"hca","Active":true}"#), PeerPath::Relay);
+        assert_eq!(peer(r#"{"CurAddr":"","Relay":"hca","LastHandshake":"2026-12-07T10:00:00Z"}"#), PeerPath::Relay);
+        assert_eq!(peer(r#"{"CurAddr":"","Relay":"hca","LastHandshake":"0001-01-01T00:00:00Z"}"#), PeerPath::Idle);
+        assert_eq!(peer(r#"{"CurAddr":null,"Relay":null,"PeerRelay":"100.64.0.9:7000"}"#), PeerPath::Relay);
+    }
     use crate::clients::http::testserver;
     use std::sync::Arc;
 

@@ -47,7 +47,7 @@ pub enum IpamCommand {
 
 /// Runs an `ipam` subcommand and returns the exit code.
 pub fn run(args: &IpamArgs) -> i32 {
-    crate::logging::init_stderr("warn");
+    crate::logging::init_stderr("ipam", "warn");
     let stores = match stores(args) {
         Ok(s) => s,
         Err(e) => return fail(&e),
@@ -73,8 +73,8 @@ enum CliError {
 }
 
 fn fail(e: &dyn std::fmt::Display) -> i32 {
-    let _ = writeln!(io::stderr(), "headcni ipam: {e}");
-    1
+    crate::logging::fatal("ipam", e);
+    crate::cli::exit::FAILED
 }
 
 fn stores(args: &IpamArgs) -> Result<Vec<Store>, StoreError> {

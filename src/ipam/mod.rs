@@ -139,6 +139,35 @@ pub fn usage(data_dir: &Path, network: &str) -> Result<Option<Usage>, StoreError
     }))
 }
 
+/// One pool of a network (a range set) and how full it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetUsage {
+    /// Its subnets, comma separated (`10.244.1.0/24`).
+    pub pool: String,
+    pub used: u128,
+    pub total: u128,
+}
+
+/// The usage of each pool of `network`'s store under `data_dir` (none before the first
+/// allocation), from the state file's header.
+pub fn pool_usage(data_dir: &Path, network: &str) -> Result<Vec<SetUsage>, StoreError> {
+    let store = Store::for_this_boot(data_dir, network)?;
+    Ok(store
+        .read_header()?
+        .map(|(header, _)| {
+            header
+                .sets
+                .iter()
+                .map(|s| SetUsage {
+                    pool: s.spec.ranges.iter().map(|r| r.subnet.to_string()).collect::<Vec<_>>().join(","),
+                    used: s.used,
+                    total: s.spec.pool().capacity(),
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Entry point of the IPAM role (the binary invoked as `headcni-ipam`).
 pub fn main() -> i32 {
     cni::main(&HeadcniIpam, &|command, config| crate::logging::init_plugin(PLUGIN_NAME, command, config))

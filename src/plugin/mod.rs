@@ -189,6 +189,7 @@ impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
     /// Best effort: releases the address and removes the veth pair, tolerating everything
     /// already gone; reports every failure together ([`CniError::from_list`]).
     fn del(&self, req: &Request) -> Result<(), CniError> {
+        let started = Instant::now();
         let cfg = PluginConfig::from_request(req)?;
         let prev = req.prev_result().unwrap_or_else(|e| {
             log::warn!("DEL {}: ignoring unreadable prevResult: {e}", req.container_id);
@@ -227,7 +228,9 @@ impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
                 if existed { "removed" } else { "already gone" }
             );
         }
-        if !failures.is_empty() {
+        if failures.is_empty() {
+            record(&cfg, &[Event::PodTeardown { seconds: started.elapsed().as_secs_f64() }]);
+        } else {
             record(&cfg, &[Event::NetworkError { operation: "del".into() }]);
         }
         CniError::from_list("DEL", failures)

@@ -12,7 +12,8 @@
 //!    the pod CIDR, masquerade tables; all scoped to the cluster's destinations (the cluster
 //!    CIDR, else every Node's pod CIDRs), never to a peer's routes;
 //! 6. MTU and the node file;
-//! 7. the report (status file, metrics, readiness).
+//! 7. the CNI configuration the runtime uses: HeadCNI's, with a pod MTU within the tailnet's;
+//! 8. the report (status file, metrics, readiness).
 //!
 //! Every step reports its own problems (keyed by [`ProblemId`]) and the others go on; a failing
 //! pass is retried with a bounded backoff. Nothing in a pass tears anything down: pods keep
@@ -61,7 +62,9 @@ use super::config::{AgentConfig, check_pod_cidrs};
 use super::hostnet::{self, HostNetwork, masquerade_specs};
 use super::metrics::Metrics;
 use super::node::PodCidrSource;
-use super::report::{AgentReport, LinkReport, PeerReport, ProblemId, Problems, RouteReport, Severity, TailnetReport};
+use super::report::{
+    AgentReport, CniConfigReport, LinkReport, PeerReport, ProblemId, Problems, RouteReport, Severity, TailnetReport,
+};
 use super::serve::{Health, now};
 use super::state::{self, AgentState};
 use crate::clients::headscale::HeadscaleApi;
@@ -109,6 +112,8 @@ pub struct Reconciler<K, T, H, D> {
     pub(crate) approved_in: Option<Duration>,
     advertised_at: Option<Instant>,
     report: AgentReport,
+    /// How long the last pass took (part of the report interval).
+    last_pass: Duration,
     mode: Mode,
     /// Why the uninstall signal cannot be read, reported as a warning.
     signal_problem: Option<String>,
@@ -153,6 +158,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             approved_in: None,
             advertised_at: None,
             report: AgentReport::default(),
+            last_pass: Duration::ZERO,
             mode: Mode::Normal,
             signal_problem: None,
         }
@@ -207,6 +213,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
 
     /// One pass.
     pub async fn reconcile(&mut self) -> PassOutcome {
+        let started = Instant::now();
         self.problems.begin_pass();
         self.report_signal_problem();
         if let Some(p) = self.health.server_problem() {
@@ -251,6 +258,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         // The runtime sees the network as ready once the conflist is there: only after the node
         // file, which is what lets the plugin attach pods.
         let written = written && self.step_conflist();
+        let cni_config = self.step_cni_config(link.as_ref());
 
         // Report.
         if let Some(st) = &status {
@@ -271,6 +279,9 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
                     tailscale_ips: p.tailscale_ips.clone(),
                     routes: p.served_routes(),
                     online: p.online,
+                    path: p.path().as_str().to_string(),
+                    endpoint: p.cur_addr.clone(),
+                    relay: p.relay.clone(),
                 })
                 .collect();
             report.peers.sort_by(|a, b| a.hostname.cmp(&b.hostname));
@@ -287,6 +298,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             .collect();
         report.mtu = mtu;
         report.tailnet_link = link.map(|(name, mtu)| LinkReport { name, mtu });
+        report.cni_config = cni_config;
         report.node_file_written = written;
         let all_advertised = !report.routes.is_empty() && report.routes.iter().all(|r| r.advertised);
         let running = status.as_ref().is_some_and(Status::is_running);
@@ -296,7 +308,14 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         }
 
         self.problems.end_pass();
+        // Pods would not get HeadCNI's network, or would lose large packets: not ready, so that
+        // the rollout stops and `kubectl get pods` shows it, while everything else goes on.
+        if self.problems.has(ProblemId::CniConfig) || self.problems.has(ProblemId::MtuAboveTailnet) {
+            report.ready = false;
+        }
         report.problems = self.problems.list();
+        self.last_pass = started.elapsed();
+        report.report_interval_secs = self.report.report_interval_secs;
         self.publish(&report, status.as_ref());
         self.report = report;
         match self.problems.worst() {
@@ -458,11 +477,15 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             (Some(fixed), Some((name, tun))) => {
                 if fixed > *tun {
                     self.warn(
-                        ProblemId::Mtu,
+                        ProblemId::MtuAboveTailnet,
                         format!(
-                            "pod MTU {fixed} is larger than {name}'s MTU {tun}: large packets between nodes are lost"
+                            "pod MTU {fixed} (--mtu) is larger than {name}'s MTU {tun}: packets larger than {tun} \
+                             bytes between pods on different nodes are lost (TLS handshakes and large transfers hang)"
                         ),
-                        Some("use --mtu auto, or at most the tailnet MTU"),
+                        Some(&format!(
+                            "run the agent with --mtu auto (chart: config.network.mtu=auto) or at most {tun}; pods get \
+                             the new MTU when they are recreated"
+                        )),
                     );
                 }
                 Some(fixed)
@@ -503,6 +526,66 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
                 false
             }
         }
+    }
+
+    /// The CNI configuration the runtime uses (the first in --conf-dir): HeadCNI's, and a pod
+    /// MTU it sets within the tailnet interface's.
+    fn step_cni_config(&mut self, link: Option<&(String, u32)>) -> Option<CniConfigReport> {
+        let dir = self.cfg.conf_dir.clone();
+        let ours = self.cfg.conflist_name.clone();
+        let mut report = CniConfigReport { conf_dir: dir.display().to_string(), ..Default::default() };
+        let in_use = match crate::cniconf::in_use(&dir) {
+            Ok(u) => u,
+            Err(e) => {
+                self.warn(
+                    ProblemId::CniConfig,
+                    format!("cannot read the CNI configuration directory {}: {e}", dir.display()),
+                    Some("mount the node's CNI configuration directory into the agent (the chart does) or set --conf-dir"),
+                );
+                return None;
+            }
+        };
+        let Some(in_use) = in_use else {
+            // The install writes it; its absence is status's to report, not a reason to wait.
+            return Some(report);
+        };
+        report.in_use = Some(in_use.file.clone());
+        report.headcni = in_use.headcni;
+        report.mtu = in_use.mtu;
+        if !in_use.headcni {
+            self.warn(
+                ProblemId::CniConfig,
+                format!(
+                    "the container runtime uses {} (network {:?}), which sorts before {ours} in {}: pods on this node \
+                     do not get HeadCNI's network",
+                    in_use.file,
+                    in_use.network,
+                    dir.display()
+                ),
+                Some(&format!(
+                    "remove {} from the node, or install with --exclusive (chart: cni.exclusive=true), which sets \
+                     other networks' configurations aside",
+                    in_use.file
+                )),
+            );
+        } else if let (Some(mtu), Some((name, tun))) = (in_use.mtu, link)
+            && mtu > *tun
+        {
+            self.warn(
+                ProblemId::MtuAboveTailnet,
+                format!(
+                    "{} sets the pod MTU to {mtu}, above {name}'s MTU {tun}: packets larger than {tun} bytes \
+                     between pods on different nodes are lost (TLS handshakes and large transfers hang)",
+                    in_use.file
+                ),
+                Some(&format!(
+                    "remove \"mtu\" from {} (pods then get the agent's MTU from the node file) or set it to at most \
+                     {tun}; pods get the new MTU when they are recreated",
+                    dir.join(&in_use.file).display()
+                )),
+            );
+        }
+        Some(report)
     }
 
     fn step_node_file(&mut self, pods: &[IpNetwork], mtu: u32) -> bool {

@@ -223,8 +223,16 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         desired: &BTreeSet<IpNetwork>,
     ) -> Result<BTreeSet<IpNetwork>, HeadscaleError> {
         let Some(hs) = self.hs.as_ref() else { return Ok(BTreeSet::new()) };
+        let m = self.metrics.clone();
+        let counted = |operation: &'static str| {
+            let errors = m.headscale_errors(operation);
+            move |e: HeadscaleError| {
+                errors.inc();
+                e
+            }
+        };
         if !self.headscale_checked {
-            if let Some(v) = hs.version().await?
+            if let Some(v) = hs.version().await.map_err(counted("version"))?
                 && let Some(mm) = parse_version(&v)
                 && mm < MIN_VERSION
             {
@@ -233,7 +241,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             self.headscale_checked = true;
         }
         let Some(key) = status.node_key() else { return Ok(BTreeSet::new()) };
-        let nodes = hs.nodes().await?;
+        let nodes = hs.nodes().await.map_err(counted("list_nodes"))?;
         let Some(node) = nodes.into_iter().find(|n| n.node_key == key) else {
             return Err(HeadscaleError::Status {
                 what: "finding this node".into(),
@@ -279,7 +287,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         }
         let Some(hs) = self.hs.as_ref() else { return Ok(BTreeSet::new()) };
         let routes: Vec<IpNetwork> = next.iter().copied().collect();
-        let result = hs.approve_routes(&node.id, &routes).await?;
+        let result = hs.approve_routes(&node.id, &routes).await.map_err(counted("approve_routes"))?;
         let now_approved = set(&result.approved());
         log::info!(
             "Headscale: {}{} for node {} (id {}); approved now: {}",

@@ -368,11 +368,16 @@ fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
         metrics_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_path: "/metrics".into(),
         sysctl_root: Default::default(),
+        conf_dir: dir.path().join("net.d"),
+        conflist_name: "10-headcni.conflist".into(),
         teardown_configmap: None,
         kubeconfig: None,
         cni_files: Default::default(),
         cleanup: false,
     };
+    std::fs::create_dir(&cfg.conf_dir).unwrap();
+    std::fs::write(cfg.conf_dir.join("10-headcni.conflist"), r#"{"name":"headcni","plugins":[{"type":"headcni"}]}"#)
+        .unwrap();
     tweak(&mut cfg);
     let metrics = Arc::new(Metrics::new(&cfg.run_dir));
     World { dir, cfg: Arc::new(cfg), metrics, health: Arc::new(Health::default()) }
@@ -439,7 +444,9 @@ async fn zero_config_join_advertises_and_keeps_the_prefs_true() {
     assert!(text.contains("headcni_routes_approved 1"), "{text}");
     assert!(text.contains("headcni_tailnet_backend_state{state=\"Running\"} 1"), "{text}");
     assert!(text.contains("headcni_ready 1"), "{text}");
-    assert!(text.contains("headcni_pod_mtu 1280"), "{text}");
+    assert!(text.contains("headcni_pod_mtu_bytes 1280"), "{text}");
+    assert!(text.contains("headcni_tailnet_mtu_bytes 1280"), "{text}");
+    assert!(text.contains("headcni_pod_cidrs 1"), "{text}");
     let report = crate::agent::report::AgentReport::load(&w.cfg.run_dir).unwrap();
     assert!(report.ready);
 }
@@ -598,7 +605,14 @@ async fn headscale_faults_are_reported_and_pods_keep_working() {
     assert!(r.report().ready);
     assert!(nodefile::path_in(&w.cfg.run_dir).exists());
     assert_eq!(dp.lock().rules.len(), 1);
-    assert!(w.metrics.encode().contains("headcni_reconcile_errors{step=\"approval\"} 1"));
+    let text = w.metrics.encode();
+    assert!(text.contains("headcni_reconcile_step_failing{step=\"approval\"} 1"));
+    let api_errors: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("headcni_headscale_api_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(api_errors, 1, "the refused request is counted once:\n{text}");
 
     hs.lock().error = None;
     hs.lock().version = Some("v0.25.1".into());
@@ -801,9 +815,88 @@ async fn mtu_follows_the_tailnet_unless_set() {
     let w2 = world(|c| c.mtu = Some(1400));
     let mut r = reconciler(&w2, &cidrs, &ts, None, &dp);
     r.reconcile().await;
-    let p = r.report().problems.iter().find(|p| p.id == "dataplane/mtu").unwrap();
+    let p = r.report().problems.iter().find(|p| p.id == "dataplane/mtu_above_tailnet").unwrap();
     assert_eq!(p.severity, Severity::Warning);
-    assert!(p.message.contains("larger than tailscale0's MTU 1230"));
+    assert!(p.message.contains("larger than tailscale0's MTU 1230") && p.message.contains("are lost"), "{p:?}");
+    assert!(p.hint.as_deref().unwrap().contains("--mtu auto"), "{p:?}");
+    assert!(!r.report().ready, "a pod MTU above the tailnet's is not ready");
+}
+
+#[tokio::test]
+async fn a_pasted_conflist_mtu_above_the_tailnets_is_reported_and_not_ready() {
+    let w = world(|_| {});
+    let (cidrs, ts, dp) =
+        (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    assert_eq!(r.reconcile().await, PassOutcome::Converged, "{:?}", r.report().problems);
+    assert!(r.report().ready && probe(&w, "/readyz") == 200);
+
+    // The documented seed configuration, as a user pastes it: "mtu": 1420.
+    let seed = w.cfg.conf_dir.join("05-tailscale-cni.conf");
+    std::fs::write(
+        &seed,
+        r#"{"cniVersion":"1.0.0","name":"tailscale-cni","type":"headcni","mtu":1420,
+        "ipam":{"type":"host-local","subnet":"10.244.1.0/24"}}"#,
+    )
+    .unwrap();
+    assert_eq!(r.reconcile().await, PassOutcome::Converged, "the rest goes on");
+    let p = r.report().problems.iter().find(|p| p.id == "dataplane/mtu_above_tailnet").expect("reported");
+    assert!(p.message.contains("05-tailscale-cni.conf sets the pod MTU to 1420, above tailscale0's MTU 1280"), "{p:?}");
+    assert!(p.message.contains("are lost") && p.hint.as_deref().unwrap().contains("remove \"mtu\""), "{p:?}");
+    assert!(!r.report().ready);
+    assert_eq!(probe(&w, "/readyz"), 503);
+    let text = w.metrics.encode();
+    assert!(text.contains("headcni_pod_mtu_bytes 1420") && text.contains("headcni_tailnet_mtu_bytes 1280"), "{text}");
+    assert_eq!(r.report().cni_config.as_ref().unwrap().mtu, Some(1420));
+
+    std::fs::write(
+        &seed,
+        r#"{"cniVersion":"1.0.0","name":"tailscale-cni","type":"headcni","mtu":1280,
+        "ipam":{"type":"host-local","subnet":"10.244.1.0/24"}}"#,
+    )
+    .unwrap();
+    r.reconcile().await;
+    assert!(r.report().ready, "{:?}", r.report().problems);
+}
+
+#[tokio::test]
+async fn another_networks_conflist_sorting_first_is_loud_and_not_ready() {
+    let w = world(|_| {});
+    let (cidrs, ts, dp) =
+        (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    let leftover = w.cfg.conf_dir.join("10-flannel.conflist");
+    std::fs::write(&leftover, r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel"}]}"#).unwrap();
+    assert_eq!(r.reconcile().await, PassOutcome::Converged);
+    let p = r.report().problems.iter().find(|p| p.id == "cni_config").expect("reported");
+    assert!(p.message.contains("uses 10-flannel.conflist") && p.message.contains("sorts before 10-headcni.conflist"));
+    assert!(p.hint.as_deref().unwrap().contains("cni.exclusive=true"), "{p:?}");
+    assert!(!r.report().ready);
+    assert_eq!(probe(&w, "/readyz"), 503);
+    assert!(nodefile::path_in(&w.cfg.run_dir).exists(), "the node is kept as it should be meanwhile");
+    std::fs::remove_file(&leftover).unwrap();
+    r.reconcile().await;
+    assert!(r.report().ready && probe(&w, "/readyz") == 200, "{:?}", r.report().problems);
+}
+
+#[tokio::test]
+async fn the_report_says_when_the_next_is_due_and_status_serves_it() {
+    let w = world(|_| {});
+    let (cidrs, ts, dp) =
+        (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    r.announce_next_pass(Duration::from_secs(5));
+    let stored = crate::agent::report::AgentReport::load(&w.cfg.run_dir).unwrap();
+    let interval = stored.report_interval_secs.unwrap();
+    assert!((5..=6).contains(&interval), "{interval}");
+    let served = crate::agent::serve::route(&hyper::Method::GET, "/status", None, "/metrics", &w.metrics, &w.health);
+    assert_eq!(served.status(), 200);
+    // The next pass keeps the announcement until the loop makes a new one.
+    r.reconcile().await;
+    assert_eq!(crate::agent::report::AgentReport::load(&w.cfg.run_dir).unwrap().report_interval_secs, Some(interval));
 }
 
 #[tokio::test]
@@ -913,7 +1006,7 @@ fn signal(s: Signal) -> SignalState {
 }
 
 fn probe(w: &World, path: &str) -> u16 {
-    crate::agent::serve::route(&hyper::Method::GET, path, "/metrics", &w.metrics, &w.health).status().as_u16()
+    crate::agent::serve::route(&hyper::Method::GET, path, None, "/metrics", &w.metrics, &w.health).status().as_u16()
 }
 
 #[tokio::test]
@@ -1080,6 +1173,8 @@ fn with_cni_files(c: &mut AgentConfig) -> (std::path::PathBuf, std::path::PathBu
     for d in [&stage, &conf, &bin] {
         std::fs::create_dir_all(d).unwrap();
     }
+    // The conf dir is the world's: nothing in it until the agent publishes.
+    let _ = std::fs::remove_file(conf.join("10-headcni.conflist"));
     std::fs::write(
         stage.join("10-headcni.conflist"),
         r#"{"cniVersion":"1.0.0","name":"headcni","plugins":[{"type":"headcni"}]}"#,

@@ -1,16 +1,19 @@
 //! The judgement of `headcni status`: from what [`super::gather`] found to the view, with a
 //! problem and its fix for every line that is wrong. Pure: no I/O.
 
-use super::{Finding, Live, PeerView, RouteView, STALE_AFTER_SECS, StatusArgs, StatusView};
+use super::{Finding, Live, PeerView, RouteView, STALE_AFTER_INTERVALS, STALE_AFTER_SECS, StatusArgs, StatusView};
 use crate::agent::hostnet::TABLE;
 use crate::agent::report::{self, AgentReport, Severity};
 use crate::nodefile;
 use ipnetwork::IpNetwork;
 
+/// Adds a problem once; the same message found again (the agent's report, then a live check)
+/// keeps the higher severity.
 fn find(view: &mut StatusView, severity: Severity, message: impl Into<String>, fix: Option<&str>) {
     let message = message.into();
-    if !view.problems.iter().any(|p| p.message == message) {
-        view.problems.push(Finding { severity, message, fix: fix.map(str::to_string) });
+    match view.problems.iter_mut().find(|p| p.message == message) {
+        Some(p) => p.severity = p.severity.max(severity),
+        None => view.problems.push(Finding { severity, message, fix: fix.map(str::to_string) }),
     }
 }
 
@@ -60,15 +63,20 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
         ),
         Some(r) => {
             let age = now.saturating_sub(r.updated_at);
+            let stale_after = r.report_interval_secs.map_or(STALE_AFTER_SECS, |i| i.max(1) * STALE_AFTER_INTERVALS);
             v.agent_report_age_secs = Some(age);
-            v.agent_running = age <= STALE_AFTER_SECS;
+            v.agent_running = age <= stale_after;
             v.agent_ready = Some(r.ready);
             if !v.agent_running {
+                let due = r.report_interval_secs.map(|i| format!(", one was due every {i}s")).unwrap_or_default();
                 find(
                     &mut v,
                     Severity::Error,
-                    format!("the agent's last report is {age}s old"),
-                    Some("is the headcni agent pod running? see its logs"),
+                    format!("the agent is silent: its last report is {age}s old{due}"),
+                    Some(
+                        "is the headcni agent running on this node? kubectl -n kube-system get pods -o wide -l \
+                         app.kubernetes.io/component=agent; then its logs",
+                    ),
                 );
             }
             if !r.teardown.is_empty() {
@@ -138,6 +146,7 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
                     tailscale_ips: p.tailscale_ips.iter().map(ToString::to_string).collect(),
                     routes: p.served_routes().iter().map(ToString::to_string).collect(),
                     online: p.online,
+                    path: p.path().as_str().to_string(),
                 })
                 .collect();
             v.peers.sort_by(|a, b| a.hostname.cmp(&b.hostname));
@@ -297,17 +306,43 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
             );
         }
     }
+    // What pods get: the configuration's MTU where the one in use sets it, else the node file's.
+    let in_use = live.files.in_use.as_ref().ok().and_then(Option::as_ref);
+    let set_by_config = in_use.filter(|u| u.headcni).and_then(|u| u.mtu.map(|m| (m, u.file.clone())));
+    if let Some((m, _)) = &set_by_config {
+        v.pod_mtu = Some(*m);
+    }
     if let Some((name, mtu)) = &live.link {
         v.tailnet_interface = Some(name.clone());
         v.tailnet_mtu = Some(*mtu);
         if let Some(pod) = v.pod_mtu
             && pod > *mtu
         {
+            let (source, fix) = match &set_by_config {
+                Some((_, file)) => (
+                    format!(" (set by {file})"),
+                    format!(
+                        "remove \"mtu\" from {} (pods then get the agent's MTU) or set it to at most {mtu}; pods \
+                         get the new MTU when they are recreated",
+                        args.conf_dir.join(file).display()
+                    ),
+                ),
+                None => (
+                    String::new(),
+                    format!(
+                        "run the agent with --mtu auto (chart: config.network.mtu=auto) or at most {mtu}; pods get \
+                         the new MTU when they are recreated"
+                    ),
+                ),
+            };
             find(
                 &mut v,
                 Severity::Error,
-                format!("pod MTU {pod} is larger than {name}'s MTU {mtu}: large packets between nodes are lost"),
-                Some("run the agent with --mtu auto (or at most the tailnet MTU); new pods get the new MTU"),
+                format!(
+                    "pod MTU {pod}{source} is larger than {name}'s MTU {mtu}: packets larger than {mtu} bytes \
+                     between pods on different nodes are lost (TLS handshakes and large transfers hang)"
+                ),
+                Some(&fix),
             );
         }
     }
@@ -324,25 +359,59 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
         ),
         Err(e) => find(&mut v, Severity::Error, e.to_string(), Some("the agent rewrites it")),
     }
-    if !v.conflist_present {
+    v.cni_config_in_use = in_use.map(|u| u.file.clone());
+    if let Err(e) = &live.files.in_use {
+        find(
+            &mut v,
+            Severity::Error,
+            format!("cannot read the CNI configuration directory {}: {e}", args.conf_dir.display()),
+            Some(
+                "run status where the node's CNI configuration directory is (the chart mounts it), or pass --conf-dir",
+            ),
+        );
+    } else if let Some(u) = in_use.filter(|u| !u.headcni) {
+        find(
+            &mut v,
+            Severity::Error,
+            format!(
+                "the container runtime uses {} (network {:?}), which sorts before {} in {}: pods on this node do not \
+                 get HeadCNI's network",
+                u.file,
+                u.network,
+                args.conflist_name,
+                args.conf_dir.display()
+            ),
+            Some(&format!(
+                "remove {} from the node, or install with --exclusive (chart: cni.exclusive=true), which sets other \
+                 networks' configurations aside",
+                u.file
+            )),
+        );
+    } else if !v.conflist_present && in_use.is_none() {
         find(
             &mut v,
             Severity::Error,
             format!("no CNI configuration at {cl_path}: the runtime does not use HeadCNI"),
             Some("headcni install (the chart's init container) writes it"),
         );
-    } else if let Some(first) = live.files.first_conflist.as_deref()
-        && first != args.conflist_name
+    }
+    // A running agent that is not ready says why among its problems; when none of them is an
+    // error (waiting for an approval, a warning that blocks readiness), it is one here.
+    if v.agent_running
+        && v.agent_ready == Some(false)
+        && v.uninstall.is_none()
+        && !v.problems.iter().any(|p| p.severity == Severity::Error)
     {
+        let why = report
+            .as_ref()
+            .and_then(|r| r.problems.first())
+            .map(|p| p.message.clone())
+            .unwrap_or_else(|| "starting".into());
         find(
             &mut v,
-            Severity::Warning,
-            format!(
-                "{first} sorts before {} in {}: the runtime uses the first configuration",
-                args.conflist_name,
-                args.conf_dir.display()
-            ),
-            Some("remove the other network's configuration, or rename HeadCNI's to sort first"),
+            Severity::Error,
+            format!("the agent is not ready: {why}"),
+            Some("the lines above say what it waits for; pods on this node may not get the network"),
         );
     }
     v.problems.sort_by_key(|p| std::cmp::Reverse(p.severity));

@@ -36,14 +36,15 @@ pub struct Files {
     /// The node file (`None`: missing), or why it cannot be read.
     pub node_file: Result<Option<NodeFile>, String>,
     pub conflist_present: bool,
-    /// The configuration the runtime uses: the first in the directory.
-    pub first_conflist: Option<String>,
+    /// The configuration the runtime uses (the first in the directory), or why the directory
+    /// cannot be read.
+    pub in_use: Result<Option<crate::cniconf::InUse>, String>,
     pub ipam: Option<IpamView>,
 }
 
 impl Default for Files {
     fn default() -> Self {
-        Self { node_file: Ok(None), conflist_present: false, first_conflist: None, ipam: None }
+        Self { node_file: Ok(None), conflist_present: false, in_use: Ok(None), ipam: None }
     }
 }
 
@@ -53,7 +54,7 @@ pub fn read_files(args: &StatusArgs) -> Files {
     Files {
         node_file: NodeFile::load(&nodefile::path_in(&args.run_dir)).map_err(|e| e.to_string()),
         conflist_present: conflist.is_file(),
-        first_conflist: first_conflist(&args.conf_dir),
+        in_use: crate::cniconf::in_use(&args.conf_dir).map_err(|e| e.to_string()),
         ipam: ipam_view(&conflist),
     }
 }
@@ -96,18 +97,6 @@ pub fn ipam_view(conflist: &Path) -> Option<IpamView> {
         _ => view.error = Some("usage is known for headcni-ipam and host-local only".into()),
     }
     Some(view)
-}
-
-/// The file name the runtime picks: the first *.conflist/*.conf/*.json in lexical order.
-fn first_conflist(dir: &Path) -> Option<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".conflist") || n.ends_with(".conf") || n.ends_with(".json"))
-        .collect();
-    names.sort();
-    names.into_iter().next()
 }
 
 /// Everything live: tailscaled, the kernel, the files.

@@ -8,6 +8,7 @@
 //! - [`render`]: the screen (or `--json` prints the view).
 
 pub mod assess;
+pub mod cluster;
 pub mod gather;
 pub mod render;
 #[cfg(test)]
@@ -27,8 +28,11 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
 
-/// The agent report is stale after this many seconds.
+/// The agent report is stale after this many seconds when the agent does not say when its next
+/// report is due (an agent older than `reportIntervalSecs`).
 pub const STALE_AFTER_SECS: u64 = 120;
+/// Otherwise after this many report intervals.
+pub const STALE_AFTER_INTERVALS: u64 = 2;
 
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
@@ -50,6 +54,32 @@ pub struct StatusArgs {
     /// The directory that stands for /proc/sys (forwarding is read under <DIR>/net).
     #[arg(long, env = "HEADCNI_PROC_SYS_DIR", default_value = PROC_SYS)]
     pub proc_sys_dir: PathBuf,
+    /// Every node of the cluster instead of this one: pod CIDRs, approval, each peer's path
+    /// (direct or DERP relay), MTU, version; exit code 1 when any node has a problem. From a
+    /// node's agent pod, or from anywhere with a kubeconfig.
+    #[arg(long)]
+    pub cluster: bool,
+    /// kubeconfig for --cluster (default: the in-cluster service account).
+    #[arg(long, env = "KUBECONFIG", requires = "cluster")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the agent pods (--cluster through the API server's proxy).
+    #[arg(long, default_value = "kube-system", requires = "cluster")]
+    pub namespace: String,
+    /// Label selector of the agent pods (--cluster through the API server's proxy).
+    #[arg(
+        long,
+        default_value = "app.kubernetes.io/name=headcni,app.kubernetes.io/component=agent",
+        requires = "cluster"
+    )]
+    pub selector: String,
+    /// How --cluster reaches the agents: direct (each Node's InternalIP and --metrics-port),
+    /// proxy (the API server's proxy to the agent pods), auto (direct in a pod, proxy with a
+    /// kubeconfig).
+    #[arg(long, value_enum, default_value = "auto", requires = "cluster")]
+    pub via: cluster::Via,
+    /// The agents' metrics port, which also serves /status.
+    #[arg(long, env = "HEADCNI_METRICS_PORT", default_value_t = 8080)]
+    pub metrics_port: u16,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -105,6 +135,8 @@ pub struct PeerView {
     pub tailscale_ips: Vec<String>,
     pub routes: Vec<String>,
     pub online: bool,
+    /// "direct", "relay" or "idle".
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -146,17 +178,55 @@ pub struct StatusView {
     pub node_file_present: bool,
     pub conflist: String,
     pub conflist_present: bool,
+    /// The configuration the container runtime uses (the first in the directory).
+    pub cni_config_in_use: Option<String>,
     /// Addresses in use in this node's pool, from the IPAM plugin named in the conflist.
     pub ipam: Option<IpamView>,
     pub problems: Vec<Finding>,
 }
 
+/// `headcni status --cluster`.
+fn cluster_main(args: &StatusArgs) -> i32 {
+    let opts = cluster::ClusterOptions {
+        kubeconfig: args.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
+        namespace: args.namespace.clone(),
+        selector: args.selector.clone(),
+        via: args.via,
+        port: args.metrics_port,
+    };
+    let found = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(cluster::gather(&opts)),
+        Err(e) => Err(format!("starting the runtime: {e}")),
+    };
+    let found = match found {
+        Ok(f) => f,
+        Err(e) => {
+            crate::logging::fatal("status", &e);
+            return crate::logging::exit::FAILED;
+        }
+    };
+    let view = cluster::assess(&found, crate::agent::serve::now());
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        serde_json::to_string_pretty(&view).map_err(std::io::Error::other).and_then(|s| writeln!(out, "{s}"))
+    } else {
+        cluster::render(&view, &mut out)
+    };
+    if written.is_err() {
+        return crate::logging::exit::FAILED;
+    }
+    i32::from(view.has_errors())
+}
+
 /// Entry point of `headcni status`: 0 when all is well, 1 when something is wrong.
 pub fn main(args: StatusArgs) -> i32 {
-    crate::logging::init_stderr("warn");
+    crate::logging::init_stderr("status", "warn");
+    if args.cluster {
+        return cluster_main(&args);
+    }
     if let Err(e) = SysctlRoot::new(&args.proc_sys_dir) {
-        log::error!("--proc-sys-dir: {e}");
-        return 2;
+        crate::logging::fatal("status", &format!("--proc-sys-dir: {e}"));
+        return crate::logging::exit::USAGE;
     }
     let report = AgentReport::load(&args.run_dir);
     let pods: Vec<IpNetwork> = report.as_ref().map(|r| r.pod_cidrs.clone()).unwrap_or_default();
@@ -176,7 +246,7 @@ pub fn main(args: StatusArgs) -> i32 {
         render(&view, &mut out)
     };
     if written.is_err() {
-        return 2;
+        return crate::logging::exit::FAILED;
     }
     i32::from(view.problems.iter().any(|p| p.severity == Severity::Error))
 }

@@ -23,7 +23,7 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
         (true, Some(age), Some(ready)) => {
             format!("running, {} (reported {age}s ago)", if ready { "ready" } else { "not ready" })
         }
-        (false, Some(age), _) => format!("not reporting (last report {age}s ago)"),
+        (false, Some(age), _) => format!("SILENT (last report {age}s ago)"),
         _ => "no report".into(),
     };
     writeln!(out, "  agent        {agent}")?;
@@ -58,11 +58,12 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
     for p in &v.peers {
         writeln!(
             out,
-            "  peer         {} {}{}: {}",
+            "  peer         {} {}{}: {}, {}",
             p.hostname,
             p.tailscale_ips.first().map(String::as_str).unwrap_or("-"),
             if p.online { "" } else { " (offline)" },
-            if p.routes.is_empty() { "no routes".into() } else { format!("accepting {}", p.routes.join(", ")) }
+            if p.routes.is_empty() { "no routes".into() } else { format!("accepting {}", p.routes.join(", ")) },
+            if p.path.is_empty() { "path unknown" } else { p.path.as_str() }
         )?;
     }
     writeln!(
@@ -105,6 +106,11 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "  masquerade   {masq}")?;
     writeln!(out, "  node file    {} ({})", v.node_file, if v.node_file_present { "present" } else { "MISSING" })?;
     writeln!(out, "  conflist     {} ({})", v.conflist, if v.conflist_present { "present" } else { "MISSING" })?;
+    if let Some(file) = &v.cni_config_in_use
+        && !v.conflist.ends_with(&format!("/{file}"))
+    {
+        writeln!(out, "  in use       {file} (the runtime's first configuration)")?;
+    }
     writeln!(
         out,
         "  IPAM         {}",

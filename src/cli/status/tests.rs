@@ -78,6 +78,12 @@ fn args(dir: &Path) -> StatusArgs {
         conf_dir: dir.join("net.d"),
         conflist_name: "10-headcni.conflist".into(),
         proc_sys_dir: PROC_SYS.into(),
+        cluster: false,
+        kubeconfig: None,
+        namespace: "kube-system".into(),
+        selector: String::new(),
+        via: cluster::Via::Auto,
+        metrics_port: 8080,
     }
 }
 
@@ -96,7 +102,8 @@ fn prefs(name: &str) -> Prefs {
 fn healthy(dir: &Path) -> (StatusArgs, AgentReport, Live) {
     let a = args(dir);
     std::fs::create_dir_all(&a.conf_dir).unwrap();
-    std::fs::write(a.conf_dir.join("10-headcni.conflist"), "{}").unwrap();
+    std::fs::write(a.conf_dir.join("10-headcni.conflist"), r#"{"name":"headcni","plugins":[{"type":"headcni"}]}"#)
+        .unwrap();
     let pod: IpNetwork = "10.244.1.0/24".parse().unwrap();
     NodeFile { node_name: Some("node-1".into()), pod_cidrs: vec![pod], mtu: Some(1280), ..Default::default() }
         .store(&nodefile::path_in(&a.run_dir))
@@ -140,7 +147,7 @@ fn all_good_renders_one_screen() {
     assert!(text.lines().count() <= 24, "{text}");
     for needle in [
         "route        10.244.1.0/24: advertised, approved",
-        "peer         node-1 100.64.0.1: accepting 10.244.1.0/24",
+        "peer         node-1 100.64.0.1: accepting 10.244.1.0/24, idle",
         "All good.",
     ] {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
@@ -180,7 +187,8 @@ fn each_wrong_thing_says_what_to_do() {
         "no masquerade table",
         "pod MTU 1280 is larger than tailscale0's MTU 1200",
         "node file",
-        "05-other.conflist sorts before",
+        "uses 05-other.conflist",
+        "sorts before 10-headcni.conflist",
     ] {
         assert!(all.contains(needle), "{needle} missing:\n{all}");
     }
@@ -200,6 +208,84 @@ fn no_agent_and_no_tailscaled() {
     let (a, report, live) = healthy(dir.path());
     let v = assess(&a, Some(report), &live, 1000 + STALE_AFTER_SECS + 1);
     assert!(v.problems.iter().any(|p| p.message.contains("last report")));
+}
+
+#[test]
+fn a_silent_agent_is_found_within_twice_its_report_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, mut report, live) = healthy(dir.path());
+    report.report_interval_secs = Some(6);
+    let v = assess(&a, Some(report.clone()), &live, 1012);
+    assert!(v.agent_running && v.problems.is_empty(), "{:?}", v.problems);
+    let v = assess(&a, Some(report), &live, 1013);
+    assert!(!v.agent_running);
+    let p = v.problems.iter().find(|p| p.message.contains("silent")).expect("reported");
+    assert_eq!(p.severity, Severity::Error);
+    assert!(p.message.contains("13s old") && p.message.contains("every 6s"), "{p:?}");
+    let mut out = Vec::new();
+    render(&v, &mut out).unwrap();
+    assert!(String::from_utf8(out).unwrap().contains("agent        SILENT (last report 13s ago)"));
+}
+
+#[test]
+fn another_networks_configuration_in_use_is_an_error_even_when_the_agent_warned_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, mut report, mut live) = healthy(dir.path());
+    std::fs::write(a.conf_dir.join("05-flannel.conflist"), r#"{"name":"cbr0","plugins":[{"type":"flannel"}]}"#)
+        .unwrap();
+    live.files = read_files(&a);
+    // The agent's report carries the same finding as a warning (it kept working, not ready).
+    let message = format!(
+        "the container runtime uses 05-flannel.conflist (network \"cbr0\"), which sorts before 10-headcni.conflist \
+         in {}: pods on this node do not get HeadCNI's network",
+        a.conf_dir.display()
+    );
+    report.ready = false;
+    report.problems.push(ProblemReport {
+        id: "cni_config".into(),
+        severity: Severity::Warning,
+        message: message.clone(),
+        hint: None,
+    });
+    let v = assess(&a, Some(report), &live, 1010);
+    let p = v.problems.iter().find(|p| p.message == message).expect("reported once");
+    assert_eq!(p.severity, Severity::Error);
+    assert_eq!(v.problems.iter().filter(|p| p.message == message).count(), 1);
+}
+
+#[test]
+fn a_running_agent_that_is_not_ready_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, mut report, live) = healthy(dir.path());
+    report.ready = false;
+    report.problems.push(ProblemReport {
+        id: "approval".into(),
+        severity: Severity::Waiting,
+        message: "route 10.244.1.0/24 pending approval in Headscale".into(),
+        hint: None,
+    });
+    let v = assess(&a, Some(report), &live, 1010);
+    let p = v.problems.iter().find(|p| p.message.starts_with("the agent is not ready")).expect("reported");
+    assert_eq!(p.severity, Severity::Error);
+    assert!(p.message.contains("pending approval"), "{p:?}");
+}
+
+#[test]
+fn a_pasted_conflist_with_a_larger_mtu_is_an_error_with_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, report, mut live) = healthy(dir.path());
+    std::fs::write(
+        a.conf_dir.join("05-tailscale-cni.conf"),
+        r#"{"cniVersion":"1.0.0","name":"tailscale-cni","type":"headcni","mtu":1420,"ipam":{"type":"host-local"}}"#,
+    )
+    .unwrap();
+    live.files = read_files(&a);
+    let v = assess(&a, Some(report), &live, 1010);
+    assert_eq!(v.pod_mtu, Some(1420));
+    let p = v.problems.iter().find(|p| p.message.contains("pod MTU 1420")).expect("reported");
+    assert_eq!(p.severity, Severity::Error);
+    assert!(p.message.contains("set by 05-tailscale-cni.conf") && p.message.contains("are lost"), "{p:?}");
+    assert!(p.fix.as_deref().unwrap().contains("remove \"mtu\""), "{p:?}");
 }
 
 #[test]

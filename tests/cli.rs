@@ -1,0 +1,119 @@
+//! The command line as an operator meets it: suggestions for typos, the environment and the exit
+//! codes in `--help`, completions and the man page generated from the same definition, one
+//! error style, and the JSON log format.
+
+use std::process::{Command, Output};
+
+fn headcni(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_headcni"));
+    cmd.args(args).env_remove("CNI_COMMAND").env_remove("HEADCNI_LOG_FORMAT").env_remove("HEADCNI_LOG_LEVEL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn mistyped_commands_and_flags_get_a_suggestion_and_exit_2() {
+    for (args, tip) in [
+        (vec!["stauts"], "'status'"),
+        (vec!["instal"], "'install'"),
+        (vec!["status", "--jsn"], "'--json'"),
+        (vec!["install", "--dry-rn"], "'--dry-run'"),
+        (vec!["ipam", "stat"], "'stats'"),
+    ] {
+        let o = headcni(&args, &[]);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.contains("tip: a similar") && err.contains(tip), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_names_the_log_environment_and_the_exit_codes() {
+    for args in [vec!["--help"], vec!["agent", "--help"], vec!["install", "--help"], vec!["status", "--help"]] {
+        let o = headcni(&args, &[]);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        let out = stdout(&o);
+        for needle in ["HEADCNI_LOG_LEVEL", "HEADCNI_LOG_FORMAT", "json", "Exit codes:", "2  unusable"] {
+            assert!(out.contains(needle), "{args:?} lacks {needle}:\n{out}");
+        }
+    }
+}
+
+#[test]
+fn completions_and_the_man_page_come_from_the_command_definition() {
+    let o = headcni(&["completion", "bash"], &[]);
+    assert!(o.status.success());
+    let bash = stdout(&o);
+    for needle in ["_headcni()", "status", "install", "--dry-run", "--exclusive", "teardown"] {
+        assert!(bash.contains(needle), "bash completion lacks {needle}");
+    }
+    for shell in ["zsh", "fish"] {
+        let o = headcni(&["completion", shell], &[]);
+        assert!(o.status.success() && stdout(&o).contains("status"), "{shell}");
+    }
+    let o = headcni(&["man"], &[]);
+    assert!(o.status.success());
+    let man = stdout(&o);
+    assert!(man.contains(".TH headcni 1"), "{}", &man[..200.min(man.len())]);
+    for needle in ["headcni status", "headcni install", "\\-\\-exclusive", "\\-\\-cluster", "HEADCNI_LOG_FORMAT"] {
+        assert!(man.contains(needle), "man page lacks {needle}");
+    }
+}
+
+#[test]
+fn every_command_ends_an_error_the_same_way() {
+    for (args, code, start) in [
+        (vec!["install", "--mtu", "7"], 2, "headcni install: error: --mtu"),
+        (vec!["agent", "--pod-cidr", "10.0.0.1/8"], 2, "headcni agent: error: invalid configuration: --pod-cidr"),
+        (vec!["status", "--proc-sys-dir", "relative"], 2, "headcni status: error: --proc-sys-dir"),
+        (
+            vec!["teardown", "--configmap", "x", "--daemonset", "kube-system/headcni"],
+            2,
+            "headcni teardown: error: --configmap",
+        ),
+        (
+            vec!["ipam", "--data-dir", "/nonexistent/headcni-cli-test", "--network", "bad/name", "stats"],
+            1,
+            "headcni ipam: error: ",
+        ),
+    ] {
+        let o = headcni(&args, &[]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.starts_with(start), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn the_json_log_format_is_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let conf = dir.path().join("net.d");
+    let args = ["install", "--dry-run", "--bin-dir", bin.to_str().unwrap(), "--conf-dir", conf.to_str().unwrap()];
+    let o = headcni(&args, &[("HEADCNI_LOG_FORMAT", "json")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let mut levels = Vec::new();
+    for line in err.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["role"], "install");
+        assert!(v["ts"].as_str().unwrap().ends_with('Z') && v["msg"].as_str().is_some(), "{line}");
+        levels.push(v["level"].as_str().unwrap().to_string());
+    }
+    assert!(levels.contains(&"warn".to_string()) && levels.contains(&"info".to_string()), "{err}");
+    // Text stays the default.
+    let o = headcni(&args, &[]);
+    assert!(stderr(&o).lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
+}
