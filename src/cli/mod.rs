@@ -32,6 +32,9 @@ pub enum Cmd {
     /// Run the node agent: join the tailnet, advertise and approve this node's pod CIDRs, keep
     /// the node's data plane, write the node file, serve metrics.
     Agent(Box<crate::agent::config::AgentArgs>),
+    /// Run the route approval controller (a Deployment; one replica leads): approve in
+    /// Headscale each Node's pod CIDRs on the tailnet node its agent published.
+    Controller(Box<crate::controller::config::ControllerArgs>),
     /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
     Status(status::StatusArgs),
     /// Uninstall hook: raise the uninstall signal (the agents withdraw their nodes' routes)
@@ -69,6 +72,7 @@ pub fn main() -> i32 {
             }
         }
         Cmd::Agent(args) => crate::agent::main(*args),
+        Cmd::Controller(args) => crate::controller::main(*args),
         Cmd::Status(args) => status::main(args),
         Cmd::Teardown(args) => teardown::main(args),
         Cmd::Ipam(args) => crate::ipam::cli::run(&args),
