@@ -150,14 +150,15 @@ mod tests {
     }
 
     fn parse(extra: &[&str]) -> Result<ControllerConfig, String> {
+        let url = "--headscale-url=https://hs.example:8443/";
         let mut argv = vec![
             "c",
-            "--headscale-url=https://hs.example:8443/",
+            extra.iter().find(|a| a.starts_with("--headscale-url=")).copied().unwrap_or(url),
             "--api-key-file=/k",
             "--lease=kube-system/headcni-controller",
             "--record-configmap=kube-system/headcni-approvals",
         ];
-        argv.extend_from_slice(extra);
+        argv.extend(extra.iter().filter(|a| !a.starts_with("--headscale-url=")));
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         ControllerConfig::from_args(&cli.args, "host", "ab12").map_err(|e| e.to_string())
     }

@@ -54,13 +54,17 @@ pub trait LeaseStore: Send + Sync {
 /// What makes two records different: a record that changed is a sign of life of its holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
+    /// Every write changes it, whatever the clocks say.
+    version: String,
     holder: String,
     renew: Option<Timestamp>,
     transitions: i32,
 }
 
-fn seen(spec: Option<&LeaseSpec>) -> Seen {
+fn seen(lease: &Lease) -> Seen {
+    let spec = lease.spec.as_ref();
     Seen {
+        version: lease.metadata.resource_version.clone().unwrap_or_default(),
         holder: spec.and_then(|s| s.holder_identity.clone()).unwrap_or_default(),
         renew: spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0),
         transitions: spec.and_then(|s| s.lease_transitions).unwrap_or(0),
@@ -124,7 +128,7 @@ impl<S: LeaseStore> Elector<S> {
                 };
                 return match self.store.create(lease).await {
                     Ok(l) => {
-                        self.observed = Some((seen(l.spec.as_ref()), now));
+                        self.observed = Some((seen(&l), now));
                         self.renewed_at = Some(now);
                         Ok(true)
                     }
@@ -135,7 +139,7 @@ impl<S: LeaseStore> Elector<S> {
             }
             Some(l) => l,
         };
-        let record = seen(current.spec.as_ref());
+        let record = seen(&current);
         match &self.observed {
             Some((s, _)) if *s == record => {}
             _ => self.observed = Some((record.clone(), now)),
@@ -152,7 +156,7 @@ impl<S: LeaseStore> Elector<S> {
         next.spec = Some(self.spec(wall, acquire, transitions, &self.identity));
         match self.store.replace(next).await {
             Ok(l) => {
-                self.observed = Some((seen(l.spec.as_ref()), now));
+                self.observed = Some((seen(&l), now));
                 self.renewed_at = Some(now);
                 Ok(true)
             }
@@ -177,7 +181,7 @@ impl<S: LeaseStore> Elector<S> {
     /// takes it at once).
     pub async fn release(&mut self, wall: Timestamp) -> Result<(), KubeError> {
         let Some(current) = self.store.get().await? else { return Ok(()) };
-        if seen(current.spec.as_ref()).holder != self.identity {
+        if seen(&current).holder != self.identity {
             return Ok(());
         }
         let mut next = current.clone();
@@ -282,7 +286,7 @@ mod tests {
 
     impl FakeLease {
         fn holder(&self) -> String {
-            seen(self.lease.lock().unwrap().as_ref().and_then(|l| l.spec.as_ref())).holder
+            self.lease.lock().unwrap().as_ref().map(|l| seen(l).holder).unwrap_or_default()
         }
         fn check(&self) -> Result<(), KubeError> {
             if *self.down.lock().unwrap() { Err(KubeError::Unreachable("down".into())) } else { Ok(()) }
