@@ -247,7 +247,11 @@ pub struct KubeLease {
 
 impl KubeLease {
     pub fn new(client: kube::Client, namespace: &str, name: &str) -> Self {
-        Self { api: kube::Api::namespaced(client, namespace), name: name.into(), what: format!("Lease {namespace}/{name}") }
+        Self {
+            api: kube::Api::namespaced(client, namespace),
+            name: name.into(),
+            what: format!("Lease {namespace}/{name}"),
+        }
     }
 }
 
@@ -260,7 +264,10 @@ impl LeaseStore for KubeLease {
     }
 
     async fn create(&self, lease: Lease) -> Result<Lease, KubeError> {
-        self.api.create(&kube::api::PostParams::default(), &lease).await.map_err(|e| KubeError::from_kube(&self.what, e))
+        self.api
+            .create(&kube::api::PostParams::default(), &lease)
+            .await
+            .map_err(|e| KubeError::from_kube(&self.what, e))
     }
 
     async fn replace(&self, lease: Lease) -> Result<Lease, KubeError> {

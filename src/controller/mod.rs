@@ -26,8 +26,8 @@ pub mod record;
 
 use crate::binding::{self, APPROVAL_ANNOTATION, ApprovalStatus};
 use crate::clients::headscale::RestHeadscale;
-use crate::clients::kube::{Kube, KubeError, ObjectRef};
 use crate::clients::http;
+use crate::clients::kube::{Kube, KubeError, ObjectRef};
 use config::{ControllerArgs, ControllerConfig};
 use election::{Elector, KubeLease};
 use futures::StreamExt;
@@ -109,7 +109,8 @@ pub fn node_views(store: &Store<Node>) -> Vec<NodeView> {
 fn random_suffix() -> String {
     let mut b = [0u8; 4];
     if rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let t =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         b = t.to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -123,7 +124,8 @@ fn hostname() -> String {
 fn headscale(cfg: &ControllerConfig) -> anyhow::Result<RestHeadscale> {
     let cas = match &cfg.headscale_ca_file {
         Some(p) => {
-            let pem = std::fs::read(p).map_err(|e| anyhow::anyhow!("reading --headscale-ca-file {}: {e}", p.display()))?;
+            let pem =
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("reading --headscale-ca-file {}: {e}", p.display()))?;
             http::parse_certificates(&pem, "--headscale-ca-file")?
         }
         None => Vec::new(),

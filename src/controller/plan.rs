@@ -160,15 +160,15 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
     let count = |m: Mismatch, out: &mut Plan| *out.mismatches.entry(m).or_default() += 1;
 
     // Pod CIDRs by Node, the pod space, and the conflicts between Nodes.
-    let cidrs: BTreeMap<&str, Vec<IpNetwork>> = inp
-        .nodes
-        .iter()
-        .filter_map(|n| n.pod_cidrs.as_ref().ok().map(|c| (n.name.as_str(), c.clone())))
-        .collect();
+    let cidrs: BTreeMap<&str, Vec<IpNetwork>> =
+        inp.nodes.iter().filter_map(|n| n.pod_cidrs.as_ref().ok().map(|c| (n.name.as_str(), c.clone()))).collect();
     let mut pod_space: Vec<IpNetwork> = inp.cluster_cidrs.to_vec();
     pod_space.extend(cidrs.values().flatten().copied());
     let conflicts = |name: &str, c: &IpNetwork| -> Option<String> {
-        cidrs.iter().find(|(other, list)| **other != name && list.iter().any(|o| overlaps(o, c))).map(|(o, _)| o.to_string())
+        cidrs
+            .iter()
+            .find(|(other, list)| **other != name && list.iter().any(|o| overlaps(o, c)))
+            .map(|(o, _)| o.to_string())
     };
 
     // Headscale nodes by key; keys listed more than once bind nothing.
@@ -202,14 +202,17 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
             None | Some([]) => {
                 count(Mismatch::UnknownKey, &mut out);
                 let msg = "no Headscale node has this node key (yet)".to_string();
-                out.statuses.insert(n.name.clone(), Some(status(ApprovalState::Pending, key.as_str(), "", vec![], msg)));
+                out.statuses
+                    .insert(n.name.clone(), Some(status(ApprovalState::Pending, key.as_str(), "", vec![], msg)));
             }
             Some([h]) => bound.entry(h.id.as_str()).or_default().push(n),
             Some(many) => {
                 count(Mismatch::AmbiguousKey, &mut out);
                 let ids: Vec<&str> = many.iter().map(|h| h.id.as_str()).collect();
-                let msg = format!("Headscale nodes {} all list this node key: nothing is approved for it", ids.join(", "));
-                out.statuses.insert(n.name.clone(), Some(status(ApprovalState::Mismatch, key.as_str(), "", vec![], msg)));
+                let msg =
+                    format!("Headscale nodes {} all list this node key: nothing is approved for it", ids.join(", "));
+                out.statuses
+                    .insert(n.name.clone(), Some(status(ApprovalState::Mismatch, key.as_str(), "", vec![], msg)));
             }
         }
     }
@@ -299,7 +302,12 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
             approved.iter().filter(|r| !pod_space.iter().any(|p| overlaps(p, r))).copied().collect();
         let next: BTreeSet<IpNetwork> = outside.union(&wanted).copied().collect();
         if next != approved {
-            out.writes.push(Write { node_id: h.id.clone(), name: h.display_name().to_string(), before: approved, after: next });
+            out.writes.push(Write {
+                node_id: h.id.clone(),
+                name: h.display_name().to_string(),
+                before: approved,
+                after: next,
+            });
         }
         // Recorded before the write: what is about to be approved, with what was approved.
         let old_routes = recorded.map(|e| e.routes.clone()).unwrap_or_default();
@@ -327,7 +335,12 @@ pub fn plan_teardown(tailnet: &[HsNode], record: &Record) -> Plan {
         let approved: BTreeSet<IpNetwork> = h.approved().into_iter().collect();
         let next: BTreeSet<IpNetwork> = approved.difference(&entry.routes).copied().collect();
         if next != approved {
-            out.writes.push(Write { node_id: h.id.clone(), name: h.display_name().to_string(), before: approved, after: next });
+            out.writes.push(Write {
+                node_id: h.id.clone(),
+                name: h.display_name().to_string(),
+                before: approved,
+                after: next,
+            });
         }
     }
     out

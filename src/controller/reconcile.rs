@@ -71,7 +71,12 @@ impl<H: HeadscaleAdmin, C: ClusterApi> Controller<H, C> {
     /// One pass over `nodes`; `teardown`: withdraw everything recorded and approve nothing.
     /// `leading` is asked before each write. Answers the outcome and whether the record is empty
     /// afterwards.
-    pub async fn pass(&self, nodes: &[NodeView], teardown: bool, leading: &(dyn Fn() -> bool + Sync)) -> (Outcome, bool) {
+    pub async fn pass(
+        &self,
+        nodes: &[NodeView],
+        teardown: bool,
+        leading: &(dyn Fn() -> bool + Sync),
+    ) -> (Outcome, bool) {
         match self.try_pass(nodes, teardown, leading).await {
             Ok(r) => r,
             Err(e) => {
@@ -228,7 +233,10 @@ impl<H: HeadscaleAdmin, C: ClusterApi> Controller<H, C> {
         self.metrics.bound_nodes.set(i64::try_from(plan.bound).unwrap_or(i64::MAX));
         for r in plan::Mismatch::ALL {
             let n = plan.mismatches.get(&r).copied().unwrap_or(0);
-            self.metrics.mismatches.get_or_create(&vec![("reason", r.as_str().to_string())]).set(i64::try_from(n).unwrap_or(i64::MAX));
+            self.metrics
+                .mismatches
+                .get_or_create(&vec![("reason", r.as_str().to_string())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 }

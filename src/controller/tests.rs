@@ -228,7 +228,10 @@ async fn a_tailnet_node_without_a_kubernetes_node_is_left_alone() {
 #[tokio::test]
 async fn a_node_unbound_or_deleted_loses_what_the_controller_approved() {
     let mut w = World::new(
-        vec![hs_node(1, &["10.244.1.0/24", "192.168.7.0/24"], &["192.168.7.0/24"]), hs_node(2, &["10.244.2.0/24"], &[])],
+        vec![
+            hs_node(1, &["10.244.1.0/24", "192.168.7.0/24"], &["192.168.7.0/24"]),
+            hs_node(2, &["10.244.2.0/24"], &[]),
+        ],
         vec![node(1, Some(1)), node(2, Some(2))],
     );
     w.ctl.delete_unbound = true;
@@ -374,7 +377,10 @@ async fn no_writes_without_leadership() {
 #[tokio::test]
 async fn teardown_withdraws_only_what_was_recorded() {
     let mut w = World::new(
-        vec![hs_node(1, &["10.244.1.0/24", "192.168.7.0/24"], &["192.168.7.0/24"]), hs_node(9, &["10.244.9.0/24"], &["10.244.9.0/24"])],
+        vec![
+            hs_node(1, &["10.244.1.0/24", "192.168.7.0/24"], &["192.168.7.0/24"]),
+            hs_node(9, &["10.244.9.0/24"], &["10.244.9.0/24"]),
+        ],
         vec![node(1, Some(1))],
     );
     w.pass().await;
@@ -390,11 +396,17 @@ fn the_plan_alone() {
     let tailnet = [hs_node(1, &["10.244.1.0/24"], &[])];
     let nodes = [node(1, Some(1))];
     let record = Record::default();
-    let p = plan::plan(&Inputs { nodes: &nodes, tailnet: &tailnet, record: &record, cluster_cidrs: &[], delete_unbound: false });
+    let p = plan::plan(&Inputs {
+        nodes: &nodes,
+        tailnet: &tailnet,
+        record: &record,
+        cluster_cidrs: &[],
+        delete_unbound: false,
+    });
     assert_eq!(p.writes.len(), 1);
     assert_eq!(p.writes[0].added(), nets(&["10.244.1.0/24"]));
     assert_eq!(p.bound, 1);
-    assert!(p.mismatches.get(&Mismatch::NotAdvertised).is_none());
+    assert!(!p.mismatches.contains_key(&Mismatch::NotAdvertised));
     assert!(plan::overlaps(&net("0.0.0.0/0"), &net("10.244.1.0/24")));
     assert!(!plan::overlaps(&net("10.244.1.0/24"), &net("10.244.2.0/24")));
     assert!(!plan::overlaps(&net("::/0"), &net("10.244.1.0/24")));
