@@ -94,6 +94,8 @@ def pod_spec(doc):
         return spec["template"]["spec"]
     return None
 
+NEEDS_1_30 = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "PodDisruptionBudget")
+
 needles = []
 for s in secrets:
     needles += [s, base64.b64encode(s.encode()).decode()]
@@ -116,6 +118,9 @@ for doc in docs:
                 g.get("name") and g.get("rules") and all(r.get("expr") and (r.get("alert") or r.get("record"))
                                                          for r in g["rules"]) for g in groups):
             errors.append(f"{name}: unexpected PrometheusRule shape")
+    elif doc.get("kind") in NEEDS_1_30 and tuple(int(x) for x in version.split(".")) < (1, 30):
+        # The controller mode's objects: that mode needs Kubernetes 1.30 (chart/README.md).
+        pass
     else:
         try:
             kv.validate(doc, version, strict=True)
@@ -161,12 +166,28 @@ for doc in docs:
         if "hostPath" in v and not v["hostPath"].get("type"):
             errors.append(f"{name}: hostPath volume {v['name']} has no type")
         if "secret" in v:
-            if v["secret"].get("defaultMode") != 0o400:
-                errors.append(f"{name}: secret volume {v['name']} mode is not 0400")
             users = [c["name"] for c in containers
                      if any(m["name"] == v["name"] for m in c.get("volumeMounts", []))]
-            if users != ["agent"]:
-                errors.append(f"{name}: secret volume {v['name']} mounted into {users}, want the agent only")
+            paths = sorted(i["path"] for i in v["secret"].get("items", []))
+            if doc["kind"] == "DaemonSet":
+                # The nodes get the pre-auth key, never the API key.
+                if v["secret"].get("defaultMode") != 0o400:
+                    errors.append(f"{name}: secret volume {v['name']} mode is not 0400")
+                if users != ["agent"]:
+                    errors.append(f"{name}: secret volume {v['name']} mounted into {users}, want the agent only")
+                if paths != ["auth-key"]:
+                    errors.append(f"{name}: secret volume {v['name']} maps {paths}, want the pre-auth key only")
+            elif name.endswith("-controller") and doc["kind"] == "Deployment":
+                # The API key: group-readable for the controller's group (it runs as 65534).
+                psc = spec.get("securityContext", {})
+                if v["secret"].get("defaultMode") != 0o440 or psc.get("fsGroup") != 65534 or psc.get("runAsUser") != 65534:
+                    errors.append(f"{name}: secret volume {v['name']} is not 0440 for group 65534 of a uid 65534 pod")
+                if users != ["controller"] or paths != ["api-key"]:
+                    errors.append(f"{name}: secret volume {v['name']} mounted into {users} with {paths}, want the API key in the controller only")
+                if spec.get("hostNetwork") or not psc.get("runAsNonRoot"):
+                    errors.append(f"{name}: the controller must be non-root, off the host network")
+            else:
+                errors.append(f"{name}: unexpected secret volume {v['name']}")
     if doc["kind"] == "DaemonSet":
         if not spec.get("hostNetwork"):
             errors.append(f"{name}: not on the host network")
@@ -175,12 +196,23 @@ for doc in docs:
         if spec.get("automountServiceAccountToken") is not False:
             errors.append(f"{name}: every container gets an API token")
 
-# RBAC: the agent may only read nodes cluster-wide.
+# RBAC: nodes only, read; "patch" only where the node-identity policy narrows it (controller
+# mode), for the two service accounts the policy names.
+policy = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+narrowed = " ".join(c["expression"] for d in policy for c in d["spec"].get("matchConditions", []))
+bindings = {d["roleRef"]["name"]: d["subjects"] for d in docs if d["kind"] == "ClusterRoleBinding"}
 for doc in docs:
     if doc["kind"] == "ClusterRole":
+        cr = doc["metadata"]["name"]
         for r in doc["rules"]:
-            if r.get("resources") != ["nodes"] or sorted(r["verbs"]) != ["get", "list", "watch"]:
-                errors.append(f"ClusterRole/{doc['metadata']['name']}: rule beyond get/list/watch nodes: {r}")
+            verbs = sorted(r["verbs"])
+            if r.get("resources") != ["nodes"] or verbs not in (["get", "list", "watch"], ["get", "list", "patch", "watch"]):
+                errors.append(f"ClusterRole/{cr}: rule beyond get/list/watch/patch nodes: {r}")
+            elif "patch" in verbs:
+                for sub in bindings.get(cr, []):
+                    user = f"system:serviceaccount:{sub['namespace']}:{sub['name']}"
+                    if f"'{user}'" not in narrowed:
+                        errors.append(f"ClusterRole/{cr}: patch on nodes for {user}, which no admission policy narrows")
 
 for e in errors:
     print(f"    {e}")
@@ -896,11 +928,12 @@ EOF
 		"$KV_NEW_DIR/bin/python" "$WORK/check_manifests.py" "$WORK/full-render.yaml" "$NEWEST_K8S" "$AUTH_KEY" "$API_KEY" >"$WORK/check.out" 2>&1 &&
 			grep -q "secretName: net-headscale-keys" "$WORK/full-render.yaml" &&
 			grep -q -- "--api-key-file=" "$WORK/full-render.yaml" &&
+			grep -q -- "--publish-identity=true" "$WORK/full-render.yaml" &&
 			ok "installed manifests use the Secret, valid, no key outside it" || { bad "full-run manifests"; cat "$WORK/check.out"; }
 	else
 		bad "full run failed"; sed 's/^/    /' "$WORK/deploy.err"
 	fi
-	digest() { sed -n 's/^ *checksum\/headscale-keys: *//p' "$WORK/full-render.yaml" | tr -d '"'; }
+	digest() { sed -n 's/^ *checksum\/headscale-keys: *//p' "$WORK/full-render.yaml" | tr -d '"' | head -n1; }
 	digest1=$(digest)
 	[[ $digest1 =~ ^[0-9a-f]{64}$ ]] && ok "pod annotation carries a digest of the keys" || bad "no keys digest annotation"
 	# Second run without keys: the existing Secret is reused, both keys kept.
@@ -908,6 +941,7 @@ EOF
 		[[ $(tail -n1 "$WORK/secret-ops") == replaced ]] &&
 			grep -q "^  apiKey: $(printf '%s' "$API_KEY" | base64 | tr -d '\n')\$" "$WORK/secret-created.yaml" &&
 			grep -q -- "--api-key-file=" "$WORK/full-render.yaml" &&
+			grep -q -- "--publish-identity=true" "$WORK/full-render.yaml" &&
 			ok "a re-run without keys keeps the Secret's keys" || bad "re-run lost the keys"
 		[[ $(digest) == "$digest1" ]] && ok "unchanged keys: same digest, no restart" || bad "digest changed without a key change"
 	else

@@ -2,7 +2,8 @@
 # integration/kube-tests.sh: HeadCNI under a real Kubernetes (see integration/README.md).
 #
 # Setup: peers (Kubernetes v1.37.2 and the rest, built once), the images, the underlay,
-# Headscale (no autoApprovers: routes are approved by the agents' API key), a control plane
+# Headscale (https with the run's CA; no autoApprovers: routes are approved by the chart's route
+# approval controller, the only holder of the API key), a control plane
 # and 2 nodes with containerd, kubelet and kube-proxy; then HeadCNI as a user installs it:
 # deploy-with-helm.sh of chart/, the DaemonSet's init container running `headcni install`
 # into each node's CNI directories and the agent joining the tailnet; CoreDNS. Then, in order:
@@ -57,7 +58,7 @@ tr_parse_args "$@"
 
 export HC_PREFIX=${HC_PREFIX:-hck}
 export HC_NODES=2
-# Routes are approved by the agents' API key, not by the policy.
+# Routes are approved by the controller (the API key), not by the policy.
 export HC_HS_AUTOAPPROVE=0
 # shellcheck source=lib/peers.sh
 source "$here/lib/peers.sh"
@@ -72,9 +73,7 @@ NS=hctest
 
 # Tests that fail today because of a HeadCNI defect (see the test's comment); they run in full,
 # show as XFAIL, and fail the run as XPASS once the defect is fixed. TR_STRICT=1: plain FAIL.
-TR_KNOWN_FAILING=(
-	[node_delete]="no agent withdraws the route of a Node that was deleted"
-)
+TR_KNOWN_FAILING=()
 
 # --- helpers ------------------------------------------------------------------------
 
@@ -200,7 +199,8 @@ t_install() {
 		# the agent took the Node's podCIDR (no --pod-cidr in the chart's defaults)
 		grep -qx "HEADCNI_POD_CIDRS=$cidr" "$(hcni_node_file "$i")" ||
 			hc_die "node $i: node file does not carry the Node's podCIDR $cidr: $(cat "$(hcni_node_file "$i")")"
-		[[ ",$(hs_approved_of "node-$i")," == *",$cidr,"* ]] || hc_die "node-$i: $cidr not approved in Headscale"
+		hc_wait_for 30 "node-$i: $cidr approved by the controller" _approved_has "node-$i" "$cidr" ||
+			hc_die "node-$i: $cidr not approved in Headscale"
 		pod=$(kube_agent_pod "$i")
 		note "node-$i: podCIDR $cidr, agent $pod, approved: $(hs_approved_of "node-$i")"
 	done
@@ -230,12 +230,15 @@ t_ready_order() {
 
 t_rbac() {
 	local sa="system:serviceaccount:$KUBE_HC_NS:$KUBE_HC_RELEASE" td="$KUBE_HC_RELEASE-teardown" v
-	local -a yes=("get nodes" "list nodes" "watch nodes"
+	# "patch nodes": its node key on its own Node; the admission policy refuses anything else
+	# (controller-tests.sh, admission).
+	local -a yes=("get nodes" "list nodes" "watch nodes" "patch nodes"
 		"get configmaps/$td -n $KUBE_HC_NS" "watch configmaps/$td -n $KUBE_HC_NS")
-	local -a no=("patch nodes" "update nodes" "delete nodes" "update nodes/status" "create pods"
+	local -a no=("update nodes" "delete nodes" "create nodes" "patch nodes/status" "update nodes/status" "create pods"
 		"get secrets -n $KUBE_HC_NS" "list secrets -A" "get configmaps/kube-root-ca.crt -n $KUBE_HC_NS"
 		"patch configmaps/$td -n $KUBE_HC_NS" "create configmaps -n $KUBE_HC_NS" "list pods -A"
-		"get daemonsets -n $KUBE_HC_NS" "create serviceaccounts/token -n $KUBE_HC_NS")
+		"get daemonsets -n $KUBE_HC_NS" "create serviceaccounts/token -n $KUBE_HC_NS"
+		"get leases -n $KUBE_HC_NS" "get configmaps/$KUBE_HC_RELEASE-approvals -n $KUBE_HC_NS")
 	for v in "${yes[@]}"; do
 		# shellcheck disable=SC2086 # the verb lines are split on purpose
 		kubectl auth can-i $v --as="$sa" >/dev/null 2>&1 || hc_die "the agent may not: $v"

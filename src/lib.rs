@@ -13,6 +13,10 @@
 //!   they meet)
 //! - [`podguard`]: the anti-spoofing guard both the plugin and the agent keep on a node
 //! - [`agent`]: the node daemon (`headcni agent`)
+//! - [`controller`]: the cluster-wide route approver (`headcni controller`), the only holder
+//!   of the Headscale API key
+//! - [`binding`]: the Node annotations where the agent and the controller meet (the only way
+//!   they do)
 //! - [`clients`]: HTTP, Kubernetes, Headscale and tailscaled's LocalAPI, shared by the roles
 //! - [`cli`]: the command line and its commands (`status`, `teardown`)
 //! - [`install`]: `headcni install`, putting HeadCNI on a node
@@ -28,11 +32,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
+pub mod binding;
 pub mod cidr;
 pub mod cli;
 pub mod clients;
 pub mod cni;
 pub mod cniconf;
+pub mod controller;
 pub mod errors;
 pub mod events;
 pub mod fsutil;

@@ -89,10 +89,36 @@ const RULES: &[Rule] = &[
         forbidden: &["crate::plugin", "crate::cli"],
     },
     Rule {
+        says: "agent/ and controller/ never import each other (they meet in the Node's annotations, binding.rs)",
+        under: &["src/agent"],
+        except: &[],
+        forbidden: &["crate::controller"],
+    },
+    Rule {
+        says: "agent/ and controller/ never import each other (they meet in the Node's annotations, binding.rs)",
+        under: &["src/controller"],
+        except: &[],
+        forbidden: &["crate::agent", "crate::plugin", "crate::cli", "crate::netlink", "crate::ipam"],
+    },
+    Rule {
+        says: "binding.rs is where the agent and the controller meet: it knows neither",
+        under: &["src/binding.rs"],
+        except: &[],
+        forbidden: &["crate::agent", "crate::controller", "crate::cli", "crate::netlink", "crate::plugin"],
+    },
+    Rule {
         says: "clients/ are shared by the roles and know none of them",
         under: &["src/clients"],
         except: &[],
-        forbidden: &["crate::agent", "crate::plugin", "crate::ipam", "crate::cli", "crate::netlink", "crate::install"],
+        forbidden: &[
+            "crate::agent",
+            "crate::controller",
+            "crate::plugin",
+            "crate::ipam",
+            "crate::cli",
+            "crate::netlink",
+            "crate::install",
+        ],
     },
     Rule {
         says: "only netlink/ speaks netlink (rtnetlink, netlink-packet-*, netlink-sys)",

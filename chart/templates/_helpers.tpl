@@ -107,6 +107,34 @@ The Secret holding the keys, and which keys are present.
 {{- end }}
 
 {{/*
+How routes are approved: "controller" (headcni controller holds the API key and
+approves what each Node's published identity binds) or "autoApprovers" (the
+Headscale policy approves; no API key anywhere). "auto": the controller when an
+API key is given.
+*/}}
+{{- define "headcni.approvalMode" -}}
+{{- $m := .Values.config.approval.mode }}
+{{- if eq $m "auto" }}
+{{- if include "headcni.hasApiKey" . }}controller{{ else }}autoApprovers{{ end }}
+{{- else }}
+{{- $m }}
+{{- end }}
+{{- end }}
+
+{{- define "headcni.controllerName" -}}
+{{- printf "%s-controller" (include "headcni.fullname" .) }}
+{{- end }}
+
+{{- define "headcni.approvalsName" -}}
+{{- printf "%s-approvals" (include "headcni.fullname" .) }}
+{{- end }}
+
+{{- define "headcni.controllerSelectorLabels" -}}
+{{ include "headcni.selectorLabels" . }}
+app.kubernetes.io/component: controller
+{{- end }}
+
+{{/*
 LocalAPI socket path for the selected tailscaled mode.
 */}}
 {{- define "headcni.tailscaleSocket" -}}
@@ -166,6 +194,17 @@ Cross-field checks the schema cannot express. Included by the DaemonSet.
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled" }}
+{{- end }}
+{{- $mode := include "headcni.approvalMode" . }}
+{{- if eq $mode "controller" }}
+{{- if not (include "headcni.hasApiKey" .) }}
+{{- fail "config.approval.mode=controller needs the Headscale API key (config.headscale.apiKey, or existingSecretKeys.apiKey)" }}
+{{- end }}
+{{- if not (hasPrefix "https://" (lower $h.url)) }}
+{{- fail "the controller sends the Headscale API key over https only: config.headscale.url must be https://... (a private CA goes into config.headscale.caCert)" }}
+{{- end }}
+{{- else if include "headcni.hasApiKey" . }}
+{{- fail "an API key is given, but config.approval.mode is autoApprovers: only the controller uses the API key (leave it out, or use mode auto or controller)" }}
 {{- end }}
 {{- if and (eq .Values.config.tailscale.mode "sidecar") (has (dir (include "headcni.tailscaleSocket" .)) (list "/var/run/tailscale" "/run/tailscale")) }}
 {{- fail "sidecar mode must not put its socket in the host tailscaled's directory (/var/run/tailscale): leave config.tailscale.socket empty or choose another directory" }}

@@ -155,7 +155,7 @@ hcni_agent_args() {
 	local i=$1 mode=${2:-auto}
 	HC_AGENT_ARGS=(agent --node-name "$(node_hostname "$i")" --hostname "$(node_hostname "$i")"
 		--pod-cidr "$(node_pod_cidr "$i")" --cluster-cidr "$HC_CLUSTER_CIDR"
-		--tailscale-socket "$HC_TS_SOCKET_IN_NODE" --headscale-url "$HC_HS_URL"
+		--tailscale-socket "$HC_TS_SOCKET_IN_NODE" --headscale-url "$HC_HS_URL" --headscale-ca-file "$HC_HS_CA"
 		--auth-key-file "$HC_STATE_DIR/authkey"
 		--run-dir "$HC_RUN_DIR" --metrics-port "$HC_METRICS_PORT")
 	# Headscale is plain http inside the harness's namespaces: the API key may travel in clear.

@@ -562,19 +562,25 @@ kube_user_env() {
 
 helm() { kube_user_env "$HELM_BIN" "$@"; }
 
-# kube_headcni_values : the values a user of this cluster gives (their image, their CIDRs).
+# kube_headcni_values : the values a user of this cluster gives (their image, the private
+# CA of their Headscale).
 kube_headcni_values() {
-	cat >"$KUBE_DIR/headcni-values.yaml" <<EOF
+	{
+		cat <<EOF
 image:
   repository: ${HC_IMAGE_HEADCNI%:*}
   tag: "${HC_IMAGE_HEADCNI##*:}"
   pullPolicy: IfNotPresent
+config:
+  headscale:
+    caCert: |
 EOF
+		sed 's/^/      /' "$HC_HS_CA"
+	} >"$KUBE_DIR/headcni-values.yaml"
 	if [[ "$KUBE_TS_MODE" == sidecar ]]; then
 		# tailscaled in the agent's pod: the harness's DERP speaks plain http, and the image
 		# has no iptables binary (tailscaled programs nf_tables over netlink)
 		cat >>"$KUBE_DIR/headcni-values.yaml" <<EOF
-config:
   tailscale:
     mode: sidecar
     sidecar:
@@ -590,16 +596,18 @@ EOF
 	printf '%s\n' "$KUBE_DIR/headcni-values.yaml"
 }
 
-# kube_headcni_deploy [DEPLOY-WITH-HELM ARGS...] : deploy-with-helm.sh of this repository, with
-# the run's pre-auth key and API key as files (approval by the API key: the harness's Headscale
-# policy has no autoApprovers in the kubernetes stage).
+# kube_headcni_deploy [DEPLOY-WITH-HELM ARGS...] : deploy-with-helm.sh of this repository (of the
+# chart in $KUBE_HC_CHART when set, e.g. an earlier release's), with
+# the run's pre-auth key and API key as files: with an API key the chart's default is the route
+# approval controller, which alone gets the key (the harness's Headscale policy has no
+# autoApprovers in the kubernetes stage).
 kube_headcni_deploy() {
 	local t0
 	t0=$(hc_now)
-	kube_user_env "$HC_REPO_DIR/deploy-with-helm.sh" -u "$HC_HS_URL" --allow-http \
+	kube_user_env "$HC_REPO_DIR/deploy-with-helm.sh" -u "$HC_HS_URL" \
 		-K "$HC_STATE_DIR/authkey" -A "$HC_STATE_DIR/apikey" \
 		--cluster-cidr "$HC_CLUSTER_CIDR" --service-cidr "$KUBE_SERVICE_CIDR" \
-		-n "$KUBE_HC_NS" -r "$KUBE_HC_RELEASE" -f "$(kube_headcni_values)" "$@" \
+		-n "$KUBE_HC_NS" -r "$KUBE_HC_RELEASE" -f "$(kube_headcni_values)" ${KUBE_HC_CHART:+-c "$KUBE_HC_CHART"} "$@" \
 		>>"$HC_STATE_DIR/logs/deploy-with-helm.log" 2>&1 ||
 		{
 			tail -n 20 "$HC_STATE_DIR/logs/deploy-with-helm.log" >&2
@@ -611,6 +619,11 @@ kube_headcni_deploy() {
 # kube_headcni_rollout_wait [TIMEOUT_S] : the DaemonSet rolled out and every agent ready.
 kube_headcni_rollout_wait() {
 	kubectl -n "$KUBE_HC_NS" rollout status "daemonset/$KUBE_HC_RELEASE" --timeout="${1:-120}s" >/dev/null
+}
+
+# kube_controller_rollout_wait [TIMEOUT_S] : the route approval controller rolled out.
+kube_controller_rollout_wait() {
+	kubectl -n "$KUBE_HC_NS" rollout status "deployment/$KUBE_HC_RELEASE-controller" --timeout="${1:-120}s" >/dev/null
 }
 
 # kube_agent_pod I : the name of node I's HeadCNI pod.
@@ -695,6 +708,9 @@ kube_harness_up() {
 	KUBE_READY_S=$(hc_since "$t_deploy")
 	wait "$deploy_pid" || hc_die "deploy-with-helm.sh failed"
 	kube_headcni_rollout_wait 90 || hc_die "the HeadCNI DaemonSet did not roll out"
+	if kubectl -n "$KUBE_HC_NS" get deployment "$KUBE_HC_RELEASE-controller" >/dev/null 2>&1; then
+		kube_controller_rollout_wait 90 || hc_die "the route approval controller did not roll out"
+	fi
 	kube_coredns
 	kubectl -n kube-system rollout status deployment/coredns --timeout=90s >/dev/null ||
 		hc_die "CoreDNS did not become ready"

@@ -9,8 +9,9 @@
 # reachable at $(node_ts_socket I).
 #
 # Environment of every tailscaled:
-#   TS_DEBUG_USE_DERP_HTTP=1   speak DERP over plain http to Headscale's
-#                              embedded DERP (see headscale.sh)
+#   SSL_CERT_FILE=$HC_HS_CA    trust the run's private CA (Headscale's https
+#                              and its embedded DERP; see headscale.sh) and
+#                              nothing else
 #   --no-logs-no-support       never try to upload logs
 # The join (`node_ts_up`) passes --accept-dns=false: tailscaled never touches
 # DNS config (and /etc/resolv.conf is a per-node copy anyway).
@@ -48,7 +49,7 @@ node_tailscaled_start() {
 	t0=$(hc_now)
 	# shellcheck disable=SC2086
 	node_spawn "$i" "tailscaled-n$i" \
-		env TS_DEBUG_USE_DERP_HTTP=1 $HC_TS_ENV \
+		env SSL_CERT_FILE="$HC_HS_CA" $HC_TS_ENV \
 		"$TAILSCALED_BIN" --statedir=/var/lib/tailscale \
 		--socket=/run/tailscale/tailscaled.sock --tun=tailscale0 \
 		--port="$HC_TS_PORT" --no-logs-no-support

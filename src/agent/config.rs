@@ -51,6 +51,11 @@ pub struct AgentArgs {
     /// trusted (loopback, an encrypted tunnel, a test network).
     #[arg(long, env = "HEADCNI_ALLOW_HTTP_API_KEY", default_value_t = false, value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub allow_http_api_key: bool,
+    /// Controller mode: publish this node's tailnet node key in its Node's annotation
+    /// headcni.io/node-key, where `headcni controller` binds the two and approves the Node's
+    /// pod CIDRs. The agent then needs no API key.
+    #[arg(long, env = "HEADCNI_PUBLISH_IDENTITY", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub publish_identity: bool,
     /// CA bundle (PEM) for an https Headscale with a private certificate.
     #[arg(long, env = "HEADCNI_HEADSCALE_CA_FILE")]
     pub headscale_ca_file: Option<PathBuf>,
@@ -159,6 +164,8 @@ pub struct AgentConfig {
     pub headscale_ca_file: Option<PathBuf>,
     pub auth_key: Option<SecretSource>,
     pub api_key: Option<SecretSource>,
+    /// Controller mode: publish the node key on the Node (--publish-identity).
+    pub publish_identity: bool,
     pub hostname: String,
     pub advertise_tags: Vec<String>,
     pub mtu: Option<u32>,
@@ -305,6 +312,17 @@ impl AgentConfig {
                  https://, or pass --allow-http-api-key where the path to Headscale is trusted"
             )));
         }
+        let publish_identity = args.publish_identity && !args.cleanup;
+        if publish_identity && api_key.is_some() {
+            return Err(ConfigError(
+                "--publish-identity (approval by the controller) and --api-key-file (approval by this agent) exclude \
+                 each other: in controller mode only the controller holds the API key"
+                    .into(),
+            ));
+        }
+        if publish_identity && !matches!(cidr_source, CidrSource::InCluster | CidrSource::Kubeconfig(_)) {
+            return Err(ConfigError("--publish-identity needs the Node (--node-name, without --pod-cidr)".into()));
+        }
 
         let hostname = match (&args.hostname, &node_name) {
             (Some(h), _) if !h.trim().is_empty() => h.trim().to_string(),
@@ -385,6 +403,7 @@ impl AgentConfig {
             headscale_ca_file: args.headscale_ca_file.clone().filter(|p| !p.as_os_str().is_empty()),
             auth_key,
             api_key,
+            publish_identity,
             hostname,
             advertise_tags,
             mtu,

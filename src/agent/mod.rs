@@ -93,6 +93,18 @@ impl PodCidrSource for CidrSourceImpl {
             Self::Node(n) => n.cluster_cidrs(),
         }
     }
+    fn binding(&self) -> node::NodeBinding {
+        match self {
+            Self::Static(s) => s.binding(),
+            Self::Node(n) => n.binding(),
+        }
+    }
+    async fn publish_node_key(&self, key: &str) -> Result<(), NodeError> {
+        match self {
+            Self::Static(s) => s.publish_node_key(key).await,
+            Self::Node(n) => n.publish_node_key(key).await,
+        }
+    }
 }
 
 fn system_hostname() -> String {
@@ -266,7 +278,13 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         cfg.hostname,
         cfg.tailscale_socket.display(),
         cfg.headscale_url.as_deref().unwrap_or("(not set)"),
-        if cfg.api_key.is_some() { "API key" } else { "policy (autoApprovers)" },
+        if cfg.api_key.is_some() {
+            "API key"
+        } else if cfg.publish_identity {
+            "the controller (this node's identity published on its Node)"
+        } else {
+            "policy (autoApprovers)"
+        },
     );
     // The metrics only name paths; nothing on the node changes before every input is known to
     // be usable.

@@ -7,6 +7,9 @@
 //! join the tailnet, so every agent knows a new node's pod CIDR before its first packet arrives.
 //! Node data is untrusted: every CIDR is parsed, checked ([`crate::cidr::check`]) and at most one
 //! per family, and anything odd is an error rather than a guess.
+//!
+//! The same Node carries the binding of [`crate::binding`]: the agent publishes its tailnet
+//! node key there (controller mode) and reads the controller's approval status from it.
 
 use super::metrics::ApiErrors;
 use crate::clients::kube::{Kube, KubeError, ObjectRef};
@@ -31,6 +34,12 @@ pub enum NodeError {
         "the Kubernetes API refused to read Node {name} ({status}: {msg}): the agent's service account needs \"get\", \"list\" and \"watch\" on nodes"
     )]
     Denied { name: String, status: u16, msg: String },
+    #[error(
+        "the Kubernetes API refused to annotate Node {name} ({status}: {msg}): the agent may set only the \
+         headcni.io/node-key annotation of its own Node (RBAC \"patch\" on nodes, and the chart's \
+         ValidatingAdmissionPolicy, which reads the node claim of the agent's token)"
+    )]
+    PublishDenied { name: String, status: u16, msg: String },
     #[error("the Kubernetes API answered {status} for Node {name}: {msg}")]
     Status { name: String, status: u16, msg: String },
     #[error("Node {name}: {msg}")]
@@ -65,6 +74,32 @@ pub trait PodCidrSource: Send + Sync {
     /// knows only this node's (`--pod-cidr`).
     fn cluster_cidrs(&self) -> Option<ClusterCidrs> {
         None
+    }
+    /// The binding as the Node carries it now (nothing, for a source without a Node).
+    fn binding(&self) -> NodeBinding {
+        NodeBinding::default()
+    }
+    /// Publishes this node's tailnet node key on the Node.
+    fn publish_node_key(&self, _key: &str) -> impl Future<Output = Result<(), NodeError>> + Send {
+        std::future::ready(Err(NodeError::Setup("publishing the node key needs the Node (--node-name)".into())))
+    }
+}
+
+/// What the Node says of the binding: the node key published on it, and the controller's
+/// approval status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeBinding {
+    /// `None` before the Node was read.
+    pub published: Option<Option<String>>,
+    pub approval: Option<crate::binding::ApprovalStatus>,
+}
+
+impl NodeBinding {
+    pub fn of(node: &Node) -> Self {
+        Self {
+            published: Some(crate::binding::annotation(node, crate::binding::NODE_KEY_ANNOTATION).map(str::to_string)),
+            approval: crate::binding::ApprovalStatus::of(node),
+        }
     }
 }
 
@@ -158,6 +193,7 @@ pub struct NodeCidrs {
     kube: Kube,
     /// Every Node's pod CIDRs, once [`Self::start_cluster_watch`] started following them.
     cluster: Option<Arc<Mutex<ClusterCidrs>>>,
+    binding: watch::Receiver<NodeBinding>,
     /// The pass reads it (marking the reading seen); between passes the loop waits on it.
     reading: tokio::sync::Mutex<watch::Receiver<Reading>>,
     task: tokio::task::JoinHandle<()>,
@@ -190,6 +226,7 @@ impl NodeCidrs {
         validate_node_name(name).map_err(NodeError::Setup)?;
         let node = ObjectRef::node(name).map_err(|e| NodeError::Setup(e.to_string()))?;
         let (tx, reading) = watch::channel(None);
+        let (binding_tx, binding) = watch::channel(NodeBinding::default());
         let owned = name.to_string();
         let client = kube.clone();
         let task = tokio::spawn(async move {
@@ -199,6 +236,12 @@ impl NodeCidrs {
             while let Some(event) = events.next().await {
                 if let (Err(_), Some(errors)) = (&event, &errors) {
                     errors.inc();
+                }
+                if let Ok(Some(n)) = &event {
+                    binding_tx.send_if_modified(|b| {
+                        let next = NodeBinding::of(n);
+                        (*b != next).then(|| *b = next).is_some()
+                    });
                 }
                 let next = match event {
                     Ok(Some(n)) => node_pod_cidrs(&owned, &n),
@@ -214,7 +257,14 @@ impl NodeCidrs {
                 tx.send_replace(Some(next));
             }
         });
-        Ok(Self { name: name.to_string(), kube, cluster: None, reading: tokio::sync::Mutex::new(reading), task })
+        Ok(Self {
+            name: name.to_string(),
+            kube,
+            cluster: None,
+            binding,
+            reading: tokio::sync::Mutex::new(reading),
+            task,
+        })
     }
 
     /// The in-cluster service account.
@@ -365,6 +415,24 @@ impl PodCidrSource for NodeCidrs {
 
     fn cluster_cidrs(&self) -> Option<ClusterCidrs> {
         self.cluster.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn binding(&self) -> NodeBinding {
+        self.binding.borrow().clone()
+    }
+
+    /// A JSON merge patch of the one annotation: the API server's admission policy lets this
+    /// agent change nothing else, and only on its own Node.
+    async fn publish_node_key(&self, key: &str) -> Result<(), NodeError> {
+        let node = ObjectRef::node(&self.name).map_err(|e| NodeError::Setup(e.to_string()))?;
+        let patch = serde_json::json!({"metadata": {"annotations": {crate::binding::NODE_KEY_ANNOTATION: key}}});
+        self.kube.merge_patch::<Node>(&node, &patch).await.map(|_| ()).map_err(|e| match e {
+            KubeError::Denied { status, msg, .. } => NodeError::PublishDenied { name: self.name.clone(), status, msg },
+            KubeError::Status { status: 422, msg, .. } => {
+                NodeError::PublishDenied { name: self.name.clone(), status: 422, msg }
+            }
+            e => node_error(&self.name, e),
+        })
     }
 }
 

@@ -113,8 +113,12 @@ pub struct AgentReport {
     pub cluster_destinations: Vec<IpNetwork>,
     pub tailnet: TailnetReport,
     pub routes: Vec<RouteReport>,
-    /// "api" (the agent approves with an API key) or "policy" (autoApprovers).
+    /// "api" (the agent approves with an API key), "controller" (`headcni controller`
+    /// approves what the Node's published identity binds) or "policy" (autoApprovers).
     pub approval: String,
+    /// In controller mode: the controller's word on this Node (its annotation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<crate::binding::ApprovalStatus>,
     pub peers: Vec<PeerReport>,
     /// The node file's pod MTU.
     pub mtu: Option<u32>,
@@ -183,6 +187,8 @@ pub enum ProblemId {
     /// tailscaled is logged in to another server than --headscale-url.
     PrefsControlUrl,
     Approval,
+    /// Publishing this node's identity on its Node (controller mode).
+    Identity,
     Forwarding,
     Rules,
     /// The `unreachable` route of the own pod CIDR.
@@ -217,6 +223,7 @@ impl ProblemId {
             ProblemId::Prefs => "prefs",
             ProblemId::PrefsControlUrl => "prefs/control_url",
             ProblemId::Approval => "approval",
+            ProblemId::Identity => "approval/identity",
             ProblemId::Forwarding => "dataplane/forwarding",
             ProblemId::Rules => "dataplane/rules",
             ProblemId::Unreachable => "dataplane/unreachable",
@@ -241,7 +248,7 @@ impl ProblemId {
             ProblemId::PodCidrs => Step::PodCidrs,
             ProblemId::Tailscale => Step::Tailscale,
             ProblemId::Prefs | ProblemId::PrefsControlUrl => Step::Prefs,
-            ProblemId::Approval => Step::Approval,
+            ProblemId::Approval | ProblemId::Identity => Step::Approval,
             ProblemId::Forwarding
             | ProblemId::Rules
             | ProblemId::Unreachable

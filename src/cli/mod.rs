@@ -58,6 +58,9 @@ pub enum Cmd {
     /// the node's data plane, write the node file, serve metrics.
     #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Agent(Box<crate::agent::config::AgentArgs>),
+    /// Run the route approval controller (a Deployment; one replica leads): approve in
+    /// Headscale each Node's pod CIDRs on the tailnet node its agent published.
+    Controller(Box<crate::controller::config::ControllerArgs>),
     /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
     #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Status(status::StatusArgs),
@@ -140,6 +143,7 @@ pub fn main() -> i32 {
         Cmd::Version { json } => version(json),
         Cmd::Install(args) => crate::install::main(&args),
         Cmd::Agent(args) => crate::agent::main(*args),
+        Cmd::Controller(args) => crate::controller::main(*args),
         Cmd::Status(args) => status::main(args),
         Cmd::Teardown(args) => teardown::main(args),
         Cmd::Ipam(args) => crate::ipam::cli::run(&args),

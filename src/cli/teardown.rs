@@ -4,6 +4,8 @@
 //! It raises the uninstall signal (a JSON merge patch of the ConfigMap's `data.teardown` to
 //! `"true"`) and waits until the agents' DaemonSet reports no ready pod: every agent that was
 //! ready turns not ready only once it has withdrawn its node's routes ([`crate::agent::teardown`]).
+//! Then, with `--deployment`, it waits until the route approval controller reports no ready
+//! replica: its leader turns not ready once it has withdrawn every approval it made.
 //! The wait is bounded: on timeout the hook warns, naming the pods still ready when it may list
 //! them (the chart's Role does not allow that: pod specs in the namespace are none of its
 //! business) or else how to find them, and exits 0 so that the uninstall goes on. Only an API
@@ -15,7 +17,7 @@ use super::exit;
 use crate::agent::teardown::{self, DATA_KEY, Signal};
 use crate::clients::kube::{InvalidRef, Kind, Kube, KubeError, ObjectRef};
 use clap::Args;
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use serde_json::json;
 use std::path::PathBuf;
@@ -32,6 +34,10 @@ pub struct TeardownArgs {
     /// The agents' DaemonSet, whose ready pods are waited for.
     #[arg(long, env = "HEADCNI_TEARDOWN_DAEMONSET", value_name = "NAMESPACE/NAME")]
     pub daemonset: String,
+    /// The route approval controller's Deployment, whose ready replicas are waited for after
+    /// the agents' (its leader withdraws every approval it made, then turns not ready).
+    #[arg(long, env = "HEADCNI_TEARDOWN_DEPLOYMENT", value_name = "NAMESPACE/NAME")]
+    pub deployment: Option<String>,
     /// How long to wait for the agents, in seconds; then warn and exit 0.
     #[arg(long, env = "HEADCNI_TEARDOWN_TIMEOUT", value_name = "SECONDS", default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -196,6 +202,42 @@ pub async fn run(
     }
 }
 
+/// Waits until the Deployment reports no ready replica, or `deadline`. Answers whether it got
+/// there; an API that keeps failing, or a missing Deployment, ends the wait (warned).
+pub async fn wait_deployment(kube: &Kube, deployment: &ObjectRef, deadline: Instant, poll: Duration) -> bool {
+    let what = deployment.to_string();
+    let mut last = None;
+    loop {
+        match kube.get::<Deployment>(deployment).await {
+            Ok(d) => {
+                let ready = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+                if ready <= 0 {
+                    log::info!("no replica of {what} is ready any more: every approval it made is withdrawn");
+                    return true;
+                }
+                if last != Some(ready) {
+                    log::info!("waiting for {what} to withdraw its approvals ({ready} ready)");
+                    last = Some(ready);
+                }
+            }
+            Err(KubeError::NotFound { .. }) => {
+                log::warn!("{what} does not exist: no controller to wait for");
+                return true;
+            }
+            Err(e) => log::warn!("reading {what}: {e}"),
+        }
+        if Instant::now() >= deadline {
+            log::warn!(
+                "{what} still ready at the timeout: approvals it made may remain in Headscale (remove them with \
+                 headscale nodes approve-routes)"
+            );
+            return false;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(poll.min(left).max(Duration::from_millis(10))).await;
+    }
+}
+
 /// The ready pods of the DaemonSet, if this identity may list pods (one try, no noise).
 async fn list_ready_pods(kube: &Kube, daemonset: &ObjectRef, selector: &str) -> Option<Vec<String>> {
     if selector.is_empty() {
@@ -222,6 +264,16 @@ pub fn main(args: TeardownArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    let deployment = match args.deployment.as_deref().filter(|d| !d.is_empty()) {
+        None => None,
+        Some(d) => match ObjectRef::parse(Kind::Deployment, "--deployment", d) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                log::error!("{e}");
+                return 2;
+            }
+        },
+    };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -237,7 +289,16 @@ pub fn main(args: TeardownArgs) -> i32 {
         }
     };
     let timeout = Duration::from_secs(args.timeout);
-    match rt.block_on(run(&kube, &configmap, &daemonset, timeout, POLL_INTERVAL)) {
+    let started = Instant::now();
+    let outcome = rt.block_on(run(&kube, &configmap, &daemonset, timeout, POLL_INTERVAL));
+    if let (Some(d), Ok(o)) = (&deployment, &outcome)
+        && *o != HookOutcome::NoSignal
+    {
+        // The controller withdraws after the agents; it gets at least half a minute.
+        let deadline = (started + timeout).max(Instant::now() + Duration::from_secs(30));
+        rt.block_on(wait_deployment(&kube, d, deadline, POLL_INTERVAL));
+    }
+    match outcome {
         Ok(HookOutcome::TimedOut { ready, desired, pods, selector }) => {
             let which = match pods {
                 Some(p) if !p.is_empty() => format!(": {}", p.join(", ")),

@@ -1,7 +1,7 @@
-//! Headscale's REST API, for approving this node's own routes: list nodes (to find this one by
-//! its node key) and replace a node's approved routes. Supported: Headscale 0.26 and newer
-//! (`POST /api/v1/node/{id}/approve_routes`); older servers (the `/api/v1/routes` API) are
-//! detected and reported, never driven.
+//! Headscale's REST API: list nodes (to find one by its node key), replace a node's approved
+//! routes, and delete a node (the controller, when a Kubernetes Node is deleted and the chart
+//! asks for it). Supported: Headscale 0.26 and newer (`POST /api/v1/node/{id}/approve_routes`);
+//! older servers (the `/api/v1/routes` API) are detected and reported, never driven.
 
 use super::http::{ClientError, Endpoint, HttpRequest};
 use super::secret::{SecretError, SecretSource};
@@ -116,6 +116,23 @@ pub trait HeadscaleApi: Send + Sync {
     ) -> impl Future<Output = Result<HsNode, HeadscaleError>> + Send;
 }
 
+/// What only a cluster-wide controller asks of Headscale, beyond [`HeadscaleApi`].
+pub trait HeadscaleAdmin: HeadscaleApi {
+    /// Deletes the node (it must log in again to come back).
+    fn delete_node(&self, node_id: &str) -> impl Future<Output = Result<(), HeadscaleError>> + Send;
+}
+
+fn check_node_id(what: &str, node_id: &str) -> Result<(), HeadscaleError> {
+    if node_id.is_empty() || !node_id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HeadscaleError::Status {
+            what: what.into(),
+            status: StatusCode::BAD_REQUEST,
+            msg: format!("node id {node_id:?} is not numeric"),
+        });
+    }
+    Ok(())
+}
+
 /// The REST API with a Bearer API key.
 #[derive(Debug, Clone)]
 pub struct RestHeadscale {
@@ -178,13 +195,7 @@ impl HeadscaleApi for RestHeadscale {
     }
 
     async fn approve_routes(&self, node_id: &str, routes: &[IpNetwork]) -> Result<HsNode, HeadscaleError> {
-        if node_id.is_empty() || !node_id.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(HeadscaleError::Status {
-                what: "approve_routes".into(),
-                status: StatusCode::BAD_REQUEST,
-                msg: format!("node id {node_id:?} is not numeric"),
-            });
-        }
+        check_node_id("approve_routes", node_id)?;
         let what = format!("POST /api/v1/node/{node_id}/approve_routes");
         let routes: Vec<String> = routes.iter().map(ToString::to_string).collect();
         let req = HttpRequest::new(Method::POST, format!("/api/v1/node/{node_id}/approve_routes"))
@@ -201,6 +212,14 @@ impl HeadscaleApi for RestHeadscale {
         let answer: NodeAnswer =
             serde_json::from_slice(&body).map_err(|source| HeadscaleError::Decode { what, source })?;
         Ok(answer.node)
+    }
+}
+
+impl HeadscaleAdmin for RestHeadscale {
+    async fn delete_node(&self, node_id: &str) -> Result<(), HeadscaleError> {
+        check_node_id("delete node", node_id)?;
+        let what = format!("DELETE /api/v1/node/{node_id}");
+        self.call(&what, HttpRequest::new(Method::DELETE, format!("/api/v1/node/{node_id}"))).await.map(|_| ())
     }
 }
 
@@ -254,6 +273,7 @@ mod tests {
                 ("GET", "/api/v1/node") => (200, nodes.clone()),
                 ("POST", "/api/v1/node/1/approve_routes") => (200, approve.clone()),
                 ("POST", "/api/v1/node/99/approve_routes") => (400, fixture("error-unknown-node-v0.29.2.json")),
+                ("DELETE", "/api/v1/node/1") => (200, "{}".into()),
                 _ => (404, r#"{"code":5, "message":"Not Found", "details":[]}"#.into()),
             }
         });
@@ -269,6 +289,10 @@ mod tests {
         let err = good.approve_routes("99", &[]).await.unwrap_err().to_string();
         assert!(err.contains("node no longer exists"), "{err}");
         assert!(good.approve_routes("1/../2", &[]).await.is_err());
+        good.delete_node("1").await.unwrap();
+        assert_eq!(server.seen.lock().unwrap().last().unwrap().method, "DELETE");
+        assert!(good.delete_node("../1").await.is_err());
+        assert!(good.delete_node("2").await.is_err());
         let err = good.approve_routes("5", &[]).await.unwrap_err();
         assert!(matches!(err, HeadscaleError::TooOld { .. }), "{err}");
 

@@ -103,7 +103,9 @@ pub enum Kind {
     Node,
     ConfigMap,
     DaemonSet,
+    Deployment,
     Pod,
+    Lease,
 }
 
 impl Kind {
@@ -112,7 +114,9 @@ impl Kind {
             Self::Node => "Node",
             Self::ConfigMap => "ConfigMap",
             Self::DaemonSet => "DaemonSet",
+            Self::Deployment => "Deployment",
             Self::Pod => "Pod",
+            Self::Lease => "Lease",
         }
     }
 }

@@ -7,7 +7,8 @@
 //! 3. prefs: AdvertiseRoutes ⊇ pod CIDRs (read, merge, write; only routes HeadCNI added are ever
 //!    withdrawn), RouteAll, NoSNAT; nothing else;
 //! 4. approval: with an API key, this node's own pod CIDRs in Headscale (read, merge, write);
-//!    without, what the node can see of the policy's autoApprovers;
+//!    in controller mode, this node's node key published on its Node (the controller approves);
+//!    otherwise what the node can see of the policy's autoApprovers;
 //! 5. data plane: the anti-spoofing guard, forwarding, policy rules, the `unreachable` route of
 //!    the pod CIDR, masquerade tables; all scoped to the cluster's destinations (the cluster
 //!    CIDR, else every Node's pod CIDRs), never to a peer's routes;
@@ -227,7 +228,14 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             pod_cidr_source: self.cidrs.kind().to_string(),
             cluster_cidrs: self.cfg.cluster_cidrs.clone(),
             service_cidrs: self.cfg.service_cidrs.clone(),
-            approval: if self.hs.is_some() { "api" } else { "policy" }.to_string(),
+            approval: if self.hs.is_some() {
+                "api"
+            } else if self.cfg.publish_identity {
+                "controller"
+            } else {
+                "policy"
+            }
+            .to_string(),
             masquerade: self.cfg.masquerade,
             rule_priority: self.cfg.rule_priority,
             ..Default::default()
@@ -242,6 +250,12 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             Some(st) if st.backend_state != "NoState" => self.step_prefs(st, &desired).await,
             _ => None,
         };
+        if self.cfg.publish_identity
+            && let Some(st) = status.as_ref().filter(|s| s.is_running())
+        {
+            self.step_identity(st).await;
+            report.controller = self.cidrs.binding().approval;
+        }
         let approved = match (&status, &prefs) {
             (Some(st), Some(p)) if st.is_running() && !desired.is_empty() => self.step_approval(st, p, &desired).await,
             _ => None,

@@ -1,7 +1,8 @@
 //! Advertising this node's pod CIDRs and their approval: AdvertiseRoutes ⊇ pod CIDRs in
 //! tailscaled's prefs (read, merge, write; only routes HeadCNI added are ever withdrawn), and,
-//! with an API key, this node's own routes approved in Headscale (read, merge, write); without
-//! one, what the node can see of the policy's autoApprovers.
+//! with an API key, this node's own routes approved in Headscale (read, merge, write); in
+//! controller mode, this node's node key published on its Node for `headcni controller`;
+//! otherwise what the node can see of the policy's autoApprovers.
 
 use super::{Reconciler, list, set};
 use crate::agent::hostnet::HostNetwork;
@@ -161,6 +162,23 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             let pending: BTreeSet<IpNetwork> = advertised.difference(&approved).copied().collect();
             if pending.is_empty() {
                 self.note_approved();
+            } else if self.cfg.publish_identity {
+                let word = match self.cidrs.binding().approval {
+                    Some(s) if !s.message.is_empty() => {
+                        format!(" (the controller: {}: {})", s.state.as_str(), s.message)
+                    }
+                    Some(s) => format!(" (the controller: {})", s.state.as_str()),
+                    None => " (no word from the controller on this Node yet)".into(),
+                };
+                self.wait(
+                    ProblemId::Approval,
+                    format!("route {} pending approval by the controller{word}", list(&pending)),
+                    Some(
+                        "headcni controller approves the Node's pod CIDRs on the tailnet node whose key the agent \
+                         published; see its log and headcni_controller_mismatches (a node learns of an approval \
+                         when it next hears from Headscale; other nodes route at once)",
+                    ),
+                );
             } else {
                 self.wait(
                     ProblemId::Approval,
@@ -206,6 +224,26 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
                 self.fail(ProblemId::Approval, e.to_string(), hint);
                 None
             }
+        }
+    }
+
+    /// Controller mode: this node's node key on its Node, where the controller binds the two.
+    pub(super) async fn step_identity(&mut self, status: &Status) {
+        let Some(key) = status.node_key().map(str::to_string) else { return };
+        if let Err(e) = crate::binding::NodeKey::parse(&key) {
+            self.fail(ProblemId::Identity, format!("tailscaled's node key cannot be published: {e}"), None);
+            return;
+        }
+        let published = self.cidrs.binding().published;
+        match published {
+            // The Node not read yet: the next pass (woken by the watch) decides.
+            None => return,
+            Some(Some(k)) if k == key => return,
+            _ => {}
+        }
+        match self.cidrs.publish_node_key(&key).await {
+            Ok(()) => log::info!("published this node's tailnet identity {key} on its Node for the controller"),
+            Err(e) => self.fail(ProblemId::Identity, format!("publishing this node's tailnet identity: {e}"), None),
         }
     }
 

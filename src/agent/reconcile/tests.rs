@@ -5,7 +5,7 @@ use super::*;
 use crate::agent::cleanup::{CleanupScope, cleanup_with};
 use crate::agent::config::CidrSource;
 use crate::agent::hostnet::{Changes, HostNetworkError};
-use crate::agent::node::{ClusterCidrs, NodeError};
+use crate::agent::node::{ClusterCidrs, NodeBinding, NodeError};
 use crate::agent::report::Severity;
 use crate::agent::teardown::{Signal, SignalState};
 use crate::clients::headscale::HeadscaleError;
@@ -308,12 +308,18 @@ impl HostNetwork for FakeDp {
 
 type OwnCidrs = Result<Option<Vec<IpNetwork>>, String>;
 
+/// The pod CIDRs (this node's, and the Nodes' where the source follows them), and the Node's
+/// binding with the keys published on it.
 #[derive(Clone)]
-struct FakeCidrs(Arc<Mutex<(OwnCidrs, Option<ClusterCidrs>)>>);
+struct FakeCidrs(Arc<Mutex<(OwnCidrs, Option<ClusterCidrs>)>>, Arc<Mutex<(NodeBinding, Vec<String>)>>);
 
 impl FakeCidrs {
     fn some(list: &[&str]) -> Self {
-        FakeCidrs(Arc::new(Mutex::new((Ok(Some(list.iter().map(|s| net(s)).collect())), None))))
+        let binding = NodeBinding { published: Some(None), approval: None };
+        FakeCidrs(
+            Arc::new(Mutex::new((Ok(Some(list.iter().map(|s| net(s)).collect())), None))),
+            Arc::new(Mutex::new((binding, Vec::new()))),
+        )
     }
     fn set(&self, v: OwnCidrs) {
         self.0.lock().unwrap().0 = v;
@@ -337,6 +343,15 @@ impl PodCidrSource for FakeCidrs {
     fn cluster_cidrs(&self) -> Option<ClusterCidrs> {
         self.0.lock().unwrap().1.clone()
     }
+    fn binding(&self) -> NodeBinding {
+        self.1.lock().unwrap().0.clone()
+    }
+    async fn publish_node_key(&self, key: &str) -> Result<(), NodeError> {
+        let mut b = self.1.lock().unwrap();
+        b.0.published = Some(Some(key.to_string()));
+        b.1.push(key.to_string());
+        Ok(())
+    }
 }
 
 struct World {
@@ -358,6 +373,7 @@ fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
         headscale_ca_file: None,
         auth_key: None,
         api_key: None,
+        publish_identity: false,
         hostname: "node-1".into(),
         advertise_tags: vec![],
         mtu: None,
@@ -652,6 +668,39 @@ async fn without_an_api_key_pending_approval_is_reported() {
     ts.lock().self_routes = vec!["10.244.1.0/24".into()];
     assert_eq!(r.reconcile().await, PassOutcome::Converged);
     assert!(w.metrics.encode().contains("headcni_routes_pending_approval 0"));
+}
+
+#[tokio::test]
+async fn controller_mode_publishes_the_node_key_once_and_explains_the_wait() {
+    let w = world(|c| c.publish_identity = true);
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&["10.244.1.0/24"]);
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting);
+    assert_eq!(cidrs.1.lock().unwrap().1, vec![KEY.to_string()]);
+    assert_eq!(r.report().approval, "controller");
+    let p = r.report().problems.iter().find(|p| p.id == "approval").unwrap();
+    assert!(p.message.contains("pending approval by the controller"), "{}", p.message);
+    // The controller answers on the Node; the agent shows it.
+    cidrs.1.lock().unwrap().0.approval = Some(crate::binding::ApprovalStatus {
+        state: crate::binding::ApprovalState::Pending,
+        node_key: KEY.into(),
+        headscale_node: "1".into(),
+        approved: vec![],
+        message: "tailnet node node-1 does not advertise 10.244.1.0/24 (yet)".into(),
+    });
+    r.reconcile().await;
+    let p = r.report().problems.iter().find(|p| p.id == "approval").unwrap();
+    assert!(p.message.contains("does not advertise"), "{}", p.message);
+    assert_eq!(r.report().controller.as_ref().unwrap().headscale_node, "1");
+    // Approved: served by Headscale; nothing published again.
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    assert_eq!(r.reconcile().await, PassOutcome::Converged);
+    assert_eq!(cidrs.1.lock().unwrap().1.len(), 1);
+    // Someone removed the annotation: published again.
+    cidrs.1.lock().unwrap().0.published = Some(None);
+    r.reconcile().await;
+    assert_eq!(cidrs.1.lock().unwrap().1.len(), 2);
 }
 
 #[tokio::test]

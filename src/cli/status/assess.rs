@@ -99,6 +99,19 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
             v.pod_cidrs = r.pod_cidrs.iter().map(ToString::to_string).collect();
             v.pod_cidr_source = r.pod_cidr_source.clone();
             v.approval = r.approval.clone();
+            v.controller = r.controller.as_ref().map(|c| {
+                let approved: Vec<String> = c.approved.iter().map(ToString::to_string).collect();
+                let mut line = format!(
+                    "{}: {} approved on Headscale node {}",
+                    c.state.as_str(),
+                    if approved.is_empty() { "nothing".into() } else { approved.join(", ") },
+                    if c.headscale_node.is_empty() { "-" } else { &c.headscale_node }
+                );
+                if !c.message.is_empty() {
+                    line.push_str(&format!(" ({})", c.message));
+                }
+                line
+            });
             v.pod_mtu = r.mtu;
             v.masquerade_enabled = Some(r.masquerade);
             v.cluster_destinations = r.cluster_destinations.iter().map(ToString::to_string).collect();

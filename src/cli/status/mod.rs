@@ -159,6 +159,9 @@ pub struct StatusView {
     pub pod_cidr_source: String,
     pub routes: Vec<RouteView>,
     pub approval: String,
+    /// Controller mode: the controller's word on this Node, one line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
     pub peers: Vec<PeerView>,
     pub pod_mtu: Option<u32>,
     pub tailnet_interface: Option<String>,

@@ -49,8 +49,17 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
             r.cidr,
             yes(r.advertised, "advertised", "NOT advertised"),
             yes(r.approved, "approved", "NOT approved"),
-            if v.approval == "api" { "approved by the agent" } else { "approval by policy" }
+            match v.approval.as_str() {
+                "api" => "approved by the agent",
+                "controller" => "approval by the controller",
+                _ => "approval by policy",
+            }
         )?;
+    }
+    if let Some(c) = &v.controller {
+        writeln!(out, "  controller   {c}")?;
+    } else if v.approval == "controller" {
+        writeln!(out, "  controller   no word on this Node yet (is headcni controller running?)")?;
     }
     if v.peers.is_empty() {
         writeln!(out, "  peers        none")?;

@@ -303,3 +303,28 @@ fn uninstall_in_progress_is_shown() {
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains("agent        uninstalling, teardown done"), "{text}");
 }
+
+#[test]
+fn the_controllers_word_is_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, mut report, live) = healthy(dir.path());
+    report.approval = "controller".into();
+    report.controller = Some(crate::binding::ApprovalStatus {
+        state: crate::binding::ApprovalState::Approved,
+        node_key: "nodekey:00".into(),
+        headscale_node: "3".into(),
+        approved: vec!["10.244.1.0/24".parse().unwrap()],
+        message: String::new(),
+    });
+    let v = assess(&a, Some(report.clone()), &live, 1010);
+    let mut out = Vec::new();
+    render(&v, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("approved (approval by the controller)"), "{text}");
+    assert!(text.contains("controller   approved: 10.244.1.0/24 approved on Headscale node 3"), "{text}");
+    report.controller = None;
+    let v = assess(&a, Some(report), &live, 1010);
+    let mut out = Vec::new();
+    render(&v, &mut out).unwrap();
+    assert!(String::from_utf8(out).unwrap().contains("controller   no word on this Node yet"));
+}
