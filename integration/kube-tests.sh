@@ -234,7 +234,7 @@ t_rbac() {
 	# (controller-tests.sh, admission).
 	local -a yes=("get nodes" "list nodes" "watch nodes" "patch nodes"
 		"get configmaps/$td -n $KUBE_HC_NS" "watch configmaps/$td -n $KUBE_HC_NS")
-	local -a no=("update nodes" "delete nodes" "create nodes" "patch nodes/status" "update nodes/status" "create pods"
+	local -a no=("update nodes" "delete nodes" "create nodes" "patch nodes --subresource=status" "update nodes --subresource=status" "create pods"
 		"get secrets -n $KUBE_HC_NS" "list secrets -A" "get configmaps/kube-root-ca.crt -n $KUBE_HC_NS"
 		"patch configmaps/$td -n $KUBE_HC_NS" "create configmaps -n $KUBE_HC_NS" "list pods -A"
 		"get daemonsets -n $KUBE_HC_NS" "create serviceaccounts/token -n $KUBE_HC_NS"
