@@ -578,8 +578,9 @@ EOF
 		sed 's/^/      /' "$HC_HS_CA"
 	} >"$KUBE_DIR/headcni-values.yaml"
 	if [[ "$KUBE_TS_MODE" == sidecar ]]; then
-		# tailscaled in the agent's pod: the harness's DERP speaks plain http, and the image
-		# has no iptables binary (tailscaled programs nf_tables over netlink)
+		# tailscaled in the agent's pod: it trusts Headscale's CA through the chart's caCert
+		# (above), and the image has no iptables binary (tailscaled programs nf_tables over
+		# netlink)
 		cat >>"$KUBE_DIR/headcni-values.yaml" <<EOF
   tailscale:
     mode: sidecar
@@ -589,7 +590,6 @@ EOF
         tag: "${HC_IMAGE_TAILSCALE##*:}"
         pullPolicy: IfNotPresent
       extraEnv:
-        - {name: TS_DEBUG_USE_DERP_HTTP, value: "1"}
         - {name: TS_DEBUG_FIREWALL_MODE, value: nftables}
 EOF
 	fi
