@@ -137,7 +137,8 @@ kimg_ensure() {
 	KUBE_AGNHOST_IMAGE=$(kimg_agnhost_ref)
 	[[ -n "$KUBE_AGNHOST_IMAGE" ]] || hc_die "e2e.test --list-images names no agnhost image"
 	export KIMG_DIR KUBE_AGNHOST_IMAGE
-	[[ -f "$KIMG_DIR/.complete" ]] && return 0
+	# .used: when a run last took its images from here (see the pruning below)
+	[[ -f "$KIMG_DIR/.complete" ]] && { touch "$KIMG_DIR/.used"; return 0; }
 	local t0 tmp
 	t0=$(hc_now)
 	mkdir -p "$HC_PEERS_CACHE"
@@ -211,12 +212,14 @@ kimg_ensure() {
 
 	chmod -R u+rwX "$tmp" 2>/dev/null || true
 	rm -rf "$tmp"
-	touch "$KIMG_DIR/.complete"
-	# the images of an earlier key (another version or another revision of this file) are
-	# never used again: only the current set is kept
+	touch "$KIMG_DIR/.complete" "$KIMG_DIR/.used"
+	# the images of another key (another version or another revision of this file) are
+	# removed once no run has used them for a day: a run of another revision on this
+	# machine may be importing them right now
 	local old
 	for old in "$HC_PEERS_CACHE"/kube-images-*; do
-		[[ "$old" == "$KIMG_DIR" || ! -d "$old" ]] || rm -rf -- "$old"
+		[[ "$old" == "$KIMG_DIR" || ! -d "$old" ]] && continue
+		[[ -n $(find "$old" -maxdepth 1 -name .used -mmin -1440) ]] || rm -rf -- "$old"
 	done
 	exec {_kimg_lock}>&-
 	hc_log "kube images: built in $(hc_since "$t0")s ($(du -sh "$KIMG_DIR" | cut -f1))"
