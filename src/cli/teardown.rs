@@ -1,11 +1,13 @@
 //! `headcni teardown`: the chart's pre-delete hook (a Job on one node, as uid 65534, with a
 //! Role that may patch the one uninstall-signal ConfigMap and get the one DaemonSet).
 //!
-//! It raises the uninstall signal (a JSON merge patch of the ConfigMap's `data.teardown` to
+//! With `--deployment` (the route approval controller), it first sets the ConfigMap's
+//! `data.teardown` to `"withdraw-approvals"` and waits until the controller reports no ready
+//! replica: its leader turns not ready once it has withdrawn every approval it made. That comes
+//! first because the controller reaches Headscale through the pod network, which the agents take
+//! down next. Then it raises the uninstall signal (a JSON merge patch of `data.teardown` to
 //! `"true"`) and waits until the agents' DaemonSet reports no ready pod: every agent that was
 //! ready turns not ready only once it has withdrawn its node's routes ([`crate::agent::teardown`]).
-//! Then, with `--deployment`, it waits until the route approval controller reports no ready
-//! replica: its leader turns not ready once it has withdrawn every approval it made.
 //! The wait is bounded: on timeout the hook warns, naming the pods still ready when it may list
 //! them (the chart's Role does not allow that: pod specs in the namespace are none of its
 //! business) or else how to find them, and exits 0 so that the uninstall goes on. Only an API
@@ -202,6 +204,33 @@ pub async fn run(
     }
 }
 
+/// What `data.teardown` says while the controller withdraws its approvals (the controller's
+/// `WITHDRAW_APPROVALS`; the agents act on "true" only).
+pub const WITHDRAW_APPROVALS: &str = "withdraw-approvals";
+
+/// Asks the controller to withdraw its approvals and waits until its Deployment reports no
+/// ready replica, or `deadline`. Answers whether it got there; a missing ConfigMap or an API
+/// that refuses ends the phase (warned): the agents' phase follows in any case.
+pub async fn withdraw_approvals(
+    kube: &Kube,
+    configmap: &ObjectRef,
+    deployment: &ObjectRef,
+    deadline: Instant,
+    poll: Duration,
+) -> bool {
+    let patch = json!({ "data": { DATA_KEY: WITHDRAW_APPROVALS } });
+    match kube.merge_patch::<ConfigMap>(configmap, &patch).await {
+        Ok(_) => log::info!(
+            "asked {deployment} to withdraw its approvals: {configmap} data.{DATA_KEY}={WITHDRAW_APPROVALS:?}"
+        ),
+        Err(e) => {
+            log::warn!("asking {deployment} to withdraw its approvals through {configmap}: {e}");
+            return false;
+        }
+    }
+    wait_deployment(kube, deployment, deadline, poll).await
+}
+
 /// Waits until the Deployment reports no ready replica, or `deadline`. Answers whether it got
 /// there; an API that keeps failing, or a missing Deployment, ends the wait (warned).
 pub async fn wait_deployment(kube: &Kube, deployment: &ObjectRef, deadline: Instant, poll: Duration) -> bool {
@@ -290,14 +319,14 @@ pub fn main(args: TeardownArgs) -> i32 {
     };
     let timeout = Duration::from_secs(args.timeout);
     let started = Instant::now();
-    let outcome = rt.block_on(run(&kube, &configmap, &daemonset, timeout, POLL_INTERVAL));
-    if let (Some(d), Ok(o)) = (&deployment, &outcome)
-        && *o != HookOutcome::NoSignal
-    {
-        // The controller withdraws after the agents; it gets at least half a minute.
-        let deadline = (started + timeout).max(Instant::now() + Duration::from_secs(30));
-        rt.block_on(wait_deployment(&kube, d, deadline, POLL_INTERVAL));
+    if let Some(d) = &deployment {
+        // The controller first, while the pod network still carries its requests to Headscale;
+        // it gets half of the time, the agents the rest (at least half a minute).
+        let deadline = Instant::now() + timeout / 2;
+        rt.block_on(withdraw_approvals(&kube, &configmap, d, deadline, POLL_INTERVAL));
     }
+    let left = (started + timeout).saturating_duration_since(Instant::now()).max(Duration::from_secs(30));
+    let outcome = rt.block_on(run(&kube, &configmap, &daemonset, left, POLL_INTERVAL));
     match outcome {
         Ok(HookOutcome::TimedOut { ready, desired, pods, selector }) => {
             let which = match pods {

@@ -164,8 +164,13 @@ pub fn main(args: ControllerArgs) -> i32 {
     }
 }
 
-/// Follows the uninstall signal: true while its data.teardown is "true" (a missing or
-/// unreadable ConfigMap keeps the last reading).
+/// What the uninstall hook first sets data.teardown to: the controller withdraws its approvals
+/// while the agents, which act on "true" only, still keep the pod network that carries the
+/// controller's requests to Headscale (`headcni teardown`, which names the same value).
+pub const WITHDRAW_APPROVALS: &str = "withdraw-approvals";
+
+/// Follows the uninstall signal: true while its data.teardown is "true" or
+/// [`WITHDRAW_APPROVALS`] (a missing or unreadable ConfigMap keeps the last reading).
 fn follow_teardown(kube: &Kube, cm: ObjectRef, tx: watch::Sender<bool>) -> tokio::task::JoinHandle<()> {
     let events = kube.watch_object::<ConfigMap>(&cm);
     tokio::spawn(async move {
@@ -174,7 +179,7 @@ fn follow_teardown(kube: &Kube, cm: ObjectRef, tx: watch::Sender<bool>) -> tokio
             if let Ok(Some(cm)) = ev {
                 let v = cm.data.as_ref().and_then(|d| d.get("teardown")).map(|s| s.trim().to_ascii_lowercase());
                 match v.as_deref() {
-                    Some("true") => tx.send_if_modified(|t| !std::mem::replace(t, true)),
+                    Some("true" | WITHDRAW_APPROVALS) => tx.send_if_modified(|t| !std::mem::replace(t, true)),
                     Some("false") => tx.send_if_modified(|t| std::mem::replace(t, false)),
                     _ => false,
                 };
