@@ -367,8 +367,6 @@ json_list() { # comma list -> ["a","b"]
         printf 'podAnnotations:\n  checksum/headscale-keys: "%s"\n' "$KEYS_DIGEST"
     fi
     printf 'config:\n  headscale:\n    url: "%s"\n' "$URL"
-    # --allow-http: the test server's API key may travel in clear text too.
-    if [[ $URL == http://* ]] && $ALLOW_HTTP; then printf '    allowHttpApiKey: true\n'; fi
     if [[ ${#SECRET_KEYS[@]} -gt 0 ]]; then
         printf '    existingSecret: "%s"\n    existingSecretKeys:\n' "$SECRET_NAME"
         if has_key authKey; then printf '      authKey: authKey\n'; else printf '      authKey: ""\n'; fi

@@ -643,7 +643,7 @@ t_schema() {
 	reject "existingSecret together with a key" "leave config.headscale.authKey" \
 		--set config.headscale.url=https://h.example --set config.headscale.existingSecret=s --set config.headscale.authKey=k
 	reject "key without URL" "config.headscale.url is required" --set config.headscale.authKey=k
-	reject "API key over plain http" "clear text" \
+	reject "API key over plain http" "over https only" \
 		--set config.headscale.url=http://h.example:8080 --set config.headscale.apiKey=k
 	reject "hostname shared by every node" "/config/tailscale/hostname" --set config.tailscale.hostname=node
 	reject "ServiceMonitor without Service" "needs metrics.service.enabled" \

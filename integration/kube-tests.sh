@@ -679,11 +679,8 @@ t_helm_install() {
 	local secret="$KUBE_HC_RELEASE-headscale-keys" i cidr
 	kubectl -n "$KUBE_HC_NS" get secret "$secret" >/dev/null || skip "needs the Secret of deploy-with-helm.sh"
 	! helm status "$KUBE_HC_RELEASE" -n "$KUBE_HC_NS" >/dev/null 2>&1 || skip "the release is installed (run after uninstall)"
-	local clear_text=()
-	# The harness's Headscale may serve plain http: the chart refuses an API key over it unless told.
-	[[ $HC_HS_URL != http://* ]] || clear_text=(--set config.headscale.allowHttpApiKey=true)
 	helm upgrade --install "$KUBE_HC_RELEASE" "$HC_REPO_DIR/chart" -n "$KUBE_HC_NS" \
-		-f "$KUBE_DIR/headcni-values.yaml" "${clear_text[@]}" \
+		-f "$KUBE_DIR/headcni-values.yaml" \
 		--set config.headscale.url="$HC_HS_URL" \
 		--set config.headscale.existingSecret="$secret" \
 		--set config.headscale.existingSecretKeys.apiKey=apiKey \

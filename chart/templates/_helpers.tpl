@@ -185,8 +185,8 @@ Cross-field checks the schema cannot express. Included by the DaemonSet.
 {{- if and (or (include "headcni.hasAuthKey" .) (include "headcni.hasApiKey" .)) (not $h.url) }}
 {{- fail "config.headscale.url is required when an auth key or API key is given" }}
 {{- end }}
-{{- if and (include "headcni.hasApiKey" .) (hasPrefix "http://" $h.url) (not $h.allowHttpApiKey) }}
-{{- fail "config.headscale.url is plain http: the API key would cross the network in clear text; use https://, or set config.headscale.allowHttpApiKey=true where the path to Headscale is trusted" }}
+{{- if and (include "headcni.hasApiKey" .) (hasPrefix "http://" $h.url) }}
+{{- fail "config.headscale.url is plain http: the controller sends the API key to Headscale over https only (give config.headscale.caCert for a private certificate)" }}
 {{- end }}
 {{- $hn := .Values.config.tailscale.hostname }}
 {{- if and $hn (not (contains "$(NODE_NAME)" $hn)) }}
