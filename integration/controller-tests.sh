@@ -46,8 +46,10 @@ tr_parse_args "$@"
 export HC_PREFIX=${HC_PREFIX:-hcx}
 export HC_NODES=2
 export HC_HS_AUTOAPPROVE=0
-# The chart of main before the controller: the API key on the agents.
-PREV_CHART_COMMIT=2a558a5
+# A chart from before the controller: the API key on the agents. The agents run this tree's
+# image under it, so it must pass only flags this binary knows: the commit before the staged
+# conflist, whose agent flags were renamed (--cni-conf-dir, --cni-bin-dir) before any release.
+PREV_CHART_COMMIT=ee090a9
 # shellcheck source=lib/peers.sh
 source "$here/lib/peers.sh"
 # shellcheck source=lib/kube.sh
