@@ -10,6 +10,8 @@
 //!   network namespace
 //! - [`nodefile`], [`events`]: what the agent and the plugins share on a node (the only way
 //!   they meet)
+//! - [`podgroup`]: the interface group that tags a pod's host interface with its namespace
+//!   (plugin sets, policy engine reads)
 //! - [`agent`]: the node daemon (`headcni agent`)
 //! - [`clients`]: HTTP, Kubernetes, Headscale and tailscaled's LocalAPI, shared by the roles
 //! - [`cli`]: the command line and its commands (`status`, `teardown`)
@@ -36,6 +38,7 @@ pub mod logging;
 pub mod netlink;
 pub mod nodefile;
 pub mod plugin;
+pub mod podgroup;
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -25,6 +25,7 @@ pub mod config;
 pub mod hostnet;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod reconcile;
 pub mod report;
 pub mod serve;

@@ -1385,6 +1385,125 @@ impl Nft {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Evaluation
+
+/// What nf_tables knows of a packet when it reaches a hook (for [`Ruleset::evaluate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub iifname: String,
+    pub oifname: String,
+    pub iifgroup: u32,
+    pub oifgroup: u32,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub l4proto: u8,
+    /// The destination port (TCP, UDP, SCTP).
+    pub dport: Option<u16>,
+    pub icmp_type: Option<u8>,
+    /// Its `ct state` bit ([`CT_NEW`], [`CT_ESTABLISHED`], ...).
+    pub ct_state: u32,
+}
+
+impl Set {
+    fn has(&self, elem: &Elem) -> bool {
+        match (self.kind.kind, elem) {
+            (SetKind::Interval, Elem::Addr(x)) => {
+                self.elements.keys().any(|e| matches!(e, Elem::Range(a, b) if a <= x && x <= b))
+            }
+            _ => self.elements.contains_key(elem),
+        }
+    }
+
+    fn verdict(&self, elem: &Elem) -> Option<&Verdict> {
+        self.elements.get(elem).and_then(Option::as_ref)
+    }
+}
+
+impl Ruleset {
+    fn match_holds(&self, m: &Match, p: &Packet) -> bool {
+        let addr = |f: &AddrField| if *f == AddrField::Source { p.src } else { p.dst };
+        let set_has = |name: &str, elem: Elem| self.sets.get(name).is_some_and(|s| s.has(&elem));
+        match m {
+            Match::CtState(bits) => p.ct_state & bits != 0,
+            Match::IfnamePrefix(Iface::Input, prefix) => p.iifname.starts_with(prefix.as_str()),
+            Match::IfnamePrefix(Iface::Output, prefix) => p.oifname.starts_with(prefix.as_str()),
+            Match::L4Proto(proto) => p.l4proto == *proto,
+            Match::AddrIn(f, net) => net.contains(addr(f)) && addr(f).is_ipv4() == net.is_ipv4(),
+            Match::AddrInSet(f, v, set) => IpVersion::of(&addr(f)) == *v && set_has(set, Elem::Addr(addr(f))),
+            Match::DportRange(lo, hi) => p.dport.is_some_and(|d| *lo <= d && d <= *hi),
+            Match::DaddrProtoPortInSet(v, set) => {
+                IpVersion::of(&p.dst) == *v
+                    && p.dport.is_some_and(|d| set_has(set, Elem::AddrProtoPort(p.dst, p.l4proto, d)))
+            }
+            Match::Icmpv6TypeRange(lo, hi) => {
+                p.l4proto == IPPROTO_ICMPV6 && p.icmp_type.is_some_and(|t| *lo <= t && t <= *hi)
+            }
+        }
+    }
+
+    /// The verdict nf_tables reaches for `packet` at `hook` with this rule set (the base
+    /// chain's policy, accept, when no rule decides): what the kernel does, computed without
+    /// it, for tests and diagnosis.
+    pub fn evaluate(&self, hook: Hook, packet: &Packet) -> Verdict {
+        let Some((base, _)) = self.chains.iter().find(|(_, c)| c.base.is_some_and(|b| b.hook == hook)) else {
+            return Verdict::Accept;
+        };
+        // (chain, next rule) to come back to after a jump.
+        let mut stack: Vec<(&str, usize)> = Vec::new();
+        let (mut chain, mut pos) = (base.as_str(), 0usize);
+        // A rule set without loops ends well within this many steps; a loop is a bug.
+        for _ in 0..100_000 {
+            let rules = self.chains.get(chain).map(|c| c.rules.as_slice()).unwrap_or_default();
+            let Some(rule) = rules.get(pos) else {
+                match stack.pop() {
+                    Some((c, p)) => (chain, pos) = (c, p),
+                    None => return Verdict::Accept,
+                }
+                continue;
+            };
+            pos += 1;
+            if !rule.matches.iter().all(|m| self.match_holds(m, packet)) {
+                continue;
+            }
+            let verdict = match &rule.action {
+                Action::Verdict(v) => Some(v.clone()),
+                Action::AddrVmap(f, v, map) => {
+                    let a = if *f == AddrField::Source { packet.src } else { packet.dst };
+                    if IpVersion::of(&a) == *v {
+                        self.sets.get(map).and_then(|s| s.verdict(&Elem::Addr(a))).cloned()
+                    } else {
+                        None
+                    }
+                }
+                Action::GroupVmap(i, map) => {
+                    let g = if *i == Iface::Input { packet.iifgroup } else { packet.oifgroup };
+                    self.sets.get(map).and_then(|s| s.verdict(&Elem::Group(g))).cloned()
+                }
+            };
+            match verdict {
+                None => {}
+                Some(Verdict::Accept) => return Verdict::Accept,
+                Some(Verdict::Drop) => return Verdict::Drop,
+                Some(Verdict::Return) => match stack.pop() {
+                    Some((c, p)) => (chain, pos) = (c, p),
+                    None => return Verdict::Accept,
+                },
+                Some(Verdict::Jump(target)) => {
+                    stack.push((chain, pos));
+                    let target = self.chains.get_key_value(&target).map(|(k, _)| k.as_str()).unwrap_or("");
+                    (chain, pos) = (target, 0);
+                }
+                Some(Verdict::Goto(target)) => {
+                    let target = self.chains.get_key_value(&target).map(|(k, _)| k.as_str()).unwrap_or("");
+                    (chain, pos) = (target, 0);
+                }
+            }
+        }
+        Verdict::Drop
+    }
+}
+
 /// How `nft` would print a match (for logs and test messages).
 pub fn describe_match(m: &Match) -> String {
     let field = |f: &AddrField| if *f == AddrField::Source { "saddr" } else { "daddr" };
