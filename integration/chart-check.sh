@@ -168,12 +168,21 @@ for doc in docs:
         if spec.get("automountServiceAccountToken") is not False:
             errors.append(f"{name}: every container gets an API token")
 
-# RBAC: the agent may only read nodes cluster-wide.
+# RBAC: the agent may only read nodes cluster-wide, and follow (list, watch) NetworkPolicies,
+# Pods and Namespaces for NetworkPolicy enforcement.
+allowed = {
+    ("", "nodes"): ["get", "list", "watch"],
+    ("", "pods"): ["list", "watch"],
+    ("", "namespaces"): ["list", "watch"],
+    ("networking.k8s.io", "networkpolicies"): ["list", "watch"],
+}
 for doc in docs:
     if doc["kind"] == "ClusterRole":
         for r in doc["rules"]:
-            if r.get("resources") != ["nodes"] or sorted(r["verbs"]) != ["get", "list", "watch"]:
-                errors.append(f"ClusterRole/{doc['metadata']['name']}: rule beyond get/list/watch nodes: {r}")
+            for group in r.get("apiGroups", []):
+                for res in r.get("resources", []):
+                    if allowed.get((group, res)) != sorted(r["verbs"]) or r.get("resourceNames"):
+                        errors.append(f"ClusterRole/{doc['metadata']['name']}: rule beyond what the agent reads: {r}")
 
 for e in errors:
     print(f"    {e}")
@@ -296,6 +305,7 @@ config:
       -----END CERTIFICATE-----
   network:
     podCIDR: "10.244.7.0/24, fd00:10:244:7::/64"
+    networkPolicy: false
 agent:
   privileged: true
   resources:
@@ -403,6 +413,11 @@ t_render_facts() {
 	expect_in custom-resources "extra toleration kept" "example.com/dedicated"
 	expect_not_in custom-resources "teardown disabled" "helm.sh/hook"
 	expect_not_in custom-resources "privileged agent needs no /proc/sys mount" "--proc-sys-dir"
+	expect_in defaults "NetworkPolicy enforcement on by default" "--enable-network-policy=true"
+	expect_in defaults "the agent follows NetworkPolicies" 'resources: ["networkpolicies"]'
+	expect_in custom-resources "NetworkPolicy enforcement off" "--enable-network-policy=false"
+	expect_not_in custom-resources "no NetworkPolicy RBAC when off" "networkpolicies"
+	expect_not_in custom-resources "no Pod RBAC when off" '"pods"'
 }
 
 # the binary accepts every flag the chart passes (subcommands that exist)

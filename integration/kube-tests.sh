@@ -222,10 +222,13 @@ t_ready_order() {
 t_rbac() {
 	local sa="system:serviceaccount:$KUBE_HC_NS:$KUBE_HC_RELEASE" td="$KUBE_HC_RELEASE-teardown" v
 	local -a yes=("get nodes" "list nodes" "watch nodes"
-		"get configmaps/$td -n $KUBE_HC_NS" "watch configmaps/$td -n $KUBE_HC_NS")
+		"get configmaps/$td -n $KUBE_HC_NS" "watch configmaps/$td -n $KUBE_HC_NS"
+		"list pods -A" "watch pods -A" "list namespaces" "watch namespaces"
+		"list networkpolicies.networking.k8s.io -A" "watch networkpolicies.networking.k8s.io -A")
 	local -a no=("patch nodes" "update nodes" "delete nodes" "update nodes/status" "create pods"
 		"get secrets -n $KUBE_HC_NS" "list secrets -A" "get configmaps/kube-root-ca.crt -n $KUBE_HC_NS"
-		"patch configmaps/$td -n $KUBE_HC_NS" "create configmaps -n $KUBE_HC_NS" "list pods -A"
+		"patch configmaps/$td -n $KUBE_HC_NS" "create configmaps -n $KUBE_HC_NS" "get pods -A"
+		"create networkpolicies.networking.k8s.io -n default" "delete pods -n default" "update namespaces"
 		"get daemonsets -n $KUBE_HC_NS" "create serviceaccounts/token -n $KUBE_HC_NS")
 	for v in "${yes[@]}"; do
 		# shellcheck disable=SC2086 # the verb lines are split on purpose

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub reconcile_failures: Family<Labels, Counter>,
     pub pod_mtu: Gauge,
     pub ready: Gauge,
+    /// The NetworkPolicy engine's (`headcni_policy_*`).
+    pub policy: super::policy::metrics::PolicyMetrics,
 }
 
 fn family_label(ipv6: bool) -> Labels {
@@ -104,6 +106,8 @@ impl Metrics {
         );
         registry.register("pod_mtu", "MTU given to pod interfaces (0 until known)", pod_mtu.clone());
         registry.register("ready", "1 when the node file is written and the pod CIDRs are advertised", ready.clone());
+        let policy = super::policy::metrics::PolicyMetrics::default();
+        policy.register(&mut registry);
         for step in Step::ALL {
             reconcile_errors.get_or_create(&vec![("step", step.as_str().to_string())]).set(0);
         }
@@ -128,6 +132,7 @@ impl Metrics {
             reconcile_failures,
             pod_mtu,
             ready,
+            policy,
         }
     }
 

@@ -106,7 +106,8 @@ pub fn headscale_client(cfg: &AgentConfig) -> anyhow::Result<Option<RestHeadscal
 /// The Kubernetes client, when the configuration reads anything from Kubernetes (one client for
 /// all: the Node's watch and the uninstall signal's share its connections).
 async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<Option<kube::Kube>> {
-    let needed = !matches!(cfg.cidr_source, CidrSource::Static(_)) || cfg.teardown_configmap.is_some();
+    let needed =
+        !matches!(cfg.cidr_source, CidrSource::Static(_)) || cfg.teardown_configmap.is_some() || cfg.network_policy;
     if !needed {
         return Ok(None);
     }
@@ -192,6 +193,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     };
 
     let kube = kube_client(&cfg).await?;
+    let policy_engine = start_policy_engine(&cfg, kube.as_ref(), &metrics, stop_rx.clone()).await?;
     let mut rec = Reconciler::new(
         cfg.clone(),
         cidr_source(&cfg, kube.as_ref())?,
@@ -269,10 +271,39 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     }
     log::info!("{signal}: stopping; the node's network stays as it is, pods keep working");
     let _ = stop_tx.send(true);
+    if let Some(engine) = policy_engine {
+        // The table stays: the rules hold while the agent is away.
+        let _ = tokio::time::timeout(Duration::from_secs(2), engine).await;
+    }
     metrics.collect_events();
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     collector.abort();
     Ok(0)
+}
+
+/// The NetworkPolicy engine when enforcement is on; when it is off, its table removed.
+async fn start_policy_engine(
+    cfg: &AgentConfig,
+    kube: Option<&kube::Kube>,
+    metrics: &metrics::Metrics,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let (true, Some(kube), Some(node)) = (cfg.network_policy, kube, cfg.node_name.as_deref()) else {
+        let (run_dir, m) = (cfg.run_dir.clone(), metrics.policy.clone());
+        match tokio::task::spawn_blocking(move || policy::engine::disable(&run_dir, &m)).await {
+            Ok(Ok(())) => log::info!("NetworkPolicy enforcement off: table inet {} absent", policy::compile::TABLE),
+            Ok(Err(e)) => log::warn!("NetworkPolicy enforcement off, but removing its table failed: {e}"),
+            Err(e) => log::warn!("removing the NetworkPolicy table: {e}"),
+        }
+        return Ok(None);
+    };
+    let nft = crate::netlink::nft::Nft::connect()
+        .map_err(|e| anyhow::anyhow!("NetworkPolicy engine: opening nf_tables: {e}"))?;
+    let applier = policy::engine::Applier::new(nft, policy::compile::TABLE);
+    let engine = policy::engine::Engine::new(node, &cfg.run_dir, metrics.policy.clone(), applier);
+    let reports = policy::engine::follow_cluster(kube.client());
+    log::info!("NetworkPolicy enforcement on: following NetworkPolicies, Pods and Namespaces");
+    Ok(Some(tokio::spawn(engine.run(reports, stop))))
 }
 
 /// `--cleanup`: withdraws what HeadCNI added (advertised routes, its approvals), removes its
@@ -281,7 +312,12 @@ pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let ts = SocketLocalApi::new(&cfg.tailscale_socket);
     let hs = headscale_client(&cfg)?;
     let dp = KernelHostNetwork::current()?.with_sysctl_root(cfg.sysctl_root.clone());
-    let errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::CleanupScope::Full).await;
+    let mut errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::CleanupScope::Full).await;
+    match tokio::task::spawn_blocking(policy::engine::remove_table).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => errors.push(format!("removing table inet {}: {e}", policy::compile::TABLE)),
+        Err(e) => errors.push(format!("removing table inet {}: {e}", policy::compile::TABLE)),
+    }
     if errors.is_empty() {
         log::info!("cleanup done");
         Ok(0)

@@ -445,6 +445,66 @@ impl Cluster {
     }
 }
 
+impl Pod {
+    /// Reads a Pod object: its addresses only while it is running or about to (a finished
+    /// pod's address may already belong to another), its named container ports.
+    pub fn from_object(obj: &k8s_openapi::api::core::v1::Pod) -> Option<Self> {
+        let namespace = obj.metadata.namespace.clone()?;
+        let name = obj.metadata.name.clone()?;
+        let spec = obj.spec.as_ref();
+        let status = obj.status.as_ref();
+        let finished = status.and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if !finished && obj.metadata.deletion_timestamp.is_none() {
+            for ip in status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten() {
+                if let Ok(a) = ip.ip.parse::<IpAddr>()
+                    && !ips.contains(&a)
+                {
+                    ips.push(a);
+                }
+            }
+            if ips.is_empty()
+                && let Some(a) = status.and_then(|s| s.pod_ip.as_deref()).and_then(|s| s.parse::<IpAddr>().ok())
+            {
+                ips.push(a);
+            }
+        }
+        let mut named_ports = Vec::new();
+        for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {
+            for p in c.ports.iter().flatten() {
+                let (Some(pname), Some(protocol), Ok(port)) = (
+                    p.name.as_ref().filter(|n| !n.is_empty()),
+                    Protocol::parse(p.protocol.as_deref()),
+                    u16::try_from(p.container_port),
+                ) else {
+                    continue;
+                };
+                named_ports.push(NamedPort { name: pname.clone(), protocol, port });
+            }
+        }
+        named_ports.sort();
+        named_ports.dedup();
+        Some(Self {
+            namespace,
+            name,
+            labels: obj.metadata.labels.clone().unwrap_or_default(),
+            ips,
+            node: spec.and_then(|s| s.node_name.clone()),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            named_ports,
+        })
+    }
+}
+
+impl Policy {
+    /// Reads a NetworkPolicy object.
+    pub fn from_object(obj: &k8s_openapi::api::networking::v1::NetworkPolicy) -> Option<Self> {
+        let namespace = obj.metadata.namespace.as_deref()?;
+        let name = obj.metadata.name.as_deref()?;
+        Some(Self::from_spec(namespace, name, &obj.spec.clone().unwrap_or_default()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 use super::{IpamView, StatusArgs};
 use crate::agent::hostnet::{self, KernelHostNetwork, RULE_PROTOCOL, SYSCTL_FORWARD_V4, SYSCTL_FORWARD_V6};
+use crate::agent::policy::engine::PolicyStatus;
 use crate::clients::localapi::{LocalApi, Prefs, SocketLocalApi, Status};
 use crate::netlink::nft::NftFamily;
 use crate::netlink::sysctl::SysctlRoot;
@@ -33,11 +34,13 @@ pub struct Files {
     /// The configuration the runtime uses: the first in the directory.
     pub first_conflist: Option<String>,
     pub ipam: Option<IpamView>,
+    /// The NetworkPolicy engine's status file.
+    pub policy: Option<PolicyStatus>,
 }
 
 impl Default for Files {
     fn default() -> Self {
-        Self { node_file: Ok(None), conflist_present: false, first_conflist: None, ipam: None }
+        Self { node_file: Ok(None), conflist_present: false, first_conflist: None, ipam: None, policy: None }
     }
 }
 
@@ -49,6 +52,7 @@ pub fn read_files(args: &StatusArgs) -> Files {
         conflist_present: conflist.is_file(),
         first_conflist: first_conflist(&args.conf_dir),
         ipam: ipam_view(&conflist),
+        policy: PolicyStatus::load(&args.run_dir),
     }
 }
 
