@@ -4,6 +4,8 @@
 //! ```text
 //! chain forward { type filter hook forward priority filter - 5; policy accept;
 //!     ct state established,related accept        # replies, and connections already allowed
+//!     ip saddr . ip daddr @self4 accept          # a pod reaching itself through a service
+//!     ip6 saddr . ip6 daddr @self6 accept
 //!     iifname "hc*" jump egress                  # from a local pod: its egress
 //!     oifname "hc*" jump ingress                 # to a local pod: its ingress
 //! }
@@ -65,6 +67,9 @@ pub const CHAIN_FORWARD: &str = "forward";
 pub const CHAIN_INPUT: &str = "input";
 pub const CHAIN_EGRESS: &str = "egress";
 pub const CHAIN_INGRESS: &str = "ingress";
+/// (address, same address) of every local pod: its traffic to itself.
+const SELF4: &str = "self4";
+const SELF6: &str = "self6";
 
 /// What the rule set does, in numbers (for status and metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -450,6 +455,10 @@ fn base_chains(ruleset: &mut Ruleset) {
             base: Some(BaseHook { hook: Hook::Forward, priority: PRIORITY }),
             rules: vec![
                 established.clone(),
+                // A pod reaching itself (through a service address, back out of its own
+                // interface) follows no policy.
+                Rule::new(vec![Match::SaddrDaddrInSet(IpVersion::V4, SELF4.into())], Verdict::Accept),
+                Rule::new(vec![Match::SaddrDaddrInSet(IpVersion::V6, SELF6.into())], Verdict::Accept),
                 Rule::new(vec![from_pod.clone()], Verdict::Jump(CHAIN_EGRESS.into())),
                 Rule::new(
                     vec![Match::IfnamePrefix(Iface::Output, POD_IFNAME_PREFIX.into())],
@@ -518,6 +527,16 @@ pub fn compile(cluster: &Cluster, node: &str) -> (Ruleset, Stats) {
         }
         maps.insert(pending_name(direction).into(), Set::new(KeyType::Group, SetKind::VerdictMap));
     }
+    let mut own = [
+        Set::new(KeyType::AddrPair(IpVersion::V4), SetKind::Plain),
+        Set::new(KeyType::AddrPair(IpVersion::V6), SetKind::Plain),
+    ];
+    for ip in local.iter().flat_map(|p| p.ips.iter()) {
+        own[usize::from(ip.is_ipv6())].insert(Elem::AddrPair(*ip, *ip));
+    }
+    let [own4, own6] = own;
+    b.ruleset.sets.insert(SELF4.into(), own4);
+    b.ruleset.sets.insert(SELF6.into(), own6);
     let mut in_force = BTreeSet::new();
     // Verdicts of the pods waiting for their addresses, by namespace and direction.
     let mut waiting: BTreeMap<(String, Direction), Vec<Verdict>> = BTreeMap::new();

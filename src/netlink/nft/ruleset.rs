@@ -13,6 +13,7 @@
 //! | `AddrInSet` | `ip saddr @set` |
 //! | `DportRange` | `th dport 80-90` |
 //! | `DaddrProtoPortInSet` | `ip daddr . meta l4proto . th dport @set` |
+//! | `SaddrDaddrInSet` | `ip saddr . ip daddr @set` |
 //! | `Icmpv6TypeRange` | `icmpv6 type 133-137` |
 //!
 //! and a rule ends in a verdict (`accept`, `drop`, `return`, `jump`, `goto`) or in a verdict
@@ -292,6 +293,8 @@ pub enum Match {
     DportRange(u16, u16),
     /// `ip daddr . meta l4proto . th dport` is in the named set.
     DaddrProtoPortInSet(IpVersion, String),
+    /// The pair (source, destination) is in the set (of [`KeyType::AddrPair`]).
+    SaddrDaddrInSet(IpVersion, String),
     /// An ICMPv6 message whose type lies in `lo..=hi`.
     Icmpv6TypeRange(u8, u8),
 }
@@ -335,7 +338,9 @@ impl Rule {
     /// The sets (and maps) the rule reads.
     pub fn sets(&self) -> impl Iterator<Item = &str> {
         let from_matches = self.matches.iter().filter_map(|m| match m {
-            Match::AddrInSet(_, _, s) | Match::DaddrProtoPortInSet(_, s) => Some(s.as_str()),
+            Match::AddrInSet(_, _, s) | Match::DaddrProtoPortInSet(_, s) | Match::SaddrDaddrInSet(_, s) => {
+                Some(s.as_str())
+            }
             _ => None,
         });
         let from_action = match &self.action {
@@ -401,6 +406,8 @@ pub enum KeyType {
     Group,
     /// `ip daddr . meta l4proto . th dport`.
     AddrProtoPort(IpVersion),
+    /// `ip saddr . ip daddr`.
+    AddrPair(IpVersion),
 }
 
 impl KeyType {
@@ -409,6 +416,7 @@ impl KeyType {
             Self::Addr(v) => v.addr_len(),
             Self::Group => 4,
             Self::AddrProtoPort(v) => v.addr_len() + 8,
+            Self::AddrPair(v) => 2 * v.addr_len(),
         }
     }
 
@@ -418,6 +426,7 @@ impl KeyType {
             Self::Addr(v) => addr(v),
             Self::Group => TYPE_DEVGROUP,
             Self::AddrProtoPort(v) => (((addr(v) << TYPE_BITS) | TYPE_INET_PROTOCOL) << TYPE_BITS) | TYPE_INET_SERVICE,
+            Self::AddrPair(v) => (addr(v) << TYPE_BITS) | addr(v),
         }
     }
 
@@ -453,6 +462,8 @@ pub enum Elem {
     Group(u32),
     /// (address, IP protocol, port).
     AddrProtoPort(IpAddr, u8, u16),
+    /// (source, destination).
+    AddrPair(IpAddr, IpAddr),
 }
 
 /// A set and its elements (with a verdict each in a verdict map).
@@ -520,6 +531,7 @@ fn elem_fits(key: KeyType, kind: SetKind, elem: &Elem) -> bool {
         }
         (KeyType::Group, Elem::Group(_)) => kind != SetKind::Interval,
         (KeyType::AddrProtoPort(v), Elem::AddrProtoPort(a, _, _)) => kind != SetKind::Interval && version(a) == v,
+        (KeyType::AddrPair(v), Elem::AddrPair(a, b)) => kind != SetKind::Interval && version(a) == v && version(b) == v,
         _ => false,
     }
 }
@@ -831,6 +843,12 @@ fn encode_match(b: &mut Buf, m: &Match) {
             payload_load(b, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_00 + words + 1);
             lookup(b, set, false);
         }
+        Match::SaddrDaddrInSet(v, set) => {
+            // Source and destination are adjacent in the header: one load fills both.
+            nfproto(b, *v);
+            payload_load(b, NFT_PAYLOAD_NETWORK_HEADER, v.addr_offset(AddrField::Source), 2 * v.addr_len(), NFT_REG_1);
+            lookup(b, set, false);
+        }
         Match::Icmpv6TypeRange(lo, hi) => {
             meta_load(b, NFT_META_L4PROTO, NFT_REG_1);
             cmp(b, NFT_CMP_EQ, &[IPPROTO_ICMPV6]);
@@ -895,6 +913,11 @@ fn kernel_elements(elem: &Elem) -> Vec<(Vec<u8>, bool)> {
             key.extend_from_slice(&[*proto, 0, 0, 0]);
             key.extend_from_slice(&be16(*port));
             key.extend_from_slice(&[0, 0]);
+            vec![(key, false)]
+        }
+        Elem::AddrPair(a, b) => {
+            let mut key = addr_bytes(a);
+            key.extend_from_slice(&addr_bytes(b));
             vec![(key, false)]
         }
     }
@@ -1439,6 +1462,7 @@ impl Ruleset {
             Match::Icmpv6TypeRange(lo, hi) => {
                 p.l4proto == IPPROTO_ICMPV6 && p.icmp_type.is_some_and(|t| *lo <= t && t <= *hi)
             }
+            Match::SaddrDaddrInSet(v, set) => IpVersion::of(&p.src) == *v && set_has(set, Elem::AddrPair(p.src, p.dst)),
         }
     }
 
@@ -1525,6 +1549,7 @@ pub fn describe_match(m: &Match) -> String {
         Match::DportRange(lo, hi) => format!("th dport {lo}-{hi}"),
         Match::DaddrProtoPortInSet(v, s) => format!("{} daddr . meta l4proto . th dport @{s}", v.nft_name()),
         Match::Icmpv6TypeRange(lo, hi) => format!("icmpv6 type {lo}-{hi}"),
+        Match::SaddrDaddrInSet(v, s) => format!("{n} saddr . {n} daddr @{s}", n = v.nft_name()),
     }
 }
 
