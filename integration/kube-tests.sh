@@ -17,6 +17,10 @@
 #   dns               CoreDNS answers a Service's name; a pod reaches it by name
 #   hostport          a hostPort through the chained portmap plugin, from another node
 #   first_packet      from a pod's creation to its first packet answered by a pod on another node
+#   netpol            NetworkPolicies enforced across nodes in both directions: ingress at the
+#                     destination's node, egress at the source's; pods no policy isolates untouched
+#   netpol_off        config.network.networkPolicy=false: no node keeps table inet headcni-policy,
+#                     the policies no longer hold; then on again
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
 #                     cross-node traffic flows (longest gap measured)
 #   apiserver_restart the API server restarted during a rollout; pods stay connected
@@ -39,8 +43,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet upgrade apiserver_restart
-	kubelet_restart token_rotation node_join node_delete uninstall helm_install)
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_off upgrade
+	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
 declare -a WANT=()
@@ -566,6 +570,144 @@ t_helm_install() {
 	done
 	hc_wait_for 30 "pods across nodes connected again" cross_node_ok || hc_die "pods across nodes not connected after the reinstall"
 	note "plain helm upgrade --install (keys from an existing Secret): routes approved again, pods connected"
+}
+
+# --- NetworkPolicy -------------------------------------------------------------------
+
+NP_NS=hcnetpol
+
+# np_pods : in $NP_NS, on each node I: sI (app=server), cI (role=client), oI (role=other), each
+# serving HTTP on 8080 (agnhost netexec, the port named http) with a readiness probe.
+np_pods() {
+	local i name labels
+	kubectl get namespace "$NP_NS" >/dev/null 2>&1 && return 0
+	kubectl create namespace "$NP_NS" >/dev/null
+	for ((i = 1; i <= HC_NODES; i++)); do
+		for name in s c o; do
+			case $name in s) labels="app: server" ;; c) labels="role: client" ;; *) labels="role: other" ;; esac
+			kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name$i, namespace: $NP_NS, labels: {$labels}}
+spec:
+  nodeName: node-$i
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: $KUBE_AGNHOST_IMAGE
+    args: [netexec, --http-port=8080, --udp-port=8081]
+    ports: [{containerPort: 8080, name: http}]
+    readinessProbe:
+      httpGet: {path: /healthz, port: 8080}
+      periodSeconds: 1
+EOF
+		done
+	done
+	kubectl -n "$NP_NS" wait --for=condition=Ready pod --all --timeout=90s >/dev/null ||
+		hc_die "the policy test pods are not Ready"
+}
+
+# np_reach FROM TO : whether pod FROM gets an HTTP answer from pod TO (a new connection, 2 s).
+np_reach() {
+	kube_exec "$NP_NS" "$1" curl -fsS --max-time 2 -o /dev/null \
+		"http://$(kube_pod_ip "$NP_NS" "$2"):8080/hostname" 2>/dev/null
+}
+np_denied() { ! np_reach "$@"; }
+
+# np_expect FROM TO yes|no WHY
+np_expect() {
+	if np_reach "$1" "$2"; then
+		[[ $3 == yes ]] || hc_die "$1 -> $2 passed, must be denied: $4"
+	else
+		[[ $3 == no ]] || hc_die "$1 -> $2 denied, must pass: $4"
+	fi
+}
+
+# np_policies : servers accept clients on their port named http; clients may reach servers only.
+np_policies() {
+	kubectl apply -f - >/dev/null <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-ingress, namespace: $NP_NS}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{protocol: TCP, port: http}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-egress, namespace: $NP_NS}
+spec:
+  podSelector: {matchLabels: {role: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: server}}}]
+EOF
+}
+
+# np_engine_on I : node I's engine reports itself on and synced (its status file).
+np_engine_on() {
+	node_exec "$1" cat "$HC_RUN_DIR/policy.json" | jq -e '.enabled and .synced' >/dev/null
+}
+
+# Policies across nodes, both directions: each node enforces the ingress of its own pods and
+# the egress of its own pods.
+t_netpol() {
+	local t0 denied_s i
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	# Without policies everything passes (so that a refusal below is a policy's).
+	np_expect o1 s2 yes "no policy yet"
+	np_expect c2 o1 yes "no policy yet"
+	t0=$(hc_now)
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "o1 -> s2 still passes 10 s after the policies"
+	denied_s=$(hc_since "$t0")
+	np_expect c1 s2 yes "node 1 client -> node 2 server: ingress (named port) and egress allow"
+	np_expect c2 s1 yes "node 2 client -> node 1 server"
+	np_expect o1 s2 no "ingress enforced at node 2"
+	np_expect o2 s1 no "ingress enforced at node 1"
+	np_expect c1 o2 no "egress enforced at node 1"
+	np_expect c2 o1 no "egress enforced at node 2"
+	np_expect o1 o2 yes "pods no policy isolates"
+	np_expect o2 o1 yes "pods no policy isolates"
+	np_expect s1 o2 yes "a server's own egress is not isolated"
+	np_expect s2 c1 yes "a server's own egress is not isolated"
+	kubectl -n "$NP_NS" get pods -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' |
+		grep -qv '^True$' && hc_die "a pod turned unready: the kubelet's probes must pass"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		np_engine_on "$i" || hc_die "node $i: the engine does not report itself on and synced"
+	done
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	hc_wait_for 10 "o1 -> s2 allowed again" np_reach o1 s2 || hc_die "o1 -> s2 still denied after the policies went"
+	note "ingress and egress enforced across nodes both ways (10 checks, probes pass); o1 -> s2 denied ${denied_s}s after kubectl apply (curl timeouts included); allowed again after delete"
+}
+
+t_netpol_off() {
+	local i
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "the policies are not enforced to begin with"
+	helm_upgrade --set config.network.networkPolicy=false || hc_die "helm upgrade failed"
+	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		ip netns exec "$(node_ns "$i")" nft list table inet headcni-policy >/dev/null 2>&1 &&
+			hc_die "node $i: table inet headcni-policy is still there with enforcement off"
+		node_exec "$i" cat "/etc/cni/net.d/$HC_CONFLIST" | jq -e '.plugins[0].enable_network_policy == false' >/dev/null ||
+			hc_die "node $i: the conflist does not say enable_network_policy false"
+		node_exec "$i" cat "$HC_RUN_DIR/policy.json" | jq -e '.enabled == false' >/dev/null ||
+			hc_die "node $i: the engine does not report itself off"
+	done
+	np_expect o1 s2 yes "enforcement off"
+	np_expect c1 o2 yes "enforcement off"
+	helm_upgrade --set config.network.networkPolicy=true || hc_die "helm upgrade failed"
+	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out"
+	hc_wait_for 15 "o1 -> s2 denied again" np_denied o1 s2 || hc_die "enforcement did not come back"
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	note "networkPolicy=false: no node has table inet headcni-policy, every conflist and engine says off, the policies no longer hold; back on: enforced again"
 }
 
 tr_run "${WANT[@]}"
