@@ -335,3 +335,77 @@ fn an_established_connection_survives_a_hundred_unrelated_changes() {
     assert!(!connects(&w.pods[2], V4[0], 8080), "y/other -> x/web must stay denied");
     assert!(connects(&w.pods[1], V4[0], 8080), "x/client -> x/web stays allowed");
 }
+
+/// Sets a link's interface group with the call the plugin makes (iproute2 refuses groups with
+/// the high bit set).
+fn set_group(ns: &Netns, link: &str, group: u32) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let nl = headcni::netlink::Netlink::connect_in(&headcni::netlink::Netns::open(&ns.path()).unwrap()).unwrap();
+        let index = nl.link(link).await.unwrap().unwrap().index;
+        nl.set_group(index, group).await.unwrap();
+    });
+    let shown = ns.exec_ok(&["ip", "-d", "link", "show", link]);
+    assert!(!shown.contains("group default"), "{shown}");
+}
+
+#[test]
+fn a_new_pod_gets_its_namespace_rules_before_its_address_is_known() {
+    require_root!();
+    if !nft_installed() {
+        eprintln!("skipped: no nft tool");
+        return;
+    }
+    let w = world();
+    let _servers = [listen(&w.pods[0], 8080), listen(&w.pods[0], 9999)];
+    std::thread::sleep(Duration::from_millis(300));
+    let (client, other) = (&w.pods[1], &w.pods[2]);
+    let dir = tempfile::tempdir().unwrap();
+    // x/web p0 is scheduled here and attached, but its Pod does not show its addresses yet.
+    let unaddressed = || match pod(0, "x", "web") {
+        Item::Pod(p) => Item::Pod(Pod { ips: vec![], ..p }),
+        other => other,
+    };
+    let mut items = namespaces();
+    items.extend([
+        (Followed::Pods, unaddressed()),
+        (Followed::Pods, pod(1, "x", "client")),
+        (Followed::Pods, pod(2, "y", "other")),
+        (
+            Followed::Policies,
+            policy(
+                "x",
+                "web",
+                serde_json::json!({
+                    "podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                 "ports": [{"port": 8080}]}]
+                }),
+            ),
+        ),
+    ]);
+    let mut e = engine(&w, dir.path(), items);
+    let stats = e.apply(None).unwrap();
+    assert_eq!(stats.pending_pods, 1, "{stats:?}");
+    // An untagged interface: the address is all the rules could go by, and it is not known.
+    assert!(connects(other, V4[0], 8080), "untagged: the window the tag closes");
+    // Tagged with its namespace's group (as the plugin does): the rules of the pods of x still
+    // waiting for their addresses hold at once.
+    set_group(&w.node, "hcnp0", headcni::podgroup::namespace_group("x"));
+    let cases: &[(&Netns, &str, u16, bool, &str)] = &[
+        (client, V4[0], 8080, true, "x/client -> new web pod:8080"),
+        (other, V4[0], 8080, false, "y/other -> new web pod (not a client)"),
+        (client, V4[0], 9999, false, "x/client -> new web pod:9999 (port not allowed)"),
+        (other, V6[0], 8080, false, "y/other -> new web pod over IPv6"),
+    ];
+    for (from, to, port, want, what) in cases {
+        assert_eq!(connects(from, to, *port), *want, "before its addresses are known: {what}");
+    }
+    // Its addresses arrive: the same rules, now by address.
+    e.take(Followed::Pods, Seen::Applied(pod(0, "x", "web")));
+    let stats = e.apply(None).unwrap();
+    assert_eq!((stats.pending_pods, stats.isolated_ingress), (0, 1), "{stats:?}");
+    for (from, to, port, want, what) in cases {
+        assert_eq!(connects(from, to, *port), *want, "once its addresses are known: {what}");
+    }
+}

@@ -97,6 +97,10 @@ pub struct AttachmentSpec {
     pub addresses: Vec<PodAddress>,
     /// Routes through the gateway of their family (from IPAM, or a default route per family).
     pub routes: Vec<Route>,
+    /// The interface group of the host end: the pod's namespace ([`crate::podgroup`]), set
+    /// before the link goes up when `enable_network_policy` is on, so that the policy engine
+    /// holds the pod to its namespace's rules before it knows the pod's addresses.
+    pub group: Option<u32>,
 }
 
 impl AttachmentSpec {

@@ -229,6 +229,9 @@ async fn attach(
             .map_err(|source| DataplaneError::Sysctl { key: pod_key.clone(), source })?;
     }
     pod.set_up(pod_link.index, None).await?;
+    if let Some(group) = att.group {
+        host.set_group(host_link.index, group).await?;
+    }
     host.set_up(host_link.index, Some(&att.alias)).await?;
 
     for a in &att.addresses {

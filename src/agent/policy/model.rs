@@ -489,7 +489,9 @@ impl Pod {
             name,
             labels: obj.metadata.labels.clone().unwrap_or_default(),
             ips,
-            node: spec.and_then(|s| s.node_name.clone()),
+            // A finished pod has no interface left on its node: it is not waiting for
+            // addresses either.
+            node: spec.and_then(|s| s.node_name.clone()).filter(|_| !finished),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             named_ports,
         })
