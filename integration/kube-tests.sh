@@ -19,6 +19,9 @@
 #   first_packet      from a pod's creation to its first packet answered by a pod on another node
 #   netpol            NetworkPolicies enforced across nodes in both directions: ingress at the
 #                     destination's node, egress at the source's; pods no policy isolates untouched
+#   netpol_churn      100 updates of the policy that admits a flow, while it flows: nothing dropped
+#   netpol_restart    node 2's agent replaced: its rules hold meanwhile, changes made meanwhile are
+#                     enforced once it is back
 #   netpol_off        config.network.networkPolicy=false: no node keeps table inet headcni-policy,
 #                     the policies no longer hold; then on again
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
@@ -43,7 +46,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_off upgrade
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_churn netpol_restart netpol_off upgrade
 	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
@@ -683,6 +686,81 @@ t_netpol() {
 	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
 	hc_wait_for 10 "o1 -> s2 allowed again" np_reach o1 s2 || hc_die "o1 -> s2 still denied after the policies went"
 	note "ingress and egress enforced across nodes both ways (10 checks, probes pass); o1 -> s2 denied ${denied_s}s after kubectl apply (curl timeouts included); allowed again after delete"
+}
+
+# 100 updates of the policy that lets the traffic in, while the traffic flows: no allowed
+# request may fail (every update is one atomic batch, established connections pass first).
+t_netpol_churn() {
+	local i log=$HC_STATE_DIR/tests/netpol-churn.log fails total pid
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "the policies are not enforced to begin with"
+	mkdir -p "$(dirname "$log")"
+	# c1 (node 1) -> s2 (node 2): a new connection every 0.1 s, each allowed by the policies
+	kube_exec "$NP_NS" c1 rm -f /tmp/churn-done
+	kube_exec "$NP_NS" c1 sh -c "until [ -e /tmp/churn-done ]; do curl -fsS --max-time 1 -o /dev/null \
+		http://$(kube_pod_ip "$NP_NS" s2):8080/hostname && echo ok || echo FAIL; sleep 0.1; done" >"$log" 2>&1 &
+	pid=$!
+	for ((i = 1; i <= 100; i++)); do
+		kubectl apply -f - >/dev/null <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-ingress, namespace: $NP_NS}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{protocol: TCP, port: http}, {protocol: TCP, port: $((9000 + i))}]
+  - from: [{ipBlock: {cidr: 10.$((i % 200)).0.0/16}}]
+EOF
+	done
+	kube_exec "$NP_NS" c1 touch /tmp/churn-done
+	wait "$pid" || true
+	fails=$(grep -c FAIL "$log" || true)
+	total=$(grep -cE '^(ok|FAIL)$' "$log" || true)
+	((total > 50)) || hc_die "too few requests during the churn ($total)"
+	((fails == 0)) || hc_die "$fails of $total allowed requests failed during 100 policy updates"
+	np_expect o1 s2 no "still denied after the churn"
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	note "100 updates of the policy admitting the traffic: $total requests c1 -> s2 across nodes during them, none failed"
+	note "engine latency from a change seen to its rules in force: node 1 $(np_latency 1); node 2 $(np_latency 2)"
+}
+
+# np_latency I : "count, p50 <= X s, p99 <= Y s" of node I's engine from a change seen to the
+# rules in force (headcni_policy_enforce_latency_seconds, the upper bounds of its buckets).
+np_latency() {
+	node_exec "$1" curl -fsS --max-time 5 http://127.0.0.1:8080/metrics |
+		awk -F'[{}" ]+' '/^headcni_policy_enforce_latency_seconds_bucket/ { le[n] = $3; c[n++] = $NF }
+			END { total = c[n-1]; p50 = p99 = "?";
+				for (i = 0; i < n; i++) {
+					if (p50 == "?" && c[i] >= 0.5 * total) p50 = le[i]
+					if (p99 == "?" && c[i] >= 0.99 * total) p99 = le[i]
+				}
+				printf "%d changes, p50 <= %s s, p99 <= %s s", total, p50, p99 }'
+}
+
+# The agent of node 2 restarted: its table holds while it is away, and what changed meanwhile
+# is enforced once it is back.
+t_netpol_restart() {
+	local old new
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "the policies are not enforced to begin with"
+	old=$(kube_agent_pod 2)
+	kubectl -n "$KUBE_HC_NS" delete pod "$old" --wait=false >/dev/null
+	ip netns exec "$(node_ns 2)" nft list table inet headcni-policy >/dev/null ||
+		hc_die "node 2's table went with its agent"
+	np_expect o1 s2 no "node 2's agent restarting: its rules stay in force"
+	kubectl -n "$NP_NS" delete networkpolicy server-ingress >/dev/null
+	kube_headcni_rollout_wait 120 || hc_die "node 2's agent did not come back"
+	new=$(kube_agent_pod 2)
+	[[ $new != "$old" ]] || hc_die "node 2's agent was not replaced"
+	hc_wait_for 15 "o1 -> s2 allowed" np_reach o1 s2 || hc_die "the policy deleted while node 2's agent was away is still enforced"
+	np_expect c1 o2 no "node 1 (not restarted) still enforces the egress policy"
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	note "node 2's agent replaced ($old -> $new): its table and rules held meanwhile; a policy deleted meanwhile is no longer enforced once it is back"
 }
 
 t_netpol_off() {
