@@ -549,6 +549,8 @@ t_uninstall() {
 		for f in /opt/cni/bin/headcni /opt/cni/bin/headcni-ipam "/etc/cni/net.d/$HC_CONFLIST"; do
 			node_exec "$i" test -e "$f" && left+=("node-$i:$f")
 		done
+		ip netns exec "$(node_ns "$i")" nft list table inet headcni-policy >/dev/null 2>&1 &&
+			left+=("node-$i:table inet headcni-policy")
 	done
 	((${#left[@]} == 0)) || hc_die "HeadCNI's files are still on the nodes after helm uninstall: ${left[*]}"
 }

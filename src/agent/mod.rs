@@ -193,7 +193,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     };
 
     let kube = kube_client(&cfg).await?;
-    let policy_engine = start_policy_engine(&cfg, kube.as_ref(), &metrics, stop_rx.clone()).await?;
+    let mut policy_engine = start_policy_engine(&cfg, kube.as_ref(), &metrics).await?;
     let mut rec = Reconciler::new(
         cfg.clone(),
         cidr_source(&cfg, kube.as_ref())?,
@@ -237,6 +237,19 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let mut was_ready = false;
     let signal = loop {
         let sig = signal_rx.borrow_and_update().clone();
+        // The uninstall signal takes the policy table with the rest; called off, it comes back.
+        match (sig.signal == Signal::Teardown, policy_engine.is_some()) {
+            (true, true) => {
+                if let Some(engine) = policy_engine.take() {
+                    engine.stop().await;
+                }
+                disable_policy(&cfg, &metrics).await;
+            }
+            (false, false) if cfg.network_policy && sig.signal == Signal::Normal => {
+                policy_engine = start_policy_engine(&cfg, kube.as_ref(), &metrics).await?;
+            }
+            _ => {}
+        }
         let outcome = tokio::select! {
             o = rec.pass(&sig) => o,
             _ = term.recv() => break "SIGTERM",
@@ -273,7 +286,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let _ = stop_tx.send(true);
     if let Some(engine) = policy_engine {
         // The table stays: the rules hold while the agent is away.
-        let _ = tokio::time::timeout(Duration::from_secs(2), engine).await;
+        engine.stop().await;
     }
     metrics.collect_events();
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
@@ -281,29 +294,48 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// The running NetworkPolicy engine.
+struct PolicyTask {
+    handle: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl PolicyTask {
+    /// Stops following the cluster; the table stays as it is.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.handle).await;
+    }
+}
+
+/// Enforcement off (or uninstalled): the table removed.
+async fn disable_policy(cfg: &AgentConfig, metrics: &metrics::Metrics) {
+    let (run_dir, m) = (cfg.run_dir.clone(), metrics.policy.clone());
+    match tokio::task::spawn_blocking(move || policy::engine::disable(&run_dir, &m)).await {
+        Ok(Ok(())) => log::info!("NetworkPolicy enforcement off: table inet {} absent", policy::compile::TABLE),
+        Ok(Err(e)) => log::warn!("NetworkPolicy enforcement off, but removing its table failed: {e}"),
+        Err(e) => log::warn!("removing the NetworkPolicy table: {e}"),
+    }
+}
+
 /// The NetworkPolicy engine when enforcement is on; when it is off, its table removed.
 async fn start_policy_engine(
     cfg: &AgentConfig,
     kube: Option<&kube::Kube>,
     metrics: &metrics::Metrics,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Option<PolicyTask>> {
     let (true, Some(kube), Some(node)) = (cfg.network_policy, kube, cfg.node_name.as_deref()) else {
-        let (run_dir, m) = (cfg.run_dir.clone(), metrics.policy.clone());
-        match tokio::task::spawn_blocking(move || policy::engine::disable(&run_dir, &m)).await {
-            Ok(Ok(())) => log::info!("NetworkPolicy enforcement off: table inet {} absent", policy::compile::TABLE),
-            Ok(Err(e)) => log::warn!("NetworkPolicy enforcement off, but removing its table failed: {e}"),
-            Err(e) => log::warn!("removing the NetworkPolicy table: {e}"),
-        }
+        disable_policy(cfg, metrics).await;
         return Ok(None);
     };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let nft = crate::netlink::nft::Nft::connect()
         .map_err(|e| anyhow::anyhow!("NetworkPolicy engine: opening nf_tables: {e}"))?;
     let applier = policy::engine::Applier::new(nft, policy::compile::TABLE);
     let engine = policy::engine::Engine::new(node, &cfg.run_dir, metrics.policy.clone(), applier);
     let reports = policy::engine::follow_cluster(kube.client());
     log::info!("NetworkPolicy enforcement on: following NetworkPolicies, Pods and Namespaces");
-    Ok(Some(tokio::spawn(engine.run(reports, stop))))
+    Ok(Some(PolicyTask { handle: tokio::spawn(engine.run(reports, stop)), stop: stop_tx }))
 }
 
 /// `--cleanup`: withdraws what HeadCNI added (advertised routes, its approvals), removes its
