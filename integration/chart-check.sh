@@ -196,19 +196,28 @@ for doc in docs:
         if spec.get("automountServiceAccountToken") is not False:
             errors.append(f"{name}: every container gets an API token")
 
-# RBAC: nodes only, read; "patch" only where the node-identity policy narrows it (controller
-# mode), for the two service accounts the policy names.
+# RBAC: nodes read, and "patch" only where the node-identity policy narrows it (controller
+# mode), for the two service accounts the policy names; NetworkPolicies, Pods and Namespaces
+# followed (list, watch) for NetworkPolicy enforcement. Nothing else.
 policy = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
 narrowed = " ".join(c["expression"] for d in policy for c in d["spec"].get("matchConditions", []))
 bindings = {d["roleRef"]["name"]: d["subjects"] for d in docs if d["kind"] == "ClusterRoleBinding"}
+allowed = {
+    ("", "nodes"): (["get", "list", "watch"], ["get", "list", "patch", "watch"]),
+    ("", "pods"): (["list", "watch"],),
+    ("", "namespaces"): (["list", "watch"],),
+    ("networking.k8s.io", "networkpolicies"): (["list", "watch"],),
+}
 for doc in docs:
     if doc["kind"] == "ClusterRole":
         cr = doc["metadata"]["name"]
         for r in doc["rules"]:
             verbs = sorted(r["verbs"])
-            if r.get("resources") != ["nodes"] or verbs not in (["get", "list", "watch"], ["get", "list", "patch", "watch"]):
-                errors.append(f"ClusterRole/{cr}: rule beyond get/list/watch/patch nodes: {r}")
-            elif "patch" in verbs:
+            for group in r.get("apiGroups", []):
+                for res in r.get("resources", []):
+                    if verbs not in allowed.get((group, res), ()) or r.get("resourceNames"):
+                        errors.append(f"ClusterRole/{cr}: rule beyond what HeadCNI needs: {r}")
+            if "patch" in verbs:
                 for sub in bindings.get(cr, []):
                     user = f"system:serviceaccount:{sub['namespace']}:{sub['name']}"
                     if f"'{user}'" not in narrowed:
@@ -364,6 +373,7 @@ config:
       -----END CERTIFICATE-----
   network:
     podCIDR: "10.244.7.0/24, fd00:10:244:7::/64"
+    networkPolicy: false
 agent:
   privileged: true
   resources:
@@ -499,6 +509,11 @@ t_render_facts() {
 	expect_in custom-resources "extra toleration kept" "example.com/dedicated"
 	expect_not_in custom-resources "teardown disabled" "helm.sh/hook"
 	expect_not_in custom-resources "privileged agent needs no /proc/sys mount" "--proc-sys-dir"
+	expect_in defaults "NetworkPolicy enforcement on by default" "--enable-network-policy=true"
+	expect_in defaults "the agent follows NetworkPolicies" 'resources: ["networkpolicies"]'
+	expect_in custom-resources "NetworkPolicy enforcement off" "--enable-network-policy=false"
+	expect_not_in custom-resources "no NetworkPolicy RBAC when off" "networkpolicies"
+	expect_not_in custom-resources "no Pod RBAC when off" '"pods"'
 }
 
 # `kubectl exec ds/headcni -- headcni status` in every mode: the agent container's environment

@@ -27,6 +27,13 @@
 #                     naming it; once removed, ready again (times measured)
 #   exclusive         a leftover conflist on node 2, then `helm upgrade --set cni.exclusive=true`: the
 #                     installer sets it aside (NAME.headcni-aside, unchanged), the agent is ready
+#   netpol            NetworkPolicies enforced across nodes in both directions: ingress at the
+#                     destination's node, egress at the source's; pods no policy isolates untouched
+#   netpol_churn      100 updates of the policy that admits a flow, while it flows: nothing dropped
+#   netpol_restart    node 2's agent replaced: its rules hold meanwhile, changes made meanwhile are
+#                     enforced once it is back
+#   netpol_off        config.network.networkPolicy=false: no node keeps table inet headcni-policy,
+#                     the policies no longer hold; then on again
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
 #                     cross-node traffic flows (longest gap measured)
 #   apiserver_restart the API server restarted during a rollout; pods stay connected
@@ -49,7 +56,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet status misconfig exclusive upgrade
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet status misconfig exclusive netpol netpol_churn netpol_restart netpol_off upgrade
 	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
@@ -231,12 +238,16 @@ t_ready_order() {
 t_rbac() {
 	local sa="system:serviceaccount:$KUBE_HC_NS:$KUBE_HC_RELEASE" td="$KUBE_HC_RELEASE-teardown" v
 	# "patch nodes": its node key on its own Node; the admission policy refuses anything else
-	# (controller-tests.sh, admission).
+	# (controller-tests.sh, admission). Pods, Namespaces and NetworkPolicies: followed by the
+	# NetworkPolicy engine.
 	local -a yes=("get nodes" "list nodes" "watch nodes" "patch nodes"
-		"get configmaps/$td -n $KUBE_HC_NS" "watch configmaps/$td -n $KUBE_HC_NS")
+		"get configmaps/$td -n $KUBE_HC_NS" "watch configmaps/$td -n $KUBE_HC_NS"
+		"list pods -A" "watch pods -A" "list namespaces" "watch namespaces"
+		"list networkpolicies.networking.k8s.io -A" "watch networkpolicies.networking.k8s.io -A")
 	local -a no=("update nodes" "delete nodes" "create nodes" "patch nodes --subresource=status" "update nodes --subresource=status" "create pods"
 		"get secrets -n $KUBE_HC_NS" "list secrets -A" "get configmaps/kube-root-ca.crt -n $KUBE_HC_NS"
-		"patch configmaps/$td -n $KUBE_HC_NS" "create configmaps -n $KUBE_HC_NS" "list pods -A"
+		"patch configmaps/$td -n $KUBE_HC_NS" "create configmaps -n $KUBE_HC_NS" "get pods -A"
+		"create networkpolicies.networking.k8s.io -n default" "delete pods -n default" "update namespaces"
 		"get daemonsets -n $KUBE_HC_NS" "create serviceaccounts/token -n $KUBE_HC_NS"
 		"get leases -n $KUBE_HC_NS" "get configmaps/$KUBE_HC_RELEASE-approvals -n $KUBE_HC_NS")
 	for v in "${yes[@]}"; do
@@ -669,6 +680,8 @@ t_uninstall() {
 		for f in /opt/cni/bin/headcni /opt/cni/bin/headcni-ipam "/etc/cni/net.d/$HC_CONFLIST"; do
 			node_exec "$i" test -e "$f" && left+=("node-$i:$f")
 		done
+		ip netns exec "$(node_ns "$i")" nft list table inet headcni-policy >/dev/null 2>&1 &&
+			left+=("node-$i:table inet headcni-policy")
 	done
 	((${#left[@]} == 0)) || hc_die "HeadCNI's files are still on the nodes after helm uninstall: ${left[*]}"
 }
@@ -693,6 +706,219 @@ t_helm_install() {
 	done
 	hc_wait_for 30 "pods across nodes connected again" cross_node_ok || hc_die "pods across nodes not connected after the reinstall"
 	note "plain helm upgrade --install (keys from an existing Secret): routes approved again, pods connected"
+}
+
+# --- NetworkPolicy -------------------------------------------------------------------
+
+NP_NS=hcnetpol
+
+# np_pods : in $NP_NS, on each node I: sI (app=server), cI (role=client), oI (role=other), each
+# serving HTTP on 8080 (agnhost netexec, the port named http) with a readiness probe.
+np_pods() {
+	local i name labels
+	kubectl get namespace "$NP_NS" >/dev/null 2>&1 && return 0
+	kubectl create namespace "$NP_NS" >/dev/null
+	for ((i = 1; i <= HC_NODES; i++)); do
+		for name in s c o; do
+			case $name in s) labels="app: server" ;; c) labels="role: client" ;; *) labels="role: other" ;; esac
+			kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name$i, namespace: $NP_NS, labels: {$labels}}
+spec:
+  nodeName: node-$i
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: $KUBE_AGNHOST_IMAGE
+    args: [netexec, --http-port=8080, --udp-port=8081]
+    ports: [{containerPort: 8080, name: http}]
+    readinessProbe:
+      httpGet: {path: /healthz, port: 8080}
+      periodSeconds: 1
+EOF
+		done
+	done
+	kubectl -n "$NP_NS" wait --for=condition=Ready pod --all --timeout=90s >/dev/null ||
+		hc_die "the policy test pods are not Ready"
+}
+
+# np_reach FROM TO : whether pod FROM gets an HTTP answer from pod TO (a new connection, 2 s).
+np_reach() {
+	kube_exec "$NP_NS" "$1" curl -fsS --max-time 2 -o /dev/null \
+		"http://$(kube_pod_ip "$NP_NS" "$2"):8080/hostname" 2>/dev/null
+}
+np_denied() { ! np_reach "$@"; }
+
+# np_expect FROM TO yes|no WHY
+np_expect() {
+	if np_reach "$1" "$2"; then
+		[[ $3 == yes ]] || hc_die "$1 -> $2 passed, must be denied: $4"
+	else
+		[[ $3 == no ]] || hc_die "$1 -> $2 denied, must pass: $4"
+	fi
+}
+
+# np_policies : servers accept clients on their port named http; clients may reach servers only.
+np_policies() {
+	kubectl apply -f - >/dev/null <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-ingress, namespace: $NP_NS}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{protocol: TCP, port: http}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-egress, namespace: $NP_NS}
+spec:
+  podSelector: {matchLabels: {role: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: server}}}]
+EOF
+}
+
+# np_engine_on I : node I's engine reports itself on and synced (its status file).
+np_engine_on() {
+	node_exec "$1" cat "$HC_RUN_DIR/policy.json" | jq -e '.enabled and .synced' >/dev/null
+}
+
+# Policies across nodes, both directions: each node enforces the ingress of its own pods and
+# the egress of its own pods.
+t_netpol() {
+	local t0 denied_s i
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	# Without policies everything passes (so that a refusal below is a policy's).
+	np_expect o1 s2 yes "no policy yet"
+	np_expect c2 o1 yes "no policy yet"
+	t0=$(hc_now)
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "o1 -> s2 still passes 10 s after the policies"
+	denied_s=$(hc_since "$t0")
+	np_expect c1 s2 yes "node 1 client -> node 2 server: ingress (named port) and egress allow"
+	np_expect c2 s1 yes "node 2 client -> node 1 server"
+	np_expect o1 s2 no "ingress enforced at node 2"
+	np_expect o2 s1 no "ingress enforced at node 1"
+	np_expect c1 o2 no "egress enforced at node 1"
+	np_expect c2 o1 no "egress enforced at node 2"
+	np_expect o1 o2 yes "pods no policy isolates"
+	np_expect o2 o1 yes "pods no policy isolates"
+	np_expect s1 o2 yes "a server's own egress is not isolated"
+	np_expect s2 c1 yes "a server's own egress is not isolated"
+	kubectl -n "$NP_NS" get pods -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' |
+		grep -qv '^True$' && hc_die "a pod turned unready: the kubelet's probes must pass"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		np_engine_on "$i" || hc_die "node $i: the engine does not report itself on and synced"
+	done
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	hc_wait_for 10 "o1 -> s2 allowed again" np_reach o1 s2 || hc_die "o1 -> s2 still denied after the policies went"
+	note "ingress and egress enforced across nodes both ways (10 checks, probes pass); o1 -> s2 denied ${denied_s}s after kubectl apply (curl timeouts included); allowed again after delete"
+}
+
+# 100 updates of the policy that lets the traffic in, while the traffic flows: no allowed
+# request may fail (every update is one atomic batch, established connections pass first).
+t_netpol_churn() {
+	local i log=$HC_STATE_DIR/tests/netpol-churn.log fails total pid
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "the policies are not enforced to begin with"
+	mkdir -p "$(dirname "$log")"
+	# c1 (node 1) -> s2 (node 2): a new connection every 0.1 s, each allowed by the policies
+	kube_exec "$NP_NS" c1 rm -f /tmp/churn-done
+	kube_exec "$NP_NS" c1 sh -c "until [ -e /tmp/churn-done ]; do curl -fsS --max-time 1 -o /dev/null \
+		http://$(kube_pod_ip "$NP_NS" s2):8080/hostname && echo ok || echo FAIL; sleep 0.1; done" >"$log" 2>&1 &
+	pid=$!
+	for ((i = 1; i <= 100; i++)); do
+		kubectl apply -f - >/dev/null <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-ingress, namespace: $NP_NS}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{protocol: TCP, port: http}, {protocol: TCP, port: $((9000 + i))}]
+  - from: [{ipBlock: {cidr: 10.$((i % 200)).0.0/16}}]
+EOF
+	done
+	kube_exec "$NP_NS" c1 touch /tmp/churn-done
+	wait "$pid" || true
+	fails=$(grep -c FAIL "$log" || true)
+	total=$(grep -cE '^(ok|FAIL)$' "$log" || true)
+	((total > 50)) || hc_die "too few requests during the churn ($total)"
+	((fails == 0)) || hc_die "$fails of $total allowed requests failed during 100 policy updates"
+	np_expect o1 s2 no "still denied after the churn"
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	note "100 updates of the policy admitting the traffic: $total requests c1 -> s2 across nodes during them, none failed"
+	note "engine latency from a change seen to its rules in force: node 1 $(np_latency 1); node 2 $(np_latency 2)"
+}
+
+# np_latency I : "count, p50 <= X s, p99 <= Y s" of node I's engine from a change seen to the
+# rules in force (headcni_policy_enforce_latency_seconds, the upper bounds of its buckets).
+np_latency() {
+	node_exec "$1" curl -fsS --max-time 5 http://127.0.0.1:8080/metrics |
+		awk -F'[{}" ]+' '/^headcni_policy_enforce_latency_seconds_bucket/ { le[n] = $3; c[n++] = $NF }
+			END { total = c[n-1]; p50 = p99 = "?";
+				for (i = 0; i < n; i++) {
+					if (p50 == "?" && c[i] >= 0.5 * total) p50 = le[i]
+					if (p99 == "?" && c[i] >= 0.99 * total) p99 = le[i]
+				}
+				printf "%d changes, p50 <= %s s, p99 <= %s s", total, p50, p99 }'
+}
+
+# The agent of node 2 restarted: its table holds while it is away, and what changed meanwhile
+# is enforced once it is back.
+t_netpol_restart() {
+	local old new
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "the policies are not enforced to begin with"
+	old=$(kube_agent_pod 2)
+	kubectl -n "$KUBE_HC_NS" delete pod "$old" --wait=false >/dev/null
+	ip netns exec "$(node_ns 2)" nft list table inet headcni-policy >/dev/null ||
+		hc_die "node 2's table went with its agent"
+	np_expect o1 s2 no "node 2's agent restarting: its rules stay in force"
+	kubectl -n "$NP_NS" delete networkpolicy server-ingress >/dev/null
+	kube_headcni_rollout_wait 120 || hc_die "node 2's agent did not come back"
+	new=$(kube_agent_pod 2)
+	[[ $new != "$old" ]] || hc_die "node 2's agent was not replaced"
+	hc_wait_for 15 "o1 -> s2 allowed" np_reach o1 s2 || hc_die "the policy deleted while node 2's agent was away is still enforced"
+	np_expect c1 o2 no "node 1 (not restarted) still enforces the egress policy"
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	note "node 2's agent replaced ($old -> $new): its table and rules held meanwhile; a policy deleted meanwhile is no longer enforced once it is back"
+}
+
+t_netpol_off() {
+	local i
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "the policies are not enforced to begin with"
+	helm_upgrade --set config.network.networkPolicy=false || hc_die "helm upgrade failed"
+	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out"
+	for ((i = 1; i <= HC_NODES; i++)); do
+		ip netns exec "$(node_ns "$i")" nft list table inet headcni-policy >/dev/null 2>&1 &&
+			hc_die "node $i: table inet headcni-policy is still there with enforcement off"
+		node_exec "$i" cat "/etc/cni/net.d/$HC_CONFLIST" | jq -e '.plugins[0].enable_network_policy == false' >/dev/null ||
+			hc_die "node $i: the conflist does not say enable_network_policy false"
+		node_exec "$i" cat "$HC_RUN_DIR/policy.json" | jq -e '.enabled == false' >/dev/null ||
+			hc_die "node $i: the engine does not report itself off"
+	done
+	np_expect o1 s2 yes "enforcement off"
+	np_expect c1 o2 yes "enforcement off"
+	helm_upgrade --set config.network.networkPolicy=true || hc_die "helm upgrade failed"
+	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out"
+	hc_wait_for 15 "o1 -> s2 denied again" np_denied o1 s2 || hc_die "enforcement did not come back"
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	note "networkPolicy=false: no node has table inet headcni-policy, every conflist and engine says off, the policies no longer hold; back on: enforced again"
 }
 
 tr_run "${WANT[@]}"

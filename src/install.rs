@@ -91,6 +91,10 @@ pub struct InstallArgs {
     #[arg(long, env = "HEADCNI_INSTALL_ENABLE_IPV6", default_value_t = false, num_args = 0..=1,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub enable_ipv6: bool,
+    /// The conflist's `enable_network_policy`: whether the node's agent enforces NetworkPolicies
+    /// (the agent's --enable-network-policy must say the same).
+    #[arg(long, env = "HEADCNI_INSTALL_ENABLE_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_network_policy: bool,
     /// DNS nameserver in the CNI result (repeatable).
     #[arg(long = "dns-nameserver", env = "HEADCNI_INSTALL_DNS_NAMESERVERS", value_delimiter = ',')]
     pub dns_nameservers: Vec<String>,
@@ -249,6 +253,7 @@ impl InstallArgs {
         if self.enable_ipv6 {
             plugin.insert("enable_ipv6".into(), json!(true));
         }
+        plugin.insert("enable_network_policy".into(), json!(self.enable_network_policy));
         plugin.insert("run_dir".into(), json!(self.run_dir));
         if let Some(f) = &self.log_file {
             plugin.insert("log_file".into(), json!(f));

@@ -12,6 +12,8 @@
 //! - [`nodefile`], [`events`]: what the agent and the plugins share on a node (the only way
 //!   they meet)
 //! - [`podguard`]: the anti-spoofing guard both the plugin and the agent keep on a node
+//! - [`podgroup`]: the interface group that tags a pod's host interface with its namespace
+//!   (plugin sets, policy engine reads)
 //! - [`agent`]: the node daemon (`headcni agent`)
 //! - [`controller`]: the cluster-wide route approver (`headcni controller`), the only holder
 //!   of the Headscale API key
@@ -48,6 +50,7 @@ pub mod logging;
 pub mod netlink;
 pub mod nodefile;
 pub mod plugin;
+pub mod podgroup;
 pub mod podguard;
 
 use std::ffi::OsStr;

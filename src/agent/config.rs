@@ -71,6 +71,11 @@ pub struct AgentArgs {
     /// Masquerade pod traffic that leaves the cluster.
     #[arg(long, env = "HEADCNI_MASQUERADE", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub masquerade: bool,
+    /// Enforce NetworkPolicies on this node (the conflist's `enable_network_policy`): follow
+    /// NetworkPolicies, Pods and Namespaces and keep nft table inet headcni-policy. Off: the
+    /// table is removed and nothing is followed. Needs --node-name and the Kubernetes API.
+    #[arg(long, env = "HEADCNI_ENABLE_NETWORK_POLICY", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub enable_network_policy: bool,
     /// Directory of the node file and the event spool.
     #[arg(long, env = "HEADCNI_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
@@ -170,6 +175,8 @@ pub struct AgentConfig {
     pub advertise_tags: Vec<String>,
     pub mtu: Option<u32>,
     pub masquerade: bool,
+    /// NetworkPolicy enforcement (needs the node name and the Kubernetes API).
+    pub network_policy: bool,
     pub run_dir: PathBuf,
     pub state_dir: PathBuf,
     pub rule_priority: u32,
@@ -392,6 +399,11 @@ impl AgentConfig {
             }
             None => None,
         };
+        if args.enable_network_policy && node_name.is_none() && !args.cleanup {
+            return Err(ConfigError(
+                "--enable-network-policy needs --node-name (NODE_NAME): the engine enforces the policies of this node's pods".into(),
+            ));
+        }
         let cni_files = CniFiles { conflist, bin_dir: absolute("--bin-dir", &args.bin_dir)? };
         Ok(Self {
             node_name,
@@ -408,6 +420,7 @@ impl AgentConfig {
             advertise_tags,
             mtu,
             masquerade: args.masquerade,
+            network_policy: args.enable_network_policy,
             run_dir: args.run_dir.clone(),
             state_dir: args.state_dir.clone(),
             rule_priority: args.rule_priority,
@@ -443,6 +456,15 @@ mod tests {
 
     fn cfg(args: &[&str]) -> Result<AgentConfig, ConfigError> {
         AgentConfig::from_args(&parse(args), |_| None, || "host".into())
+    }
+
+    #[test]
+    fn network_policy_is_off_unless_asked_and_needs_the_node() {
+        assert!(!cfg(&["--pod-cidr", "10.244.1.0/24"]).unwrap().network_policy);
+        let on = cfg(&["--node-name", "n1", "--enable-network-policy", "true"]).unwrap();
+        assert!(on.network_policy);
+        let e = cfg(&["--pod-cidr", "10.244.1.0/24", "--enable-network-policy", "true"]).unwrap_err().to_string();
+        assert!(e.contains("--enable-network-policy needs --node-name"), "{e}");
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub ipam_addresses_used: Family<Labels, Gauge>,
     pub ipam_addresses_free: Family<Labels, Gauge>,
     pub ready: Gauge,
+    /// The NetworkPolicy engine's (`headcni_policy_*`).
+    pub policy: super::policy::metrics::PolicyMetrics,
 }
 
 impl Metrics {
@@ -154,6 +156,7 @@ impl Metrics {
             ipam_addresses_used: Family::default(),
             ipam_addresses_free: Family::default(),
             ready: Gauge::default(),
+            policy: super::policy::metrics::PolicyMetrics::default(),
         };
         // Counters are registered without "_total": the encoder adds it.
         let r = &mut registry;
@@ -239,6 +242,7 @@ impl Metrics {
             m.ipam_addresses_free.clone(),
         );
         r.register("ready", "1 when the node file is written and the pod CIDRs are advertised", m.ready.clone());
+        m.policy.register(r);
         Self { registry, ..m }
     }
 

@@ -33,6 +33,7 @@ pub mod config;
 pub mod hostnet;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod reconcile;
 pub mod report;
 pub mod serve;
@@ -216,7 +217,8 @@ fn raise_open_files_limit() {
 
 /// The Kubernetes client, when the configuration reads anything from Kubernetes.
 async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<Option<kube::Kube>> {
-    let needed = !matches!(cfg.cidr_source, CidrSource::Static(_)) || cfg.teardown_configmap.is_some();
+    let needed =
+        !matches!(cfg.cidr_source, CidrSource::Static(_)) || cfg.teardown_configmap.is_some() || cfg.network_policy;
     if !needed {
         return Ok(None);
     }
@@ -329,6 +331,7 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
         log::info!("no --cluster-cidr: following every Node's pod CIDRs");
         background.push(node.start_cluster_watch(wake.clone()));
     }
+    let mut policy_engine = start_policy_engine(&cfg, kube.as_ref(), &metrics).await?;
     let mut rec = Reconciler::new(
         cfg.clone(),
         cidrs,
@@ -340,9 +343,9 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     );
     // Without a signal the loop reads this one, which says Unknown for ever.
     let (_no_signal_tx, no_signal_rx) = tokio::sync::watch::channel(SignalState::default());
-    let (watcher, mut signal_rx) = match (&cfg.teardown_configmap, kube) {
+    let (watcher, mut signal_rx) = match (&cfg.teardown_configmap, &kube) {
         (Some(cm), Some(kube)) => {
-            let (w, rx) = SignalWatcher::new(kube, cm.clone());
+            let (w, rx) = SignalWatcher::new(kube.clone(), cm.clone());
             let w = w.counting(metrics.kubernetes_errors("watch_uninstall_signal"));
             log::info!("following the uninstall signal in {cm}");
             (Some(tokio::spawn(w.run())), rx)
@@ -374,6 +377,19 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let signal = loop {
         let sig = signal_rx.borrow_and_update().clone();
         let started = Instant::now();
+        // The uninstall signal takes the policy table with the rest; called off, it comes back.
+        match (sig.signal == Signal::Teardown, policy_engine.is_some()) {
+            (true, true) => {
+                if let Some(engine) = policy_engine.take() {
+                    engine.stop().await;
+                }
+                disable_policy(&cfg, &metrics).await;
+            }
+            (false, false) if cfg.network_policy && sig.signal == Signal::Normal => {
+                policy_engine = start_policy_engine(&cfg, kube.as_ref(), &metrics).await?;
+            }
+            _ => {}
+        }
         let outcome = tokio::select! {
             o = rec.pass(&sig) => o,
             _ = term.recv() => break "SIGTERM",
@@ -417,6 +433,10 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     }
     log::info!("{signal}: stopping; the node's network stays as it is, pods keep working");
     let _ = stop_tx.send(true);
+    if let Some(engine) = policy_engine {
+        // The table stays: the rules hold while the agent is away.
+        engine.stop().await;
+    }
     metrics.collect_events();
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     collector.abort();
@@ -426,13 +446,62 @@ async fn run(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
 /// The shortest time between the starts of two passes woken by notifications.
 pub const MIN_PASS_GAP: Duration = Duration::from_millis(250);
 
+/// The running NetworkPolicy engine.
+struct PolicyTask {
+    handle: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl PolicyTask {
+    /// Stops following the cluster; the table stays as it is.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.handle).await;
+    }
+}
+
+/// Enforcement off (or uninstalled): the table removed.
+async fn disable_policy(cfg: &AgentConfig, metrics: &metrics::Metrics) {
+    let (run_dir, m) = (cfg.run_dir.clone(), metrics.policy.clone());
+    match tokio::task::spawn_blocking(move || policy::engine::disable(&run_dir, &m)).await {
+        Ok(Ok(())) => log::info!("NetworkPolicy enforcement off: table inet {} absent", policy::compile::TABLE),
+        Ok(Err(e)) => log::warn!("NetworkPolicy enforcement off, but removing its table failed: {e}"),
+        Err(e) => log::warn!("removing the NetworkPolicy table: {e}"),
+    }
+}
+
+/// The NetworkPolicy engine when enforcement is on; when it is off, its table removed.
+async fn start_policy_engine(
+    cfg: &AgentConfig,
+    kube: Option<&kube::Kube>,
+    metrics: &metrics::Metrics,
+) -> anyhow::Result<Option<PolicyTask>> {
+    let (true, Some(kube), Some(node)) = (cfg.network_policy, kube, cfg.node_name.as_deref()) else {
+        disable_policy(cfg, metrics).await;
+        return Ok(None);
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let nft = crate::netlink::nft::Nft::connect()
+        .map_err(|e| anyhow::anyhow!("NetworkPolicy engine: opening nf_tables: {e}"))?;
+    let applier = policy::engine::Applier::new(nft, policy::compile::TABLE);
+    let engine = policy::engine::Engine::new(node, &cfg.run_dir, metrics.policy.clone(), applier);
+    let reports = policy::engine::follow_cluster(kube.client());
+    log::info!("NetworkPolicy enforcement on: following NetworkPolicies, Pods and Namespaces");
+    Ok(Some(PolicyTask { handle: tokio::spawn(engine.run(reports, stop)), stop: stop_tx }))
+}
+
 /// `--cleanup`: withdraws what HeadCNI added (advertised routes, its approvals), removes its
 /// rules, nft tables, node file and status file. Every step runs; all failures are reported.
 pub async fn cleanup(cfg: Arc<AgentConfig>) -> anyhow::Result<i32> {
     let ts = SocketLocalApi::new(&cfg.tailscale_socket);
     let hs = headscale_client(&cfg)?;
     let dp = KernelHostNetwork::current()?.with_sysctl_root(cfg.sysctl_root.clone());
-    let errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::CleanupScope::Full).await;
+    let mut errors = cleanup::cleanup_with(&cfg, &ts, hs.as_ref(), &dp, cleanup::CleanupScope::Full).await;
+    match tokio::task::spawn_blocking(policy::engine::remove_table).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => errors.push(format!("removing table inet {}: {e}", policy::compile::TABLE)),
+        Err(e) => errors.push(format!("removing table inet {}: {e}", policy::compile::TABLE)),
+    }
     if errors.is_empty() {
         log::info!("cleanup done");
         Ok(0)

@@ -355,6 +355,12 @@ impl Netlink {
         self.handle.link().set(msg.build()).execute().await.map_err(req_err(format!("setting link {index} up")))
     }
 
+    /// Sets a link's interface group (`ip link set DEV group N`).
+    pub async fn set_group(&self, index: u32, group: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).link_group(group).build();
+        self.handle.link().set(msg).execute().await.map_err(req_err(format!("setting the group of link {index}")))
+    }
+
     /// Deletes a link; answers whether it existed.
     pub async fn delete_link(&self, index: u32) -> Result<bool> {
         match self.handle.link().del(index).execute().await {

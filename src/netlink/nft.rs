@@ -35,6 +35,8 @@
 //!
 //! The socket belongs to the namespace it was opened in ([`Nft::connect_in`]).
 
+pub mod ruleset;
+
 use super::Netns;
 use ipnetwork::IpNetwork;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};

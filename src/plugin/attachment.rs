@@ -143,6 +143,10 @@ pub struct AttachmentSpec {
     pub addresses: Vec<PodAddress>,
     /// Routes through the gateway of their family (from IPAM, or a default route per family).
     pub routes: Vec<Route>,
+    /// The interface group of the host end: the pod's namespace ([`crate::podgroup`]), set
+    /// before the link goes up when `enable_network_policy` is on, so that the policy engine
+    /// holds the pod to its namespace's rules before it knows the pod's addresses.
+    pub group: Option<u32>,
 }
 
 impl AttachmentSpec {
@@ -257,6 +261,7 @@ mod tests {
 
     fn spec(shape: GatewayShape, addresses: Vec<PodAddress>, routes: Vec<Route>) -> AttachmentSpec {
         AttachmentSpec {
+            group: None,
             ifname: "eth0".into(),
             host_name: "hcx".into(),
             alias: "a".into(),

@@ -245,6 +245,10 @@ async fn attach(
             .ensure_in(Some(pod_ns), &pod_key, "0")
             .map_err(|source| DataplaneError::Sysctl { key: pod_key.clone(), source })?;
     }
+    // The pod's namespace group (the NetworkPolicy engine's), set before the host end is up.
+    if let Some(group) = att.group {
+        host.set_group(host_link.index, group).await?;
+    }
     // Up (a route needs a link that is up) and named by its alias, which tells whose it is.
     host.set_up(host_link.index, Some(&att.alias)).await?;
     // The host routes next: one that someone else owns ends the ADD before the pod is

@@ -53,9 +53,17 @@ impl<D: Dataplane, I: IpamDelegate> HeadCni<D, I> {
         Self { dataplane, ipam }
     }
 
-    fn spec(req: &Request, net: &Network, addresses: Vec<PodAddress>, ipam_routes: &[cni::Route]) -> AttachmentSpec {
+    fn spec(
+        req: &Request,
+        cfg: &PluginConfig,
+        net: &Network,
+        addresses: Vec<PodAddress>,
+        ipam_routes: &[cni::Route],
+    ) -> AttachmentSpec {
         let routes = AttachmentSpec::effective_routes(&addresses, ipam_routes);
+        let namespace = req.arg("K8S_POD_NAMESPACE").filter(|ns| !ns.is_empty());
         AttachmentSpec {
+            group: namespace.filter(|_| cfg.enable_network_policy).map(crate::podgroup::namespace_group),
             ifname: req.ifname.clone(),
             host_name: attachment::host_veth_name(&req.container_id, &req.ifname),
             alias: attachment::link_alias(&req.network, &req.container_id, &req.ifname),
@@ -102,7 +110,7 @@ impl<D: Dataplane, I: IpamDelegate> HeadCni<D, I> {
                 return Err(CniError::internal(format!("IPAM plugin {} returned no address", cfg.ipam.kind)));
             }
             let addresses: Vec<PodAddress> = ipam_result.ips.iter().map(PodAddress::from_ipam).collect();
-            let spec = Self::spec(req, &net, addresses, &ipam_result.routes);
+            let spec = Self::spec(req, cfg, &net, addresses, &ipam_result.routes);
             let ipv4 = spec.addresses.iter().any(|a| a.address.is_ipv4());
             let ipv6 = spec.addresses.iter().any(|a| a.address.is_ipv6());
             self.dataplane.enable_forwarding(ipv4, ipv6)?;
@@ -262,7 +270,7 @@ impl<D: Dataplane, I: IpamDelegate> cni::Plugin for HeadCni<D, I> {
             .filter(|ip| ip.interface.is_none_or(|i| i == pod_index))
             .map(PodAddress::from_result)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut spec = Self::spec(req, &net, addresses, &prev.routes);
+        let mut spec = Self::spec(req, &cfg, &net, addresses, &prev.routes);
         // A later plugin in the chain (tuning) may have changed the MTU and said so.
         spec.mtu = pod_iface.mtu.unwrap_or(net.mtu);
 

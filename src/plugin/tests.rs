@@ -91,6 +91,19 @@ fn add_creates_the_pair_and_answers_the_result() {
 }
 
 #[test]
+fn the_host_end_carries_the_namespace_group_when_policies_are_enforced() {
+    let s = Setup::new();
+    let add = |cid: &str, pod: &str, extra: Value| {
+        let mut req = s.request("ADD", cid, Some(pod), &s.conf(extra));
+        req.args.push(("K8S_POD_NAMESPACE".into(), "shop".into()));
+        s.plugin.add(&req).unwrap();
+        s.dp().kernel.borrow().host[&attachment::host_veth_name(cid, "eth0")].link.spec.group
+    };
+    assert_eq!(add("ctr-a", POD_A, json!({})), Some(crate::podgroup::namespace_group("shop")), "on by default");
+    assert_eq!(add("ctr-b", POD_B, json!({"enable_network_policy": false})), None);
+}
+
+#[test]
 fn add_refuses_an_existing_interface_and_a_bad_namespace_before_asking_the_ipam() {
     let s = Setup::new();
     s.add("ctr-a", POD_A).unwrap();

@@ -378,6 +378,7 @@ fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
         advertise_tags: vec![],
         mtu: None,
         masquerade: true,
+        network_policy: false,
         run_dir: dir.path().join("run"),
         state_dir: dir.path().join("state"),
         rule_priority: 5200,

@@ -26,8 +26,22 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
         conflist: args.conf_dir.join(&args.conflist_name).display().to_string(),
         conflist_present: live.files.conflist_present,
         ipam: live.files.ipam.clone(),
+        network_policy: live.files.policy.clone(),
         ..StatusView::default()
     };
+    if let Some(p) = v.network_policy.clone().filter(|p| p.enabled) {
+        for problem in &p.problems {
+            find(
+                &mut v,
+                Severity::Error,
+                format!("NetworkPolicy: {problem}"),
+                Some("the rules applied last stay in force; see the agent's log"),
+            );
+        }
+        if !p.synced && p.problems.is_empty() {
+            find(&mut v, Severity::Waiting, "NetworkPolicy: listing policies, pods and namespaces", None);
+        }
+    }
     if let Some(ipam) = v.ipam.clone() {
         match (ipam.free, ipam.total, &ipam.error) {
             (_, _, Some(e)) => find(

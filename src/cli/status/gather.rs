@@ -4,6 +4,7 @@
 
 use super::{IpamView, StatusArgs};
 use crate::agent::hostnet::{self, KernelHostNetwork, SYSCTL_FORWARD_V4, SYSCTL_FORWARD_V6};
+use crate::agent::policy::engine::PolicyStatus;
 use crate::clients::localapi::{LocalApi, Prefs, SocketLocalApi, Status};
 use crate::netlink::RuleSpec;
 use crate::netlink::nft::NftFamily;
@@ -40,11 +41,13 @@ pub struct Files {
     /// cannot be read.
     pub in_use: Result<Option<crate::cniconf::InUse>, String>,
     pub ipam: Option<IpamView>,
+    /// The NetworkPolicy engine's status file.
+    pub policy: Option<PolicyStatus>,
 }
 
 impl Default for Files {
     fn default() -> Self {
-        Self { node_file: Ok(None), conflist_present: false, in_use: Ok(None), ipam: None }
+        Self { node_file: Ok(None), conflist_present: false, in_use: Ok(None), ipam: None, policy: None }
     }
 }
 
@@ -56,6 +59,7 @@ pub fn read_files(args: &StatusArgs) -> Files {
         conflist_present: conflist.is_file(),
         in_use: crate::cniconf::in_use(&args.conf_dir).map_err(|e| e.to_string()),
         ipam: ipam_view(&conflist),
+        policy: PolicyStatus::load(&args.run_dir),
     }
 }
 

@@ -185,6 +185,8 @@ pub struct StatusView {
     pub cni_config_in_use: Option<String>,
     /// Addresses in use in this node's pool, from the IPAM plugin named in the conflist.
     pub ipam: Option<IpamView>,
+    /// The NetworkPolicy engine, as it last reported.
+    pub network_policy: Option<crate::agent::policy::engine::PolicyStatus>,
     pub problems: Vec<Finding>,
 }
 

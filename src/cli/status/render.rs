@@ -113,6 +113,23 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
         _ => v.masquerade_tables.join(", "),
     };
     writeln!(out, "  masquerade   {masq}")?;
+    let netpol = match &v.network_policy {
+        None => "no report".to_string(),
+        Some(p) if !p.enabled => "off (enable_network_policy false): no table".to_string(),
+        Some(p) if !p.synced => "on, listing policies, pods and namespaces".to_string(),
+        Some(p) => format!(
+            "on: {} of {} policies in force; {} local pods, isolated {} ingress, {} egress; {} chains, {} elements; {} applies",
+            p.stats.policies_in_force,
+            p.policies,
+            p.stats.local_pods,
+            p.stats.isolated_ingress,
+            p.stats.isolated_egress,
+            p.stats.chains,
+            p.stats.elements,
+            p.applies
+        ),
+    };
+    writeln!(out, "  netpol       {netpol}")?;
     writeln!(out, "  node file    {} ({})", v.node_file, if v.node_file_present { "present" } else { "MISSING" })?;
     writeln!(out, "  conflist     {} ({})", v.conflist, if v.conflist_present { "present" } else { "MISSING" })?;
     if let Some(file) = &v.cni_config_in_use

@@ -328,3 +328,42 @@ fn the_controllers_word_is_shown() {
     render(&v, &mut out).unwrap();
     assert!(String::from_utf8(out).unwrap().contains("controller   no word on this Node yet"));
 }
+
+#[test]
+fn the_policy_engine_shows_its_state_and_its_problems() {
+    use crate::agent::policy::engine::PolicyStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, report, _) = healthy(dir.path());
+    let screen = |status: Option<PolicyStatus>| {
+        if let Some(s) = status {
+            s.save(&a.run_dir);
+        }
+        let (_, _, live) = healthy(dir.path());
+        let v = assess(&a, Some(report.clone()), &live, 1010);
+        let mut out = Vec::new();
+        render(&v, &mut out).unwrap();
+        (v, String::from_utf8(out).unwrap())
+    };
+    let (_, text) = screen(None);
+    assert!(text.contains("netpol       no report"), "{text}");
+    let (v, text) = screen(Some(PolicyStatus { enabled: false, ..Default::default() }));
+    assert!(text.contains("netpol       off (enable_network_policy false)"), "{text}");
+    assert!(v.problems.is_empty());
+    let mut on = PolicyStatus { enabled: true, synced: true, policies: 4, applies: 9, ..Default::default() };
+    on.stats.policies_in_force = 2;
+    on.stats.local_pods = 5;
+    on.stats.isolated_ingress = 3;
+    let (v, text) = screen(Some(on.clone()));
+    assert!(
+        text.contains("netpol       on: 2 of 4 policies in force; 5 local pods, isolated 3 ingress, 0 egress"),
+        "{text}"
+    );
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    on.problems = vec!["the kernel refused the rules: no such file".into()];
+    let (v, _) = screen(Some(on));
+    assert!(
+        v.problems.iter().any(|p| p.severity == Severity::Error && p.message.contains("the kernel refused")),
+        "{:?}",
+        v.problems
+    );
+}
