@@ -22,6 +22,7 @@
 #   netpol_churn      100 updates of the policy that admits a flow, while it flows: nothing dropped
 #   netpol_restart    node 2's agent replaced: its rules hold meanwhile, changes made meanwhile are
 #                     enforced once it is back
+#   netpol_scale      1,000 more pods and 1,000 policies followed: the agent's memory, enforcement
 #   netpol_off        config.network.networkPolicy=false: no node keeps table inet headcni-policy,
 #                     the policies no longer hold; then on again
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
@@ -46,7 +47,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_churn netpol_restart netpol_off upgrade
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_churn netpol_restart netpol_scale netpol_off upgrade
 	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
@@ -763,6 +764,60 @@ t_netpol_restart() {
 	np_expect c1 o2 no "node 1 (not restarted) still enforces the egress policy"
 	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
 	note "node 2's agent replaced ($old -> $new): its table and rules held meanwhile; a policy deleted meanwhile is no longer enforced once it is back"
+}
+
+# np_agent_rss I : the resident memory (KiB) of node I's agent process.
+np_agent_rss() {
+	local id pid
+	id=$(node_crictl "$1" ps --name '^agent$' --state running -q)
+	id=${id%%$'\n'*}
+	pid=$(node_crictl "$1" inspect "$id" | jq -er '.info.pid')
+	awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status"
+}
+
+# np_watched I KIND : how many objects of KIND node I's engine follows.
+np_watched() {
+	node_exec "$1" curl -fsS --max-time 5 http://127.0.0.1:8080/metrics |
+		awk -v k="$2" -F'[{}" ]+' '$1 == "headcni_policy_watched_objects" && $3 == k { print $NF }'
+}
+np_watching_all() { (($(np_watched 1 Pod) >= $1 && $(np_watched 1 NetworkPolicy) >= $2)); }
+
+# 1,000 more pods (never scheduled: their nodeSelector matches no node) and 1,000 policies:
+# the agent's memory with them followed, and a policy change still enforced at once.
+t_netpol_scale() {
+	local ns=hcscale f=$HC_STATE_DIR/tests/scale.yaml i rss0 rss1 pods0 pols0 t0 took
+	mkdir -p "$(dirname "$f")"
+	np_pods
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	pods0=$(np_watched 1 Pod)
+	pols0=$(np_watched 1 NetworkPolicy)
+	rss0=$(np_agent_rss 1)
+	{
+		printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: %s, labels: {team: scale}}\n' "$ns"
+		for ((i = 0; i < 1000; i++)); do
+			printf -- '---\napiVersion: v1\nkind: Pod\nmetadata: {name: p%d, namespace: %s, labels: {app: a%d, tier: t%d}}\n' \
+				"$i" "$ns" $((i % 50)) $((i % 3))
+			printf 'spec: {nodeSelector: {headcni-test: nowhere}, containers: [{name: c, image: %s, ports: [{containerPort: 80, name: http}]}]}\n' \
+				"$KUBE_AGNHOST_IMAGE"
+			printf -- '---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: pol%d, namespace: %s}\n' "$i" "$ns"
+			printf 'spec: {podSelector: {matchLabels: {app: a%d}}, ingress: [{from: [{podSelector: {matchLabels: {tier: t%d}}}, {namespaceSelector: {matchLabels: {team: scale}}}], ports: [{port: http}, {port: %d}]}]}\n' \
+				$((i % 50)) $((i % 3)) $((8000 + i))
+		done
+	} >"$f"
+	kubectl apply -f "$f" >/dev/null || hc_die "creating 1,000 pods and 1,000 policies failed"
+	hc_wait_for 120 "node 1's engine follows them all" np_watching_all $((pods0 + 1000)) $((pols0 + 1000)) ||
+		hc_die "node 1's engine follows $(np_watched 1 Pod) pods and $(np_watched 1 NetworkPolicy) policies"
+	sleep 5
+	rss1=$(np_agent_rss 1)
+	# Enforcement still immediate with all of them followed.
+	t0=$(hc_now)
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "o1 -> s2 still passes 10 s after the policies"
+	took=$(hc_since "$t0")
+	np_expect c1 s2 yes "the client still reaches the server"
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	kubectl delete namespace "$ns" --wait=false >/dev/null
+	note "node 1's agent: RSS $((rss0 / 1024)) MiB following $pods0 pods and $pols0 policies, $((rss1 / 1024)) MiB following $((pods0 + 1000)) pods and $((pols0 + 1000)) policies; a new policy then denied the next connection ${took}s after kubectl apply (curl timeouts included)"
 }
 
 t_netpol_off() {
