@@ -19,6 +19,7 @@
 #   first_packet      from a pod's creation to its first packet answered by a pod on another node
 #   netpol            NetworkPolicies enforced across nodes in both directions: ingress at the
 #                     destination's node, egress at the source's; pods no policy isolates untouched
+#   netpol_latency    from a policy written to its rules on both nodes (20 policies; median, max)
 #   netpol_churn      100 updates of the policy that admits a flow, while it flows: nothing dropped
 #   netpol_restart    node 2's agent replaced: its rules hold meanwhile, changes made meanwhile are
 #                     enforced once it is back
@@ -47,7 +48,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_churn netpol_restart netpol_scale netpol_off upgrade
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_latency netpol_churn netpol_restart netpol_scale netpol_off upgrade
 	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
@@ -818,6 +819,42 @@ t_netpol_scale() {
 	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
 	kubectl delete namespace "$ns" --wait=false >/dev/null
 	note "node 1's agent: RSS $((rss0 / 1024)) MiB following $pods0 pods and $pols0 policies, $((rss1 / 1024)) MiB following $((pods0 + 1000)) pods and $((pols0 + 1000)) policies; a new policy then denied the next connection ${took}s after kubectl apply (curl timeouts included)"
+}
+
+# np_has_rule I TEXT : node I's policy table holds a rule whose comment has TEXT.
+np_has_rule() { ip netns exec "$(node_ns "$1")" nft list table inet headcni-policy 2>/dev/null | grep -qF "$2"; }
+
+# From a NetworkPolicy written (kubectl apply returned) to its rules in the tables of both
+# nodes (each node has a pod it selects): 20 policies one after the other, median and max.
+t_netpol_latency() {
+	local i t0 t1 n ms
+	local -a all=()
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	for ((i = 1; i <= 20; i++)); do
+		kubectl apply -f - >/dev/null <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: lat-$i, namespace: $NP_NS}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}], ports: [{port: $((9000 + i))}]}]
+EOF
+		t0=$(date +%s%N)
+		for n in 1 2; do
+			until np_has_rule "$n" "$NP_NS/lat-$i ingress"; do
+				(($(date +%s%N) - t0 < 10000000000)) || hc_die "node $n: lat-$i not in its table after 10 s"
+				sleep 0.01
+			done
+		done
+		t1=$(date +%s%N)
+		all+=($(((t1 - t0) / 1000000)))
+		kubectl -n "$NP_NS" delete networkpolicy "lat-$i" >/dev/null
+	done
+	mapfile -t all < <(printf '%s\n' "${all[@]}" | sort -n)
+	ms="median ${all[9]} ms, p90 ${all[17]} ms, max ${all[19]} ms (min ${all[0]} ms)"
+	note "from a policy written (kubectl apply returned) to its rules in both nodes' tables, 20 policies: $ms"
 }
 
 t_netpol_off() {
