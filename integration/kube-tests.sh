@@ -24,6 +24,8 @@
 #   netpol_restart    node 2's agent replaced: its rules hold meanwhile, changes made meanwhile are
 #                     enforced once it is back
 #   netpol_scale      1,000 more pods and 1,000 policies followed: the agent's memory, enforcement
+#   netpol_throughput pods no policy selects, across the tailnet and on one node: without policies
+#                     and with 1,000 policies isolating the servers (iperf3, taking turns)
 #   netpol_off        config.network.networkPolicy=false: no node keeps table inet headcni-policy,
 #                     the policies no longer hold; then on again
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
@@ -48,7 +50,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_latency netpol_churn netpol_restart netpol_scale netpol_off upgrade
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet netpol netpol_latency netpol_churn netpol_restart netpol_scale netpol_throughput netpol_off upgrade
 	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
@@ -855,6 +857,58 @@ EOF
 	mapfile -t all < <(printf '%s\n' "${all[@]}" | sort -n)
 	ms="median ${all[9]} ms, p90 ${all[17]} ms, max ${all[19]} ms (min ${all[0]} ms)"
 	note "from a policy written (kubectl apply returned) to its rules in both nodes' tables, 20 policies: $ms"
+}
+
+# np_iperf FROM TO : Gbit/s of one iperf3 TCP run (5 s) from pod FROM to pod TO, each run in
+# the pod's network namespace.
+np_iperf() {
+	local to_where srv rate
+	to_where=$(kube_pod_where "$NP_NS" "$2")
+	hc_in "$to_where" timeout 20 iperf3 -s -1 >/dev/null 2>&1 &
+	srv=$!
+	sleep 0.5
+	rate=$(hc_in "$(kube_pod_where "$NP_NS" "$1")" iperf3 -c "$(kube_pod_ip "$NP_NS" "$2")" -t 5 -J |
+		jq -r '.end.sum_received.bits_per_second / 1e9')
+	wait "$srv" 2>/dev/null || true
+	printf '%.3f\n' "$rate"
+}
+
+# np_both_follow N : both nodes' engines follow at least N policies.
+np_both_follow() { (($(np_watched 1 NetworkPolicy) >= $1 && $(np_watched 2 NetworkPolicy) >= $1)); }
+
+# Throughput between pods no policy selects, across the tailnet and on one node: 3 runs without
+# policies, then 3 with 1,000 policies isolating the servers of both nodes (written once: the
+# API server takes minutes to create and delete them one by one here).
+t_netpol_throughput() {
+	local f=$HC_STATE_DIR/tests/np-throughput.yaml i r table
+	local -A across=() same=()
+	command -v iperf3 >/dev/null || skip "no iperf3"
+	np_pods
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	mkdir -p "$(dirname "$f")"
+	for ((i = 0; i < 1000; i++)); do
+		printf -- '---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: tp%d, namespace: %s}\n' "$i" "$NP_NS"
+		printf 'spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {role: client}}}, {ipBlock: {cidr: 10.%d.0.0/16}}], ports: [{port: %d}]}]}\n' \
+			$((i % 200)) $((9000 + i))
+	done >"$f"
+	for table in none policies; do
+		if [[ $table == policies ]]; then
+			kubectl apply -f "$f" >/dev/null
+			hc_wait_for 120 "both engines follow the 1,000 policies" np_both_follow 1000 ||
+				hc_die "the engines do not follow the 1,000 policies"
+			sleep 2
+			np_expect o1 s2 no "the servers are isolated"
+		fi
+		for ((r = 1; r <= 3; r++)); do
+			across[$table]+=" $(np_iperf o1 o2)"
+			same[$table]+=" $(np_iperf o1 c1)"
+		done
+	done
+	# The namespace's deletion removes the policies together (the namespace controller), and the
+	# next test makes the pods again.
+	kubectl delete namespace "$NP_NS" --timeout=180s >/dev/null || hc_die "$NP_NS was not deleted"
+	note "iperf3 Gbit/s, o1 -> o2 across the tailnet: none${across[none]}; with 1,000 policies${across[policies]}"
+	note "iperf3 Gbit/s, o1 -> c1 on node 1: none${same[none]}; with 1,000 policies${same[policies]}"
 }
 
 t_netpol_off() {
