@@ -24,8 +24,8 @@
 #   netpol_restart    node 2's agent replaced: its rules hold meanwhile, changes made meanwhile are
 #                     enforced once it is back
 #   netpol_scale      1,000 more pods and 1,000 policies followed: the agent's memory, enforcement
-#   netpol_throughput pods no policy selects, across the tailnet and on one node: without policies
-#                     and with 1,000 policies isolating the servers (iperf3, taking turns)
+#   netpol_throughput pods no policy selects, across the tailnet and on one node: with 1,000
+#                     policies in force (isolating the servers) and with none, taking turns
 #   netpol_off        config.network.networkPolicy=false: no node keeps table inet headcni-policy,
 #                     the policies no longer hold; then on again
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
@@ -876,11 +876,18 @@ np_iperf() {
 # np_both_follow N : both nodes' engines follow at least N policies.
 np_both_follow() { (($(np_watched 1 NetworkPolicy) >= $1 && $(np_watched 2 NetworkPolicy) >= $1)); }
 
-# Throughput between pods no policy selects, across the tailnet and on one node: 3 runs without
-# policies, then 3 with 1,000 policies isolating the servers of both nodes (written once: the
-# API server takes minutes to create and delete them one by one here).
+# np_in_force I : how many policies isolate a pod of node I (its engine's gauge).
+np_in_force() {
+	node_exec "$1" curl -fsS --max-time 5 http://127.0.0.1:8080/metrics |
+		awk '$1 == "headcni_policy_in_force" { print $2 }'
+}
+np_both_in_force() { (($(np_in_force 1) == $1 && $(np_in_force 2) == $1)); }
+
+# Throughput between pods no policy selects, across the tailnet and on one node, with 1,000
+# policies in force on both nodes (isolating the servers) and with none, taking turns 3 times:
+# the policies stay written, the servers' label turns them on and off.
 t_netpol_throughput() {
-	local f=$HC_STATE_DIR/tests/np-throughput.yaml i r table
+	local f=$HC_STATE_DIR/tests/np-throughput.yaml i r state
 	local -A across=() same=()
 	command -v iperf3 >/dev/null || skip "no iperf3"
 	np_pods
@@ -888,27 +895,31 @@ t_netpol_throughput() {
 	mkdir -p "$(dirname "$f")"
 	for ((i = 0; i < 1000; i++)); do
 		printf -- '---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: tp%d, namespace: %s}\n' "$i" "$NP_NS"
-		printf 'spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {role: client}}}, {ipBlock: {cidr: 10.%d.0.0/16}}], ports: [{port: %d}]}]}\n' \
+		printf 'spec: {podSelector: {matchLabels: {tier: server}}, ingress: [{from: [{podSelector: {matchLabels: {role: client}}}, {ipBlock: {cidr: 10.%d.0.0/16}}], ports: [{port: %d}]}]}\n' \
 			$((i % 200)) $((9000 + i))
 	done >"$f"
-	for table in none policies; do
-		if [[ $table == policies ]]; then
-			kubectl apply -f "$f" >/dev/null
-			hc_wait_for 120 "both engines follow the 1,000 policies" np_both_follow 1000 ||
-				hc_die "the engines do not follow the 1,000 policies"
-			sleep 2
-			np_expect o1 s2 no "the servers are isolated"
-		fi
-		for ((r = 1; r <= 3; r++)); do
-			across[$table]+=" $(np_iperf o1 o2)"
-			same[$table]+=" $(np_iperf o1 c1)"
+	kubectl apply -f "$f" >/dev/null
+	hc_wait_for 120 "both engines follow the 1,000 policies" np_both_follow 1000 ||
+		hc_die "the engines do not follow the 1,000 policies"
+	for ((r = 1; r <= 3; r++)); do
+		for state in none policies; do
+			if [[ $state == policies ]]; then
+				kubectl -n "$NP_NS" label pod s1 s2 tier=server --overwrite >/dev/null
+				hc_wait_for 30 "1,000 policies in force on both nodes" np_both_in_force 1000 || hc_die "the policies are not in force"
+				np_expect o1 s2 no "the servers are isolated"
+			else
+				kubectl -n "$NP_NS" label pod s1 s2 tier- >/dev/null 2>&1 || true
+				hc_wait_for 30 "no policy in force" np_both_in_force 0 || hc_die "policies still in force"
+			fi
+			across[$state]+=" $(np_iperf o1 o2)"
+			same[$state]+=" $(np_iperf o1 c1)"
 		done
 	done
 	# The namespace's deletion removes the policies together (the namespace controller), and the
 	# next test makes the pods again.
 	kubectl delete namespace "$NP_NS" --timeout=180s >/dev/null || hc_die "$NP_NS was not deleted"
-	note "iperf3 Gbit/s, o1 -> o2 across the tailnet: none${across[none]}; with 1,000 policies${across[policies]}"
-	note "iperf3 Gbit/s, o1 -> c1 on node 1: none${same[none]}; with 1,000 policies${same[policies]}"
+	note "iperf3 Gbit/s, o1 -> o2 across the tailnet: none${across[none]}; with 1,000 policies in force${across[policies]}"
+	note "iperf3 Gbit/s, o1 -> c1 on node 1: none${same[none]}; with 1,000 policies in force${same[policies]}"
 }
 
 t_netpol_off() {
