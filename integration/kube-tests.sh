@@ -29,9 +29,13 @@
 #                     installer sets it aside (NAME.headcni-aside, unchanged), the agent is ready
 #   netpol            NetworkPolicies enforced across nodes in both directions: ingress at the
 #                     destination's node, egress at the source's; pods no policy isolates untouched
+#   netpol_latency    from a policy written to its rules on both nodes (20 policies; median, max)
 #   netpol_churn      100 updates of the policy that admits a flow, while it flows: nothing dropped
 #   netpol_restart    node 2's agent replaced: its rules hold meanwhile, changes made meanwhile are
 #                     enforced once it is back
+#   netpol_scale      1,000 more pods and 1,000 policies followed: the agent's memory, enforcement
+#   netpol_throughput pods no policy selects, across the tailnet and on one node: with 1,000
+#                     policies in force (isolating the servers) and with none, taking turns
 #   netpol_off        config.network.networkPolicy=false: no node keeps table inet headcni-policy,
 #                     the policies no longer hold; then on again
 #   upgrade           `helm upgrade` with a changed value rolls the agents one node at a time while
@@ -56,7 +60,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet status misconfig exclusive netpol netpol_churn netpol_restart netpol_off upgrade
+ALL_TESTS=(install ready_order rbac deployment service dns hostport first_packet status misconfig exclusive netpol netpol_latency netpol_churn netpol_restart netpol_scale netpol_throughput netpol_off upgrade
 	apiserver_restart kubelet_restart token_rotation node_join node_delete uninstall helm_install)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
@@ -894,6 +898,159 @@ t_netpol_restart() {
 	np_expect c1 o2 no "node 1 (not restarted) still enforces the egress policy"
 	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
 	note "node 2's agent replaced ($old -> $new): its table and rules held meanwhile; a policy deleted meanwhile is no longer enforced once it is back"
+}
+
+# np_agent_rss I : the resident memory (KiB) of node I's agent process.
+np_agent_rss() {
+	local id pid
+	id=$(node_crictl "$1" ps --name '^agent$' --state running -q)
+	id=${id%%$'\n'*}
+	pid=$(node_crictl "$1" inspect "$id" | jq -er '.info.pid')
+	awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status"
+}
+
+# np_watched I KIND : how many objects of KIND node I's engine follows.
+np_watched() {
+	node_exec "$1" curl -fsS --max-time 5 http://127.0.0.1:8080/metrics |
+		awk -v k="$2" -F'[{}" ]+' '$1 == "headcni_policy_watched_objects" && $3 == k { print $NF }'
+}
+np_watching_all() { (($(np_watched 1 Pod) >= $1 && $(np_watched 1 NetworkPolicy) >= $2)); }
+
+# 1,000 more pods (never scheduled: their nodeSelector matches no node) and 1,000 policies:
+# the agent's memory with them followed, and a policy change still enforced at once.
+t_netpol_scale() {
+	local ns=hcscale f=$HC_STATE_DIR/tests/scale.yaml i rss0 rss1 pods0 pols0 t0 took
+	mkdir -p "$(dirname "$f")"
+	np_pods
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	pods0=$(np_watched 1 Pod)
+	pols0=$(np_watched 1 NetworkPolicy)
+	rss0=$(np_agent_rss 1)
+	{
+		printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: %s, labels: {team: scale}}\n' "$ns"
+		for ((i = 0; i < 1000; i++)); do
+			printf -- '---\napiVersion: v1\nkind: Pod\nmetadata: {name: p%d, namespace: %s, labels: {app: a%d, tier: t%d}}\n' \
+				"$i" "$ns" $((i % 50)) $((i % 3))
+			printf 'spec: {nodeSelector: {headcni-test: nowhere}, containers: [{name: c, image: %s, ports: [{containerPort: 80, name: http}]}]}\n' \
+				"$KUBE_AGNHOST_IMAGE"
+			printf -- '---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: pol%d, namespace: %s}\n' "$i" "$ns"
+			printf 'spec: {podSelector: {matchLabels: {app: a%d}}, ingress: [{from: [{podSelector: {matchLabels: {tier: t%d}}}, {namespaceSelector: {matchLabels: {team: scale}}}], ports: [{port: http}, {port: %d}]}]}\n' \
+				$((i % 50)) $((i % 3)) $((8000 + i))
+		done
+	} >"$f"
+	kubectl apply -f "$f" >/dev/null || hc_die "creating 1,000 pods and 1,000 policies failed"
+	hc_wait_for 120 "node 1's engine follows them all" np_watching_all $((pods0 + 1000)) $((pols0 + 1000)) ||
+		hc_die "node 1's engine follows $(np_watched 1 Pod) pods and $(np_watched 1 NetworkPolicy) policies"
+	sleep 5
+	rss1=$(np_agent_rss 1)
+	# Enforcement still immediate with all of them followed.
+	t0=$(hc_now)
+	np_policies
+	hc_wait_for 10 "o1 -> s2 denied" np_denied o1 s2 || hc_die "o1 -> s2 still passes 10 s after the policies"
+	took=$(hc_since "$t0")
+	np_expect c1 s2 yes "the client still reaches the server"
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	kubectl delete namespace "$ns" --wait=false >/dev/null
+	note "node 1's agent: RSS $((rss0 / 1024)) MiB following $pods0 pods and $pols0 policies, $((rss1 / 1024)) MiB following $((pods0 + 1000)) pods and $((pols0 + 1000)) policies; a new policy then denied the next connection ${took}s after kubectl apply (curl timeouts included)"
+}
+
+# np_has_rule I TEXT : node I's policy table holds a rule whose comment has TEXT.
+np_has_rule() { ip netns exec "$(node_ns "$1")" nft list table inet headcni-policy 2>/dev/null | grep -qF "$2"; }
+
+# From a NetworkPolicy written (kubectl apply returned) to its rules in the tables of both
+# nodes (each node has a pod it selects): 20 policies one after the other, median and max.
+t_netpol_latency() {
+	local i t0 t1 n ms
+	local -a all=()
+	((HC_NODES >= 2)) || skip "needs two nodes"
+	np_pods
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	for ((i = 1; i <= 20; i++)); do
+		kubectl apply -f - >/dev/null <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: lat-$i, namespace: $NP_NS}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}], ports: [{port: $((9000 + i))}]}]
+EOF
+		t0=$(date +%s%N)
+		for n in 1 2; do
+			until np_has_rule "$n" "$NP_NS/lat-$i ingress"; do
+				(($(date +%s%N) - t0 < 10000000000)) || hc_die "node $n: lat-$i not in its table after 10 s"
+				sleep 0.01
+			done
+		done
+		t1=$(date +%s%N)
+		all+=($(((t1 - t0) / 1000000)))
+		kubectl -n "$NP_NS" delete networkpolicy "lat-$i" >/dev/null
+	done
+	mapfile -t all < <(printf '%s\n' "${all[@]}" | sort -n)
+	ms="median ${all[9]} ms, p90 ${all[17]} ms, max ${all[19]} ms (min ${all[0]} ms)"
+	note "from a policy written (kubectl apply returned) to its rules in both nodes' tables, 20 policies: $ms"
+}
+
+# np_iperf FROM TO : Gbit/s of one iperf3 TCP run (5 s) from pod FROM to pod TO, each run in
+# the pod's network namespace.
+np_iperf() {
+	local to_where srv rate
+	to_where=$(kube_pod_where "$NP_NS" "$2")
+	hc_in "$to_where" timeout 20 iperf3 -s -1 >/dev/null 2>&1 &
+	srv=$!
+	sleep 0.5
+	rate=$(hc_in "$(kube_pod_where "$NP_NS" "$1")" iperf3 -c "$(kube_pod_ip "$NP_NS" "$2")" -t 5 -J |
+		jq -r '.end.sum_received.bits_per_second / 1e9')
+	wait "$srv" 2>/dev/null || true
+	printf '%.3f\n' "$rate"
+}
+
+# np_both_follow N : both nodes' engines follow at least N policies.
+np_both_follow() { (($(np_watched 1 NetworkPolicy) >= $1 && $(np_watched 2 NetworkPolicy) >= $1)); }
+
+# np_in_force I : how many policies isolate a pod of node I (its engine's gauge).
+np_in_force() {
+	node_exec "$1" curl -fsS --max-time 5 http://127.0.0.1:8080/metrics |
+		awk '$1 == "headcni_policy_in_force" { print $2 }'
+}
+np_both_in_force() { (($(np_in_force 1) == $1 && $(np_in_force 2) == $1)); }
+
+# Throughput between pods no policy selects, across the tailnet and on one node, with 1,000
+# policies in force on both nodes (isolating the servers) and with none, taking turns 3 times:
+# the policies stay written, the servers' label turns them on and off.
+t_netpol_throughput() {
+	local f=$HC_STATE_DIR/tests/np-throughput.yaml i r state
+	local -A across=() same=()
+	command -v iperf3 >/dev/null || skip "no iperf3"
+	np_pods
+	kubectl -n "$NP_NS" delete networkpolicy --all >/dev/null
+	mkdir -p "$(dirname "$f")"
+	for ((i = 0; i < 1000; i++)); do
+		printf -- '---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: tp%d, namespace: %s}\n' "$i" "$NP_NS"
+		printf 'spec: {podSelector: {matchLabels: {tier: server}}, ingress: [{from: [{podSelector: {matchLabels: {role: client}}}, {ipBlock: {cidr: 10.%d.0.0/16}}], ports: [{port: %d}]}]}\n' \
+			$((i % 200)) $((9000 + i))
+	done >"$f"
+	kubectl apply -f "$f" >/dev/null
+	hc_wait_for 120 "both engines follow the 1,000 policies" np_both_follow 1000 ||
+		hc_die "the engines do not follow the 1,000 policies"
+	for ((r = 1; r <= 3; r++)); do
+		for state in none policies; do
+			if [[ $state == policies ]]; then
+				kubectl -n "$NP_NS" label pod s1 s2 tier=server --overwrite >/dev/null
+				hc_wait_for 30 "1,000 policies in force on both nodes" np_both_in_force 1000 || hc_die "the policies are not in force"
+				np_expect o1 s2 no "the servers are isolated"
+			else
+				kubectl -n "$NP_NS" label pod s1 s2 tier- >/dev/null 2>&1 || true
+				hc_wait_for 30 "no policy in force" np_both_in_force 0 || hc_die "policies still in force"
+			fi
+			across[$state]+=" $(np_iperf o1 o2)"
+			same[$state]+=" $(np_iperf o1 c1)"
+		done
+	done
+	# The namespace's deletion removes the policies together (the namespace controller), and the
+	# next test makes the pods again.
+	kubectl delete namespace "$NP_NS" --timeout=180s >/dev/null || hc_die "$NP_NS was not deleted"
+	note "iperf3 Gbit/s, o1 -> o2 across the tailnet: none${across[none]}; with 1,000 policies in force${across[policies]}"
+	note "iperf3 Gbit/s, o1 -> c1 on node 1: none${same[none]}; with 1,000 policies in force${same[policies]}"
 }
 
 t_netpol_off() {

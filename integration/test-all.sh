@@ -18,6 +18,8 @@
 #   controller route approval by headcni controller: upgrade from the previous chart, the
 #              admission policy, attacks and faults (controller-tests.sh)
 #   conformance the upstream sig-network conformance tests on it (conformance.sh)
+#   netpol     the upstream NetworkPolicy specs (Netpol, Feature:NetworkPolicy) on it; the SCTP
+#              ones only where the kernel has SCTP
 #
 # Each stage runs even when an earlier one failed (when it can), so one run shows everything.
 set -euo pipefail
@@ -25,7 +27,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-all_stages=(peers lint build cargo runtimes cluster chart image kubernetes controller conformance)
+all_stages=(peers lint build cargo runtimes cluster chart image kubernetes controller conformance netpol)
 declare -a only=() skip=()
 while (($#)); do
 	case "$1" in
@@ -148,6 +150,13 @@ stage_image() {
 stage_kubernetes() { integration/kube-tests.sh; }
 stage_controller() { integration/controller-tests.sh; }
 stage_conformance() { integration/conformance.sh; }
+stage_netpol() {
+	local -a skip=()
+	# SCTP sockets in a throwaway network namespace: without them the SCTP specs cannot run.
+	unshare -n python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132)' 2>/dev/null ||
+		skip=(--skip SCTPConnectivity)
+	integration/conformance.sh --prefix hcn --focus '\[sig-network\] (Netpol|NetworkPolicy)' "${skip[@]}"
+}
 
 for s in "${all_stages[@]}"; do
 	run_stage "$s" "stage_$s"
