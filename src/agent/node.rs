@@ -339,7 +339,7 @@ impl ClusterWatch {
         use ::kube::runtime::{WatchStreamExt, watcher};
         use futures::StreamExt;
         let nodes: ::kube::Api<Node> = ::kube::Api::all(client.client());
-        let events = watcher(nodes, watcher::Config::default()).default_backoff();
+        let events = watcher(nodes, watcher::Config::default()).backoff(crate::clients::kube::watch_backoff());
         futures::pin_mut!(events);
         while let Some(event) = events.next().await {
             match event {

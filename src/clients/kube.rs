@@ -24,6 +24,21 @@ pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceacc
 /// Deadline of one ordinary request (watches have their own: the server ends them).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The pause between a watcher's attempts while the API server fails or is away: 250 ms
+/// doubling to at most 5 s, jittered, back to 250 ms once an attempt succeeds. kube-rs's
+/// default climbs to 30 s (client-go's, to spare a struggling API server); after a 10 s restart
+/// of the API server that left the route controller blind to Node changes for half a minute
+/// while it already led again. One list or watch per 5 s per watcher is little for the API server
+/// to bear.
+pub fn watch_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KubeError {
     #[error("Kubernetes client setup: {0}")]
@@ -333,7 +348,7 @@ impl Kube {
         let what = obj.to_string();
         let config = watcher::Config::default().fields(&format!("metadata.name={}", obj.name));
         let mut listed: Option<K> = None;
-        watcher(self.api::<K>(&obj.namespace), config).default_backoff().filter_map(move |event| {
+        watcher(self.api::<K>(&obj.namespace), config).backoff(watch_backoff()).filter_map(move |event| {
             let out = match event {
                 Ok(watcher::Event::Init) => {
                     listed = None;
@@ -435,6 +450,18 @@ pub(crate) mod testpki {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchers_retry_quickly_and_never_wait_more_than_five_seconds() {
+        use kube::runtime::utils::Backoff;
+        let mut b = watch_backoff();
+        let first: Vec<Duration> = b.by_ref().take(12).collect();
+        assert!(first[0] <= Duration::from_millis(500), "{first:?}");
+        assert!(first.iter().all(|d| *d <= Duration::from_secs(10)), "{first:?}");
+        assert!(first[11] >= Duration::from_secs(5), "{first:?}");
+        b.reset();
+        assert!(b.next().unwrap() <= Duration::from_millis(500));
+    }
 
     #[test]
     fn object_refs_are_checked_before_use() {

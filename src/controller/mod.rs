@@ -216,7 +216,9 @@ async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let changed = changed.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let stream = watcher(nodes_api, watcher::Config::default()).default_backoff().reflect(writer);
+            let stream = watcher(nodes_api, watcher::Config::default())
+                .backoff(crate::clients::kube::watch_backoff())
+                .reflect(writer);
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 match ev {

@@ -264,7 +264,7 @@ where
     F: Fn(&K) -> Option<Item> + Send + 'static,
 {
     watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(crate::clients::kube::watch_backoff())
         .filter_map(move |event| {
             let name =
                 |o: &K| (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default());
