@@ -364,6 +364,10 @@ impl Cluster {
             cmd.arg("--api-key-file").arg(&api).arg("--allow-http-api-key");
         }
         cmd.env("HEADCNI_LOG_LEVEL", "info");
+        // The node's own CNI configuration directory, empty: never the machine's.
+        let conf_dir = node.dir.join("net.d");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        cmd.env("HEADCNI_CONF_DIR", &conf_dir);
         node.agent = Some(Proc::spawn(
             &format!("agent-n{}", node.i),
             cmd,
@@ -859,13 +863,22 @@ impl FakeKube {
                             body.len()
                         );
                     };
-                    if path.contains("watch=1") {
+                    // A watch (kube-rs asks watch=true) stays open with nothing to say.
+                    if path.contains("watch=1") || path.contains("watch=true") {
                         let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
                         let _ = out.flush();
                         while !flag.load(Ordering::SeqCst) {
                             std::thread::sleep(Duration::from_millis(100));
                         }
                     } else if path.starts_with("/api/v1/nodes?") {
+                        // A list, narrowed to one Node by a field selector (the agent's watch
+                        // of its own Node) or of every Node (the cluster's pod CIDRs).
+                        let mut list = list.clone();
+                        if let Some(name) = path.split("fieldSelector=metadata.name%3D").nth(1) {
+                            let name = name.split('&').next().unwrap_or("").to_string();
+                            let items = list["items"].as_array_mut().unwrap();
+                            items.retain(|n| n["metadata"]["name"] == name.as_str());
+                        }
                         reply(&mut out, "200 OK", &list.to_string());
                     } else if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
                         match list["items"].as_array().unwrap().iter().find(|n| n["metadata"]["name"] == name) {
@@ -917,6 +930,10 @@ impl Cluster {
         cmd.args(["--metrics-bind", "127.0.0.1", "--metrics-port", &METRICS_PORT.to_string()]);
         cmd.arg("--auth-key-file").arg(&auth);
         cmd.env("HEADCNI_LOG_LEVEL", "info");
+        // The node's own CNI configuration directory, empty: never the machine's.
+        let conf_dir = node.dir.join("net.d");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        cmd.env("HEADCNI_CONF_DIR", &conf_dir);
         node.agent = Some(Proc::spawn(
             &format!("agent-n{}", node.i),
             cmd,
