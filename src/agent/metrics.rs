@@ -243,6 +243,9 @@ impl Metrics {
         );
         r.register("ready", "1 when the node file is written and the pod CIDRs are advertised", m.ready.clone());
         m.policy.register(r);
+        // Present from the start, none current until the first look at tailscaled (a scrape
+        // before the first pass finds the family, all 0).
+        m.set_backend_state("");
         Self { registry, ..m }
     }
 
@@ -467,6 +470,8 @@ mod tests {
             "headcni_pod_mtu_bytes 0",
             "headcni_tailnet_mtu_bytes 0",
             "headcni_pod_cidrs 0",
+            "headcni_tailnet_backend_state{state=\"Running\"} 0",
+            "headcni_tailnet_backend_state{state=\"Unreachable\"} 0",
             "# TYPE headcni_build_info gauge",
             concat!("headcni_build_info{version=\"", env!("CARGO_PKG_VERSION")),
         ] {
