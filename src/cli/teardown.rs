@@ -1,5 +1,5 @@
 //! `headcni teardown`: the chart's pre-delete hook (a Job on one node, as uid 65534, with a
-//! Role that may patch the one uninstall-signal ConfigMap and get the one DaemonSet).
+//! Role that may read and patch the one uninstall-signal ConfigMap and get the one DaemonSet).
 //!
 //! With `--deployment` (the route approval controller), it first sets the ConfigMap's
 //! `data.teardown` to `"withdraw-approvals"` and waits until the controller reports no ready
@@ -218,6 +218,14 @@ pub async fn withdraw_approvals(
     deadline: Instant,
     poll: Duration,
 ) -> bool {
+    // A retried hook finds the agents' signal raised already: it must not lower it (the agents
+    // would resume and advertise again); the controller withdraws under "true" too.
+    if let Ok(cm) = kube.get::<ConfigMap>(configmap).await
+        && teardown::signal_of(&cm) == Signal::Teardown
+    {
+        log::info!("{configmap} says data.{DATA_KEY}=\"true\" already: waiting for {deployment}");
+        return wait_deployment(kube, deployment, deadline, poll).await;
+    }
     let patch = json!({ "data": { DATA_KEY: WITHDRAW_APPROVALS } });
     match kube.merge_patch::<ConfigMap>(configmap, &patch).await {
         Ok(_) => log::info!(
