@@ -583,8 +583,13 @@ fn parse_messages(mut data: &[u8]) -> std::result::Result<Vec<NlMsg<'_>>, String
 
 /// The attributes of an nfnetlink message (after the 4-byte nfgenmsg).
 fn attributes(payload: &[u8]) -> Vec<(u16, &[u8])> {
+    // After the nfgenmsg header.
+    nested(payload.get(4..).unwrap_or_default())
+}
+
+/// The attributes packed in `data` (a message's after its header, or a nested attribute's).
+fn nested(mut data: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
-    let mut data = payload.get(4..).unwrap_or_default();
     while data.len() >= 4 {
         let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
         let kind = u16::from_ne_bytes([data[2], data[3]]) & !NLA_F_NESTED;
