@@ -18,6 +18,7 @@
 use super::exit;
 use crate::agent::teardown::{self, DATA_KEY, Signal};
 use crate::clients::kube::{InvalidRef, Kind, Kube, KubeError, ObjectRef};
+use crate::controller::WITHDRAW_APPROVALS;
 use clap::Args;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -203,10 +204,6 @@ pub async fn run(
         tokio::time::sleep(poll.min(left).max(Duration::from_millis(10))).await;
     }
 }
-
-/// What `data.teardown` says while the controller withdraws its approvals (the controller's
-/// `WITHDRAW_APPROVALS`; the agents act on "true" only).
-pub const WITHDRAW_APPROVALS: &str = "withdraw-approvals";
 
 /// Asks the controller to withdraw its approvals and waits until its Deployment reports no
 /// ready replica, or `deadline`. Answers whether it got there; a missing ConfigMap or an API

@@ -166,7 +166,7 @@ pub fn main(args: ControllerArgs) -> i32 {
 
 /// What the uninstall hook first sets data.teardown to: the controller withdraws its approvals
 /// while the agents, which act on "true" only, still keep the pod network that carries the
-/// controller's requests to Headscale (`headcni teardown`, which names the same value).
+/// controller's requests to Headscale (`headcni teardown` sets it).
 pub const WITHDRAW_APPROVALS: &str = "withdraw-approvals";
 
 /// Follows the uninstall signal: true while its data.teardown is "true" or
