@@ -196,10 +196,7 @@ all_approved() { # every node's pod CIDR approved, and only it
 
 # --- setup: the previous chart --------------------------------------------------------
 
-PREV_CHART=$(mktemp -d /tmp/hcx-prev-chart.XXXXXX)
-trap 'rm -rf "$PREV_CHART"' EXIT
-git -C "$HC_REPO_DIR" archive "$PREV_CHART_COMMIT" chart | tar -x -C "$PREV_CHART"
-KUBE_HC_CHART=$PREV_CHART/chart kube_harness_up
+KUBE_HC_CHART_COMMIT=$PREV_CHART_COMMIT kube_harness_up
 PREV_SETUP_S=$KUBE_SETUP_S
 hc_wait_for 60 "every route approved by the agents (previous chart)" all_approved ||
 	hc_die "the previous chart's agents did not approve their routes"

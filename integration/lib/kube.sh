@@ -597,13 +597,23 @@ EOF
 }
 
 # kube_headcni_deploy [DEPLOY-WITH-HELM ARGS...] : deploy-with-helm.sh of this repository (of the
-# chart in $KUBE_HC_CHART when set, e.g. an earlier release's), with
+# chart at git commit $KUBE_HC_CHART_COMMIT when set, e.g. an earlier release's), with
 # the run's pre-auth key and API key as files: with an API key the chart's default is the route
 # approval controller, which alone gets the key (the harness's Headscale policy has no
 # autoApprovers in the kubernetes stage).
 kube_headcni_deploy() {
-	local t0
+	local t0 KUBE_HC_CHART=""
 	t0=$(hc_now)
+	if [[ -n "${KUBE_HC_CHART_COMMIT:-}" ]]; then
+		# In the run's state directory, so that the teardown removes it with the rest.
+		local at=$HC_STATE_DIR/chart-at-$KUBE_HC_CHART_COMMIT
+		if [[ ! -d "$at/chart" ]]; then
+			mkdir -p "$at"
+			git -C "$HC_REPO_DIR" archive "$KUBE_HC_CHART_COMMIT" chart | tar -x -C "$at" ||
+				hc_die "cannot extract the chart of commit $KUBE_HC_CHART_COMMIT"
+		fi
+		KUBE_HC_CHART=$at/chart
+	fi
 	kube_user_env "$HC_REPO_DIR/deploy-with-helm.sh" -u "$HC_HS_URL" \
 		-K "$HC_STATE_DIR/authkey" -A "$HC_STATE_DIR/apikey" \
 		--cluster-cidr "$HC_CLUSTER_CIDR" --service-cidr "$KUBE_SERVICE_CIDR" \
