@@ -26,7 +26,8 @@
 #                     "mtu": 1420: the agent turns not ready, status and status --cluster exit 1
 #                     naming it; once removed, ready again (times measured)
 #   exclusive         a leftover conflist on node 2, then `helm upgrade --set cni.exclusive=true`: the
-#                     installer sets it aside (NAME.headcni-aside, unchanged), the agent is ready
+#                     installer sets it aside (NAME.headcni-aside, unchanged), the agent is ready;
+#                     one dropped while the agent runs is set aside by the agent
 #   netpol            NetworkPolicies enforced across nodes in both directions: ingress at the
 #                     destination's node, egress at the source's; pods no policy isolates untouched
 #   netpol_latency    from a policy written to its rules on both nodes (20 policies; median, max)
@@ -47,7 +48,7 @@
 #   node_join         a third kubelet joins later; its pods reach the others
 #   node_delete       a deleted Node's route is withdrawn
 #   uninstall         `helm uninstall`: the pre-delete hook, every route withdrawn, HeadCNI's files
-#                     gone from the nodes
+#                     gone from the nodes, what cni.exclusive set aside put back
 #   helm_install      HeadCNI again with plain `helm upgrade --install` of chart/, the keys from
 #                     an existing Secret; routes approved again, pods connected
 #
@@ -499,8 +500,18 @@ t_exclusive() {
 		hc_die "node 2: $leftover.headcni-aside missing or changed"
 	kubectl -n "$KUBE_HC_NS" logs "$(kube_agent_pod 2)" -c install-cni >"$HC_STATE_DIR/tests/exclusive-install.log" 2>&1 || true
 	note "cni.exclusive=true: node 2's $leftover set aside as $leftover.headcni-aside by the installer; agent ready $(hc_since "$t0") s after helm upgrade began"
-	# back to the default, without the leftover
-	node_exec 2 rm -f "/etc/cni/net.d/$leftover.headcni-aside"
+	# Another network's file that appears while the agent runs goes aside too.
+	local late=07-late.conf late_content='{"cniVersion":"0.3.1","name":"late","type":"bridge"}'
+	t0=$(hc_now)
+	node_exec 2 sh -c "cat > /etc/cni/net.d/$late" <<<"$late_content"
+	hc_wait_for 30 "node 2's agent sets $late aside" node_exec 2 test -e "/etc/cni/net.d/$late.headcni-aside" ||
+		hc_die "node 2: the agent left $late in place under cni.exclusive=true"
+	node_exec 2 test ! -e "/etc/cni/net.d/$late" || hc_die "node 2: $late is still in place"
+	[[ "$(node_exec 2 cat "/etc/cni/net.d/$late.headcni-aside")" == "$late_content" ]] ||
+		hc_die "node 2: $late.headcni-aside changed"
+	agent_ready 2 || hc_die "node 2's agent not ready after setting $late aside"
+	note "a network configuration dropped on node 2 while its agent runs: set aside after $(hc_since "$t0") s (the agent's next pass)"
+	# Back to the default; the set-aside files stay: the uninstall puts them back.
 	helm_upgrade --set cni.exclusive=false || hc_die "helm upgrade --set cni.exclusive=false failed"
 	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out with cni.exclusive=false"
 }
@@ -661,9 +672,13 @@ t_node_delete() {
 }
 
 t_uninstall() {
-	local i out
-	local -A cidrs=()
-	for ((i = 1; i <= HC_NODES; i++)); do cidrs[$i]=$(kube_node_pod_cidr "$i"); done
+	local i out f
+	local -A cidrs=() aside=()
+	for ((i = 1; i <= HC_NODES; i++)); do
+		cidrs[$i]=$(kube_node_pod_cidr "$i")
+		# What cni.exclusive set aside (the exclusive test leaves two on node 2).
+		aside[$i]=$(node_exec "$i" sh -c 'ls /etc/cni/net.d/*.headcni-aside 2>/dev/null' || true)
+	done
 	out=$(helm uninstall "$KUBE_HC_RELEASE" -n "$KUBE_HC_NS" --wait --timeout 5m 2>&1) ||
 		hc_die "helm uninstall failed: $out"
 	grep -qi 'uninstalled' <<<"$out" || hc_die "helm uninstall said: $out"
@@ -688,6 +703,17 @@ t_uninstall() {
 			left+=("node-$i:table inet headcni-policy")
 	done
 	((${#left[@]} == 0)) || hc_die "HeadCNI's files are still on the nodes after helm uninstall: ${left[*]}"
+	local restored=()
+	for ((i = 1; i <= HC_NODES; i++)); do
+		for f in ${aside[$i]}; do
+			node_exec "$i" test ! -e "$f" -a -e "${f%.headcni-aside}" ||
+				hc_die "node-$i: $f was not put back as ${f%.headcni-aside} by the uninstall"
+			restored+=("node-$i:${f##*/}")
+			# They are leftovers of the exclusive test: out of the way of the reinstall.
+			node_exec "$i" rm -f "${f%.headcni-aside}"
+		done
+	done
+	note "configurations set aside by cni.exclusive put back: ${restored[*]:-none (the exclusive test did not run)}"
 }
 
 # After the uninstall: HeadCNI again with plain `helm upgrade --install` of chart/ (no script),

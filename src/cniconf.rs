@@ -1,6 +1,7 @@
 //! The CNI configuration directory as a container runtime reads it: which file it uses (the
 //! first network configuration in lexical order), whether that one is HeadCNI's and which pod
-//! MTU it sets, and other networks' files set aside and back (`headcni install --exclusive`).
+//! MTU it sets, and other networks' files set aside and back (`--exclusive` of `headcni install`
+//! and of the agent).
 //! Shared by `headcni install`, `headcni status` and the agent, which all judge the same thing.
 
 use serde_json::Value;

@@ -107,6 +107,11 @@ pub struct AgentArgs {
     /// HeadCNI's conflist in --conf-dir.
     #[arg(long, env = "HEADCNI_CONFLIST_NAME", default_value = "10-headcni.conflist")]
     pub conflist_name: String,
+    /// Keep HeadCNI the only network of the node: every other network configuration that is
+    /// or later appears in --conf-dir is set aside (renamed with the suffix .headcni-aside, as
+    /// `headcni install --exclusive` does once), and the uninstall puts them back.
+    #[arg(long, env = "HEADCNI_EXCLUSIVE")]
+    pub exclusive: bool,
     /// The uninstall signal, NAMESPACE/NAME of a ConfigMap: when its data.teardown is "true"
     /// the agent withdraws this node's routes, removes its rules and nft tables, stops
     /// reconciling and answers not ready, until it is "false" again.
@@ -185,6 +190,8 @@ pub struct AgentConfig {
     pub sysctl_root: SysctlRoot,
     pub conf_dir: PathBuf,
     pub conflist_name: String,
+    /// --exclusive: other networks' configurations are set aside whenever they appear.
+    pub exclusive: bool,
     pub teardown_configmap: Option<ObjectRef>,
     /// --kubeconfig; `None`: the in-cluster service account.
     pub kubeconfig: Option<PathBuf>,
@@ -429,6 +436,7 @@ impl AgentConfig {
             sysctl_root,
             conf_dir: args.conf_dir.clone(),
             conflist_name: args.conflist_name.clone(),
+            exclusive: args.exclusive,
             teardown_configmap,
             kubeconfig: args.kubeconfig.clone().filter(|p| !p.as_os_str().is_empty()),
             cni_files,

@@ -542,12 +542,40 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         }
     }
 
+    /// --exclusive: sets aside every other network's configuration in --conf-dir, on every pass,
+    /// so that one dropped there later (another CNI's DaemonSet, a leftover restored by hand,
+    /// an uninstall that was called off) does not take the node's pods. The uninstall restores
+    /// them (`install::remove_installed`).
+    fn step_exclusive(&mut self, dir: &std::path::Path, ours: &str) {
+        let (moves, blocked) = match crate::cniconf::set_aside_plan(dir, ours) {
+            Ok(plan) => plan,
+            // Reported by the check that follows, which reads the same directory.
+            Err(_) => return,
+        };
+        for name in blocked {
+            log::warn!(
+                "{} stays in place: {name}{} exists already (remove one of the two by hand)",
+                dir.join(&name).display(),
+                crate::cniconf::SET_ASIDE_SUFFIX
+            );
+        }
+        for m in &moves {
+            match crate::cniconf::apply(std::slice::from_ref(m)) {
+                Ok(()) => log::warn!("set aside another network's configuration (--exclusive): {m}"),
+                Err(e) => log::error!("setting aside (--exclusive): {e}"),
+            }
+        }
+    }
+
     /// The CNI configuration the runtime uses (the first in --conf-dir): HeadCNI's, and a pod
     /// MTU it sets within the tailnet interface's.
     fn step_cni_config(&mut self, link: Option<&(String, u32)>) -> Option<CniConfigReport> {
         let dir = self.cfg.conf_dir.clone();
         let ours = self.cfg.conflist_name.clone();
         let mut report = CniConfigReport { conf_dir: dir.display().to_string(), ..Default::default() };
+        if self.cfg.exclusive {
+            self.step_exclusive(&dir, &ours);
+        }
         let in_use = match crate::cniconf::in_use(&dir) {
             Ok(u) => u,
             Err(e) => {

@@ -386,6 +386,7 @@ fn world(tweak: impl FnOnce(&mut AgentConfig)) -> World {
         metrics_path: "/metrics".into(),
         sysctl_root: Default::default(),
         conf_dir: dir.path().join("net.d"),
+        exclusive: false,
         conflist_name: "10-headcni.conflist".into(),
         teardown_configmap: None,
         kubeconfig: None,
@@ -929,6 +930,45 @@ async fn another_networks_conflist_sorting_first_is_loud_and_not_ready() {
     std::fs::remove_file(&leftover).unwrap();
     r.reconcile().await;
     assert!(r.report().ready && probe(&w, "/readyz") == 200, "{:?}", r.report().problems);
+}
+
+#[tokio::test]
+async fn exclusive_sets_aside_every_other_network_whenever_it_appears() {
+    let w = world(|c| c.exclusive = true);
+    let (cidrs, ts, dp) =
+        (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    let dir = w.cfg.conf_dir.clone();
+    assert_eq!(r.reconcile().await, PassOutcome::Converged);
+    assert!(r.report().ready, "{:?}", r.report().problems);
+    // Another CNI drops its configuration while the agent runs: before HeadCNI's and after.
+    let flannel = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel"}]}"#;
+    std::fs::write(dir.join("05-flannel.conflist"), flannel).unwrap();
+    std::fs::write(dir.join("99-bridge.conf"), r#"{"name":"br","type":"bridge"}"#).unwrap();
+    // One whose set-aside name is taken stays (an earlier copy is never overwritten).
+    std::fs::write(dir.join("07-old.conf"), r#"{"name":"old","type":"bridge"}"#).unwrap();
+    std::fs::write(dir.join("07-old.conf.headcni-aside"), "earlier copy").unwrap();
+    r.reconcile().await;
+    assert_eq!(std::fs::read_to_string(dir.join("05-flannel.conflist.headcni-aside")).unwrap(), flannel);
+    assert!(!dir.join("05-flannel.conflist").exists() && dir.join("99-bridge.conf.headcni-aside").exists());
+    assert_eq!(std::fs::read_to_string(dir.join("07-old.conf.headcni-aside")).unwrap(), "earlier copy");
+    assert!(dir.join("07-old.conf").exists());
+    assert!(dir.join("10-headcni.conflist").exists(), "HeadCNI's own stays");
+    // The one left in place sorts first: reported as without --exclusive.
+    let p = r.report().problems.iter().find(|p| p.id == "cni_config").expect("reported");
+    assert!(p.message.contains("uses 07-old.conf"), "{p:?}");
+    std::fs::remove_file(dir.join("07-old.conf.headcni-aside")).unwrap();
+    r.reconcile().await;
+    assert!(r.report().ready, "{:?}", r.report().problems);
+    assert!(dir.join("07-old.conf.headcni-aside").exists());
+
+    // The uninstall puts every one of them back, and removes HeadCNI's.
+    let out = crate::install::remove_installed(None, &[dir.join("10-headcni.conflist")]).unwrap();
+    assert_eq!(out.changed.len(), 4, "{:?}", out.changed);
+    assert_eq!(std::fs::read_to_string(dir.join("05-flannel.conflist")).unwrap(), flannel);
+    assert!(dir.join("99-bridge.conf").exists() && dir.join("07-old.conf").exists());
+    assert!(!dir.join("10-headcni.conflist").exists());
 }
 
 #[tokio::test]
