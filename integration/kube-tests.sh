@@ -516,9 +516,15 @@ t_exclusive() {
 	kube_headcni_rollout_wait 180 || hc_die "the DaemonSet did not roll out with cni.exclusive=false"
 }
 
+# node_key I : the tailnet node key node I's agent published on its Node (controller mode).
+node_key() { kubectl get node "node-$1" -o json | jq -r '.metadata.annotations["headcni.io/node-key"] // empty'; }
+node_key_published() { [[ -n "$(node_key "$1")" ]]; }
+
 t_upgrade() {
-	local f=$HC_STATE_DIR/tests/upgrade.ping gap before after
+	local f=$HC_STATE_DIR/tests/upgrade.ping gap before after i k
+	local -A keys=()
 	web_pair
+	for ((i = 1; i <= HC_NODES; i++)); do keys[$i]=$(node_key "$i"); done
 	before=$(kubectl -n "$KUBE_HC_NS" get ds "$KUBE_HC_RELEASE" -o jsonpath='{.metadata.generation}')
 	pinger_start "$(kube_pod_where "$NS" "$A")" "$B_IP" "$f"
 	helm_upgrade --set logLevel=debug || hc_die "helm upgrade failed"
@@ -532,7 +538,16 @@ t_upgrade() {
 	read -r g ok sent <<<"$gap"
 	((ok > 0)) || hc_die "no ping answered during the upgrade"
 	cross_node_ok || hc_die "pods across nodes disconnected after the upgrade"
-	note "helm upgrade --set logLevel=debug: agents rolled one at a time; pod traffic across nodes: longest gap ${g}s ($ok of $sent answered)"
+	# Every node comes back as the same tailnet node (in sidecar mode its tailscaled restarted
+	# with the pod, from the state directory on the node).
+	for ((i = 1; i <= HC_NODES; i++)); do
+		[[ -n "${keys[$i]}" ]] || continue
+		hc_wait_for 60 "node-$i's identity published again" node_key_published "$i" ||
+			hc_die "node-$i: no identity published after the upgrade"
+		k=$(node_key "$i")
+		[[ "$k" == "${keys[$i]}" ]] || hc_die "node-$i joined as a new tailnet node across the upgrade: ${keys[$i]:0:24}... -> ${k:0:24}..."
+	done
+	note "helm upgrade --set logLevel=debug ($KUBE_TS_MODE mode): agents rolled one at a time, each node kept its tailnet node key; pod traffic across nodes: longest gap ${g}s ($ok of $sent answered)"
 }
 
 t_apiserver_restart() {

@@ -15,6 +15,8 @@
 #   chart      helm lint/template, schema validation, deploy-with-helm.sh
 #   image      the FROM scratch image, built offline with podman, run
 #   kubernetes HeadCNI installed with Helm on a real Kubernetes (kube-tests.sh)
+#   sidecar    the same cluster with tailscaled in the agent's pod (config.tailscale.mode=sidecar):
+#              install, pods across nodes, status, helm upgrade keeping each tailnet node
 #   controller route approval by headcni controller: upgrade from the previous chart, the
 #              admission policy, attacks and faults (controller-tests.sh)
 #   conformance the upstream sig-network conformance tests on it (conformance.sh)
@@ -27,13 +29,13 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-all_stages=(peers lint build cargo runtimes cluster chart image kubernetes controller conformance netpol)
+all_stages=(peers lint build cargo runtimes cluster chart image kubernetes sidecar controller conformance netpol)
 declare -a only=() skip=()
 while (($#)); do
 	case "$1" in
 	--only) only+=("$2"); shift 2 ;;
 	--skip) skip+=("$2"); shift 2 ;;
-	-h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,25p' "$0"; exit 0 ;;
 	*) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
@@ -148,6 +150,7 @@ stage_image() {
 }
 
 stage_kubernetes() { integration/kube-tests.sh; }
+stage_sidecar() { KUBE_TS_MODE=sidecar integration/kube-tests.sh --prefix hcs install deployment status upgrade; }
 stage_controller() { integration/controller-tests.sh; }
 stage_conformance() { integration/conformance.sh; }
 stage_netpol() {
