@@ -37,9 +37,32 @@ fn mistyped_commands_and_flags_get_a_suggestion_and_exit_2() {
     }
 }
 
+/// The paths of `cmd`'s subcommands at every depth (`["ipam", "stats"]`).
+fn subcommand_paths(cmd: &clap::Command, above: &[String], out: &mut Vec<Vec<String>>) {
+    for sub in cmd.get_subcommands() {
+        let mut path = above.to_vec();
+        path.push(sub.get_name().to_string());
+        subcommand_paths(sub, &path, out);
+        out.push(path);
+    }
+}
+
 #[test]
 fn help_names_the_log_environment_and_the_exit_codes() {
-    for args in [vec!["--help"], vec!["agent", "--help"], vec!["install", "--help"], vec!["status", "--help"]] {
+    // Every subcommand of the definition the binary parses with, so a new one is checked too.
+    let mut paths = Vec::new();
+    subcommand_paths(&headcni::cli::command(), &[], &mut paths);
+    for name in ["version", "install", "agent", "controller", "status", "teardown", "ipam", "completion", "man"] {
+        assert!(paths.iter().any(|p| p == &[name]), "{name} not among {paths:?}");
+    }
+    assert!(paths.iter().any(|p| p == &["ipam", "stats"]), "no ipam stats among {paths:?}");
+    let mut all = vec![vec!["--help".to_string()]];
+    all.extend(paths.into_iter().map(|mut p| {
+        p.push("--help".into());
+        p
+    }));
+    for args in all {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = headcni(&args, &[]);
         assert_eq!(o.status.code(), Some(0), "{args:?}");
         let out = stdout(&o);
