@@ -140,3 +140,26 @@ fn the_json_log_format_is_one_object_per_line() {
     let o = headcni(&args, &[]);
     assert!(stderr(&o).lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
 }
+
+#[test]
+fn under_json_logs_the_error_that_ends_a_command_is_a_record_too() {
+    for (args, code, role, msg) in [
+        (vec!["install", "--mtu", "7"], 2, "install", "--mtu"),
+        (vec!["agent", "--pod-cidr", "10.0.0.1/8"], 2, "agent", "invalid configuration: --pod-cidr"),
+        (vec!["status", "--proc-sys-dir", "relative"], 2, "status", "--proc-sys-dir"),
+    ] {
+        // No log level silences it.
+        for level in ["info", "off"] {
+            let o = headcni(&args, &[("HEADCNI_LOG_FORMAT", "json"), ("HEADCNI_LOG_LEVEL", level)]);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+            let records: Vec<serde_json::Value> =
+                err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{args:?}: {e}: {l}"))).collect();
+            let last = records.last().unwrap_or_else(|| panic!("{args:?}: nothing on stderr"));
+            assert_eq!(last["level"], "error", "{args:?}: {err}");
+            assert_eq!(last["role"], role, "{args:?}: {err}");
+            assert!(last["msg"].as_str().unwrap().starts_with(msg), "{args:?}: {err}");
+            assert!(last["ts"].as_str().unwrap().ends_with('Z') && last["pid"].as_u64().is_some(), "{err}");
+        }
+    }
+}

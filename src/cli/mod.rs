@@ -29,7 +29,8 @@ Exit codes:
   1  the command ran and failed, or status found a problem
   2  unusable command line or configuration; nothing was changed
 
-Errors end a command with one line on stderr: headcni COMMAND: error: MESSAGE";
+Errors end a command with one line on stderr: headcni COMMAND: error: MESSAGE
+(with HEADCNI_LOG_FORMAT=json, a JSON object of level error like every other line)";
 
 #[derive(Debug, Parser)]
 #[command(
