@@ -518,7 +518,7 @@ t_render_facts() {
 
 # `kubectl exec ds/headcni -- headcni status` in every mode: the agent container's environment
 # names the socket, run, conf and /proc/sys directories the agent itself uses, and the conf
-# dir is mounted (read only) where the environment says
+# dir is mounted where the environment says, writable (the agent publishes the conflist there)
 t_agent_env() {
 	local vs
 	for vs in defaults sidecar host-local custom-resources; do

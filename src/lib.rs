@@ -24,6 +24,7 @@
 //! - [`install`]: `headcni install`, putting HeadCNI on a node
 //! - [`cniconf`]: the CNI configuration directory as the runtime reads it (shared by install,
 //!   status and the agent)
+//! - [`exposition`]: the Prometheus exposition formats of every `/metrics` (agent, controller)
 //! - [`errors`]: the error list of best-effort operations (DEL, GC, cleanup)
 //! - [`fsutil`], [`logging`]: files written safely, and each role's logging
 //!
@@ -43,6 +44,7 @@ pub mod cniconf;
 pub mod controller;
 pub mod errors;
 pub mod events;
+pub mod exposition;
 pub mod fsutil;
 pub mod install;
 pub mod ipam;

@@ -79,11 +79,35 @@ pub mod exit {
     pub const USAGE: i32 = 2;
 }
 
-/// The one way every command reports the error that ends it: `headcni COMMAND: error: MESSAGE`
-/// on stderr, whatever the log format (a person reads it). The caller returns the exit code
-/// (see `headcni --help`).
+/// The one way every command reports the error that ends it, on stderr: `headcni COMMAND: error:
+/// MESSAGE`, or with HEADCNI_LOG_FORMAT=json a record of level `error` like every other line
+/// (role COMMAND, msg MESSAGE), so that a log pipeline parses it. No log level silences it. The
+/// caller returns the exit code (see `headcni --help`).
 pub fn fatal(command: &str, err: &dyn std::fmt::Display) {
-    let _ = writeln!(io::stderr(), "headcni {command}: error: {err}");
+    fatal_in(LogFormat::from_env(), command, err);
+}
+
+fn fatal_in(format: LogFormat, command: &str, err: &dyn std::fmt::Display) {
+    match format {
+        LogFormat::Text => {
+            let _ = writeln!(io::stderr(), "headcni {command}: error: {err}");
+        }
+        LogFormat::Json => {
+            // A logger of its own, written by the same formatter as every record, past any filter.
+            let role = command.to_string();
+            let pid = std::process::id();
+            let mut b = env_logger::Builder::new();
+            b.filter_level(log::LevelFilter::Error);
+            b.format(move |out, record| write_record(out, format, &role, pid, record));
+            b.target(env_logger::Target::Stderr);
+            let logger = b.build();
+            log::Log::log(
+                &logger,
+                &log::Record::builder().level(log::Level::Error).target("headcni").args(format_args!("{err}")).build(),
+            );
+            log::Log::flush(&logger);
+        }
+    }
 }
 
 /// Copies every formatted record to the log file and to stderr.

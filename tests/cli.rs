@@ -37,9 +37,32 @@ fn mistyped_commands_and_flags_get_a_suggestion_and_exit_2() {
     }
 }
 
+/// The paths of `cmd`'s subcommands at every depth (`["ipam", "stats"]`).
+fn subcommand_paths(cmd: &clap::Command, above: &[String], out: &mut Vec<Vec<String>>) {
+    for sub in cmd.get_subcommands() {
+        let mut path = above.to_vec();
+        path.push(sub.get_name().to_string());
+        subcommand_paths(sub, &path, out);
+        out.push(path);
+    }
+}
+
 #[test]
 fn help_names_the_log_environment_and_the_exit_codes() {
-    for args in [vec!["--help"], vec!["agent", "--help"], vec!["install", "--help"], vec!["status", "--help"]] {
+    // Every subcommand of the definition the binary parses with, so a new one is checked too.
+    let mut paths = Vec::new();
+    subcommand_paths(&headcni::cli::command(), &[], &mut paths);
+    for name in ["version", "install", "agent", "controller", "status", "teardown", "ipam", "completion", "man"] {
+        assert!(paths.iter().any(|p| p == &[name]), "{name} not among {paths:?}");
+    }
+    assert!(paths.iter().any(|p| p == &["ipam", "stats"]), "no ipam stats among {paths:?}");
+    let mut all = vec![vec!["--help".to_string()]];
+    all.extend(paths.into_iter().map(|mut p| {
+        p.push("--help".into());
+        p
+    }));
+    for args in all {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = headcni(&args, &[]);
         assert_eq!(o.status.code(), Some(0), "{args:?}");
         let out = stdout(&o);
@@ -116,4 +139,27 @@ fn the_json_log_format_is_one_object_per_line() {
     // Text stays the default.
     let o = headcni(&args, &[]);
     assert!(stderr(&o).lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
+}
+
+#[test]
+fn under_json_logs_the_error_that_ends_a_command_is_a_record_too() {
+    for (args, code, role, msg) in [
+        (vec!["install", "--mtu", "7"], 2, "install", "--mtu"),
+        (vec!["agent", "--pod-cidr", "10.0.0.1/8"], 2, "agent", "invalid configuration: --pod-cidr"),
+        (vec!["status", "--proc-sys-dir", "relative"], 2, "status", "--proc-sys-dir"),
+    ] {
+        // No log level silences it.
+        for level in ["info", "off"] {
+            let o = headcni(&args, &[("HEADCNI_LOG_FORMAT", "json"), ("HEADCNI_LOG_LEVEL", level)]);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+            let records: Vec<serde_json::Value> =
+                err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{args:?}: {e}: {l}"))).collect();
+            let last = records.last().unwrap_or_else(|| panic!("{args:?}: nothing on stderr"));
+            assert_eq!(last["level"], "error", "{args:?}: {err}");
+            assert_eq!(last["role"], role, "{args:?}: {err}");
+            assert!(last["msg"].as_str().unwrap().starts_with(msg), "{args:?}: {err}");
+            assert!(last["ts"].as_str().unwrap().ends_with('Z') && last["pid"].as_u64().is_some(), "{err}");
+        }
+    }
 }

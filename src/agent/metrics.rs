@@ -9,14 +9,12 @@
 //! that `rate()` and `absent()` mean what they say. Units are in the names (`_bytes`,
 //! `_seconds`); gauges are named for a state, counters end in `_total`.
 //!
-//! The exposition follows the scraper's `Accept` header ([`Exposition::negotiate`]):
-//! OpenMetrics 1.0 when asked for, else the classic text format 0.0.4, in which a counter's
-//! `# TYPE` line names the `_total` series (classic parsers would otherwise take the counters
-//! for untyped series).
+//! The exposition follows the scraper's `Accept` header, as [`crate::exposition`] decides:
+//! OpenMetrics 1.0 when asked for, else the classic text format 0.0.4.
 
 use super::report::Step;
 use crate::events::{self, Event};
-use prometheus_client::encoding::text::encode;
+use crate::exposition::{self, Exposition};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -344,19 +342,12 @@ impl Metrics {
 
     /// The OpenMetrics text of everything.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = encode(&mut out, &self.registry) {
-            log::warn!("encoding metrics: {e}");
-        }
-        out
+        self.expose(Exposition::OpenMetrics)
     }
 
     /// Everything in `format`.
     pub fn expose(&self, format: Exposition) -> String {
-        match format {
-            Exposition::OpenMetrics => self.encode(),
-            Exposition::Text => classic_text(&self.encode()),
-        }
+        exposition::expose(&self.registry, format)
     }
 }
 
@@ -373,81 +364,6 @@ fn read_pools(conflist: &Path) -> Vec<PoolUsage> {
             Vec::new()
         }
     }
-}
-
-/// The two exposition formats a Prometheus scraper speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exposition {
-    /// `application/openmetrics-text; version=1.0.0`
-    OpenMetrics,
-    /// `text/plain; version=0.0.4`, the classic format, for any other client.
-    Text,
-}
-
-impl Exposition {
-    /// Picks the format from an `Accept` header by its q-values: OpenMetrics only when the
-    /// client prefers it (Prometheus does), the classic format otherwise (curl, older scrapers).
-    pub fn negotiate(accept: Option<&str>) -> Self {
-        let mut best = (0.0f32, Exposition::Text);
-        let mut text_q = 0.0f32;
-        for part in accept.unwrap_or_default().split(',') {
-            let mut params = part.split(';').map(str::trim);
-            let media = params.next().unwrap_or_default().to_ascii_lowercase();
-            let q = params.filter_map(|p| p.strip_prefix("q=")).find_map(|v| v.parse::<f32>().ok()).unwrap_or(1.0);
-            match media.as_str() {
-                "application/openmetrics-text" if q > best.0 => best = (q, Exposition::OpenMetrics),
-                "text/plain" | "text/*" | "*/*" => text_q = text_q.max(q),
-                _ => {}
-            }
-        }
-        if best.1 == Exposition::OpenMetrics && best.0 >= text_q { Exposition::OpenMetrics } else { Exposition::Text }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Exposition::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
-            Exposition::Text => TEXT_CONTENT_TYPE,
-        }
-    }
-}
-
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// The classic text format of an OpenMetrics exposition: the `# TYPE` and `# HELP` lines of a
-/// counter name its `_total` series, `# UNIT` and `# EOF` go, the samples stay as they are.
-pub fn classic_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = line
-            .strip_prefix("# TYPE ")
-            .map(|r| ("# TYPE ", r))
-            .or(line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)));
-        match meta {
-            Some((kind, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                if counters.contains(name) {
-                    out.push_str(&format!("{kind}{name}_total {tail}\n"));
-                } else {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -483,15 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn the_exposition_follows_the_accept_header() {
-        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
-                          text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
-        assert_eq!(Exposition::negotiate(Some(prometheus)), Exposition::OpenMetrics);
-        for classic in
-            [None, Some("*/*"), Some("text/plain;version=0.0.4"), Some("text/plain,application/openmetrics-text;q=0.5")]
-        {
-            assert_eq!(Exposition::negotiate(classic), Exposition::Text, "{classic:?}");
-        }
+    fn both_formats_carry_every_sample() {
         let dir = tempfile::tempdir().unwrap();
         let m = Metrics::new(dir.path());
         let om = m.expose(Exposition::OpenMetrics);

@@ -10,7 +10,8 @@
 //! [`HEADER_TIMEOUT`] and is closed after one answer, so a flood of connections costs a bounded
 //! number of descriptors and the loop's own sockets never run out.
 
-use super::metrics::{self, Metrics};
+use super::metrics::Metrics;
+use crate::exposition::Exposition;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
@@ -117,7 +118,7 @@ pub fn route(
     }
     if path == metrics_path {
         metrics.collect_events();
-        let format = metrics::Exposition::negotiate(accept);
+        let format = Exposition::negotiate(accept);
         return text(StatusCode::OK, metrics.expose(format), format.content_type());
     }
     if path == "/status" {
@@ -244,10 +245,10 @@ mod tests {
         // A scrape drains the spool first.
         events::record(dir.path(), &[Event::IpAllocated { ipv6: false }]);
         let r = route(&Method::GET, "/custom", None, "/custom", &m, &h);
-        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], metrics::TEXT_CONTENT_TYPE);
+        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], crate::exposition::TEXT_CONTENT_TYPE);
         let om = Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5");
         let r = route(&Method::GET, "/custom", om, "/custom", &m, &h);
-        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], metrics::OPENMETRICS_CONTENT_TYPE);
+        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], crate::exposition::OPENMETRICS_CONTENT_TYPE);
         h.set_report(r#"{"node":"n"}"#.into());
         let r = route(&Method::GET, "/status", None, "/custom", &m, &h);
         assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], "application/json");

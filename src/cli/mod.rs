@@ -9,12 +9,13 @@
 pub mod status;
 pub mod teardown;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::Write;
 
 pub use crate::logging::exit;
 
-/// What every `--help` ends with: the environment that changes any command, and the exit codes.
+/// What every `--help` ends with, the top level's and each subcommand's (see [`command`]): the
+/// environment that changes any command, and the exit codes.
 const ENVIRONMENT_AND_EXIT_CODES: &str = "\
 Environment:
   HEADCNI_LOG_LEVEL   error, warn, info, debug or trace (or a filter such as headcni=debug);
@@ -28,14 +29,14 @@ Exit codes:
   1  the command ran and failed, or status found a problem
   2  unusable command line or configuration; nothing was changed
 
-Errors end a command with one line on stderr: headcni COMMAND: error: MESSAGE";
+Errors end a command with one line on stderr: headcni COMMAND: error: MESSAGE
+(with HEADCNI_LOG_FORMAT=json, a JSON object of level error like every other line)";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "headcni",
     version,
     about = "Kubernetes pod networking over a Headscale tailnet",
-    after_help = ENVIRONMENT_AND_EXIT_CODES,
     propagate_version = true
 )]
 pub struct Cli {
@@ -52,24 +53,19 @@ pub enum Cmd {
         json: bool,
     },
     /// Install the binary, the headcni-ipam link and the conflist on this node.
-    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Install(Box<crate::install::InstallArgs>),
     /// Run the node agent: join the tailnet, advertise and approve this node's pod CIDRs, keep
     /// the node's data plane, write the node file, serve metrics.
-    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Agent(Box<crate::agent::config::AgentArgs>),
     /// Run the route approval controller (a Deployment; one replica leads): approve in
     /// Headscale each Node's pod CIDRs on the tailnet node its agent published.
     Controller(Box<crate::controller::config::ControllerArgs>),
     /// Show this node's pod network: tailnet, routes, MTU, forwarding, masquerade, files.
-    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Status(status::StatusArgs),
     /// Uninstall hook: raise the uninstall signal (the agents withdraw their nodes' routes)
     /// and wait until no agent is ready, or the timeout.
-    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Teardown(teardown::TeardownArgs),
     /// Inspect and maintain the headcni-ipam store on this node.
-    #[command(after_help = ENVIRONMENT_AND_EXIT_CODES)]
     Ipam(crate::ipam::cli::IpamArgs),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
@@ -81,9 +77,16 @@ pub enum Cmd {
     Man,
 }
 
-/// The command definition every generated file (completions, man page) is made from.
+/// The command definition the parser, `--help` and every generated file (completions, man
+/// page) are made from.
 pub fn command() -> clap::Command {
-    Cli::command()
+    with_help_footer(Cli::command())
+}
+
+/// `cmd` and every subcommand under it, at any depth, with [`ENVIRONMENT_AND_EXIT_CODES`] at
+/// the end of their help.
+fn with_help_footer(cmd: clap::Command) -> clap::Command {
+    cmd.after_help(ENVIRONMENT_AND_EXIT_CODES).mut_subcommands(with_help_footer)
 }
 
 fn completion(shell: clap_complete::Shell) -> i32 {
@@ -131,7 +134,7 @@ fn version(json: bool) -> i32 {
 
 /// Entry point of the CLI role.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli = match command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(cli) => cli,
         Err(e) => {
             // clap's own message, with its "tip: a similar ... exists" suggestions.

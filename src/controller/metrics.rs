@@ -1,14 +1,18 @@
-//! The controller's Prometheus metrics (prometheus-client, OpenMetrics text), all prefixed
-//! `headcni_controller_`, and its HTTP server: the metrics, `/healthz` (the loop is alive) and
-//! `/readyz` (the Node cache is synced; not ready once an uninstall withdrew everything).
+//! The controller's Prometheus metrics (prometheus-client), all prefixed `headcni_controller_`,
+//! and its HTTP server: the metrics, in the format the scraper's `Accept` header asks for
+//! ([`crate::exposition`], as the agent's), `/healthz` (the loop is alive) and `/readyz` (the
+//! Node cache is synced; not ready once an uninstall withdrew everything).
+//!
+//! Every series of a labelled counter whose labels are known up front exists from the start,
+//! at 0, so that `rate()` and `absent()` mean what they say before the first error.
 
 use super::plan::Mismatch;
+use crate::exposition::{self, Exposition};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -17,8 +21,6 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -31,6 +33,8 @@ pub enum HsOp {
 }
 
 impl HsOp {
+    pub const ALL: [HsOp; 3] = [Self::List, Self::Approve, Self::Delete];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::List => "list",
@@ -38,6 +42,36 @@ impl HsOp {
             Self::Delete => "delete",
         }
     }
+}
+
+/// The Kubernetes API calls, as the error counter labels them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubeOp {
+    /// The reflector's list and watch of the Nodes.
+    NodeWatch,
+    /// Reading the record (ConfigMap).
+    RecordRead,
+    /// Writing the record.
+    RecordWrite,
+    /// Writing a Node's approval status annotation.
+    NodeStatus,
+}
+
+impl KubeOp {
+    pub const ALL: [KubeOp; 4] = [Self::NodeWatch, Self::RecordRead, Self::RecordWrite, Self::NodeStatus];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NodeWatch => "node_watch",
+            Self::RecordRead => "record_read",
+            Self::RecordWrite => "record_write",
+            Self::NodeStatus => "node_status",
+        }
+    }
+}
+
+fn operation(op: &str) -> Labels {
+    vec![("operation", op.to_string())]
 }
 
 pub struct Metrics {
@@ -107,26 +141,31 @@ impl Metrics {
         for r in Mismatch::ALL {
             m.mismatches.get_or_create(&vec![("reason", r.as_str().to_string())]).set(0);
         }
-        for op in [HsOp::List, HsOp::Approve, HsOp::Delete] {
-            m.headscale_errors.get_or_create(&vec![("operation", op.as_str().to_string())]).inc_by(0);
+        for op in HsOp::ALL {
+            m.headscale_errors.get_or_create(&operation(op.as_str())).inc_by(0);
+        }
+        for op in KubeOp::ALL {
+            m.kubernetes_errors.get_or_create(&operation(op.as_str())).inc_by(0);
         }
         Self { registry, ..m }
     }
 
     pub fn headscale_error(&self, op: HsOp) {
-        self.headscale_errors.get_or_create(&vec![("operation", op.as_str().to_string())]).inc();
+        self.headscale_errors.get_or_create(&operation(op.as_str())).inc();
     }
 
-    pub fn kubernetes_error(&self, op: &str) {
-        self.kubernetes_errors.get_or_create(&vec![("operation", op.to_string())]).inc();
+    pub fn kubernetes_error(&self, op: KubeOp) {
+        self.kubernetes_errors.get_or_create(&operation(op.as_str())).inc();
     }
 
+    /// The OpenMetrics text of everything.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        self.expose(Exposition::OpenMetrics)
+    }
+
+    /// Everything in `format`.
+    pub fn expose(&self, format: Exposition) -> String {
+        exposition::expose(&self.registry, format)
     }
 }
 
@@ -180,14 +219,23 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
     resp
 }
 
-/// Answers one request.
-pub fn route(method: &Method, path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+/// Answers one request; `accept` is its Accept header.
+pub fn route(
+    method: &Method,
+    path: &str,
+    accept: Option<&str>,
+    metrics: &Metrics,
+    health: &Health,
+) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into(), PLAIN);
     }
     match path {
-        "/metrics" => text(StatusCode::OK, metrics.encode(), CONTENT_TYPE),
+        "/metrics" => {
+            let format = Exposition::negotiate(accept);
+            text(StatusCode::OK, metrics.expose(format), format.content_type())
+        }
         "/healthz" if health.alive() => text(StatusCode::OK, "ok\n".into(), PLAIN),
         "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "the controller loop is stuck\n".into(), PLAIN),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "ok\n".into(), PLAIN),
@@ -215,7 +263,8 @@ pub async fn serve(
         let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = route(req.method(), req.uri().path(), &metrics, &health);
+                let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+                let resp = route(req.method(), req.uri().path(), accept, &metrics, &health);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -233,26 +282,79 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    fn body(resp: Response<Full<Bytes>>) -> String {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let bytes = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
     #[test]
     fn probes_and_metrics() {
         let m = Metrics::new();
         let h = Health::default();
-        assert_eq!(route(&Method::GET, "/healthz", &m, &h).status(), StatusCode::OK);
-        assert_eq!(route(&Method::GET, "/readyz", &m, &h).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(route(&Method::GET, "/healthz", None, &m, &h).status(), StatusCode::OK);
+        assert_eq!(route(&Method::GET, "/readyz", None, &m, &h).status(), StatusCode::SERVICE_UNAVAILABLE);
         h.set_ready(true, "");
-        assert_eq!(route(&Method::GET, "/readyz", &m, &h).status(), StatusCode::OK);
-        assert_eq!(route(&Method::POST, "/metrics", &m, &h).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(route(&Method::GET, "/readyz", None, &m, &h).status(), StatusCode::OK);
+        assert_eq!(route(&Method::POST, "/metrics", None, &m, &h).status(), StatusCode::METHOD_NOT_ALLOWED);
         m.leader.set(1);
         m.approvals.inc();
         m.headscale_error(HsOp::List);
+        m.kubernetes_error(KubeOp::RecordWrite);
         let text = m.encode();
         for line in [
             "headcni_controller_leader 1",
             "headcni_controller_approvals_total 1",
             "headcni_controller_headscale_errors_total{operation=\"list\"} 1",
+            "headcni_controller_kubernetes_errors_total{operation=\"record_write\"} 1",
             "headcni_controller_mismatches{reason=\"duplicate_claim\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn every_counter_is_there_from_the_start() {
+        let text = Metrics::new().encode();
+        let mut wanted: Vec<String> = [
+            "approvals_total",
+            "withdrawals_total",
+            "deleted_tailnet_nodes_total",
+            "passes_total",
+            "pass_duration_seconds_count",
+        ]
+        .iter()
+        .map(|name| format!("headcni_controller_{name} 0"))
+        .collect();
+        for op in HsOp::ALL {
+            wanted.push(format!("headcni_controller_headscale_errors_total{{operation=\"{}\"}} 0", op.as_str()));
+        }
+        for op in KubeOp::ALL {
+            wanted.push(format!("headcni_controller_kubernetes_errors_total{{operation=\"{}\"}} 0", op.as_str()));
+        }
+        for line in &wanted {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_metrics_follow_the_accept_header() {
+        let m = Metrics::new();
+        let h = Health::default();
+        for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+            let r = route(&Method::GET, "/metrics", accept, &m, &h);
+            assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], exposition::TEXT_CONTENT_TYPE, "{accept:?}");
+            let text = body(r);
+            assert!(text.contains("# TYPE headcni_controller_approvals_total counter\n"), "{text}");
+            assert!(text.contains("# TYPE headcni_controller_kubernetes_errors_total counter\n"), "{text}");
+            assert!(text.contains("# TYPE headcni_controller_leader gauge\n"), "{text}");
+            assert!(!text.contains("# TYPE headcni_controller_approvals counter") && !text.contains("# EOF"), "{text}");
+        }
+        let prometheus = Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5");
+        let r = route(&Method::GET, "/metrics", prometheus, &m, &h);
+        assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], exposition::OPENMETRICS_CONTENT_TYPE);
+        let om = body(r);
+        assert!(om.contains("# TYPE headcni_controller_approvals counter\n") && om.ends_with("# EOF\n"), "{om}");
     }
 }

@@ -34,7 +34,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use metrics::{Health, Metrics};
+use metrics::{Health, KubeOp, Metrics};
 use plan::NodeView;
 use reconcile::{ClusterApi, Controller, Outcome};
 use record::Record;
@@ -225,7 +225,7 @@ async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 match ev {
                     Ok(_) => changed.notify_one(),
                     Err(e) => {
-                        metrics.kubernetes_error("node_watch");
+                        metrics.kubernetes_error(KubeOp::NodeWatch);
                         log::debug!("watch of the Nodes: {e}");
                     }
                 }

@@ -11,7 +11,7 @@
 //! Nothing is written when Headscale's list or the record cannot be read: an outage changes
 //! nothing, and the next pass catches up. Before each write the pass checks it still leads.
 
-use super::metrics::{HsOp, Metrics};
+use super::metrics::{HsOp, KubeOp, Metrics};
 use super::plan::{self, Inputs, NodeView, Plan, describe};
 use super::record::Record;
 use crate::binding::{ApprovalState, ApprovalStatus};
@@ -94,7 +94,7 @@ impl<H: HeadscaleAdmin, C: ClusterApi> Controller<H, C> {
     ) -> Result<(Outcome, bool), PassError> {
         let tailnet: Vec<HsNode> = self.hs.nodes().await.inspect_err(|_| self.metrics.headscale_error(HsOp::List))?;
         let (record, mut version) = self.cluster.load_record().await.map_err(|e| {
-            self.metrics.kubernetes_error("record_read");
+            self.metrics.kubernetes_error(KubeOp::RecordRead);
             PassError::Record(e.to_string())
         })?;
         let plan = if teardown {
@@ -206,7 +206,7 @@ impl<H: HeadscaleAdmin, C: ClusterApi> Controller<H, C> {
                     return Ok((Outcome::NotLeading, record_empty));
                 }
                 if let Err(e) = self.cluster.set_status(&n.name, want.as_ref()).await {
-                    self.metrics.kubernetes_error("node_status");
+                    self.metrics.kubernetes_error(KubeOp::NodeStatus);
                     log::warn!("writing the approval status of Node {}: {e}", n.name);
                     failed = true;
                 }
@@ -224,7 +224,7 @@ impl<H: HeadscaleAdmin, C: ClusterApi> Controller<H, C> {
 
     async fn store(&self, record: &Record, version: &str) -> Result<String, PassError> {
         self.cluster.store_record(record, version).await.map_err(|e| {
-            self.metrics.kubernetes_error("record_write");
+            self.metrics.kubernetes_error(KubeOp::RecordWrite);
             PassError::Record(e.to_string())
         })
     }
