@@ -61,7 +61,7 @@ pub struct PeerReport {
     pub tailscale_ips: Vec<std::net::IpAddr>,
     pub routes: Vec<IpNetwork>,
     pub online: bool,
-    /// "direct", "relay" (DERP or a peer relay) or "idle" (no traffic yet).
+    /// "direct", "relay" (DERP or a peer relay) or "idle" (no traffic in the last 45 s).
     #[serde(default)]
     pub path: String,
     /// The peer's UDP endpoint on a direct path.

@@ -78,11 +78,8 @@ pub struct NodeStatus {
     /// A peer relay in use, if any.
     #[serde(deserialize_with = "null_as_default")]
     pub peer_relay: String,
-    /// Traffic flowed recently.
+    /// Traffic went to the peer in the last 45 s (tailscaled's session timeout).
     pub active: bool,
-    /// The last WireGuard handshake (RFC 3339; the zero time `0001-01-01...` for none).
-    #[serde(deserialize_with = "null_as_default")]
-    pub last_handshake: String,
 }
 
 /// How traffic to a peer flows.
@@ -92,7 +89,7 @@ pub enum PeerPath {
     Direct,
     /// Through a relay: a DERP server, or a peer relay.
     Relay,
-    /// No traffic yet: no path chosen.
+    /// No traffic lately: tailscaled keeps no path warm, so none is known.
     Idle,
 }
 
@@ -107,13 +104,15 @@ impl PeerPath {
 }
 
 impl NodeStatus {
-    /// The path to this peer now: direct when tailscaled has an endpoint for it, relayed when
-    /// traffic has flowed (a handshake, or activity) without one, idle before any traffic.
+    /// The path to this peer now: direct while tailscaled trusts an endpoint of it, relayed
+    /// while traffic flows without one, idle otherwise. tailscaled stops probing a peer's
+    /// endpoint when no traffic went to it for its session timeout and then trusts it no more, so
+    /// a quiet peer has no endpoint however direct its last path was: it is idle, not relayed
+    /// (as `tailscale status` says).
     pub fn path(&self) -> PeerPath {
-        let handshaken = !self.last_handshake.is_empty() && !self.last_handshake.starts_with("0001-");
         if !self.cur_addr.is_empty() {
             PeerPath::Direct
-        } else if !self.peer_relay.is_empty() || self.active || handshaken {
+        } else if !self.peer_relay.is_empty() || self.active {
             PeerPath::Relay
         } else {
             PeerPath::Idle
@@ -434,8 +433,14 @@ mod tests {
         let peer = |json: &str| serde_json::from_str::<NodeStatus>(json).unwrap().path();
         assert_eq!(peer(r#"{"CurAddr":"10.99.0.12:41641","Relay":"hca","Active":true}"#), PeerPath::Direct);
         assert_eq!(peer(r#"{"CurAddr":"","Relay":"hca","Active":true}"#), PeerPath::Relay);
-        assert_eq!(peer(r#"{"CurAddr":"","Relay":"hca","LastHandshake":"2026-12-07T10:00:00Z"}"#), PeerPath::Relay);
+        // A quiet peer, as tailscaled 1.102 (on the harness's tailnet) reported node-2 a minute
+        // after the last ping over a direct path: no endpoint trusted any more, yet not relayed.
+        let quiet = r#"{"CurAddr":"","Relay":"headcni","Active":false,"LastHandshake":"2026-12-07T19:03:57.472712693Z",
+            "LastWrite":"2026-12-07T19:04:09.411636724Z"}"#;
+        assert_eq!(peer(quiet), PeerPath::Idle, "a quiet peer is no relayed one");
         assert_eq!(peer(r#"{"CurAddr":"","Relay":"hca","LastHandshake":"0001-01-01T00:00:00Z"}"#), PeerPath::Idle);
+        // Still probed a few seconds after its session ended: the endpoint is trusted yet.
+        assert_eq!(peer(r#"{"CurAddr":"10.99.0.12:41641","Relay":"hca","Active":false}"#), PeerPath::Direct);
         assert_eq!(peer(r#"{"CurAddr":null,"Relay":null,"PeerRelay":"100.64.0.9:7000"}"#), PeerPath::Relay);
     }
     use crate::clients::http::testserver;
