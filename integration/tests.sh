@@ -272,9 +272,11 @@ t_metrics_status() {
 		note "node $i: DEL times observed +$dd (expected +$want)"
 		((dd == want)) || hc_die "node $i's headcni_pod_network_teardown_duration_seconds does not count its DELs"
 	done
-	# each peer's path, and the pool's use, as a dashboard shows them
-	# (the gauges are set at the end of each pass: the path tailscaled found after the traffic
-	# above shows within a pass interval)
+	# each peer's path, and the pool's use, as a dashboard shows them (tailscaled keeps a path
+	# only while traffic flows, so the pods talk first; the gauges are set at the end of each
+	# pass: the path shows within a pass interval)
+	wait_ping "$(pod_where 1 p1)" "$(pod_ip 2 p1)" 20 || hc_die "n1/p1 cannot reach n2/p1"
+	wait_ping "$(pod_where 2 p1)" "$(pod_ip 1 p1)" 20 || hc_die "n2/p1 cannot reach n1/p1"
 	local path_metric
 	_direct() { (($(hcni_metric "$1" "$2") == 1)); }
 	for i in 1 2; do
