@@ -13,6 +13,8 @@
 #   runtimes_across   a crictl (containerd CRI) pod and a podman container on headcni, across nodes
 #   metrics_status    /metrics counts each node's ADDs, DELs (and their time) and errors, each peer's path and
 #                     the IPAM pool; `headcni status` shows peers, their paths and routes
+#   relay_path        node 1 drops UDP to and from node 2: status, --json and /metrics say relay, pods still
+#                     talk (DERP); unblocked: direct again; pods quiet: idle, not relay; the times are reported
 #   silent_agent      a stopped agent: `headcni status` exits 1 and says so (the time is reported)
 #   route_lifecycle   node 3 joins (API key), leaves; node 4 joins (autoApprovers), leaves; times; no foreign approvals
 #   restarts          agent, tailscaled and headscale restarted under traffic; traffic returns, addresses stay
@@ -29,7 +31,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ALL_TESTS=(pod_to_pod mtu masquerade runtimes_across metrics_status silent_agent route_lifecycle restarts)
+ALL_TESTS=(pod_to_pod mtu masquerade runtimes_across metrics_status relay_path silent_agent route_lifecycle restarts)
 # shellcheck source=lib/args.sh
 source "$here/lib/args.sh"
 TR_ALLOW_INJECT=1
@@ -332,6 +334,105 @@ t_metrics_status() {
 		grep -q "peer *$(node_hostname "$other").*, direct" "$HC_STATE_DIR/tests/status-n$i.txt" ||
 			hc_die "node $i: the text of headcni status names no peer $(node_hostname "$other") with a direct path"
 	done
+}
+
+# (6b) the path to a peer on the real tailnet, as tailscaled uses it and as headcni reports it
+# (`headcni status`, its --json, the agent's headcni_tailnet_peer_path; tailscale's own `status`
+# is the reference): direct while pods talk; relayed through Headscale's embedded DERP server
+# while node 1 drops every UDP packet to and from node 2's underlay address (in an nft table of
+# its own in node 1's namespace; TCP to Headscale and its DERP server stays open), with pod
+# traffic still flowing; direct again once the block is gone; idle once the pods are quiet.
+t_relay_path() {
+	needs_agent
+	local peer n2 tbl=test-relay-block holder hst t0 took rtt_direct rtt_relay seen drops derp gap replies sent
+	local ping_log=$HC_STATE_DIR/tests/relay-ping seen_file=$HC_STATE_DIR/tests/relay-paths.txt
+	local -A first=()
+	peer=$(node_hostname 2)
+	n2=$(node_addr 2)
+
+	# _observe WANT : the path to node 2 as node 1's four views give it, into $seen_file;
+	# remembers when each view first said WANT (seconds since $t0)
+	_observe() {
+		local want=$1 text json metrics metric=none ts v
+		text=$(hcni_status 1 2>&1 | awk -v h="$peer" '$1 == "peer" && $2 == h { print $NF }') || true
+		json=$(hcni_status 1 --json 2>/dev/null | jq -r --arg h "$peer" '.peers[] | select(.hostname == $h) | .path') || true
+		metrics=$(hcni_metrics 1 2>/dev/null) || true
+		for v in direct relay idle; do
+			if grep -qxF "headcni_tailnet_peer_path{peer=\"$peer\",path=\"$v\"} 1" <<<"$metrics"; then metric=$v; fi
+		done
+		# tailscale status: "active; direct ADDR, ...", "active; relay "REGION", ...", "idle, ..."
+		ts=$(node_ts 1 status 2>/dev/null | awk -v h="$peer" '$2 == h {
+			if ($5 == "active;") print ($6 == "peer-relay" ? "relay" : $6); else { sub(/,.*/, "", $5); print $5 } }') || true
+		printf 'tailscale status %s, headcni status %s, status --json %s, /metrics %s\n' \
+			"${ts:-none}" "${text:-none}" "${json:-none}" "$metric" >"$seen_file"
+		for v in "tailscale status=$ts" "headcni status=$text" "status --json=$json" "/metrics=$metric"; do
+			if [[ "${v#*=}" == "$want" && -z "${first[${v%%=*}]:-}" ]]; then first[${v%%=*}]=$(hc_since "$t0"); fi
+		done
+	}
+	_all_say() { # PATH
+		_observe "$1"
+		[[ "$(<"$seen_file")" == "tailscale status $1, headcni status $1, status --json $1, /metrics $1" ]]
+	}
+	# _wait_path PATH TIMEOUT WHAT : every view says PATH; notes when each first did
+	_wait_path() {
+		first=()
+		t0=$(hc_now)
+		# (hc_wait_for runs _all_say in this shell: `first` keeps what it saw)
+		hc_wait_for "$2" "node 1's views of $peer all say $1 ($3)" _all_say "$1" ||
+			hc_die "$3: node 1 does not report $peer $1 after $2 s: $(<"$seen_file")"
+		took=$(hc_since "$t0")
+		note "$3: every view says $1 after $took s (tailscale status ${first[tailscale status]:-?} s," \
+			"headcni status ${first[headcni status]:-?} s, --json ${first[status --json]:-?} s, /metrics ${first[/metrics]:-?} s)"
+	}
+	_unblock() { node_exec 1 nft delete table netdev "$tbl" >/dev/null 2>&1 || true; }
+	# whatever happens, the tests after this one find the path free and no pinger running
+	trap '_unblock; pinger_stop "$ping_log"' EXIT
+
+	# pods talk all the time: tailscaled keeps a path (and says which) only while traffic flows
+	pinger_start "$(pod_where 1 p1)" "$(pod_ip 2 p1)" "$ping_log"
+	_wait_path direct 30 "pods talking"
+	rtt_direct=$(ping_rtt "$(pod_where 1 p2)" "$(pod_ip 2 p2)")
+
+	# the block: node 1's eth0 drops UDP to and from node 2's underlay address, as it leaves and
+	# as it arrives (netdev hooks: a send still succeeds and the packet vanishes, as behind a
+	# firewall; dropped on the way out of the stack, tailscaled would see the send fail and give
+	# up the path at once). Recorded first, so that teardown removes the table even if this
+	# shell dies.
+	holder=$(node_ctx_pid 1)
+	hst=$(hc_pid_starttime "$holder")
+	hc_record nscmd "$holder" "$hst" nft delete table netdev "$tbl"
+	node_exec 1 nft -f - <<-NFT
+		table netdev $tbl {
+			chain in { type filter hook ingress device eth0 priority 0; ip saddr $n2 ip protocol udp counter drop; }
+			chain out { type filter hook egress device eth0 priority 0; ip daddr $n2 ip protocol udp counter drop; }
+		}
+	NFT
+	_wait_path relay 60 "UDP to and from $n2 dropped on node 1"
+	# pod traffic still flows both ways, through the DERP server
+	wait_ping "$(pod_where 1 p2)" "$(pod_ip 2 p2)" 20 || hc_die "n1/p2 cannot reach n2/p2 through the relay"
+	wait_ping "$(pod_where 2 p2)" "$(pod_ip 1 p2)" 20 || hc_die "n2/p2 cannot reach n1/p2 through the relay"
+	rtt_relay=$(ping_rtt "$(pod_where 1 p2)" "$(pod_ip 2 p2)")
+	[[ "$rtt_relay" != - ]] || hc_die "n1/p2 -> n2/p2 lost pings through the relay"
+	seen=$(tcp_seen_source "$(pod_where 1 p2)" "$(pod_where 2 p2)" "$(pod_ip 2 p2)" 7401)
+	[[ "$seen" == "$(pod_ip 1 p2)" ]] || hc_die "TCP n1/p2 -> n2/p2 through the relay: the receiver saw '$seen'"
+	# the direct path was tried and dropped (else the relayed path would prove nothing)
+	drops=$(node_exec 1 nft list table netdev "$tbl" |
+		awk '{ for (i = 1; i < NF; i++) if ($i == "packets") s += $(i + 1) } END { print s + 0 }')
+	((drops > 0)) || hc_die "the block dropped no packet: the direct path was never tried"
+	_all_say relay || hc_die "the path changed while the block holds: $(<"$seen_file")"
+	derp=$(node_ts_status_json 1 | jq -r --arg h "$peer" '.Peer[] | select(.HostName == $h) | .Relay')
+	note "through DERP region '$derp': pods ping both ways (rtt $rtt_relay ms; direct $rtt_direct ms), TCP keeps the pod source; $drops UDP packets dropped"
+
+	_unblock
+	_wait_path direct 60 "block removed"
+	pinger_stop "$ping_log"
+	read -r gap replies sent < <(pinger_gap "$ping_log")
+	note "n1/p1 -> n2/p1 every 0.2 s throughout: $replies of $sent answered, longest gap $gap s"
+
+	# quiet pods: tailscaled stops probing node 2's endpoint after its 45 s session timeout and
+	# says idle; an idle peer is no relayed one (else the relay-only alert fires on quiet nodes)
+	_wait_path idle 120 "pods quiet"
+	trap - EXIT
 }
 
 # (3b) a stopped agent is found silent; how long that took is reported (BENCHMARKS.md), not
