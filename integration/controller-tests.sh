@@ -108,6 +108,22 @@ ctl_metric() {
 	node_exec "$i" curl -fsS --max-time 3 "http://$ip:9090/metrics" | awk -v m="$1" '$1 == m {print $2}'
 }
 
+# ctl_metric_all NAME-WITH-LABELS : the sum over every controller replica, for what any leader
+# may have done: leadership can move (across an API server restart, either replica may win the
+# Lease), and each process counts only its own.
+ctl_metric_all() {
+	local pod i ip v sum=0
+	for pod in $(kubectl -n "$KUBE_HC_NS" get pods -o jsonpath='{.items[*].metadata.name}' \
+		-l "app.kubernetes.io/instance=$KUBE_HC_RELEASE,app.kubernetes.io/component=controller"); do
+		i=$(pod_node_index "$pod")
+		ip=$(kubectl -n "$KUBE_HC_NS" get pod "$pod" -o jsonpath='{.status.podIP}')
+		v=$(node_exec "$i" curl -fsS --max-time 3 "http://$ip:9090/metrics" | awk -v m="$1" '$1 == m {print $2}') ||
+			return 1
+		sum=$(awk -v a="$sum" -v b="${v:-0}" 'BEGIN { print a + b }')
+	done
+	printf '%s\n' "$sum"
+}
+
 # A copy (0600, in the state dir) of the agent's token as the kubelet wrote it on node I: the
 # projected volume is a mount in the node's mount namespace, read from there. The token never
 # appears on a command line.
@@ -444,7 +460,7 @@ t_headscale_down() {
 	trap 'agent_cont 2; hs_healthy || hs_start' EXIT
 	# Counted before the unpublishing: its withdrawal is counted once the write is done, which
 	# may be just after Headscale shows it.
-	w0=$(ctl_metric headcni_controller_withdrawals_total)
+	w0=$(ctl_metric_all headcni_controller_withdrawals_total)
 	unpublish_and_wait 2
 	e0=$(ctl_metric 'headcni_controller_headscale_errors_total{operation="list"}')
 	hs_stop
@@ -457,7 +473,7 @@ t_headscale_down() {
 		hc_die "node-2 not approved 60 s after Headscale came back"
 	t=$(hc_since "$t0")
 	approved_is node-1 "$c1" || hc_die "node-1's approval was lost: $(hs_approved_of node-1)"
-	w1=$(ctl_metric headcni_controller_withdrawals_total)
+	w1=$(ctl_metric_all headcni_controller_withdrawals_total)
 	((${w1%.*} == ${w0%.*} + 1)) || hc_die "withdrawals went from $w0 to $w1: not only node-2's unpublished binding"
 	((${e1%.*} > ${e0%.*})) || hc_die "no Headscale error counted during the outage ($e0 -> $e1)"
 	trap - EXIT
@@ -467,7 +483,7 @@ t_headscale_down() {
 t_apiserver_restart() {
 	local w0 w1 t0 t_lead t c2
 	c2=$(kube_node_pod_cidr 2)
-	w0=$(ctl_metric headcni_controller_withdrawals_total)
+	w0=$(ctl_metric_all headcni_controller_withdrawals_total)
 	kube_apiserver_stop
 	sleep 10
 	t0=$(hc_now)
@@ -476,7 +492,7 @@ t_apiserver_restart() {
 		hc_die "no controller renewed the Lease after the API server came back"
 	t_lead=$(hc_since "$t0")
 	all_approved || hc_die "approvals changed across the API server's restart: $(hs_approved_of node-1) / $(hs_approved_of node-2)"
-	w1=$(ctl_metric headcni_controller_withdrawals_total)
+	w1=$(ctl_metric_all headcni_controller_withdrawals_total)
 	[[ "$w0" == "$w1" ]] || hc_die "withdrawals went from $w0 to $w1 across the restart"
 	trap 'agent_cont 2' EXIT
 	unpublish_and_wait 2
