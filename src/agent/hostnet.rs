@@ -50,6 +50,16 @@ pub const RULE_PRIORITIES: u32 = 4;
 pub const TAILSCALE_FIRST_RULE: u32 = 5210;
 /// Tailscale's routing table (the routes it accepted from peers).
 pub const TAILSCALE_TABLE: u32 = 52;
+/// A routing table no rule consults, where the agent adds and at once removes one route to a
+/// documentation address (TEST-NET-1) after tailscaled has put its addresses on its interface.
+/// Why: tailscaled's link monitor ignores the netlink events of its own addresses, so its view
+/// of the interfaces stays without them until some other event makes it look again; it then
+/// finds "tailscale0's addresses changed", calls that a major link change and rebinds its
+/// sockets (the direct paths to peers are lost for a moment). Unprompted, that event is the
+/// first pod's host route, and that pod's first packets across the tailnet are lost. The
+/// route event makes the monitor catch up before any pod exists.
+pub const LINK_MONITOR_TABLE: u32 = 5299;
+const LINK_MONITOR_NUDGE: &str = "192.0.2.1/32";
 /// The mark on tailscaled's own packets (its WireGuard and disco traffic) and the mask it is
 /// matched with: Tailscale's rules send them to the main table, and HeadCNI's leave them alone.
 pub const TAILSCALE_BYPASS_MARK: (u32, u32) = (0x80000, 0xff0000);
@@ -208,6 +218,15 @@ pub trait HostNetwork: Send + Sync {
         &self,
         tailscale_ips: &[IpAddr],
     ) -> impl Future<Output = Result<Option<(String, u32)>, HostNetworkError>> + Send;
+    /// Once the tailnet addresses are on an interface other than `done` (the one already
+    /// announced), makes tailscaled's link monitor look at the interfaces again
+    /// ([`LINK_MONITOR_TABLE`] says why); answers the index of the interface holding them,
+    /// `None` (nothing done) while no interface does.
+    fn announce_tailnet_addresses(
+        &self,
+        tailscale_ips: &[IpAddr],
+        done: Option<u32>,
+    ) -> impl Future<Output = Result<Option<u32>, HostNetworkError>> + Send;
 }
 
 /// The real data plane of one namespace.
@@ -482,6 +501,27 @@ impl HostNetwork for KernelHostNetwork {
             }
         }
         Ok(self.netlink.link(DEFAULT_TUN).await?.map(|l| (l.name, l.mtu)))
+    }
+
+    async fn announce_tailnet_addresses(
+        &self,
+        tailscale_ips: &[IpAddr],
+        done: Option<u32>,
+    ) -> Result<Option<u32>, HostNetworkError> {
+        let addrs = self.netlink.all_addresses().await?;
+        let Some(index) = addrs.iter().find(|(_, a)| tailscale_ips.contains(&a.ip())).map(|(i, _)| *i) else {
+            return Ok(None);
+        };
+        if done == Some(index) {
+            return Ok(Some(index));
+        }
+        let mut nudge = RouteSpec::new(LINK_MONITOR_NUDGE.parse().expect("a valid network"));
+        nudge.kind = RouteKind::Unreachable;
+        nudge.table = LINK_MONITOR_TABLE;
+        nudge.protocol = OWN_PROTOCOL;
+        self.netlink.add_route(&nudge).await?;
+        self.netlink.delete_route(&nudge).await?;
+        Ok(Some(index))
     }
 }
 

@@ -112,6 +112,8 @@ pub struct Reconciler<K, T, H, D> {
     pub(crate) joined_in: Option<Duration>,
     pub(crate) approved_in: Option<Duration>,
     advertised_at: Option<Instant>,
+    /// The tailnet interface's index and addresses last announced to tailscaled's link monitor.
+    announced: Option<(u32, Vec<std::net::IpAddr>)>,
     report: AgentReport,
     /// How long the last pass took (part of the report interval).
     last_pass: Duration,
@@ -158,6 +160,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             joined_in: None,
             approved_in: None,
             advertised_at: None,
+            announced: None,
             report: AgentReport::default(),
             last_pass: Duration::ZERO,
             mode: Mode::Normal,
@@ -480,6 +483,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
 
     async fn step_mtu(&mut self, status: Option<&Status>) -> (Option<u32>, Option<(String, u32)>) {
         let ips = status.map(|s| s.tailscale_ips.clone()).unwrap_or_default();
+        self.step_announce_addresses(&ips).await;
         let link = match self.dp.tailnet_link(&ips).await {
             Ok(l) => l,
             Err(e) => {
@@ -519,6 +523,29 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             }
         };
         (mtu, link)
+    }
+
+    /// Once per tailnet interface and set of addresses: lets tailscaled's link monitor see its
+    /// own addresses before the node takes pods (see `hostnet::LINK_MONITOR_TABLE`). It runs
+    /// before the node file and the conflist of the same pass.
+    async fn step_announce_addresses(&mut self, ips: &[std::net::IpAddr]) {
+        if ips.is_empty() {
+            return;
+        }
+        let done = self.announced.as_ref().filter(|(_, done)| done == ips).map(|(i, _)| *i);
+        match self.dp.announce_tailnet_addresses(ips, done).await {
+            Ok(Some(index)) => {
+                if done != Some(index) {
+                    log::info!(
+                        "tailnet addresses on interface {index}: tailscaled's link monitor prompted to see them"
+                    );
+                }
+                self.announced = Some((index, ips.to_vec()));
+            }
+            // tailscaled has not put them on its interface yet: the next pass.
+            Ok(None) => {}
+            Err(e) => log::warn!("prompting tailscaled's link monitor: {e}"),
+        }
     }
 
     /// Publishes the staged conflist (--publish-conflist); true when none is managed or it is

@@ -240,6 +240,10 @@ struct Dp {
     removed_guard: u32,
     removed_tables: u32,
     link: Option<(String, u32)>,
+    /// The index of the interface `link` stands for (a restarted tailscaled makes a new one).
+    link_index: u32,
+    /// Every announcement of the tailnet addresses.
+    announced: Vec<Vec<IpAddr>>,
     fail_masq: bool,
 }
 
@@ -303,6 +307,20 @@ impl HostNetwork for FakeDp {
     }
     async fn tailnet_link(&self, _ips: &[IpAddr]) -> Result<Option<(String, u32)>, HostNetworkError> {
         Ok(self.lock().link.clone())
+    }
+    async fn announce_tailnet_addresses(
+        &self,
+        ips: &[IpAddr],
+        done: Option<u32>,
+    ) -> Result<Option<u32>, HostNetworkError> {
+        let mut s = self.lock();
+        if ips.is_empty() || s.link.is_none() {
+            return Ok(None);
+        }
+        if done != Some(s.link_index) {
+            s.announced.push(ips.to_vec());
+        }
+        Ok(Some(s.link_index))
     }
 }
 
@@ -930,6 +948,25 @@ async fn another_networks_conflist_sorting_first_is_loud_and_not_ready() {
     std::fs::remove_file(&leftover).unwrap();
     r.reconcile().await;
     assert!(r.report().ready && probe(&w, "/readyz") == 200, "{:?}", r.report().problems);
+}
+
+#[tokio::test]
+async fn tailscaleds_link_monitor_is_prompted_once_per_interface() {
+    let w = world(|_| {});
+    let (cidrs, ts, dp) =
+        (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    dp.lock().link_index = 7;
+    let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
+    r.reconcile().await;
+    r.reconcile().await;
+    let ips: Vec<IpAddr> = vec!["100.64.0.1".parse().unwrap()];
+    assert_eq!(dp.lock().announced, vec![ips], "once, with the node's tailnet addresses");
+    // tailscaled restarted: a new interface with the same addresses.
+    dp.lock().link_index = 8;
+    r.reconcile().await;
+    r.reconcile().await;
+    assert_eq!(dp.lock().announced.len(), 2);
 }
 
 #[tokio::test]
