@@ -59,7 +59,7 @@ pub const TAILSCALE_TABLE: u32 = 52;
 /// first pod's host route, and that pod's first packets across the tailnet are lost. The
 /// route event makes the monitor catch up before any pod exists.
 pub const LINK_MONITOR_TABLE: u32 = 5299;
-const LINK_MONITOR_NUDGE: &str = "192.0.2.1/32";
+const LINK_MONITOR_NUDGE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 1);
 /// The mark on tailscaled's own packets (its WireGuard and disco traffic) and the mask it is
 /// matched with: Tailscale's rules send them to the main table, and HeadCNI's leave them alone.
 pub const TAILSCALE_BYPASS_MARK: (u32, u32) = (0x80000, 0xff0000);
@@ -515,7 +515,7 @@ impl HostNetwork for KernelHostNetwork {
         if done == Some(index) {
             return Ok(Some(index));
         }
-        let mut nudge = RouteSpec::new(LINK_MONITOR_NUDGE.parse().expect("a valid network"));
+        let mut nudge = RouteSpec::new(IpNetwork::from(IpAddr::V4(LINK_MONITOR_NUDGE)));
         nudge.kind = RouteKind::Unreachable;
         nudge.table = LINK_MONITOR_TABLE;
         nudge.protocol = OWN_PROTOCOL;
