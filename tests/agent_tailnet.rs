@@ -586,6 +586,14 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     let pod2 = c.add_pod(1, 1);
     let ping_ok = wait_until("pod1 -> pod2 ping", Duration::from_secs(30), || ping(&c.nodes[0].pods[0], &pod2));
     log(&format!("pods {pod1} and {pod2}: first ping across the tailnet after {:.2}s", ping_ok.as_secs_f64()));
+    // Right after joining, tailscaled rebinds its sockets once (the agent prompts its link
+    // monitor to see its new addresses, see hostnet::LINK_MONITOR_TABLE); pods added in that
+    // moment may lose a packet while the paths are found again. Once both nodes talk directly,
+    // every packet must pass.
+    let direct = wait_until("a direct path between node 1 and node 2", Duration::from_secs(30), || {
+        c.nodes[0].direct_to(&c.peers, "node-2") && c.nodes[1].direct_to(&c.peers, "node-1")
+    });
+    log(&format!("direct paths both ways {:.2}s after the first ping", direct.as_secs_f64()));
     assert!(ping(&c.nodes[1].pods[0], &pod1));
     let seen = source_seen(&c.nodes[0].pods[0].path(), &c.nodes[1].pods[0].path(), &pod2, 40001);
     assert_eq!(seen.as_deref(), Some(pod1.as_str()), "the pod source address survives the tailnet");
