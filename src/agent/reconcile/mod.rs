@@ -579,8 +579,10 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             // Reported by the check that follows, which reads the same directory.
             Err(_) => return,
         };
+        // Said once by the install; one that wins over HeadCNI's is reported by the check that
+        // follows, as without --exclusive (a log line every pass would say nothing new).
         for name in blocked {
-            log::warn!(
+            log::debug!(
                 "{} stays in place: {name}{} exists already (remove one of the two by hand)",
                 dir.join(&name).display(),
                 crate::cniconf::SET_ASIDE_SUFFIX
