@@ -99,26 +99,25 @@ leader_identity() { kubectl -n "$KUBE_HC_NS" get lease "$CTL" -o jsonpath='{.spe
 leader_pod() { local id; id=$(leader_identity); printf '%s\n' "${id%_*}"; }
 pod_node_index() { local n; n=$(kubectl -n "$KUBE_HC_NS" get pod "$1" -o jsonpath='{.spec.nodeName}'); printf '%s\n' "${n#node-}"; }
 
-# ctl_metric NAME-WITH-LABELS : the value on the leader (scraped from the node it runs on).
-ctl_metric() {
-	local pod i ip
-	pod=$(leader_pod)
-	i=$(pod_node_index "$pod")
-	ip=$(kubectl -n "$KUBE_HC_NS" get pod "$pod" -o jsonpath='{.status.podIP}')
-	node_exec "$i" curl -fsS --max-time 3 "http://$ip:9090/metrics" | awk -v m="$1" '$1 == m {print $2}'
+# pod_metric POD NAME-WITH-LABELS : the value on one controller pod (scraped from its node).
+pod_metric() {
+	local i ip
+	i=$(pod_node_index "$1")
+	ip=$(kubectl -n "$KUBE_HC_NS" get pod "$1" -o jsonpath='{.status.podIP}')
+	node_exec "$i" curl -fsS --max-time 3 "http://$ip:9090/metrics" | awk -v m="$2" '$1 == m {print $2}'
 }
+
+# ctl_metric NAME-WITH-LABELS : the value on the leader.
+ctl_metric() { pod_metric "$(leader_pod)" "$1"; }
 
 # ctl_metric_all NAME-WITH-LABELS : the sum over every controller replica, for what any leader
 # may have done: leadership can move (across an API server restart, either replica may win the
 # Lease), and each process counts only its own.
 ctl_metric_all() {
-	local pod i ip v sum=0
+	local pod v sum=0
 	for pod in $(kubectl -n "$KUBE_HC_NS" get pods -o jsonpath='{.items[*].metadata.name}' \
 		-l "app.kubernetes.io/instance=$KUBE_HC_RELEASE,app.kubernetes.io/component=controller"); do
-		i=$(pod_node_index "$pod")
-		ip=$(kubectl -n "$KUBE_HC_NS" get pod "$pod" -o jsonpath='{.status.podIP}')
-		v=$(node_exec "$i" curl -fsS --max-time 3 "http://$ip:9090/metrics" | awk -v m="$1" '$1 == m {print $2}') ||
-			return 1
+		v=$(pod_metric "$pod" "$1") || return 1
 		sum=$(awk -v a="$sum" -v b="${v:-0}" 'BEGIN { print a + b }')
 	done
 	printf '%s\n' "$sum"

@@ -201,6 +201,10 @@ fn write_secret(path: &Path, value: &str) {
 }
 
 impl Cluster {
+    /// Whether node 1 and node 2 talk to each other over direct paths, not through DERP.
+    fn direct_both_ways(&self) -> bool {
+        self.nodes[0].direct_to(&self.peers, "node-2") && self.nodes[1].direct_to(&self.peers, "node-1")
+    }
     /// The underlay (172.31.98.0/24, outside every cluster and service CIDR of the test): a bridge
     /// in `ul` joining Headscale, the nodes and a router to `inet` (172.31.99.0/24).
     fn new(peers: Peers, nodes: u8, auto_approve: &[&str]) -> Cluster {
@@ -590,9 +594,8 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     // monitor to see its new addresses, see hostnet::LINK_MONITOR_TABLE); pods added in that
     // moment may lose a packet while the paths are found again. Once both nodes talk directly,
     // every packet must pass.
-    let direct = wait_until("a direct path between node 1 and node 2", Duration::from_secs(30), || {
-        c.nodes[0].direct_to(&c.peers, "node-2") && c.nodes[1].direct_to(&c.peers, "node-1")
-    });
+    let direct =
+        wait_until("a direct path between node 1 and node 2", Duration::from_secs(30), || c.direct_both_ways());
     log(&format!("direct paths both ways {:.2}s after the first ping", direct.as_secs_f64()));
     assert!(ping(&c.nodes[1].pods[0], &pod1));
     let seen = source_seen(&c.nodes[0].pods[0].path(), &c.nodes[1].pods[0].path(), &pod2, 40001);
@@ -686,9 +689,7 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     //    embeds. Right after the tailscaled restart the first packets may still be relayed
     //    while the direct path is being found, so wait for it first.
     let t = Instant::now();
-    wait_until("a direct path between node 1 and node 2", Duration::from_secs(30), || {
-        c.nodes[0].direct_to(&c.peers, "node-2") && c.nodes[1].direct_to(&c.peers, "node-1")
-    });
+    wait_until("a direct path between node 1 and node 2", Duration::from_secs(30), || c.direct_both_ways());
     log(&format!("tailscaled restart: direct path back {:.2}s later", t.elapsed().as_secs_f64()));
     c.headscale.take();
     assert!(ping(&c.nodes[0].pods[0], &pod2), "the data plane does not need Headscale");

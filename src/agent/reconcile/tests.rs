@@ -929,12 +929,18 @@ async fn a_pasted_conflist_mtu_above_the_tailnets_is_reported_and_not_ready() {
     assert!(r.report().ready, "{:?}", r.report().problems);
 }
 
-#[tokio::test]
-async fn another_networks_conflist_sorting_first_is_loud_and_not_ready() {
-    let w = world(|_| {});
+/// A node with its pod CIDR, tailscaled running and already advertising it, and a tailnet link.
+fn advertising_node() -> (FakeCidrs, FakeTs, FakeDp) {
     let (cidrs, ts, dp) =
         (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&["10.244.1.0/24"]), FakeDp::with_link(1280));
     ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    (cidrs, ts, dp)
+}
+
+#[tokio::test]
+async fn another_networks_conflist_sorting_first_is_loud_and_not_ready() {
+    let w = world(|_| {});
+    let (cidrs, ts, dp) = advertising_node();
     let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
     let leftover = w.cfg.conf_dir.join("10-flannel.conflist");
     std::fs::write(&leftover, r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"flannel"}]}"#).unwrap();
@@ -953,9 +959,7 @@ async fn another_networks_conflist_sorting_first_is_loud_and_not_ready() {
 #[tokio::test]
 async fn tailscaleds_link_monitor_is_prompted_once_per_interface() {
     let w = world(|_| {});
-    let (cidrs, ts, dp) =
-        (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&["10.244.1.0/24"]), FakeDp::with_link(1280));
-    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    let (cidrs, ts, dp) = advertising_node();
     dp.lock().link_index = 7;
     let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
     r.reconcile().await;
@@ -972,9 +976,7 @@ async fn tailscaleds_link_monitor_is_prompted_once_per_interface() {
 #[tokio::test]
 async fn exclusive_sets_aside_every_other_network_whenever_it_appears() {
     let w = world(|c| c.exclusive = true);
-    let (cidrs, ts, dp) =
-        (FakeCidrs::some(&["10.244.1.0/24"]), FakeTs::running(&["10.244.1.0/24"]), FakeDp::with_link(1280));
-    ts.lock().self_routes = vec!["10.244.1.0/24".into()];
+    let (cidrs, ts, dp) = advertising_node();
     let mut r = reconciler(&w, &cidrs, &ts, None, &dp);
     let dir = w.cfg.conf_dir.clone();
     assert_eq!(r.reconcile().await, PassOutcome::Converged);
