@@ -52,6 +52,11 @@ pub struct RouteReport {
     pub advertised: bool,
     /// `None`: unknown (tailscaled unreachable, or not asked yet).
     pub approved: Option<bool>,
+    /// Whether the packet filter Headscale sent this node lets traffic from the tailnet in to
+    /// the route: an approval takes effect for incoming connections only then. `None`: not
+    /// approved yet, or not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admitted: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +192,8 @@ pub enum ProblemId {
     /// tailscaled is logged in to another server than --headscale-url.
     PrefsControlUrl,
     Approval,
+    /// The packet filter in force on this node lets no traffic in to an approved pod CIDR.
+    PacketFilter,
     /// Publishing this node's identity on its Node (controller mode).
     Identity,
     Forwarding,
@@ -223,6 +230,7 @@ impl ProblemId {
             ProblemId::Prefs => "prefs",
             ProblemId::PrefsControlUrl => "prefs/control_url",
             ProblemId::Approval => "approval",
+            ProblemId::PacketFilter => "approval/packet_filter",
             ProblemId::Identity => "approval/identity",
             ProblemId::Forwarding => "dataplane/forwarding",
             ProblemId::Rules => "dataplane/rules",
@@ -248,7 +256,7 @@ impl ProblemId {
             ProblemId::PodCidrs => Step::PodCidrs,
             ProblemId::Tailscale => Step::Tailscale,
             ProblemId::Prefs | ProblemId::PrefsControlUrl => Step::Prefs,
-            ProblemId::Approval | ProblemId::Identity => Step::Approval,
+            ProblemId::Approval | ProblemId::Identity | ProblemId::PacketFilter => Step::Approval,
             ProblemId::Forwarding
             | ProblemId::Rules
             | ProblemId::Unreachable

@@ -1,6 +1,7 @@
 //! tailscaled's LocalAPI over its unix socket: status, prefs (read and masked edit), the
-//! zero-config join (start with an auth key, then login), and the IPN bus (its stream of change
-//! notifications, [`SocketLocalApi::watch_bus`]).
+//! zero-config join (start with an auth key, then login), the packet filter Headscale sent this
+//! node ([`FilterRule`]), and the IPN bus (its stream of change notifications,
+//! [`SocketLocalApi::watch_bus`]).
 //!
 //! Requests carry `Host: local-tailscaled.sock` and never an Origin or Referer (tailscaled
 //! refuses those). The `Sec-Tailscale: localapi` header is only checked by the loopback TCP form
@@ -287,6 +288,80 @@ impl JoinPrefs {
     }
 }
 
+/// One rule of the packet filter Headscale sends a node (`/localapi/v0/debug-packet-filter-rules`,
+/// tailscale's `tailcfg.FilterRule`): tailscaled lets a packet from a peer in only when a rule's
+/// sources hold its source address and its destinations its destination. Only the addresses are
+/// kept; ports and protocols do not matter to whether pods can be reached at all.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct FilterRule {
+    #[serde(rename = "SrcIPs", deserialize_with = "null_as_default")]
+    pub src_ips: Vec<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub dst_ports: Vec<FilterDestination>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct FilterDestination {
+    /// `*`, an address, a prefix, or a range `first-last`.
+    #[serde(rename = "IP")]
+    pub ip: String,
+}
+
+/// The addresses a filter entry stands for, as ranges of one family each (`*` is both families).
+fn filter_ranges(entry: &str) -> Vec<(IpAddr, IpAddr)> {
+    let entry = entry.trim();
+    if entry == "*" {
+        return vec![
+            (IpAddr::from([0u8; 4]), IpAddr::from([255u8; 4])),
+            (IpAddr::from([0u8; 16]), IpAddr::from([255u8; 16])),
+        ];
+    }
+    if let Some((first, last)) = entry.split_once('-')
+        && let (Ok(a), Ok(b)) = (first.parse::<IpAddr>(), last.parse::<IpAddr>())
+        && a.is_ipv4() == b.is_ipv4()
+    {
+        return vec![(a, b)];
+    }
+    if let Ok(net) = entry.parse::<IpNetwork>() {
+        return vec![(net.network(), net.broadcast_or_last())];
+    }
+    vec![]
+}
+
+trait LastAddress {
+    fn broadcast_or_last(&self) -> IpAddr;
+}
+
+impl LastAddress for IpNetwork {
+    fn broadcast_or_last(&self) -> IpAddr {
+        match self {
+            IpNetwork::V4(n) => IpAddr::V4(n.broadcast()),
+            IpNetwork::V6(n) => {
+                let host_bits = 128 - u32::from(n.prefix());
+                let mask = if host_bits == 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+                IpAddr::V6((u128::from(n.network()) | mask).into())
+            }
+        }
+    }
+}
+
+fn overlaps(entries: &[String], net: &IpNetwork) -> bool {
+    let (lo, hi) = (net.network(), net.broadcast_or_last());
+    entries.iter().flat_map(|e| filter_ranges(e)).any(|(a, b)| a.is_ipv4() == lo.is_ipv4() && a <= hi && lo <= b)
+}
+
+/// Whether the packet filter lets any traffic in to some address of `dst`, from some address of
+/// `sources` of its family (from anywhere when there are none): false means no peer can reach it.
+pub fn filter_admits(rules: &[FilterRule], dst: &IpNetwork, sources: &[IpNetwork]) -> bool {
+    rules.iter().any(|r| {
+        let dsts: Vec<String> = r.dst_ports.iter().map(|d| d.ip.clone()).collect();
+        let from: Vec<&IpNetwork> = sources.iter().filter(|s| s.is_ipv4() == dst.is_ipv4()).collect();
+        overlaps(&dsts, dst) && (from.is_empty() || from.iter().any(|s| overlaps(&r.src_ips, s)))
+    })
+}
+
 /// What the IPN bus is asked for: the state at once (so a watcher knows it is connected), peer
 /// changes as deltas, and never the whole network map (which can be megabytes): bits of
 /// tailscale's `ipn.NotifyWatchOpt` (`NotifyInitialState`, `NotifyPeerChanges`,
@@ -321,6 +396,9 @@ pub trait LocalApi: Send + Sync {
     fn start(&self, auth_key: &Secret, prefs: Value) -> impl Future<Output = Result<(), TailscaleError>> + Send;
     /// `/localapi/v0/login-interactive`: with an auth key given to start, no browser is involved.
     fn login(&self) -> impl Future<Output = Result<(), TailscaleError>> + Send;
+    /// The packet filter in force on this node (tailscaled answers 404 before its first network
+    /// map: no rules then).
+    fn packet_filter(&self) -> impl Future<Output = Result<Vec<FilterRule>, TailscaleError>> + Send;
 }
 
 /// The LocalAPI on a unix socket.
@@ -422,11 +500,58 @@ impl LocalApi for SocketLocalApi {
         let req = HttpRequest::new(Method::POST, "/localapi/v0/login-interactive").timeout(Duration::from_secs(30));
         self.call(what, req).await.map(|_| ())
     }
+
+    async fn packet_filter(&self) -> Result<Vec<FilterRule>, TailscaleError> {
+        let what = "POST /localapi/v0/debug-packet-filter-rules";
+        let req = HttpRequest::new(Method::POST, "/localapi/v0/debug-packet-filter-rules").limit(16 << 20);
+        match self.call(what, req).await {
+            Ok(body) => Self::decode::<Option<Vec<FilterRule>>>(what, &body).map(Option::unwrap_or_default),
+            Err(TailscaleError::Status { status: StatusCode::NOT_FOUND, .. }) => Ok(vec![]),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_packet_filter_admits_by_overlap_of_destinations_and_sources() {
+        // As tailscaled 1.102 printed it on a harness node after its pod CIDR was approved.
+        let text = r#"[{"SrcIPs":["10.244.0.0/16","100.64.0.1-100.64.0.3","fd7a:115c:a1e0::1-fd7a:115c:a1e0::3"],
+            "DstPorts":[{"IP":"100.64.0.2/31","Ports":{"First":0,"Last":65535}},
+                        {"IP":"fd7a:115c:a1e0::2/127","Ports":{"First":0,"Last":65535}},
+                        {"IP":"10.244.0.0/16","Ports":{"First":0,"Last":65535}}]}]"#;
+        let rules: Vec<FilterRule> = serde_json::from_str(text).unwrap();
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        let cluster = [n("10.244.0.0/16"), n("fd00:10:244::/56")];
+        assert!(filter_admits(&rules, &n("10.244.1.0/24"), &cluster));
+        assert!(filter_admits(&rules, &n("10.244.1.0/24"), &[]));
+        assert!(!filter_admits(&rules, &n("10.245.1.0/24"), &cluster));
+        // No IPv6 pod range in the rule: the IPv6 pod CIDR is shut, whatever the IPv4 sources.
+        assert!(!filter_admits(&rules, &n("fd00:10:244:1::/64"), &cluster));
+        // Ranges and single addresses count by overlap; a pod range as source is required.
+        let rules = vec![FilterRule {
+            src_ips: vec!["100.64.0.0/10".into()],
+            dst_ports: vec![FilterDestination { ip: "10.244.1.5".into() }],
+        }];
+        assert!(filter_admits(&rules, &n("10.244.1.0/24"), &[]));
+        assert!(!filter_admits(&rules, &n("10.244.1.0/24"), &cluster));
+        let rules = vec![FilterRule {
+            src_ips: vec!["10.244.3.0-10.244.3.255".into()],
+            dst_ports: vec![FilterDestination { ip: "10.244.1.250-10.244.2.3".into() }],
+        }];
+        assert!(filter_admits(&rules, &n("10.244.1.0/24"), &cluster));
+        assert!(filter_admits(&rules, &n("10.244.2.0/24"), &cluster));
+        assert!(!filter_admits(&rules, &n("10.244.3.0/24"), &cluster));
+        // `*` is every address of both families; an empty or null filter admits nothing.
+        let any = vec![FilterRule { src_ips: vec!["*".into()], dst_ports: vec![FilterDestination { ip: "*".into() }] }];
+        assert!(filter_admits(&any, &n("fd00:10:244:1::/64"), &cluster));
+        assert!(!filter_admits(&[], &n("10.244.1.0/24"), &[]));
+        let none: Option<Vec<FilterRule>> = serde_json::from_str("null").unwrap();
+        assert!(none.is_none());
+    }
 
     #[test]
     fn the_path_to_a_peer() {

@@ -263,6 +263,10 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             (Some(st), Some(p)) if st.is_running() && !desired.is_empty() => self.step_approval(st, p, &desired).await,
             _ => None,
         };
+        let admitted = match &approved {
+            Some(a) if !a.is_empty() => self.step_packet_filter(a).await,
+            _ => None,
+        };
 
         if let Some(pods) = &pods {
             report.cluster_destinations = self.step_dataplane(pods).await;
@@ -311,6 +315,10 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
                 cidr: *c,
                 advertised: prefs.as_ref().is_some_and(|p| p.advertises(c)),
                 approved: approved.as_ref().map(|a| a.contains(c)),
+                admitted: match (&approved, &admitted) {
+                    (Some(a), Some(open)) if a.contains(c) => Some(open.contains(c)),
+                    _ => None,
+                },
             })
             .collect();
         report.mtu = mtu;

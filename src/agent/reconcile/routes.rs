@@ -9,7 +9,7 @@ use crate::agent::hostnet::HostNetwork;
 use crate::agent::node::PodCidrSource;
 use crate::agent::report::ProblemId;
 use crate::clients::headscale::{HeadscaleApi, HeadscaleError, MIN_VERSION, parse_version};
-use crate::clients::localapi::{LocalApi, Prefs, PrefsEdit, Status};
+use crate::clients::localapi::{LocalApi, Prefs, PrefsEdit, Status, filter_admits};
 use ipnetwork::IpNetwork;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -225,6 +225,48 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
                 None
             }
         }
+    }
+
+    /// The approved routes that the packet filter in force on this node lets traffic in to (from
+    /// the cluster CIDRs, when they are known). Headscale sends a node the filter that covers a
+    /// newly approved route apart from the route, and often a moment after it: until then the
+    /// other nodes already route to this node's pods, but tailscaled drops the connections they
+    /// open (replies to this node's own connections pass). `None` when the filter cannot be read.
+    pub(super) async fn step_packet_filter(&mut self, approved: &BTreeSet<IpNetwork>) -> Option<BTreeSet<IpNetwork>> {
+        let rules = match self.ts.packet_filter().await {
+            Ok(rules) => rules,
+            Err(e) => {
+                log::debug!("reading tailscaled's packet filter: {e}");
+                return None;
+            }
+        };
+        let sources = &self.cfg.cluster_cidrs;
+        let admitted: BTreeSet<IpNetwork> =
+            approved.iter().filter(|c| filter_admits(&rules, c, sources)).copied().collect();
+        let shut: BTreeSet<IpNetwork> = approved.difference(&admitted).copied().collect();
+        if !shut.is_empty() {
+            let (from, cluster) = if sources.is_empty() {
+                ("the tailnet".to_string(), "<cluster CIDR>".to_string())
+            } else {
+                let all: BTreeSet<IpNetwork> = sources.iter().copied().collect();
+                (list(&all), sources[0].to_string())
+            };
+            self.wait(
+                ProblemId::PacketFilter,
+                format!(
+                    "tailscaled's packet filter lets nothing from {from} in to {}: pods on other nodes cannot open \
+                     connections to this node's pods yet",
+                    list(&shut)
+                ),
+                Some(&format!(
+                    "Headscale sends the filter for a newly approved route a moment after the route; if this stays, \
+                     the tailnet policy has no ACL entry that lets pods in, such as {{\"action\": \"accept\", \
+                     \"src\": [\"{cluster}\"], \"dst\": [\"{cluster}:*\"]}} (tailscale debug localapi POST \
+                     debug-packet-filter-rules shows the filter in force)"
+                )),
+            );
+        }
+        Some(admitted)
     }
 
     /// Controller mode: this node's node key on its Node, where the controller binds the two.

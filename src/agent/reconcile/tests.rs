@@ -10,7 +10,7 @@ use crate::agent::report::Severity;
 use crate::agent::teardown::{Signal, SignalState};
 use crate::clients::headscale::HeadscaleError;
 use crate::clients::headscale::HsNode;
-use crate::clients::localapi::{NodeStatus, Prefs, PrefsEdit, TailscaleError};
+use crate::clients::localapi::{FilterDestination, FilterRule, NodeStatus, Prefs, PrefsEdit, TailscaleError};
 use crate::clients::secret::{Secret, SecretSource};
 use crate::netlink::RuleSpec;
 use crate::netlink::nft::MasqueradeSpec;
@@ -48,6 +48,8 @@ struct Ts {
     start_leads_to: Option<String>,
     /// Overrides the node key.
     self_key: Option<String>,
+    /// The packet filter in force; `None`: one rule letting everything in.
+    filter: Option<Vec<FilterRule>>,
 }
 
 #[derive(Clone, Default)]
@@ -172,6 +174,21 @@ impl LocalApi for FakeTs {
             s.have_node_key = true;
         }
         Ok(())
+    }
+
+    async fn packet_filter(&self) -> Result<Vec<FilterRule>, TailscaleError> {
+        let s = self.lock();
+        if !s.reachable {
+            return Err(unreachable());
+        }
+        Ok(s.filter.clone().unwrap_or_else(|| vec![filter_rule(&["*"], &["*"])]))
+    }
+}
+
+fn filter_rule(src: &[&str], dst: &[&str]) -> FilterRule {
+    FilterRule {
+        src_ips: src.iter().map(|s| s.to_string()).collect(),
+        dst_ports: dst.iter().map(|d| FilterDestination { ip: d.to_string() }).collect(),
     }
 }
 
@@ -625,6 +642,39 @@ async fn approves_exactly_its_own_advertised_routes_and_never_others() {
     assert_eq!(hs.lock().approvals.last().cloned().unwrap(), ("3".to_string(), vec![net("10.244.5.0/24")]));
     assert_eq!(state(&w).approved_node_id.as_deref(), Some("3"));
     assert_eq!(state(&w).approved_routes, nets(&["10.244.5.0/24"]));
+}
+
+#[tokio::test]
+async fn an_approval_counts_for_incoming_traffic_once_the_packet_filter_lets_pods_in() {
+    let w = world(|c| {
+        c.api_key = Some(SecretSource::Value(Secret::new("api".into())));
+        c.cluster_cidrs = vec![net("10.244.0.0/16")];
+    });
+    let (cidrs, dp) = (FakeCidrs::some(&["10.244.1.0/24"]), FakeDp::with_link(1280));
+    let ts = FakeTs::running(&["10.244.1.0/24"]);
+    let hs = FakeHs::with(vec![hs_node("1", KEY, &["10.244.1.0/24"], &[])]);
+    hs.lock().version = Some("v0.29.2".into());
+    // Approved in Headscale, but the filter in force still is the one from before the approval:
+    // it lets the tailnet reach this node's own addresses only (as Headscale 0.29 sends it).
+    ts.lock().filter = Some(vec![filter_rule(&["10.244.0.0/16", "100.64.0.1-100.64.0.3"], &["100.64.0.1/32"])]);
+    let mut r = reconciler(&w, &cidrs, &ts, Some(&hs), &dp);
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting);
+    assert_eq!(r.report().routes[0].approved, Some(true));
+    assert_eq!(r.report().routes[0].admitted, Some(false));
+    assert!(r.report().ready, "pods on this node work meanwhile");
+    let p = r.report().problems.iter().find(|p| p.id == "approval/packet_filter").cloned();
+    assert!(p.as_ref().is_some_and(|p| p.message.contains("10.244.1.0/24")), "{:?}", r.report().problems);
+
+    // A rule for the tailnet's own addresses only, from pods: still shut.
+    ts.lock().filter = Some(vec![filter_rule(&["100.64.0.0/10"], &["10.244.0.0/16"])]);
+    assert_eq!(r.reconcile().await, PassOutcome::Waiting, "sources outside the cluster CIDR do not count");
+
+    // Headscale's filter for the approved route arrives.
+    ts.lock().filter =
+        Some(vec![filter_rule(&["10.244.0.0/16", "100.64.0.1-100.64.0.3"], &["100.64.0.1/32", "10.244.0.0/16"])]);
+    assert_eq!(r.reconcile().await, PassOutcome::Converged, "{:?}", r.report().problems);
+    assert_eq!(r.report().routes[0].admitted, Some(true));
+    assert!(r.report().problems.is_empty());
 }
 
 #[tokio::test]

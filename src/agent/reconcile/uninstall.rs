@@ -115,6 +115,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             for r in &mut report.routes {
                 r.advertised = false;
                 r.approved = None;
+                r.admitted = None;
             }
             self.health.set_ready(
                 false,

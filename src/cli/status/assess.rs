@@ -136,6 +136,7 @@ pub fn assess(args: &StatusArgs, report: Option<AgentReport>, live: &Live, now: 
                     cidr: rt.cidr.to_string(),
                     advertised: Some(rt.advertised),
                     approved: rt.approved,
+                    admitted: rt.admitted,
                 })
                 .collect();
             v.backend_state = r.tailnet.backend_state.clone();

@@ -404,7 +404,12 @@ mod tests {
             report_interval_secs: Some(6),
             node_name: Some(name.into()),
             pod_cidrs: vec![cidr.parse().unwrap()],
-            routes: vec![RouteReport { cidr: cidr.parse().unwrap(), advertised: true, approved: Some(true) }],
+            routes: vec![RouteReport {
+                cidr: cidr.parse().unwrap(),
+                advertised: true,
+                approved: Some(true),
+                admitted: Some(true),
+            }],
             peers: vec![PeerReport {
                 hostname: peer.into(),
                 tailscale_ips: vec![],

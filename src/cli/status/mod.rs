@@ -96,6 +96,9 @@ pub struct RouteView {
     pub cidr: String,
     pub advertised: Option<bool>,
     pub approved: Option<bool>,
+    /// Whether the packet filter in force lets the other nodes' pods in (known once approved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admitted: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]

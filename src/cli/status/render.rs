@@ -45,10 +45,15 @@ pub fn render(v: &StatusView, out: &mut impl Write) -> std::io::Result<()> {
     for r in &v.routes {
         writeln!(
             out,
-            "  route        {}: {}, {} ({})",
+            "  route        {}: {}, {}{} ({})",
             r.cidr,
             yes(r.advertised, "advertised", "NOT advertised"),
             yes(r.approved, "approved", "NOT approved"),
+            match r.admitted {
+                Some(true) => ", admitted by the packet filter",
+                Some(false) => ", NOT admitted by the packet filter",
+                None => "",
+            },
             match v.approval.as_str() {
                 "api" => "approved by the agent",
                 "controller" => "approval by the controller",

@@ -113,7 +113,7 @@ fn healthy(dir: &Path) -> (StatusArgs, AgentReport, Live) {
         node_name: Some("node-1".into()),
         pod_cidrs: vec![pod],
         pod_cidr_source: "node".into(),
-        routes: vec![RouteReport { cidr: pod, advertised: true, approved: Some(true) }],
+        routes: vec![RouteReport { cidr: pod, advertised: true, approved: Some(true), admitted: Some(true) }],
         approval: "api".into(),
         masquerade: true,
         mtu: Some(1280),
@@ -146,7 +146,7 @@ fn all_good_renders_one_screen() {
     let text = String::from_utf8(out).unwrap();
     assert!(text.lines().count() <= 24, "{text}");
     for needle in [
-        "route        10.244.1.0/24: advertised, approved",
+        "route        10.244.1.0/24: advertised, approved, admitted by the packet filter (approved by the agent)",
         "peer         node-1 100.64.0.1: accepting 10.244.1.0/24, idle",
         "All good.",
     ] {
@@ -320,13 +320,16 @@ fn the_controllers_word_is_shown() {
     let mut out = Vec::new();
     render(&v, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains("approved (approval by the controller)"), "{text}");
+    assert!(text.contains("approved, admitted by the packet filter (approval by the controller)"), "{text}");
     assert!(text.contains("controller   approved: 10.244.1.0/24 approved on Headscale node 3"), "{text}");
     report.controller = None;
+    report.routes[0].admitted = Some(false);
     let v = assess(&a, Some(report), &live, 1010);
     let mut out = Vec::new();
     render(&v, &mut out).unwrap();
-    assert!(String::from_utf8(out).unwrap().contains("controller   no word on this Node yet"));
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("controller   no word on this Node yet"), "{text}");
+    assert!(text.contains("approved, NOT admitted by the packet filter"), "{text}");
 }
 
 #[test]
