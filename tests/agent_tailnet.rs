@@ -388,6 +388,23 @@ impl Cluster {
     }
 
     /// Headscale's nodes by name ("node-1", ...): (id, available, approved).
+    /// Whether Headscale lists every one of `names` as online (its map poll connected).
+    fn hs_online(&self, names: &[&str]) -> bool {
+        let header = self.dir.path().join("apikey.header");
+        let out = self.ul.exec(&[
+            "curl",
+            "-fsS",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("@{}", header.display()),
+            &format!("{HS_URL}/api/v1/node"),
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        names.iter().all(|name| nodes.iter().any(|n| n["givenName"] == *name && n["online"] == true))
+    }
+
     fn hs_nodes(&self) -> Vec<(String, String, Vec<String>, Vec<String>)> {
         let header = self.dir.path().join("apikey.header");
         let out = self.ul.exec_ok(&[
@@ -554,11 +571,18 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     let joined = wait_until("both nodes ready", Duration::from_secs(60), || {
         c.nodes[..2].iter().all(|n| n.report().is_some_and(|r| r.ready))
     });
-    let approved = wait_until("both routes approved", Duration::from_secs(60), || {
-        c.nodes[..2].iter().all(|n| n.report().is_some_and(|r| r.routes.iter().all(|x| x.approved == Some(true))))
+    // Approved in Headscale, and in force on the node: its packet filter lets the other node's
+    // pods in (Headscale sends the filter for a new route after the route itself).
+    let approved = wait_until("both routes approved and admitted", Duration::from_secs(60), || {
+        c.nodes[..2].iter().all(|n| {
+            n.report().is_some_and(|r| {
+                r.routes.iter().all(|x| x.approved == Some(true) && x.admitted == Some(true))
+                    && !r.problems.iter().any(|p| p.id == "approval/packet_filter")
+            })
+        })
     }) + joined;
     log(&format!(
-        "join: both agents ready {:.2}s after start; routes approved after {:.2}s",
+        "join: both agents ready {:.2}s after start; routes approved and admitted after {:.2}s",
         joined.as_secs_f64(),
         approved.as_secs_f64()
     ));
@@ -593,7 +617,8 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     // Right after joining, tailscaled rebinds its sockets once (the agent prompts its link
     // monitor to see its new addresses, see hostnet::LINK_MONITOR_TABLE); pods added in that
     // moment may lose a packet while the paths are found again. Once both nodes talk directly,
-    // every packet must pass.
+    // every packet must pass, also the first one of a connection opened from the other side
+    // (it needs the packet filter that the wait above checked).
     let direct =
         wait_until("a direct path between node 1 and node 2", Duration::from_secs(30), || c.direct_both_ways());
     log(&format!("direct paths both ways {:.2}s after the first ping", direct.as_secs_f64()));
@@ -675,26 +700,31 @@ fn tailnet_with_api_key_approval_restarts_and_cleanup() {
     });
     assert_eq!(c.hs_nodes(), before, "nothing to change after a restart");
 
-    // 2. tailscaled restarts on node 1.
-    let t = Instant::now();
-    c.nodes[0].tailscaled.take();
-    start_tailscaled(&c.peers, c.dir.path(), &mut c.nodes[0]);
-    wait_until("pods talk again after a tailscaled restart", Duration::from_secs(60), || {
-        ping(&c.nodes[0].pods[0], &pod2)
-    });
-    log(&format!("tailscaled restart: pod traffic back {:.2}s after the restart", t.elapsed().as_secs_f64()));
-
-    // 3. Headscale restarts: pod traffic does not stop; the agents carry on. That holds for
-    //    nodes with a direct path: relayed traffic goes through the DERP server that Headscale
-    //    embeds. Right after the tailscaled restart the first packets may still be relayed
-    //    while the direct path is being found, so wait for it first.
-    let t = Instant::now();
-    wait_until("a direct path between node 1 and node 2", Duration::from_secs(30), || c.direct_both_ways());
-    log(&format!("tailscaled restart: direct path back {:.2}s later", t.elapsed().as_secs_f64()));
+    // 2. Headscale restarts: pod traffic does not stop; the agents carry on. That holds for
+    //    nodes with a direct path (relayed traffic goes through the DERP server that Headscale
+    //    embeds), which the two have had since the first pings.
+    assert!(c.direct_both_ways(), "node 1 and node 2 talk directly");
     c.headscale.take();
     assert!(ping(&c.nodes[0].pods[0], &pod2), "the data plane does not need Headscale");
     c.start_headscale();
     assert!(ping(&c.nodes[0].pods[0], &pod2));
+    let t = Instant::now();
+    wait_until("node 1 and node 2 online in Headscale again", Duration::from_secs(60), || {
+        c.hs_online(&["node-1", "node-2"])
+    });
+    log(&format!("Headscale restart: both nodes online again after {:.2}s", t.elapsed().as_secs_f64()));
+
+    // 3. tailscaled restarts on node 1. Traffic resumes over a new WireGuard session; when node
+    //    2 hears node 1's new disco key from Headscale only after that, it resets the session
+    //    again (tailscale does that for a peer that restarted) and node 1's next packets are
+    //    dropped until one side starts another handshake: hence the wait, not a single ping.
+    let t = Instant::now();
+    c.nodes[0].tailscaled.take();
+    start_tailscaled(&c.peers, c.dir.path(), &mut c.nodes[0]);
+    wait_until("pods talk again after a tailscaled restart", Duration::from_secs(60), || {
+        ping(&c.nodes[0].pods[0], &pod2) && ping(&c.nodes[1].pods[0], &pod1)
+    });
+    log(&format!("tailscaled restart: pod traffic back both ways {:.2}s after the restart", t.elapsed().as_secs_f64()));
 
     // 4. tailscaled on node 2 loses its state: the agent joins again as a new node and
     //    approves its route for it.
