@@ -8,7 +8,8 @@
 #   peers      apt packages and the pinned Go-built peers (tailscale, headscale, crictl, helm,
 #              Kubernetes, etcd, CoreDNS)
 #   lint       cargo fmt --check, cargo clippy -D warnings, the module boundaries, shellcheck
-#   build      release builds (host and static musl)
+#   build      the static (musl) release build that every later stage uses (the host's
+#              release build when the musl target cannot be installed)
 #   cargo      unit, property and namespace tests, the agent against real Headscale/tailscaled
 #   runtimes   podman, ctr and crictl attaching containers through the plugin
 #   cluster    the multi-node tests over a real tailnet
@@ -119,7 +120,8 @@ stage_lint() {
 
 stage_build() {
 	set -e
-	cargo build --locked --release
+	# The static binary that ships serves every later stage (the harnesses pick it when the
+	# target is installed); the host's release build only stands in without the target.
 	if rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
 		if command -v just >/dev/null; then just build; else cargo build --locked --release --target "$musl"; fi
 		# A static (PIE) executable has no program interpreter.
@@ -127,6 +129,8 @@ stage_build() {
 			echo "the musl build is not static" >&2
 			return 1
 		fi
+	else
+		cargo build --locked --release
 	fi
 }
 

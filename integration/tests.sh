@@ -2,7 +2,7 @@
 # integration/tests.sh: HeadCNI across nodes, on the real Headscale,
 # tailscaled, plugin and runtimes (see integration/README.md).
 #
-# Setup: peers, `cargo build --release` (or $HEADCNI_BIN), underlay, Headscale,
+# Setup: peers, the static release build (or $HEADCNI_BIN), underlay, Headscale,
 # then on each of 2 nodes tailscaled, `headcni install` and `headcni agent`
 # (zero-config join with a pre-auth key file, autoApprovers), and two pods
 # per node attached through the real plugin. Then the tests, in this order:

@@ -1,10 +1,11 @@
 # shellcheck shell=bash
 # integration/lib/headcni.sh: HeadCNI itself on the harness's nodes.
 #
-#  * hcni_build              the binary from this repository (cargo build
-#                            --release, niced, one build at a time), or
-#                            $HEADCNI_BIN; a copy lands in the state dir so a
-#                            rebuild during a run changes nothing
+#  * hcni_build              the binary from this repository (the static one
+#                            that ships when the musl target is installed,
+#                            else the host's release build; niced, one build
+#                            at a time), or $HEADCNI_BIN; a copy lands in the
+#                            state dir so a rebuild during a run changes nothing
 #  * hcni_install I          `headcni install` inside node I's context: the
 #                            node's own /opt/cni/bin and /etc/cni/net.d (the
 #                            reference network is removed first)
@@ -65,14 +66,21 @@ hcni_build() {
 		mkdir -p "$out"
 		exec {_hc_buildfd}>"$out/.harness-build.lock"
 		flock "$_hc_buildfd"
-		hc_log "headcni: cargo build --release in $HC_REPO_DIR (niced; log: $out/harness-build.log)"
-		if ! (cd "$HC_REPO_DIR" && nice -n 10 cargo build --release --locked) >"$out/harness-build.log" 2>&1; then
+		# The binary that ships (and that the Kubernetes harness puts in its image) when the
+		# static target is there: one release build serves every stage of the suite.
+		local musl=x86_64-unknown-linux-musl
+		local -a target=()
+		rustup target list --installed 2>/dev/null | grep -qx "$musl" && target=(--target "$musl")
+		hc_log "headcni: cargo build --release ${target[*]} in $HC_REPO_DIR (niced; log: $out/harness-build.log)"
+		if ! (cd "$HC_REPO_DIR" && CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-gcc} \
+			nice -n 10 cargo build --release --locked "${target[@]}") >"$out/harness-build.log" 2>&1; then
 			tail -n 30 "$out/harness-build.log" >&2
 			exec {_hc_buildfd}>&-
 			hc_die "cargo build failed"
 		fi
 		exec {_hc_buildfd}>&-
 		HEADCNI_BIN=$HC_REPO_DIR/target/release/headcni
+		((${#target[@]} == 0)) || HEADCNI_BIN=$HC_REPO_DIR/target/$musl/release/headcni
 	fi
 	export HEADCNI_BIN
 	hc_log "headcni: $("$HEADCNI_BIN" version 2>/dev/null || echo '?') ($(hc_since "$t0")s)"
