@@ -90,6 +90,7 @@ pub struct Metrics {
     pub routes_advertised: Gauge,
     pub routes_approved: Gauge,
     pub routes_pending_approval: Gauge,
+    pub routes_not_admitted: Gauge,
     pub routes_accepted_from_peers: Gauge,
     pub tailnet_backend_state: Family<Labels, Gauge>,
     pub tailnet_peer_path: Family<Labels, Gauge>,
@@ -142,6 +143,7 @@ impl Metrics {
             routes_advertised: Gauge::default(),
             routes_approved: Gauge::default(),
             routes_pending_approval: Gauge::default(),
+            routes_not_admitted: Gauge::default(),
             routes_accepted_from_peers: Gauge::default(),
             tailnet_backend_state: Family::default(),
             tailnet_peer_path: Family::default(),
@@ -187,6 +189,11 @@ impl Metrics {
             "routes_pending_approval",
             "Pod CIDRs of this node advertised but not (yet) approved by Headscale",
             m.routes_pending_approval.clone(),
+        );
+        r.register(
+            "routes_not_admitted",
+            "Pod CIDRs of this node approved, but into which the packet filter in force lets no pod of the cluster",
+            m.routes_not_admitted.clone(),
         );
         r.register(
             "routes_accepted_from_peers",

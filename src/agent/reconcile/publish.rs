@@ -16,6 +16,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
         m.routes_approved.set(report.routes.iter().filter(|r| r.approved == Some(true)).count() as i64);
         m.routes_pending_approval
             .set(report.routes.iter().filter(|r| r.advertised && r.approved == Some(false)).count() as i64);
+        m.routes_not_admitted.set(report.routes.iter().filter(|r| r.admitted == Some(false)).count() as i64);
         if let Some(st) = status {
             let accepted = if report.tailnet.route_all {
                 st.peer.values().map(|p| p.served_routes().len()).sum::<usize>() as i64

@@ -664,6 +664,7 @@ async fn an_approval_counts_for_incoming_traffic_once_the_packet_filter_lets_pod
     assert!(r.report().ready, "pods on this node work meanwhile");
     let p = r.report().problems.iter().find(|p| p.id == "approval/packet_filter").cloned();
     assert!(p.as_ref().is_some_and(|p| p.message.contains("10.244.1.0/24")), "{:?}", r.report().problems);
+    assert!(w.metrics.encode().contains("headcni_routes_not_admitted 1"));
 
     // A rule for the tailnet's own addresses only, from pods: still shut.
     ts.lock().filter = Some(vec![filter_rule(&["100.64.0.0/10"], &["10.244.0.0/16"])]);
@@ -675,6 +676,7 @@ async fn an_approval_counts_for_incoming_traffic_once_the_packet_filter_lets_pod
     assert_eq!(r.reconcile().await, PassOutcome::Converged, "{:?}", r.report().problems);
     assert_eq!(r.report().routes[0].admitted, Some(true));
     assert!(r.report().problems.is_empty());
+    assert!(w.metrics.encode().contains("headcni_routes_not_admitted 0"));
 }
 
 #[tokio::test]

@@ -124,6 +124,7 @@ impl<K: PodCidrSource, T: LocalApi, H: HeadscaleApi, D: HostNetwork> Reconciler<
             self.metrics.routes_advertised.set(0);
             self.metrics.routes_approved.set(0);
             self.metrics.routes_pending_approval.set(0);
+            self.metrics.routes_not_admitted.set(0);
             self.metrics.ready.set(0);
         }
         report.problems = self.problems.list();
