@@ -63,12 +63,14 @@ hc_require_root
 kube_harness_up
 
 report=$HC_STATE_DIR/e2e
-mkdir -p "$report"
+# e2e.test makes temporary kubeconfig directories (test-kuberc*) and leaves them: in the state
+# dir, they go with it.
+mkdir -p "$report" "$HC_STATE_DIR/e2e-tmp"
 t0=$(hc_now)
 hc_log "== e2e.test $KUBE_VERSION --ginkgo.focus=\"$FOCUS\" --ginkgo.skip=\"$SKIP\""
 rc=0
 # shellcheck disable=SC2086 # E2E_EXTRA is a list of flags
-(cd "$report" && ip netns exec "$(node_ns "$KUBE_CP")" "$KUBE_BIN_DIR/e2e.test" \
+(cd "$report" && TMPDIR=$HC_STATE_DIR/e2e-tmp ip netns exec "$(node_ns "$KUBE_CP")" "$KUBE_BIN_DIR/e2e.test" \
 	--provider=local --kubeconfig="$KUBE_ADMIN_KUBECONFIG" \
 	--ginkgo.focus="$FOCUS" ${SKIP:+--ginkgo.skip="$SKIP"} \
 	--ginkgo.no-color --ginkgo.timeout=60m --ginkgo.junit-report="$report/junit.xml" \
