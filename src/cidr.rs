@@ -9,6 +9,9 @@
 //! unspecified and "this network" ranges, loopback, link-local (the pod gateway lives there),
 //! multicast, IPv4's reserved 240.0.0.0/4, and IPv4-mapped IPv6 (`::ffff:0:0/96`, which is IPv4
 //! in disguise).
+//!
+//! Beside it, the arithmetic on ranges that the agent's parts share: containment, overlap and a
+//! network's first and last address.
 
 use ipnetwork::IpNetwork;
 
@@ -27,6 +30,18 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("fe80::/10", "link-local"),
     ("ff00::/8", "multicast"),
 ];
+
+/// The first and the last address of `net` (IPv6 has no broadcast, but the same last address).
+pub fn address_range(net: &IpNetwork) -> (std::net::IpAddr, std::net::IpAddr) {
+    match net {
+        IpNetwork::V4(n) => (n.network().into(), n.broadcast().into()),
+        IpNetwork::V6(n) => {
+            let host_bits = 128 - u32::from(n.prefix());
+            let host = if host_bits == 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+            (n.network().into(), std::net::Ipv6Addr::from(u128::from(n.network()) | host).into())
+        }
+    }
+}
 
 /// Whether `outer` contains all of `inner`.
 pub fn covers(outer: &IpNetwork, inner: &IpNetwork) -> bool {

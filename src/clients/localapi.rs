@@ -325,30 +325,13 @@ fn filter_ranges(entry: &str) -> Vec<(IpAddr, IpAddr)> {
         return vec![(a, b)];
     }
     if let Ok(net) = entry.parse::<IpNetwork>() {
-        return vec![(net.network(), net.broadcast_or_last())];
+        return vec![crate::cidr::address_range(&net)];
     }
     vec![]
 }
 
-trait LastAddress {
-    fn broadcast_or_last(&self) -> IpAddr;
-}
-
-impl LastAddress for IpNetwork {
-    fn broadcast_or_last(&self) -> IpAddr {
-        match self {
-            IpNetwork::V4(n) => IpAddr::V4(n.broadcast()),
-            IpNetwork::V6(n) => {
-                let host_bits = 128 - u32::from(n.prefix());
-                let mask = if host_bits == 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
-                IpAddr::V6((u128::from(n.network()) | mask).into())
-            }
-        }
-    }
-}
-
 fn overlaps(entries: &[String], net: &IpNetwork) -> bool {
-    let (lo, hi) = (net.network(), net.broadcast_or_last());
+    let (lo, hi) = crate::cidr::address_range(net);
     entries.iter().flat_map(|e| filter_ranges(e)).any(|(a, b)| a.is_ipv4() == lo.is_ipv4() && a <= hi && lo <= b)
 }
 

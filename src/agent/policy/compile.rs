@@ -144,32 +144,11 @@ fn prev_addr(a: IpAddr) -> Option<IpAddr> {
     }
 }
 
-fn net_range(net: &IpNetwork) -> (IpAddr, IpAddr) {
-    (net.network(), net.broadcast_or_last())
-}
-
-trait LastAddr {
-    fn broadcast_or_last(&self) -> IpAddr;
-}
-
-impl LastAddr for IpNetwork {
-    fn broadcast_or_last(&self) -> IpAddr {
-        match self {
-            IpNetwork::V4(n) => IpAddr::V4(n.broadcast()),
-            IpNetwork::V6(n) => {
-                let bits = 128 - u32::from(n.prefix());
-                let host = if bits == 128 { u128::MAX } else { (1u128 << bits) - 1 };
-                IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host))
-            }
-        }
-    }
-}
-
 /// `cidr` minus the `except` networks, as ranges.
 fn block_ranges(cidr: &IpNetwork, except: &[IpNetwork]) -> Vec<(IpAddr, IpAddr)> {
-    let mut ranges = vec![net_range(cidr)];
+    let mut ranges = vec![crate::cidr::address_range(cidr)];
     for e in except {
-        let (ea, eb) = net_range(e);
+        let (ea, eb) = crate::cidr::address_range(e);
         let mut next = Vec::new();
         for (a, b) in ranges {
             if eb < a || ea > b {
