@@ -387,35 +387,38 @@ impl Cluster {
         ));
     }
 
-    /// Headscale's nodes by name ("node-1", ...): (id, available, approved).
-    /// Whether Headscale lists every one of `names` as online (its map poll connected).
+    /// Headscale's REST API at `path` (under /api/v1/, with the API key), by curl in the underlay:
+    /// a GET, or a POST of `body`.
+    fn hs_api(&self, path: &str, body: Option<&Value>) -> std::process::Output {
+        let header = format!("@{}", self.dir.path().join("apikey.header").display());
+        let url = format!("{HS_URL}/api/v1/{path}");
+        let body = body.map(Value::to_string);
+        let mut args = vec!["curl", "-fsS", "--max-time", "5", "-H", header.as_str()];
+        if let Some(body) = &body {
+            args.extend(["-H", "Content-Type: application/json", "-d", body.as_str()]);
+        }
+        args.push(&url);
+        self.ul.exec(&args)
+    }
+
+    /// Headscale's node list.
+    fn hs_node_list(&self) -> std::process::Output {
+        self.hs_api("node", None)
+    }
+
+    /// Whether Headscale lists every one of `names` as online (its map poll connected); false
+    /// while Headscale does not answer.
     fn hs_online(&self, names: &[&str]) -> bool {
-        let header = self.dir.path().join("apikey.header");
-        let out = self.ul.exec(&[
-            "curl",
-            "-fsS",
-            "--max-time",
-            "5",
-            "-H",
-            &format!("@{}", header.display()),
-            &format!("{HS_URL}/api/v1/node"),
-        ]);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let v: Value = serde_json::from_slice(&self.hs_node_list().stdout).unwrap_or(Value::Null);
         let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
         names.iter().all(|name| nodes.iter().any(|n| n["givenName"] == *name && n["online"] == true))
     }
 
+    /// Headscale's nodes: (id, name, available, approved).
     fn hs_nodes(&self) -> Vec<(String, String, Vec<String>, Vec<String>)> {
-        let header = self.dir.path().join("apikey.header");
-        let out = self.ul.exec_ok(&[
-            "curl",
-            "-fsS",
-            "--max-time",
-            "5",
-            "-H",
-            &format!("@{}", header.display()),
-            &format!("{HS_URL}/api/v1/node"),
-        ]);
+        let out = self.hs_node_list();
+        assert!(out.status.success(), "listing Headscale's nodes: {}", String::from_utf8_lossy(&out.stderr));
+        let out = String::from_utf8_lossy(&out.stdout);
         let v: Value = serde_json::from_str(&out).unwrap();
         let list = |n: &Value, k: &str| -> Vec<String> {
             n[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default()
@@ -1019,20 +1022,13 @@ impl Cluster {
     /// Approves `routes` for Headscale node `name` through the REST API.
     fn hs_approve(&self, name: &str, routes: &[&str]) {
         let id = self.hs_nodes().into_iter().find(|n| n.1 == name).unwrap_or_else(|| panic!("{name} unknown")).0;
-        let header = self.dir.path().join("apikey.header");
-        self.ul.exec_ok(&[
-            "curl",
-            "-fsS",
-            "--max-time",
-            "5",
-            "-H",
-            &format!("@{}", header.display()),
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &json!({"routes": routes}).to_string(),
-            &format!("{HS_URL}/api/v1/node/{id}/approve_routes"),
-        ]);
+        let out = self.hs_api(&format!("node/{id}/approve_routes"), Some(&json!({"routes": routes})));
+        assert!(
+            out.status.success(),
+            "approving {routes:?} for {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
