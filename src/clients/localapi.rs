@@ -330,18 +330,18 @@ fn filter_ranges(entry: &str) -> Vec<(IpAddr, IpAddr)> {
     vec![]
 }
 
-fn overlaps(entries: &[String], net: &IpNetwork) -> bool {
+fn overlaps<'a>(entries: impl IntoIterator<Item = &'a str>, net: &IpNetwork) -> bool {
     let (lo, hi) = crate::cidr::address_range(net);
-    entries.iter().flat_map(|e| filter_ranges(e)).any(|(a, b)| a.is_ipv4() == lo.is_ipv4() && a <= hi && lo <= b)
+    entries.into_iter().flat_map(filter_ranges).any(|(a, b)| a.is_ipv4() == lo.is_ipv4() && a <= hi && lo <= b)
 }
 
 /// Whether the packet filter lets any traffic in to some address of `dst`, from some address of
 /// `sources` of its family (from anywhere when there are none): false means no peer can reach it.
 pub fn filter_admits(rules: &[FilterRule], dst: &IpNetwork, sources: &[IpNetwork]) -> bool {
     rules.iter().any(|r| {
-        let dsts: Vec<String> = r.dst_ports.iter().map(|d| d.ip.clone()).collect();
         let from: Vec<&IpNetwork> = sources.iter().filter(|s| s.is_ipv4() == dst.is_ipv4()).collect();
-        overlaps(&dsts, dst) && (from.is_empty() || from.iter().any(|s| overlaps(&r.src_ips, s)))
+        overlaps(r.dst_ports.iter().map(|d| d.ip.as_str()), dst)
+            && (from.is_empty() || from.iter().any(|s| overlaps(r.src_ips.iter().map(String::as_str), s)))
     })
 }
 
